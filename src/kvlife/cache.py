@@ -1,0 +1,243 @@
+"""KVCache: a transformers-compatible cache that stores K/V per KV head with each token's position.
+
+Every layer holds `keys` and `values` of shape `[batch, kv_heads, tokens, head_dim]` (GQA is never
+expanded into query heads) and `positions` of shape `[kv_heads, tokens]`: the original RoPE
+position of each kept token, per head, because head-wise eviction may keep different tokens in
+different heads. New tokens always get the true next positions (`next_position`), whatever was
+evicted before, so decoding after compression continues where the text really is.
+
+Sliding-window layers (Gemma 3's local layers) keep only the last `sliding_window - 1` tokens,
+as transformers' own dynamic cache does; `update` still returns the window plus the new tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvlife.errors import CacheFileError
+
+CACHE_FILE_FORMAT = "kvlife-cache/1"
+
+
+@dataclass
+class LayerCheckpoint:
+    """What `KVLayer.rollback` needs to cut a layer back to an earlier state."""
+
+    length: int
+    next_position: int
+    extra: Any = None
+
+
+class KVLayer(CacheLayerMixin):
+    """One layer's cache: keys, values and per-head token positions."""
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, sliding_window: int | None = None) -> None:
+        super().__init__()
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.positions: torch.Tensor | None = None
+        self.next_position = 0
+        # Positions of the keys returned by the last `update` (what the attention call sees).
+        self.attn_positions: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[..., :0, :].clone()
+        self.values = value_states[..., :0, :].clone()
+        self.positions = torch.empty(key_states.shape[1], 0, dtype=torch.long, device=key_states.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n_new = key_states.shape[-2]
+        new_positions = torch.arange(
+            self.next_position, self.next_position + n_new, device=key_states.device
+        ).expand(key_states.shape[1], n_new)
+        keys, values = self.dense_kv()
+        keys = torch.cat([keys, key_states], dim=-2)
+        values = torch.cat([values, value_states], dim=-2)
+        positions = torch.cat([self.positions, new_positions], dim=-1)
+        self.next_position += n_new
+        self.attn_positions = positions
+        self.store(keys, values, positions)
+        return keys, values
+
+    def store(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Replace the layer's content (trimmed to the window on sliding layers)."""
+        if self.sliding_window is not None and keys.shape[-2] > self.sliding_window - 1:
+            keep = self.sliding_window - 1
+            keys, values, positions = keys[..., -keep:, :], values[..., -keep:, :], positions[:, -keep:]
+        self.keys, self.values, self.positions = keys, values, positions
+
+    def dense_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys and values in the model's dtype (quantized layers dequantize here)."""
+        return self.keys, self.values
+
+    def keep(self, indices: torch.Tensor) -> None:
+        """Keep only the tokens at `indices` ([kv_heads, n] or [n]), in the given order per head."""
+        if indices.dim() == 1:
+            indices = indices.unsqueeze(0).expand(self.positions.shape[0], -1)
+        indices = indices.to(self.keys.device)
+        gather = indices[None, :, :, None].expand(self.keys.shape[0], -1, -1, self.keys.shape[-1])
+        keys, values = self.dense_kv()
+        self.keys = keys.gather(2, gather)
+        self.values = values.gather(2, gather)
+        self.positions = self.positions.gather(1, indices)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized or self.positions is None:
+            return 0
+        return self.positions.shape[-1]
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("kvlife caches are cut back with checkpoint()/rollback()")
+
+    def checkpoint(self) -> LayerCheckpoint:
+        return LayerCheckpoint(self.get_seq_length(), self.next_position)
+
+    def rollback(self, state: LayerCheckpoint) -> None:
+        if not self.is_initialized:
+            return
+        self.keys = self.keys[..., : state.length, :]
+        self.values = self.values[..., : state.length, :]
+        self.positions = self.positions[:, : state.length]
+        self.next_position = state.next_position
+
+    def nbytes(self) -> int:
+        """Bytes of K/V data this layer holds (positions are bookkeeping and not counted)."""
+        if not self.is_initialized:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+def layer_windows(config: Any) -> list[int | None]:
+    """Per layer, the sliding window of that layer or None (full attention), from a model config."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_layers = text_config.num_hidden_layers
+    layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * n_layers
+    window = getattr(text_config, "sliding_window", None)
+    return [window if kind == "sliding_attention" and window else None for kind in layer_types[:n_layers]]
+
+
+class KVCache(Cache):
+    """A whole model's cache, one `KVLayer` per decoder layer."""
+
+    def __init__(self, windows: list[int | None]) -> None:
+        super().__init__(layers=[KVLayer(sliding_window=w) for w in windows])
+
+    @classmethod
+    def for_model(cls, model_or_config: Any) -> KVCache:
+        config = getattr(model_or_config, "config", model_or_config)
+        return cls(layer_windows(config))
+
+    @property
+    def next_position(self) -> int:
+        return self.layers[0].next_position
+
+    def bytes(self) -> int:
+        """Bytes of K/V data held in all layers."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def tokens_held(self) -> list[int]:
+        return [layer.get_seq_length() for layer in self.layers]
+
+    def checkpoint(self) -> list[LayerCheckpoint]:
+        return [layer.checkpoint() for layer in self.layers]
+
+    def rollback(self, states: list[LayerCheckpoint]) -> None:
+        for layer, state in zip(self.layers, states):
+            layer.rollback(state)
+
+    # ---- tensors in, tensors out -------------------------------------------------------------
+
+    def to_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values, positions), dequantized to the model dtype."""
+        out = []
+        for layer in self.layers:
+            keys, values = layer.dense_kv()
+            out.append((keys, values, layer.positions))
+        return out
+
+    @classmethod
+    def from_tensors(
+        cls,
+        layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+        windows: list[int | None] | None = None,
+        next_position: int | None = None,
+    ) -> KVCache:
+        """Build a cache from per-layer (keys, values, positions-or-None) tensors."""
+        cache = cls(windows or [None] * len(layers))
+        for layer, (keys, values, positions) in zip(cache.layers, layers):
+            if positions is None:
+                positions = torch.arange(keys.shape[-2], device=keys.device).expand(keys.shape[1], -1)
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values, layer.positions = keys, values, positions.to(torch.long)
+            held_next = int(positions.max()) + 1 if positions.numel() else 0
+            layer.next_position = held_next if next_position is None else next_position
+        return cache
+
+    def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
+        """Write the cache to a safetensors file (atomically: temporary file, then rename)."""
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        for index, (keys, values, positions) in enumerate(self.to_tensors()):
+            tensors[f"layer.{index}.keys"] = keys.contiguous().cpu()
+            tensors[f"layer.{index}.values"] = values.contiguous().cpu()
+            tensors[f"layer.{index}.positions"] = positions.contiguous().cpu()
+        header = {
+            "format": CACHE_FILE_FORMAT,
+            "windows": json.dumps([layer.sliding_window for layer in self.layers]),
+            "next_position": str(self.next_position),
+            "metadata": json.dumps(metadata or {}),
+        }
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=header)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> tuple[KVCache, dict[str, Any]]:
+        """Read a cache written by `save`; returns (cache, metadata)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise CacheFileError(f"no cache file at {path}")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as handle:
+                header = handle.metadata() or {}
+                if header.get("format") != CACHE_FILE_FORMAT:
+                    raise CacheFileError(f"{path} is not a kvlife cache file (format {header.get('format')!r})")
+                windows = json.loads(header["windows"])
+                layers = [
+                    (
+                        handle.get_tensor(f"layer.{i}.keys"),
+                        handle.get_tensor(f"layer.{i}.values"),
+                        handle.get_tensor(f"layer.{i}.positions"),
+                    )
+                    for i in range(len(windows))
+                ]
+                next_position = int(header["next_position"])
+                metadata = json.loads(header.get("metadata", "{}"))
+        except CacheFileError:
+            raise
+        except Exception as exc:  # safetensors raises several types on corrupt files
+            raise CacheFileError(f"{path} is corrupt or truncated: {exc}") from None
+        return cls.from_tensors(layers, windows, next_position), metadata

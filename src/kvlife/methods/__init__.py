@@ -1,0 +1,1 @@
+"""Methods for every stage of the KV cache's life; `registry.py` lists them all."""

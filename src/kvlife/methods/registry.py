@@ -1,0 +1,25 @@
+"""Every kvlife method by name. Adding a method: its file, a line here, a README row.
+
+The generic method tests (tests/test_methods.py) run over everything listed here.
+"""
+
+from __future__ import annotations
+
+from kvlife.methods.base import Dense, Method
+from kvlife.methods.compress.streamingllm import StreamingLLM
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in [Dense, StreamingLLM]}
+
+
+def get(name: str) -> type[Method]:
+    from kvlife.errors import SpecError
+
+    if name not in METHODS:
+        raise SpecError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def by_stage() -> dict[str, list[type[Method]]]:
+    from kvlife.methods.base import STAGES
+
+    return {stage: [cls for cls in METHODS.values() if cls.stage == stage] for stage in STAGES}

@@ -1,0 +1,290 @@
+"""Session: prefill a shared context once, then ask() follow-up queries on its cache.
+
+Modes (SCBench semantics):
+- multi-turn: turn 1 prefills context + query 1 together (and compresses that prefill); each later
+  turn appends the previous answer (the reference by default, the model's own with
+  `own_answers=True`) and the next query to the same cache.
+- multi-request: `prefill(context)` prefills and compresses the context alone, without seeing any
+  query; each query is answered on that cache, and the cache is then cut back to the context.
+
+Decoding is greedy and continues at the true next positions, whatever was evicted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from kvlife.attention import StepContext
+from kvlife.cache import KVCache
+from kvlife.errors import KvlifeError
+from kvlife.recipe import Recipe, parse
+
+MODES = ("multi-turn", "multi-request")
+
+
+@dataclass
+class TurnResult:
+    prediction: str
+    output_ids: list[int]
+    prompt_tokens: int  # new tokens prefilled for this turn (context included on turn 1 of multi-turn)
+    prefill_s: float
+    ttft_s: float
+    decode_tok_s: float | None
+    new_tokens: int
+    cache_bytes: int  # K/V bytes held after this turn's prefill (what decoding attends over)
+    cache_tokens: float  # mean tokens held per layer at that point
+    reference_nll: float | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class PromptFormat:
+    """Splits a conversation into token segments: context, query, answer.
+
+    In chat format the tokenizer's chat template is rendered with marker strings and cut at them,
+    so that context + query segments concatenate to exactly the template's text.
+    """
+
+    CTX, Q1, A1, Q2 = "\x01CTX\x01", "\x02Q1\x02", "\x03A1\x03", "\x04Q2\x04"
+
+    def __init__(self, tokenizer: Any, style: str = "chat", system_prompt: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.style = style if style == "plain" or getattr(tokenizer, "chat_template", None) else "plain"
+        self.system_prompt = system_prompt
+        if self.style == "chat":
+            self._split_template()
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        if self.system_prompt is not None:
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _split_template(self) -> None:
+        first = self._render([{"role": "user", "content": self.CTX + self.Q1}])
+        second = self._render([
+            {"role": "user", "content": self.CTX + self.Q1},
+            {"role": "assistant", "content": self.A1},
+            {"role": "user", "content": self.Q2},
+        ])
+        try:
+            self.head = first[: first.index(self.CTX)]
+            self.after_query = first[first.index(self.Q1) + len(self.Q1):]
+            self.after_answer = second[second.index(self.A1) + len(self.A1): second.index(self.Q2)]
+            after_q2 = second[second.index(self.Q2) + len(self.Q2):]
+        except ValueError:
+            self.style = "plain"
+            return
+        if after_q2 != self.after_query:
+            self.style = "plain"
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def context_ids(self, context: str) -> list[int]:
+        if self.style == "chat":
+            return self.encode(self.head + context + "\n\n")
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return ([bos] if bos is not None else []) + self.encode(context + "\n\n")
+
+    def query_ids(self, query: str) -> list[int]:
+        if self.style == "chat":
+            return self.encode(query + self.after_query)
+        return self.encode(query + "\n")
+
+    def answer_ids(self, answer: str) -> list[int]:
+        if self.style == "chat":
+            return self.encode(answer + self.after_answer)
+        return self.encode(answer + "\n\n")
+
+    def reference_ids(self, answer: str) -> list[int]:
+        return self.encode(answer)
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(i) for i in eos)
+    for token in ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<eos>"):
+        convert = getattr(tokenizer, "convert_tokens_to_ids", None)
+        token_id = convert(token) if convert else None
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if isinstance(token_id, int) and token_id != unk:
+            ids.add(token_id)
+    return ids
+
+
+class Session:
+    """One shared context and its cache, answering queries in multi-turn or multi-request mode."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        recipe: str | Recipe | None = None,
+        mode: str = "multi-turn",
+        own_answers: bool = False,
+        recompress: bool = False,
+        prompt_format: str = "chat",
+        system_prompt: str | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise KvlifeError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.recipe = parse(recipe)
+        self.mode = mode
+        self.own_answers = own_answers
+        self.recompress = recompress
+        self.format = PromptFormat(tokenizer, prompt_format, system_prompt)
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.device = next(model.parameters()).device
+        self.cache: KVCache | None = None
+        self.context_ids: list[int] = []
+        self.context_checkpoint = None
+        self.pending_answer: str | None = None
+        self.turn = 0
+        self.prefill_result: TurnResult | None = None
+
+    # ---- low level ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(self, ids: list[int], phase: str, compress: bool = False, all_logits: bool = False):
+        """Run new tokens through the model at the true next positions; returns logits [n or 1, vocab]."""
+        assert self.cache is not None
+        start = self.cache.next_position
+        positions = torch.arange(start, start + len(ids), device=self.device)
+        step = StepContext(self.cache, positions, phase=phase, recipe=self.recipe, compress=compress)
+        out = self.model(
+            input_ids=torch.tensor([ids], device=self.device),
+            position_ids=positions[None],
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=0 if all_logits else 1,
+            kvlife=step,
+        )
+        self.last_stats = step.stats
+        return out.logits[0].float()
+
+    def new_cache(self) -> KVCache:
+        return KVCache.for_model(self.model)
+
+    def _compress_prompt(self, context_ids: list[int], query: str | None) -> list[int]:
+        method = self.recipe.prompt
+        if method is None:
+            return context_ids
+        query_ids = self.format.encode(query) if query else None
+        return method.compress_ids(context_ids, query_ids, self.model, self.tokenizer)
+
+    # ---- public API --------------------------------------------------------------------------
+
+    def prefill(self, context: str) -> TurnResult | None:
+        """Start a new context. Multi-request prefills (and compresses) it now; multi-turn waits
+        for the first query, which is prefilled together with it."""
+        self.cache = self.new_cache()
+        self.turn = 0
+        self.pending_answer = None
+        self.raw_context_ids = self.format.context_ids(context)
+        self.prefill_result = None
+        if self.mode == "multi-turn":
+            self.context_ids = self.raw_context_ids
+            return None
+        self.context_ids = self._compress_prompt(self.raw_context_ids, None)
+        started = time.perf_counter()
+        self.forward(self.context_ids, phase="prefill", compress=self.recipe.compress is not None)
+        elapsed = time.perf_counter() - started
+        self.context_checkpoint = self.cache.checkpoint()
+        self.prefill_result = TurnResult("", [], len(self.context_ids), elapsed, elapsed, None, 0,
+                                         self.cache.bytes(), self._mean_held())
+        return self.prefill_result
+
+    def _mean_held(self) -> float:
+        held = self.cache.tokens_held()
+        return sum(held) / max(1, len(held))
+
+    def ask(self, query: str, max_new_tokens: int = 64, reference: str | None = None,
+            score_reference: bool = True) -> TurnResult:
+        """Answer one query on the shared context; returns the prediction and its costs."""
+        if self.cache is None:
+            raise KvlifeError("call prefill(context) before ask(query)")
+        query_ids = self.format.query_ids(query)
+        if self.mode == "multi-request":
+            self.cache.rollback(self.context_checkpoint)
+            ids, phase, compress = query_ids, "extend", False
+        elif self.turn == 0:
+            self.context_ids = self._compress_prompt(self.raw_context_ids, query)
+            ids, phase, compress = self.context_ids + query_ids, "prefill", self.recipe.compress is not None
+        else:
+            answer = self.pending_answer or ""
+            ids = self.format.answer_ids(answer) + query_ids
+            phase, compress = "extend", self.recompress and self.recipe.compress is not None
+        started = time.perf_counter()
+        logits = self.forward(ids, phase=phase, compress=compress)
+        prefill_s = time.perf_counter() - started
+        stats = dict(self.last_stats)
+        cache_bytes, cache_tokens = self.cache.bytes(), self._mean_held()
+        before_answer = self.cache.checkpoint()
+        first_logits = logits[-1]
+        output_ids, ttft_s, decode_s = self._generate(first_logits, max_new_tokens, started)
+        prediction = self.tokenizer.decode(output_ids, skip_special_tokens=True).strip()
+        nll = None
+        if reference is not None and score_reference:
+            self.cache.rollback(before_answer)
+            nll = self._reference_nll(first_logits, reference)
+        self.cache.rollback(before_answer)
+        if self.mode == "multi-request":
+            self.cache.rollback(self.context_checkpoint)
+        else:
+            self.pending_answer = prediction if (self.own_answers or reference is None) else reference
+        self.turn += 1
+        generated = len(output_ids)
+        decode_tok_s = (generated - 1) / decode_s if generated > 1 and decode_s > 0 else None
+        return TurnResult(prediction, output_ids, len(ids), prefill_s, ttft_s, decode_tok_s, generated,
+                          cache_bytes, cache_tokens, nll, stats)
+
+    def _generate(self, logits: torch.Tensor, max_new_tokens: int, started: float):
+        output_ids: list[int] = []
+        ttft_s = 0.0
+        decode_started = time.perf_counter()
+        for index in range(max_new_tokens):
+            token = int(logits.argmax())
+            if index == 0:
+                ttft_s = time.perf_counter() - started
+                decode_started = time.perf_counter()
+            if token in self.stop_ids:
+                break
+            output_ids.append(token)
+            if index == max_new_tokens - 1:
+                break
+            logits = self.forward([token], phase="decode")[-1]
+        return output_ids, ttft_s, time.perf_counter() - decode_started
+
+    def _reference_nll(self, first_logits: torch.Tensor, reference: str) -> float | None:
+        """Mean negative log-likelihood per token of the reference answer, teacher-forced."""
+        ref_ids = self.format.reference_ids(reference)
+        if not ref_ids:
+            return None
+        logits = first_logits[None]
+        if len(ref_ids) > 1:
+            logits = torch.cat([logits, self.forward(ref_ids[:-1], phase="decode", all_logits=True)], dim=0)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        nll = -logprobs[torch.arange(len(ref_ids)), torch.tensor(ref_ids)].mean()
+        value = float(nll)
+        return value if math.isfinite(value) else None
+
+    def save(self, path: str, metadata: dict[str, Any] | None = None) -> None:
+        """Save the context cache (the state after prefill) to a safetensors file."""
+        if self.cache is None:
+            raise KvlifeError("nothing to save: call prefill(context) first")
+        meta = {"recipe": self.recipe.spec, "context_ids": self.context_ids, **(metadata or {})}
+        self.cache.save(path, meta)
