@@ -27,9 +27,15 @@ CACHE_FILE_FORMAT = "kvlife-cache/1"
 
 @dataclass
 class LayerCheckpoint:
-    """What `KVLayer.rollback` needs to cut a layer back to an earlier state."""
+    """What `KVLayer.rollback` needs to return a layer to an earlier state.
 
-    length: int
+    Layers never modify their tensors in place (they build new ones), so holding references is
+    enough and costs no copy; subclasses with more state put it in `extra`.
+    """
+
+    keys: Any
+    values: Any
+    positions: Any
     next_position: int
     extra: Any = None
 
@@ -109,15 +115,12 @@ class KVLayer(CacheLayerMixin):
         raise NotImplementedError("kvlife caches are cut back with checkpoint()/rollback()")
 
     def checkpoint(self) -> LayerCheckpoint:
-        return LayerCheckpoint(self.get_seq_length(), self.next_position)
+        return LayerCheckpoint(self.keys, self.values, self.positions, self.next_position)
 
     def rollback(self, state: LayerCheckpoint) -> None:
-        if not self.is_initialized:
-            return
-        self.keys = self.keys[..., : state.length, :]
-        self.values = self.values[..., : state.length, :]
-        self.positions = self.positions[:, : state.length]
+        self.keys, self.values, self.positions = state.keys, state.values, state.positions
         self.next_position = state.next_position
+        self.is_initialized = state.positions is not None
 
     def nbytes(self) -> int:
         """Bytes of K/V data this layer holds (positions are bookkeeping and not counted)."""
@@ -157,12 +160,15 @@ class KVCache(Cache):
     def tokens_held(self) -> list[int]:
         return [layer.get_seq_length() for layer in self.layers]
 
-    def checkpoint(self) -> list[LayerCheckpoint]:
-        return [layer.checkpoint() for layer in self.layers]
+    def checkpoint(self) -> list[tuple[KVLayer, LayerCheckpoint]]:
+        """A cheap snapshot; `rollback` returns the cache to it exactly (even if a method has
+        replaced a layer object since, e.g. with a quantized layer)."""
+        return [(layer, layer.checkpoint()) for layer in self.layers]
 
-    def rollback(self, states: list[LayerCheckpoint]) -> None:
-        for layer, state in zip(self.layers, states):
+    def rollback(self, states: list[tuple[KVLayer, LayerCheckpoint]]) -> None:
+        for index, (layer, state) in enumerate(states):
             layer.rollback(state)
+            self.layers[index] = layer
 
     # ---- tensors in, tensors out -------------------------------------------------------------
 
