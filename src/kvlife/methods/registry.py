@@ -6,9 +6,15 @@ The generic method tests (tests/test_methods.py) run over everything listed here
 from __future__ import annotations
 
 from kvlife.methods.base import Dense, Method
+from kvlife.methods.compress.adakv import AdaKV
+from kvlife.methods.compress.h2o import H2O
+from kvlife.methods.compress.kivi import Kivi
+from kvlife.methods.compress.pyramidkv import PyramidKV
+from kvlife.methods.compress.snapkv import SnapKV
 from kvlife.methods.compress.streamingllm import StreamingLLM
+from kvlife.methods.compress.tova import TOVA
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in [Dense, StreamingLLM]}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in [Dense, StreamingLLM, SnapKV, PyramidKV, H2O, TOVA, AdaKV, Kivi]}
 
 
 def get(name: str) -> type[Method]:
