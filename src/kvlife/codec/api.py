@@ -1,0 +1,351 @@
+"""Public entry points: encode / decode / decode_chunk / inspect / mix, for every scheme."""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvlife.cache import KVCache
+from kvlife.codec import baselines, kvlife_scheme
+from kvlife.codec.format import (
+    DEFAULT_MAX_BYTES,
+    DTYPES,
+    FLAG_PRE_ROPE,
+    MAGIC,
+    SCHEMES,
+    CodecError,
+    Header,
+    LayerShape,
+    assemble,
+    check_shapes,
+    chunk_bytes,
+    parse_header,
+)
+from kvlife.codec.levels import DEFAULT_LEVEL, LEVEL_NAMES, LEVELS, Level
+from kvlife.codec.rope import RopeSpec
+
+BASELINES = ("fp16", "int8", "int8+zstd", "lmcache")
+CUSTOM_LEVEL_ID = 255
+_PREFIX = struct.Struct("<BBH")  # level id, exact tokens, reserved
+
+_TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DTYPE_TORCH = {v: k for k, v in _TORCH_DTYPES.items()}
+
+Layers = Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+
+# ---- input -----------------------------------------------------------------------------------------
+
+def _collect(cache_or_layers: KVCache | Layers):
+    """(numpy layers [(keys, values)] as float32 [B*H, T, D], positions [H, T], shapes, dtype, windows, next)."""
+    if isinstance(cache_or_layers, KVCache):
+        layers = cache_or_layers.to_tensors()
+        windows = [layer.sliding_window for layer in cache_or_layers.layers]
+        next_position = cache_or_layers.next_position
+    else:
+        layers = list(cache_or_layers)
+        windows = [None] * len(layers)
+        next_position = None
+    if not layers:
+        raise CodecError("nothing to encode: the cache has no layers")
+    dtypes = set()
+    arrays, positions, shapes = [], [], []
+    for index, layer in enumerate(layers):
+        if len(layer) != 3:
+            raise CodecError(f"layer {index}: expected (keys, values, positions)")
+        keys, values, pos = layer
+        if keys is None or keys.dim() != 4 or values.shape != keys.shape:
+            raise CodecError(f"layer {index}: keys and values must both be [batch, kv_heads, tokens, head_dim]")
+        if keys.dtype not in _TORCH_DTYPES or values.dtype != keys.dtype:
+            raise CodecError(f"layer {index}: dtype {keys.dtype}/{values.dtype} is not float32, float16 or bfloat16")
+        dtypes.add(_TORCH_DTYPES[keys.dtype])
+        batch, heads, tokens, dim = keys.shape
+        if pos is None:
+            pos = torch.arange(tokens).expand(heads, tokens)
+        if tuple(pos.shape) != (heads, tokens):
+            raise CodecError(f"layer {index}: positions must be [kv_heads, tokens] = {[heads, tokens]}")
+        shapes.append(LayerShape(batch, heads, dim, tokens, windows[index]))
+        arrays.append(tuple(t.detach().to("cpu", torch.float32).reshape(batch * heads, tokens, dim).numpy() for t in (keys, values)))
+        positions.append(pos.detach().to("cpu", torch.int64).numpy())
+        for x in arrays[-1]:
+            if x.size and not np.isfinite(x).all():
+                raise CodecError(f"layer {index}: the cache holds NaN or infinite values, which no scheme encodes")
+    if len(dtypes) > 1:
+        raise CodecError(f"all layers must share one dtype, got {sorted(dtypes)}")
+    if next_position is None:
+        next_position = max((int(p.max()) + 1 for p in positions if p.size), default=0)
+    return arrays, positions, shapes, dtypes.pop(), next_position
+
+
+def _level(level: str | Level) -> Level:
+    if isinstance(level, Level):
+        return level
+    if level not in LEVELS:
+        raise CodecError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
+    return LEVELS[level]
+
+
+# ---- encode ----------------------------------------------------------------------------------------
+
+def encode(
+    cache_or_layers: KVCache | Layers,
+    level: str | Level = DEFAULT_LEVEL,
+    chunk_tokens: int = 256,
+    rope: RopeSpec | None = None,
+    delta: str = "auto",
+) -> bytes:
+    """Encode a cache with the kvlife scheme at a named level (see `levels.LEVELS`).
+
+    `rope`: the model's RoPE (`rope_from_config(model.config)`); when given, keys are coded before
+    RoPE and rotated back on decode, which is smaller for models whose keys have a constant part.
+    `delta`: "auto" (anchor-delta coding per layer and K/V where it estimates smaller) or "off".
+    """
+    return encode_levels(cache_or_layers, [level], chunk_tokens, rope, delta)[_level(level).name]
+
+
+def encode_levels(
+    cache_or_layers: KVCache | Layers,
+    levels: Sequence[str | Level],
+    chunk_tokens: int = 256,
+    rope: RopeSpec | None = None,
+    delta: str = "auto",
+) -> dict[str, bytes]:
+    """One stream per level, sharing one header layout so `mix` can combine their chunks."""
+    if delta not in ("auto", "off"):
+        raise CodecError(f"delta must be 'auto' or 'off', not {delta!r}")
+    arrays, positions, shapes, dtype, next_position = _collect(cache_or_layers)
+    check_shapes(shapes, chunk_tokens)
+    specs = [_level(level) for level in levels]
+    exact = max((s.exact_tokens for s in specs), default=0)
+    if any(s.exact_tokens != exact for s in specs):
+        raise CodecError("levels mixed in one call must keep the same number of exact tokens")
+    if exact > 255:
+        raise CodecError("at most 255 exact tokens")
+    if rope is not None:
+        if not (rope.theta > 0 and rope.rotary_dim >= 2 and rope.rotary_dim % 2 == 0):
+            raise CodecError(f"invalid RoPE parameters {rope}")
+        if any(rope.rotary_dim > s.head_dim for s in shapes):
+            raise CodecError(f"rotary_dim {rope.rotary_dim} exceeds a layer's head_dim")
+    means = kvlife_scheme.channel_means(arrays, positions, rope, exact)
+    rms = kvlife_scheme.head_rms(arrays, positions, rope, means, exact)
+    section = b"".join(m.astype("<f2").tobytes() for m in means)
+    out = {}
+    for spec in specs:
+        header = _new_header("kvlife", dtype, chunk_tokens, shapes, next_position, positions, rope, section)
+        steps = []
+        for li in range(len(shapes)):
+            for k, kind in enumerate("kv"):
+                alpha = spec.alpha(kind, li, len(shapes))
+                head_rms = rms[2 * li + k]
+                # A floor keeps constant heads codable; the cap keeps symbols below 2^29.
+                peak = max((float(np.abs(x).max(initial=0)) for x in arrays[li]), default=0.0)
+                floor = max(peak * 2.0**-27, 1e-30)
+                steps.append(np.maximum(alpha * head_rms, floor))
+        level_id = spec.id if LEVELS.get(spec.name) == spec else CUSTOM_LEVEL_ID
+        chunks = []
+        for index in range(header.n_chunks):
+            body = kvlife_scheme.encode_chunk(header, means, steps, arrays, positions, index, exact, delta)
+            chunks.append(_PREFIX.pack(level_id, exact if index == 0 else 0, 0) + body)
+        out[spec.name] = assemble(header, chunks)
+    return out
+
+
+def encode_baseline(name: str, cache_or_layers: KVCache | Layers, chunk_tokens: int = 256) -> bytes:
+    """Encode with a baseline scheme: "fp16", "int8", "int8+zstd" or "lmcache" (see `baselines`)."""
+    if name not in BASELINES:
+        raise CodecError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
+    arrays, positions, shapes, dtype, next_position = _collect(cache_or_layers)
+    check_shapes(shapes, chunk_tokens)
+    header = _new_header(name, dtype, chunk_tokens, shapes, next_position, positions, None, b"")
+    chunks = []
+    for index in range(header.n_chunks):
+        if name == "lmcache":
+            body = baselines.encode_chunk_lmcache(header, arrays, index)
+        else:
+            body = baselines.encode_chunk_raw(header, arrays, index)
+        chunks.append(_PREFIX.pack(0, 0, 0) + body)
+    return assemble(header, chunks)
+
+
+def _new_header(scheme, dtype, chunk_tokens, shapes, next_position, positions, rope, section) -> Header:
+    return Header(
+        scheme=scheme, dtype=dtype, chunk_tokens=chunk_tokens, layers=shapes, next_position=next_position,
+        positions=positions, rope_theta=rope.theta if rope else 0.0, rotary_dim=rope.rotary_dim if rope else 0,
+        flags=FLAG_PRE_ROPE if rope else 0, scheme_section=section,
+    )
+
+
+# ---- decode ----------------------------------------------------------------------------------------
+
+def _means(header: Header) -> list[np.ndarray]:
+    sizes = [s.heads * s.head_dim for s in header.layers for _ in range(2)]
+    if len(header.scheme_section) != 2 * sum(sizes):
+        raise CodecError("the kvlife scheme section has the wrong size")
+    flat = np.frombuffer(header.scheme_section, dtype="<f2")
+    out, offset = [], 0
+    for li, s in enumerate(header.layers):
+        for _ in range(2):
+            out.append(flat[offset : offset + s.heads * s.head_dim].reshape(s.heads, s.head_dim))
+            offset += s.heads * s.head_dim
+        del li
+    return out
+
+
+def _decode_chunk_np(blob, header: Header, index: int, means=None):
+    """(per present layer float32 (keys, values) [heads, n, dim], level name, steps or None)."""
+    part = chunk_bytes(blob, header, index)
+    if len(part) < _PREFIX.size:
+        raise CodecError(f"chunk {index} is truncated")
+    level_id, exact, _ = _PREFIX.unpack(part[: _PREFIX.size])
+    part = part[_PREFIX.size :]
+    if header.scheme == "kvlife":
+        if index > 0 and exact:
+            raise CodecError(f"chunk {index} claims exact tokens; only chunk 0 may")
+        if level_id not in LEVEL_NAMES and level_id != CUSTOM_LEVEL_ID:
+            raise CodecError(f"chunk {index} has unknown level id {level_id}")
+        layers, steps = kvlife_scheme.decode_chunk(header, means if means is not None else _means(header), part, index, exact)
+        return layers, LEVEL_NAMES.get(level_id, "custom"), steps
+    if header.scheme == "lmcache":
+        return baselines.decode_chunk_lmcache(header, part, index), None, None
+    return baselines.decode_chunk_raw(header, part, index), None, None
+
+
+def _to_torch(x: np.ndarray, shape: LayerShape, dtype: str) -> torch.Tensor:
+    tokens = x.shape[1]
+    return torch.from_numpy(np.ascontiguousarray(x)).reshape(shape.batch, shape.kv_heads, tokens, shape.head_dim).to(_DTYPE_TORCH[dtype])
+
+
+def decode_layers(blob: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per layer (keys [B, H, T, D], values, positions [H, T]) in the stream's dtype."""
+    header = parse_header(blob, max_bytes)
+    means = _means(header) if header.scheme == "kvlife" else None
+    parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in header.layers]
+    for index in range(header.n_chunks):
+        layers, _, _ = _decode_chunk_np(blob, header, index, means)
+        for li, pair in layers.items():
+            parts[li].append(pair)
+    out = []
+    for li, s in enumerate(header.layers):
+        pieces = parts[li]
+        keys = np.concatenate([p[0] for p in pieces], axis=1) if pieces else np.zeros((s.heads, 0, s.head_dim), np.float32)
+        values = np.concatenate([p[1] for p in pieces], axis=1) if pieces else np.zeros((s.heads, 0, s.head_dim), np.float32)
+        out.append((_to_torch(keys, s, header.dtype), _to_torch(values, s, header.dtype), torch.from_numpy(header.positions[li])))
+    return out
+
+
+def decode(blob: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> KVCache:
+    """Decode a whole stream (any scheme) back into a KVCache with its positions and windows."""
+    header = parse_header(blob, max_bytes)
+    layers = decode_layers(blob, max_bytes)
+    return KVCache.from_tensors(layers, [s.window for s in header.layers], header.next_position)
+
+
+def decode_chunk(blob: bytes, index: int, max_bytes: int = DEFAULT_MAX_BYTES) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """Decode chunk `index` alone: per layer (keys, values, positions) of its tokens, None where empty."""
+    header = parse_header(blob, max_bytes)
+    layers, _, _ = _decode_chunk_np(blob, header, index)
+    out = []
+    for li, s in enumerate(header.layers):
+        if li not in layers:
+            out.append(None)
+            continue
+        start, stop = header.chunk_span(index, li)
+        keys, values = layers[li]
+        out.append((_to_torch(keys, s, header.dtype), _to_torch(values, s, header.dtype),
+                    torch.from_numpy(np.ascontiguousarray(header.positions[li][:, start:stop]))))
+    return out
+
+
+def error_bound(blob: bytes, index: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer (key bound [B*H], value bound [B*H]): the largest |decoded - original| per element the
+    kvlife scheme allows in chunk `index` (or over all chunks), before rounding to the stream dtype."""
+    header = parse_header(blob)
+    if header.scheme != "kvlife":
+        raise CodecError(f"error_bound is defined for the kvlife scheme, not {header.scheme}")
+    bounds = [(np.zeros(s.heads), np.zeros(s.heads)) for s in header.layers]
+    key_factor = math.sqrt(2) / 2 if header.pre_rope else 0.5
+    for i in range(header.n_chunks) if index is None else [index]:
+        _, _, steps = _decode_chunk_np(blob, header, i)
+        offset = 0
+        for li, s in enumerate(header.layers):
+            start, stop = header.chunk_span(i, li)
+            if start == stop:
+                continue
+            kb, vb = bounds[li]
+            np.maximum(kb, steps[offset : offset + s.heads] * key_factor, out=kb)
+            np.maximum(vb, steps[offset + s.heads : offset + 2 * s.heads] * 0.5, out=vb)
+            offset += 2 * s.heads
+    # float32 arithmetic in the decoder adds a few ulps of the largest value
+    return bounds
+
+
+# ---- streams of several levels ---------------------------------------------------------------------
+
+def mix(streams: Mapping[str, bytes], choice: Sequence[str]) -> bytes:
+    """A stream whose chunk i is chunk i of `streams[choice[i]]` (streams from one `encode_levels`)."""
+    headers = {name: parse_header(blob) for name, blob in streams.items()}
+    first = next(iter(headers.values()))
+    for name, h in headers.items():
+        same = (h.scheme, h.dtype, h.chunk_tokens, h.layers, h.flags, h.rope_theta, h.rotary_dim, h.scheme_section,
+                h.next_position) == (first.scheme, first.dtype, first.chunk_tokens, first.layers, first.flags,
+                                     first.rope_theta, first.rotary_dim, first.scheme_section, first.next_position)
+        if not same or any((a != b).any() for a, b in zip(h.positions, first.positions)):
+            raise CodecError(f"stream {name!r} does not share the others' header; encode them with encode_levels")
+    if len(choice) != first.n_chunks:
+        raise CodecError(f"choice names {len(choice)} chunks, the streams have {first.n_chunks}")
+    chunks = []
+    for index, name in enumerate(choice):
+        if name not in streams:
+            raise CodecError(f"no stream named {name!r}")
+        chunks.append(bytes(chunk_bytes(streams[name], headers[name], index)))
+    return assemble(first, chunks)
+
+
+# ---- inspect ---------------------------------------------------------------------------------------
+
+def inspect(blob: bytes) -> dict[str, Any]:
+    """What a stream holds: scheme, dtype, shapes, rope, chunk sizes and levels, bits per element."""
+    header = parse_header(blob)
+    levels = []
+    for index in range(header.n_chunks):
+        part = chunk_bytes(blob, header, index)
+        level_id = part[0] if len(part) else 0
+        levels.append(LEVEL_NAMES.get(level_id, "custom") if header.scheme == "kvlife" else None)
+    elements = header.elements()
+    return {
+        "format": f"{MAGIC.decode()}/{header_version()}",
+        "scheme": header.scheme,
+        "dtype": header.dtype,
+        "layers": len(header.layers),
+        "shapes": [
+            {"batch": s.batch, "kv_heads": s.kv_heads, "head_dim": s.head_dim, "tokens": s.tokens, "window": s.window}
+            for s in header.layers
+        ],
+        "next_position": header.next_position,
+        "rope": {"theta": header.rope_theta, "rotary_dim": header.rotary_dim} if header.pre_rope else None,
+        "chunk_tokens": header.chunk_tokens,
+        "chunks": header.n_chunks,
+        "chunk_bytes": header.chunk_lengths,
+        "chunk_levels": levels,
+        "header_bytes": header.header_bytes,
+        "total_bytes": len(blob),
+        "elements": elements,
+        "bits_per_element": 8 * len(blob) / elements if elements else 0.0,
+    }
+
+
+def header_version() -> int:
+    from kvlife.codec.format import VERSION
+
+    return VERSION
+
+
+__all__ = [
+    "BASELINES", "DTYPES", "SCHEMES", "decode", "decode_chunk", "decode_layers", "encode", "encode_baseline",
+    "encode_levels", "error_bound", "inspect", "mix",
+]

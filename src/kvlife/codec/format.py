@@ -1,0 +1,292 @@
+"""The container: a versioned, self-describing byte layout shared by every scheme (see docs/codec-format.md).
+
+A stream is one header followed by independent chunks:
+
+    header  = fixed part | layer table | positions | scheme section | chunk table | header CRC-32
+    chunk i = the bytes of token chunk i (scheme specific), checked by its own CRC-32
+
+Everything is little-endian. Nothing is pickled; the parser checks every length against the bytes it
+has and every shape against hard limits before it allocates, so bad bytes raise `CodecError`.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import zstandard
+
+from kvlife.errors import KvlifeError
+
+MAGIC = b"KVLC"
+VERSION = 1
+
+SCHEMES = ("kvlife", "fp16", "int8", "int8+zstd", "lmcache")
+DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+# Hard limits a header must respect: they bound every allocation a decoder makes.
+MAX_LAYERS = 4096
+MAX_HEADS = 4096  # batch * kv_heads of one layer
+MAX_HEAD_DIM = 4096
+MAX_TOKENS = 1 << 26
+MAX_CHUNK_TOKENS = 1 << 16
+MAX_CHUNK_ELEMENTS = 1 << 28  # elements one chunk decodes to (1 GiB as float32)
+MAX_SECTION_BYTES = 1 << 30
+DEFAULT_MAX_BYTES = 8 << 30  # decoded K/V + positions a stream may claim unless the caller allows more
+
+FLAG_PRE_ROPE = 1  # keys are coded before RoPE; the decoder re-applies it (rope_theta, rotary_dim)
+
+_FIXED = struct.Struct("<4sHBBIIHHqdHHI")  # magic .. n_chunks (44 bytes)
+_LAYER = struct.Struct("<HHHHIi")  # batch, kv_heads, head_dim, reserved, tokens, window (-1: none)
+_CHUNK = struct.Struct("<II")  # byte length, CRC-32
+
+
+class CodecError(KvlifeError):
+    """A codec stream is truncated, corrupt, of an unknown version, or asks for something impossible."""
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    batch: int
+    kv_heads: int
+    head_dim: int
+    tokens: int
+    window: int | None = None
+
+    @property
+    def heads(self) -> int:
+        """Rows the codec treats as heads: batch and KV heads folded together."""
+        return self.batch * self.kv_heads
+
+
+@dataclass
+class Header:
+    scheme: str
+    dtype: str
+    chunk_tokens: int
+    layers: list[LayerShape]
+    next_position: int
+    positions: list[np.ndarray]  # per layer [kv_heads, tokens] int64
+    rope_theta: float = 0.0
+    rotary_dim: int = 0
+    flags: int = 0
+    scheme_section: bytes = b""
+    chunk_lengths: list[int] = field(default_factory=list)
+    chunk_crcs: list[int] = field(default_factory=list)
+    header_bytes: int = 0  # size of the encoded header (set by parse/pack)
+
+    @property
+    def n_chunks(self) -> int:
+        return chunk_count(self.layers, self.chunk_tokens)
+
+    @property
+    def pre_rope(self) -> bool:
+        return bool(self.flags & FLAG_PRE_ROPE)
+
+    def chunk_span(self, index: int, layer: int) -> tuple[int, int]:
+        """Token range [start, stop) of chunk `index` in `layer` (empty when the layer is shorter)."""
+        tokens = self.layers[layer].tokens
+        start = min(index * self.chunk_tokens, tokens)
+        return start, min(start + self.chunk_tokens, tokens)
+
+    def elements(self) -> int:
+        return sum(2 * s.heads * s.tokens * s.head_dim for s in self.layers)
+
+
+def chunk_count(layers: list[LayerShape], chunk_tokens: int) -> int:
+    longest = max((s.tokens for s in layers), default=0)
+    return -(-longest // chunk_tokens) if longest else 0
+
+
+def check_shapes(layers: list[LayerShape], chunk_tokens: int) -> None:
+    """Raise CodecError if shapes break the format's limits (called by encoder and parser alike)."""
+    if not 1 <= len(layers) <= MAX_LAYERS:
+        raise CodecError(f"a stream holds 1..{MAX_LAYERS} layers, not {len(layers)}")
+    if not 1 <= chunk_tokens <= MAX_CHUNK_TOKENS:
+        raise CodecError(f"chunk_tokens must be in 1..{MAX_CHUNK_TOKENS}, not {chunk_tokens}")
+    channels = 0
+    for index, s in enumerate(layers):
+        if not (1 <= s.batch and 1 <= s.kv_heads and s.heads <= MAX_HEADS):
+            raise CodecError(f"layer {index}: batch*kv_heads must be in 1..{MAX_HEADS} (got {s.batch}x{s.kv_heads})")
+        if not 1 <= s.head_dim <= MAX_HEAD_DIM:
+            raise CodecError(f"layer {index}: head_dim must be in 1..{MAX_HEAD_DIM}, not {s.head_dim}")
+        if not 0 <= s.tokens <= MAX_TOKENS:
+            raise CodecError(f"layer {index}: token count must be in 0..{MAX_TOKENS}, not {s.tokens}")
+        channels += 2 * s.heads * s.head_dim
+    if channels * min(chunk_tokens, max(s.tokens for s in layers) or 1) > MAX_CHUNK_ELEMENTS:
+        raise CodecError(
+            f"one chunk would decode to more than {MAX_CHUNK_ELEMENTS} elements; use smaller chunk_tokens"
+        )
+
+
+# ---- positions -------------------------------------------------------------------------------------
+
+def _pack_positions(positions: list[np.ndarray]) -> bytes:
+    """Per layer: mode 0 = every head holds start, start+1, ... (stores start); mode 1 = explicit."""
+    out = bytearray()
+    for pos in positions:
+        if pos.size and (pos == pos[:1, :1] + np.arange(pos.shape[1])).all():
+            out += struct.pack("<Bq", 0, int(pos[0, 0]))
+        elif not pos.size:
+            out += struct.pack("<Bq", 0, 0)
+        else:
+            deltas = np.diff(pos, axis=1, prepend=0).astype("<i8")
+            out += struct.pack("<B", 1) + deltas.tobytes()
+    return zstandard.ZstdCompressor(level=3).compress(bytes(out))
+
+
+def _unpack_positions(blob: bytes, layers: list[LayerShape]) -> list[np.ndarray]:
+    limit = sum(9 + 8 * s.kv_heads * s.tokens for s in layers)
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=limit)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"the positions section is corrupt: {exc}") from None
+    positions, offset = [], 0
+    for index, s in enumerate(layers):
+        if offset + 1 > len(raw):
+            raise CodecError("the positions section is truncated")
+        mode = raw[offset]
+        if mode == 0:
+            if offset + 9 > len(raw):
+                raise CodecError("the positions section is truncated")
+            start = struct.unpack_from("<q", raw, offset + 1)[0]
+            offset += 9
+            row = np.arange(start, start + s.tokens, dtype=np.int64)
+            positions.append(np.broadcast_to(row, (s.kv_heads, s.tokens)).copy())
+        elif mode == 1:
+            size = 8 * s.kv_heads * s.tokens
+            if offset + 1 + size > len(raw):
+                raise CodecError("the positions section is truncated")
+            deltas = np.frombuffer(raw, dtype="<i8", count=s.kv_heads * s.tokens, offset=offset + 1)
+            positions.append(np.cumsum(deltas.reshape(s.kv_heads, s.tokens), axis=1))
+            offset += 1 + size
+        else:
+            raise CodecError(f"layer {index}: unknown positions mode {mode}")
+    if offset != len(raw):
+        raise CodecError("the positions section has trailing bytes")
+    return positions
+
+
+# ---- header ----------------------------------------------------------------------------------------
+
+def pack_header(header: Header) -> bytes:
+    check_shapes(header.layers, header.chunk_tokens)
+    if len(header.chunk_lengths) != header.n_chunks or len(header.chunk_crcs) != header.n_chunks:
+        raise CodecError("internal: chunk table does not match the chunk count")
+    out = bytearray(
+        _FIXED.pack(
+            MAGIC, VERSION, SCHEMES.index(header.scheme), DTYPES.index(header.dtype), header.flags,
+            header.chunk_tokens, len(header.layers), 0, header.next_position, header.rope_theta,
+            header.rotary_dim, 0, header.n_chunks,
+        )
+    )
+    for s in header.layers:
+        out += _LAYER.pack(s.batch, s.kv_heads, s.head_dim, 0, s.tokens, -1 if s.window is None else s.window)
+    positions = _pack_positions(header.positions)
+    out += struct.pack("<I", len(positions)) + positions
+    out += struct.pack("<I", len(header.scheme_section)) + header.scheme_section
+    for length, crc in zip(header.chunk_lengths, header.chunk_crcs):
+        out += _CHUNK.pack(length, crc)
+    out += struct.pack("<I", zlib.crc32(out))
+    header.header_bytes = len(out)
+    return bytes(out)
+
+
+class _Reader:
+    def __init__(self, blob: bytes | memoryview) -> None:
+        self.blob = memoryview(blob)
+        self.offset = 0
+
+    def take(self, size: int, what: str) -> memoryview:
+        if size < 0 or self.offset + size > len(self.blob):
+            raise CodecError(f"stream truncated while reading {what} (needs {size} bytes at {self.offset})")
+        part = self.blob[self.offset : self.offset + size]
+        self.offset += size
+        return part
+
+    def unpack(self, fmt: struct.Struct, what: str) -> tuple:
+        return fmt.unpack(self.take(fmt.size, what))
+
+
+def parse_header(blob: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Header:
+    """Parse and verify a stream's header (magic, version, limits, CRC); chunks are checked on decode.
+
+    `max_bytes` caps what the stream may claim to decode to (K/V in its dtype plus positions), so a
+    crafted header cannot make the decoder allocate without bound.
+    """
+    if not isinstance(blob, bytes | bytearray | memoryview):
+        raise CodecError(f"expected bytes, got {type(blob).__name__}")
+    reader = _Reader(blob)
+    if len(blob) < 4 or bytes(blob[:4]) != MAGIC:
+        raise CodecError("not a kvlife codec stream (bad magic); was it written by `kvlife codec encode`?")
+    (_, version, scheme, dtype, flags, chunk_tokens, n_layers, _, next_position, rope_theta,
+     rotary_dim, _, n_chunks) = reader.unpack(_FIXED, "the fixed header")
+    if version != VERSION:
+        raise CodecError(f"codec stream version {version} is not supported (this kvlife reads version {VERSION})")
+    if scheme >= len(SCHEMES) or dtype >= len(DTYPES):
+        raise CodecError(f"unknown scheme {scheme} or dtype {dtype} in the header")
+    if not 1 <= n_layers <= MAX_LAYERS:
+        raise CodecError(f"the header claims {n_layers} layers (limit {MAX_LAYERS})")
+    layers = []
+    for _ in range(n_layers):
+        batch, kv_heads, head_dim, _, tokens, window = reader.unpack(_LAYER, "the layer table")
+        layers.append(LayerShape(batch, kv_heads, head_dim, tokens, None if window < 0 else window))
+    check_shapes(layers, chunk_tokens)
+    if n_chunks != chunk_count(layers, chunk_tokens):
+        raise CodecError(f"the header claims {n_chunks} chunks but its shapes need {chunk_count(layers, chunk_tokens)}")
+    if flags & FLAG_PRE_ROPE and not (rope_theta > 0 and 2 <= rotary_dim and rotary_dim % 2 == 0):
+        raise CodecError("the header asks to re-apply RoPE but its rope parameters are invalid")
+    (pos_len,) = reader.unpack(struct.Struct("<I"), "the positions length")
+    pos_blob = bytes(reader.take(pos_len, "the positions section"))
+    (section_len,) = reader.unpack(struct.Struct("<I"), "the scheme section length")
+    if section_len > MAX_SECTION_BYTES:
+        raise CodecError("the scheme section is absurdly large")
+    section = bytes(reader.take(section_len, "the scheme section"))
+    table = np.frombuffer(reader.take(_CHUNK.size * n_chunks, "the chunk table"), dtype="<u4").reshape(-1, 2)
+    end = reader.offset
+    (crc,) = reader.unpack(struct.Struct("<I"), "the header checksum")
+    if zlib.crc32(reader.blob[:end]) != crc:
+        raise CodecError("header checksum mismatch: the stream is corrupt")
+    claimed = sum((2 * s.heads * s.head_dim * DTYPE_BYTES[DTYPES[dtype]] + 8 * s.kv_heads) * s.tokens for s in layers)
+    if claimed > max_bytes:
+        raise CodecError(
+            f"the stream claims {claimed / 2**30:.1f} GiB of decoded cache, above the limit of "
+            f"{max_bytes / 2**30:.1f} GiB; pass max_bytes= to decode it anyway"
+        )
+    lengths = [int(x) for x in table[:, 0]]
+    if reader.offset + sum(lengths) != len(blob):
+        raise CodecError(
+            f"stream length {len(blob)} does not match its chunk table ({reader.offset + sum(lengths)} expected): "
+            "truncated or padded"
+        )
+    for s in layers:
+        if rotary_dim > s.head_dim and flags & FLAG_PRE_ROPE:
+            raise CodecError("rotary_dim exceeds head_dim")
+    header = Header(
+        scheme=SCHEMES[scheme], dtype=DTYPES[dtype], chunk_tokens=chunk_tokens, layers=layers,
+        next_position=next_position, positions=_unpack_positions(pos_blob, layers), rope_theta=rope_theta,
+        rotary_dim=rotary_dim, flags=flags, scheme_section=section, chunk_lengths=lengths,
+        chunk_crcs=[int(x) for x in table[:, 1]], header_bytes=reader.offset,
+    )
+    return header
+
+
+def chunk_bytes(blob: bytes | memoryview, header: Header, index: int) -> memoryview:
+    """The verified bytes of chunk `index`."""
+    if not 0 <= index < header.n_chunks:
+        raise CodecError(f"chunk {index} does not exist (the stream has {header.n_chunks})")
+    start = header.header_bytes + sum(header.chunk_lengths[:index])
+    part = memoryview(blob)[start : start + header.chunk_lengths[index]]
+    if zlib.crc32(part) != header.chunk_crcs[index]:
+        raise CodecError(f"chunk {index} checksum mismatch: the stream is corrupt")
+    return part
+
+
+def assemble(header: Header, chunks: list[bytes]) -> bytes:
+    """A whole stream from a header (its chunk table is rewritten) and chunk bytes."""
+    header.chunk_lengths = [len(c) for c in chunks]
+    header.chunk_crcs = [zlib.crc32(c) for c in chunks]
+    return pack_header(header) + b"".join(chunks)

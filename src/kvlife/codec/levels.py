@@ -1,0 +1,48 @@
+"""Named quality levels of the kvlife scheme, from near-lossless to aggressive.
+
+A level sets the quantization step of every (layer, K/V, head) as a multiple of that head's RMS
+(after the channel means are removed; keys before RoPE when the RoPE is known): `alpha_k` for keys,
+`alpha_v` for values, finer by `early_factor` in the first `early_fraction` of the layers (CacheGen's
+observation: early layers matter more). The first `exact_tokens` tokens (the attention sink) are
+kept exact. Each chunk stores its level id *and* the steps it used, so a stream stays decodable
+whatever these presets become; the ids below are part of the format (docs/codec-format.md).
+
+The error bound of a level is per element: |decoded - original| <= step / 2 for values and for
+keys coded post-RoPE, and <= step * sqrt(2) / 2 for keys coded pre-RoPE, plus the rounding of the
+output dtype (`codec.error_bound` returns the bound of each (layer, K/V, head)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Level:
+    name: str
+    id: int
+    alpha_k: float
+    alpha_v: float
+    early_fraction: float = 0.0
+    early_factor: float = 1.0
+    exact_tokens: int = 1
+
+    def alpha(self, kind: str, layer: int, n_layers: int) -> float:
+        base = self.alpha_k if kind == "k" else self.alpha_v
+        if layer < round(self.early_fraction * n_layers):
+            base *= self.early_factor
+        return base
+
+
+LEVELS: dict[str, Level] = {
+    level.name: level
+    for level in (
+        Level("lossless-ish", 0, alpha_k=0.01, alpha_v=0.01),
+        Level("high", 1, alpha_k=0.15, alpha_v=0.15, early_fraction=0.1, early_factor=0.5),
+        Level("balanced", 2, alpha_k=0.5, alpha_v=0.5, early_fraction=0.1, early_factor=0.5),
+        Level("compact", 3, alpha_k=0.8, alpha_v=0.8, early_fraction=0.1, early_factor=0.5),
+        Level("aggressive", 4, alpha_k=1.2, alpha_v=1.2, early_fraction=0.1, early_factor=0.5),
+    )
+}
+LEVEL_NAMES = {level.id: level.name for level in LEVELS.values()}
+DEFAULT_LEVEL = "balanced"
