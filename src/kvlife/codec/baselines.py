@@ -139,7 +139,7 @@ def decode_chunk_lmcache(header: Header, part: memoryview, index: int):
         for k in range(2):
             scales[(li, k)] = np.frombuffer(take(2 * (stop - start)), dtype="<f2").astype(np.float32)
     models = []
-    for li, start, stop in present:
+    for li, _start, _stop in present:
         s = header.layers[li]
         for k in range(2):
             bins = (key_bins, value_bins)[k][li]
