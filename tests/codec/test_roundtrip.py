@@ -88,7 +88,7 @@ def test_chunks_decode_independently_and_mix():
     whole = decode_layers(streams["high"])
     for index in range(4):
         part = decode_chunk(streams["high"], index)
-        for li, (k, v, p) in enumerate(part):
+        for li, (k, _v, p) in enumerate(part):
             assert torch.equal(k, whole[li][0][:, :, index * 64 : index * 64 + k.shape[2]])
             assert torch.equal(p, whole[li][2][:, index * 64 : index * 64 + k.shape[2]])
     mixed = mix(streams, ["high", "aggressive", "aggressive", "high"])
