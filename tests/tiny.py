@@ -50,3 +50,15 @@ class ByteTokenizer:
 
     def convert_tokens_to_ids(self, token):
         return None
+
+
+def tiny_tokenizer():
+    """A real (fast) word-level tokenizer over a small vocabulary, savable with a model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<eos>"] + [chr(c) for c in range(97, 123)] + [str(d) for d in range(10)]
+    vocab = {w: i for i, w in enumerate(words)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")

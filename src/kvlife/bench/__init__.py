@@ -1,0 +1,1 @@
+"""The shared-context benchmark: tasks/ (one file per task), score.py, runner.py, report.py."""

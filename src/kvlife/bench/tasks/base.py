@@ -1,0 +1,111 @@
+"""What a task is: seeded samples of one shared context with several turns, and a scorer."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from kvlife.errors import TaskError
+
+
+@dataclass
+class Turn:
+    query: str
+    answer: str
+
+
+@dataclass
+class Sample:
+    id: str
+    task: str
+    context: str
+    turns: list[Turn]
+    max_new_tokens: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    """A task: its capability group, its profiles (sizes), a seeded sample generator and a scorer.
+
+    Subclasses set `name`, `group`, `profiles` (each a dict of generator settings, including
+    `samples`: the default sample count) and implement `make_sample(rng, index, **settings)` and
+    `score(prediction, reference)` (a float in [0, 1]).
+    """
+
+    name: ClassVar[str] = ""
+    group: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    differs_from_scbench: ClassVar[str] = ""
+    profiles: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def settings(self, profile: str) -> dict[str, Any]:
+        if profile not in self.profiles:
+            raise TaskError(f"task {self.name} has no profile {profile!r}; profiles: {', '.join(self.profiles)}")
+        return dict(self.profiles[profile])
+
+    def samples(self, profile: str = "default", n: int | None = None, seed: int = 0) -> list[Sample]:
+        settings = self.settings(profile)
+        count = settings.pop("samples", 8) if n is None else n
+        settings.pop("samples", None)
+        out = []
+        for index in range(count):
+            # One generator per sample: sample i is the same whatever n is.
+            rng = random.Random(f"{self.name}/{profile}/{seed}/{index}")
+            out.append(self.make_sample(rng, index, **settings))
+        return out
+
+    def make_sample(self, rng: random.Random, index: int, **settings: Any) -> Sample:
+        raise NotImplementedError
+
+    def score(self, prediction: str, reference: str) -> float:
+        raise NotImplementedError
+
+
+# ---- filler text: plain, varied English sentences with no facts the questions could ask about ----
+
+_SUBJECTS = ["The committee", "A traveller", "The old library", "Our neighbour", "The river", "A small company",
+             "The museum", "Every gardener", "The orchestra", "A young engineer", "The village baker",
+             "The city council", "A curious student", "The lighthouse keeper", "The morning train"]
+_VERBS = ["discussed", "remembered", "painted", "described", "repaired", "visited", "studied", "ignored",
+          "celebrated", "measured", "collected", "explained", "questioned", "admired", "planned"]
+_OBJECTS = ["the long winter", "a forgotten map", "the quiet harbour", "an unusual harvest", "the narrow bridge",
+            "a box of letters", "the evening market", "the mountain path", "a set of old tools",
+            "the summer festival", "a broken clock", "the empty stadium", "the garden wall", "a row of lanterns"]
+_TAILS = ["before the rain began", "with great patience", "for most of the afternoon", "without saying much",
+          "while the bells rang", "as the sun went down", "in a careful way", "after a long delay",
+          "with a few friends", "near the edge of town", "despite the cold wind", "for no clear reason"]
+
+
+def filler_sentences(rng: random.Random, n_chars: int) -> list[str]:
+    """Seeded filler of about `n_chars` characters, as a list of sentences."""
+    sentences, total = [], 0
+    while total < n_chars:
+        sentence = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}."
+        sentences.append(sentence)
+        total += len(sentence) + 1
+    return sentences
+
+
+def hide_in_filler(rng: random.Random, needles: list[str], n_chars: int, depths: list[float] | None = None) -> str:
+    """Filler text with each needle inserted as its own sentence at a depth in [0, 1]."""
+    sentences = filler_sentences(rng, n_chars)
+    if depths is None:
+        depths = sorted(rng.uniform(0.05, 0.95) for _ in needles)
+    slots = [min(len(sentences), int(d * len(sentences))) for d in depths]
+    for offset, (slot, needle) in enumerate(sorted(zip(slots, needles), key=lambda pair: pair[0])):
+        sentences.insert(slot + offset, needle)
+    return " ".join(sentences)
+
+
+def chars_for_tokens(tokens: int) -> int:
+    """English filler runs at about 4.6 characters per token for the embedded models' tokenizers."""
+    return int(tokens * 4.6)
+
+
+TASKS: dict[str, Callable[[], Task]] = {}
+
+
+def register(cls):
+    TASKS[cls.name] = cls
+    return cls

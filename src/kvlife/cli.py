@@ -1,0 +1,187 @@
+"""The `kvlife` command. Errors a user can cause print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from kvlife.errors import KvlifeError
+
+EXIT_USER_ERROR = 2
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+# ---- bench ---------------------------------------------------------------------------------------
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kvlife.bench.runner import BenchConfig, run
+    from kvlife.bench.summary import print_tables, write_summary
+    from kvlife.bench.tasks import TASKS
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASKS)
+    modes = ["multi-turn", "multi-request"] if args.mode == "both" else [args.mode]
+    console = _console()
+    for mode in modes:
+        config = BenchConfig(model=args.model, tasks=tasks, mode=mode, method=args.method, samples=args.samples,
+                             profile=args.profile, seed=args.seed, own_answers=args.own_answers,
+                             recompress=args.recompress, max_turns=args.max_turns, prompt_format=args.format)
+        out = Path(args.out) / config.run_id() if args.out and len(modes) > 1 else (Path(args.out) if args.out else None)
+        run_dir = run(config, out=out, progress=not args.no_progress, console=console)
+        summary = write_summary(run_dir)
+        print_tables(summary, console)
+        console.print(f"results: {run_dir}")
+    return 0
+
+
+# ---- listings ------------------------------------------------------------------------------------
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from kvlife.methods.registry import METHODS
+
+    rows = [cls.describe() for cls in METHODS.values()]
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    table = Table(title="kvlife methods")
+    for column in ("name", "stage", "parameters (defaults)", "paper"):
+        table.add_column(column)
+    for row in rows:
+        params = ", ".join(f"{k}={v}" for k, v in row["params"].items()) or "-"
+        table.add_row(row["name"], row["stage"], params, row["paper"])
+    _console().print(table)
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from kvlife.bench.tasks import TASKS
+
+    table = Table(title="kvlife tasks")
+    for column in ("task", "group", "profiles", "what it asks"):
+        table.add_column(column)
+    for name, cls in sorted(TASKS.items()):
+        table.add_row(name, cls.group, ", ".join(cls.profiles), cls.description)
+    _console().print(table)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from kvlife import models
+
+    if args.action == "pull":
+        if not args.names:
+            raise KvlifeError("name a model to pull, e.g. `kvlife models pull qwen2.5-coder-0.5b`")
+        for name in args.names:
+            models.pull(name)
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"kvlife models (KVLIFE_HOME={models.kvlife_home()})")
+    for column in ("name", "pulled", "description"):
+        table.add_column(column)
+    for row in models.listing():
+        name = row["name"] + (" (default)" if row["default"] else "")
+        table.add_row(name, "yes" if row["pulled"] else f"no: kvlife models pull {row['name']}", row["description"])
+    _console().print(table)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kvlife.bench.summary import print_tables, write_summary
+
+    console = _console()
+    for run_dir in args.runs:
+        path = Path(run_dir)
+        if not (path / "predictions.jsonl").is_file():
+            raise KvlifeError(f"{path} is not a kvlife run directory (no predictions.jsonl)")
+        print_tables(write_summary(path), console, title=str(path))
+    if args.out:
+        from kvlife.bench.report import write_html
+
+        write_html([Path(r) for r in args.runs], Path(args.out))
+        console.print(f"report: {args.out}")
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from kvlife.models import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="kvlife", description="The life of a long-context LLM's KV cache.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    bench = sub.add_parser("bench", help="run the shared-context benchmark",
+                           description="Run tasks on one shared context per sample, scored per turn.")
+    bench.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model name or HF dir (default {DEFAULT_MODEL})")
+    bench.add_argument("--tasks", default="", help="comma-separated task names (default: all; see `kvlife tasks`)")
+    bench.add_argument("--mode", default="multi-turn", choices=["multi-turn", "multi-request", "both"])
+    bench.add_argument("--method", default="dense", help="recipe spec, e.g. 'dense', 'streamingllm(n_local=256)'")
+    bench.add_argument("--samples", type=int, default=None, help="samples per task (default: the profile's)")
+    bench.add_argument("--profile", default="default", help="task sizes: default | scbench")
+    bench.add_argument("--out", default=None, help="run directory (default results/<run-id>; reruns resume)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--own-answers", action="store_true", help="multi-turn: feed back the model's own answers")
+    bench.add_argument("--recompress", action="store_true", help="compress at every turn, not only the first prefill")
+    bench.add_argument("--max-turns", type=int, default=None)
+    bench.add_argument("--format", default="chat", choices=["chat", "plain"], help="prompt format")
+    bench.add_argument("--no-progress", action="store_true")
+    bench.set_defaults(func=cmd_bench)
+
+    methods = sub.add_parser("methods", help="list methods with stage, parameters, defaults and paper")
+    methods.add_argument("--json", action="store_true")
+    methods.set_defaults(func=cmd_methods)
+
+    models = sub.add_parser("models", help="list or pull the embedded models",
+                            description="`kvlife models` lists; `kvlife models pull NAME` installs one.")
+    models.add_argument("action", nargs="?", default="list", choices=["list", "pull"])
+    models.add_argument("names", nargs="*")
+    models.set_defaults(func=cmd_models)
+
+    tasks = sub.add_parser("tasks", help="list benchmark tasks and their profiles")
+    tasks.set_defaults(func=cmd_tasks)
+
+    report = sub.add_parser("report", help="summarize run directories (tables; --out writes HTML)")
+    report.add_argument("runs", nargs="+", help="run directories")
+    report.add_argument("--out", default=None, help="write an HTML report here")
+    report.set_defaults(func=cmd_report)
+
+    try:
+        from kvlife.codec import cli as codec_cli
+
+        codec_cli.add_parser(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except KvlifeError as exc:
+        print(f"kvlife: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("kvlife: interrupted (results written so far are kept; rerun to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
