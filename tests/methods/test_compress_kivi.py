@@ -122,7 +122,6 @@ def test_kivi_in_a_session_replaces_full_layers_only():
                 assert isinstance(layer, KiviLayer) != layer.is_sliding
             got = session.forward(session.format.query_ids("abc?"), phase="extend")
             errors[bits] = float((got - want).abs().max())
-        print(kind, errors, float(want.abs().max()))
         assert errors[4] < errors[2] < 0.2 * float(want.abs().max())
 
 
