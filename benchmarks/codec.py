@@ -103,10 +103,10 @@ def measure(model, items, scheme: str, level: str, rope, repeats: int, chunk_tok
     for item in items:
         torch.set_num_threads(1)
         if scheme == "kvlife":
-            blob, t_enc = timed(lambda: encode(item["layers"], level=level, chunk_tokens=chunk_tokens, rope=rope), repeats)
+            blob, t_enc = timed(lambda x=item["layers"]: encode(x, level=level, chunk_tokens=chunk_tokens, rope=rope), repeats)
         else:
-            blob, t_enc = timed(lambda: encode_baseline(scheme, item["layers"], chunk_tokens=chunk_tokens), repeats)
-        decoded, t_dec = timed(lambda: decode_layers(blob), repeats)
+            blob, t_enc = timed(lambda x=item["layers"]: encode_baseline(scheme, x, chunk_tokens=chunk_tokens), repeats)
+        decoded, t_dec = timed(lambda b=blob: decode_layers(b), repeats)
         torch.set_num_threads(2)
         info = inspect(blob)
         bits += 8 * info["total_bytes"]

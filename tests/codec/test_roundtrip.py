@@ -134,3 +134,16 @@ def test_rope_round_trip_is_exact_up_to_float():
     pos = np.broadcast_to(np.arange(1000, 1050), (2, 50))
     y = rotate(rotate(x.copy(), pos, ROPE, inverse=True), pos, ROPE, inverse=False)
     assert np.abs(x - y).max() < 1e-5
+
+
+def test_channel_weights_shift_precision_and_keep_bound():
+    layers = real_like_layers(tokens=128, rope=ROPE)
+    rng = np.random.default_rng(1)
+    weights = [(rng.uniform(0.01, 10, (2, 16)), rng.uniform(0.01, 10, (2, 16))) for _ in layers]
+    blob = encode(layers, level="balanced", rope=ROPE, weights=weights)
+    decoded = decode_layers(blob)
+    assert_within_bound(layers, decoded, error_bound(blob))
+    # the heaviest-weighted value channel is reconstructed more precisely than the lightest
+    wv = weights[1][1][0]
+    err = (decoded[1][1][0, 0] - layers[1][1][0, 0]).abs().mean(0)
+    assert err[wv.argmax()] < err[wv.argmin()]

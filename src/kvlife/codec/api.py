@@ -15,6 +15,7 @@ from kvlife.codec import baselines, kvlife_scheme
 from kvlife.codec.format import (
     DEFAULT_MAX_BYTES,
     DTYPES,
+    FLAG_CHANNEL_STEPS,
     FLAG_PRE_ROPE,
     MAGIC,
     SCHEMES,
@@ -98,14 +99,18 @@ def encode(
     chunk_tokens: int = 256,
     rope: RopeSpec | None = None,
     delta: str = "auto",
+    weights: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> bytes:
     """Encode a cache with the kvlife scheme at a named level (see `levels.LEVELS`).
 
     `rope`: the model's RoPE (`rope_from_config(model.config)`); when given, keys are coded before
     RoPE and rotated back on decode, which is smaller for models whose keys have a constant part.
     `delta`: "auto" (anchor-delta coding per layer and K/V where it estimates smaller) or "off".
+    `weights`: per layer (key, value) channel importance [kv_heads, head_dim] from
+    `calibrate.channel_weights` (a once-per-model profile); steps then follow 1/sqrt(weight) inside
+    each head. The stream stores the resulting multipliers, so decoding needs no profile.
     """
-    return encode_levels(cache_or_layers, [level], chunk_tokens, rope, delta)[_level(level).name]
+    return encode_levels(cache_or_layers, [level], chunk_tokens, rope, delta, weights)[_level(level).name]
 
 
 def encode_levels(
@@ -114,6 +119,7 @@ def encode_levels(
     chunk_tokens: int = 256,
     rope: RopeSpec | None = None,
     delta: str = "auto",
+    weights: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, bytes]:
     """One stream per level, sharing one header layout so `mix` can combine their chunks."""
     if delta not in ("auto", "off"):
@@ -134,9 +140,16 @@ def encode_levels(
     means = kvlife_scheme.channel_means(arrays, positions, rope, exact)
     rms = kvlife_scheme.head_rms(arrays, positions, rope, means, exact)
     section = b"".join(m.astype("<f2").tobytes() for m in means)
+    multipliers = None
+    if weights is not None:
+        codes = _weight_codes(weights, shapes, rms)
+        multipliers = [kvlife_scheme.multiplier_values(c) for c in codes]
+        section += b"".join(c.tobytes() for c in codes)
     out = {}
     for spec in specs:
         header = _new_header("kvlife", dtype, chunk_tokens, shapes, next_position, positions, rope, section)
+        if multipliers is not None:
+            header.flags |= FLAG_CHANNEL_STEPS
         steps = []
         for li in range(len(shapes)):
             for k, kind in enumerate("kv"):
@@ -149,10 +162,40 @@ def encode_levels(
         level_id = spec.id if LEVELS.get(spec.name) == spec else CUSTOM_LEVEL_ID
         chunks = []
         for index in range(header.n_chunks):
-            body = kvlife_scheme.encode_chunk(header, means, steps, arrays, positions, index, exact, delta)
+            body = kvlife_scheme.encode_chunk(header, means, steps, arrays, positions, index, exact, delta, multipliers)
             chunks.append(_PREFIX.pack(level_id, exact if index == 0 else 0, 0) + body)
         out[spec.name] = assemble(header, chunks)
     return out
+
+
+WEIGHT_MODE = "head"
+
+
+def _weight_codes(weights, shapes: list[LayerShape], rms) -> list[np.ndarray]:
+    """uint8 multiplier codes per (layer, kind) [heads, head_dim] from channel importance weights."""
+    if len(weights) != len(shapes):
+        raise CodecError(f"weights cover {len(weights)} layers, the cache has {len(shapes)}")
+    raw = []
+    for li, (pair, s) in enumerate(zip(weights, shapes)):
+        for k in range(2):
+            w = np.asarray(pair[k], dtype=np.float64)
+            if w.shape != (s.kv_heads, s.head_dim) or not np.isfinite(w).all() or (w < 0).any():
+                raise CodecError(f"layer {li}: weights must be finite, >= 0, of shape {(s.kv_heads, s.head_dim)}")
+            w = np.tile(w, (s.batch, 1))
+            inv = 1.0 / np.sqrt(np.maximum(w, w.max(initial=0) * 1e-6 + 1e-30))
+            raw.append(inv)
+    out = []
+    if WEIGHT_MODE == "head":
+        for inv in raw:
+            out.append(inv / np.exp(np.log(inv).mean(axis=1, keepdims=True)))
+    else:  # global: absolute 1/sqrt(w) over all heads of a kind, relative to each head's RMS step
+        for k in range(2):
+            rel = [raw[2 * li + k] / np.maximum(rms[2 * li + k], 1e-30)[:, None] for li in range(len(shapes))]
+            norm = np.exp(np.mean(np.concatenate([np.log(r).ravel() for r in rel])))
+            for li in range(len(shapes)):
+                raw[2 * li + k] = rel[li] / norm
+        out = raw
+    return [kvlife_scheme.multiplier_codes(m) for m in out]
 
 
 def encode_baseline(name: str, cache_or_layers: KVCache | Layers, chunk_tokens: int = 256) -> bytes:
@@ -182,18 +225,23 @@ def _new_header(scheme, dtype, chunk_tokens, shapes, next_position, positions, r
 
 # ---- decode ----------------------------------------------------------------------------------------
 
-def _means(header: Header) -> list[np.ndarray]:
-    sizes = [s.heads * s.head_dim for s in header.layers for _ in range(2)]
-    if len(header.scheme_section) != 2 * sum(sizes):
+def _means(header: Header) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """The kvlife scheme section: channel means and (if flagged) per-channel step multipliers."""
+    size = sum(2 * s.heads * s.head_dim for s in header.layers)
+    with_steps = bool(header.flags & FLAG_CHANNEL_STEPS)
+    if len(header.scheme_section) != (3 if with_steps else 2) * size:
         raise CodecError("the kvlife scheme section has the wrong size")
-    flat = np.frombuffer(header.scheme_section, dtype="<f2")
-    out, offset = [], 0
-    for li, s in enumerate(header.layers):
+    flat = np.frombuffer(header.scheme_section, dtype="<f2", count=size)
+    codes = np.frombuffer(header.scheme_section, dtype=np.uint8, offset=2 * size) if with_steps else None
+    means, multipliers, offset = [], [] if with_steps else None, 0
+    for s in header.layers:
         for _ in range(2):
-            out.append(flat[offset : offset + s.heads * s.head_dim].reshape(s.heads, s.head_dim))
-            offset += s.heads * s.head_dim
-        del li
-    return out
+            n = s.heads * s.head_dim
+            means.append(flat[offset : offset + n].reshape(s.heads, s.head_dim))
+            if with_steps:
+                multipliers.append(kvlife_scheme.multiplier_values(codes[offset : offset + n].reshape(s.heads, s.head_dim)))
+            offset += n
+    return means, multipliers
 
 
 def _decode_chunk_np(blob, header: Header, index: int, means=None):
@@ -208,7 +256,8 @@ def _decode_chunk_np(blob, header: Header, index: int, means=None):
             raise CodecError(f"chunk {index} claims exact tokens; only chunk 0 may")
         if level_id not in LEVEL_NAMES and level_id != CUSTOM_LEVEL_ID:
             raise CodecError(f"chunk {index} has unknown level id {level_id}")
-        layers, steps = kvlife_scheme.decode_chunk(header, means if means is not None else _means(header), part, index, exact)
+        means, multipliers = means if means is not None else _means(header)
+        layers, steps = kvlife_scheme.decode_chunk(header, means, part, index, exact, multipliers)
         return layers, LEVEL_NAMES.get(level_id, "custom"), steps
     if header.scheme == "lmcache":
         return baselines.decode_chunk_lmcache(header, part, index), None, None
@@ -269,6 +318,8 @@ def error_bound(blob: bytes, index: int | None = None) -> list[tuple[np.ndarray,
         raise CodecError(f"error_bound is defined for the kvlife scheme, not {header.scheme}")
     bounds = [(np.zeros(s.heads), np.zeros(s.heads)) for s in header.layers]
     key_factor = math.sqrt(2) / 2 if header.pre_rope else 0.5
+    _, multipliers = _means(header)
+    widest = [m.max(axis=1) for m in multipliers] if multipliers else [np.ones(s.heads) for s in header.layers for _ in range(2)]
     for i in range(header.n_chunks) if index is None else [index]:
         _, _, steps = _decode_chunk_np(blob, header, i)
         offset = 0
@@ -277,8 +328,8 @@ def error_bound(blob: bytes, index: int | None = None) -> list[tuple[np.ndarray,
             if start == stop:
                 continue
             kb, vb = bounds[li]
-            np.maximum(kb, steps[offset : offset + s.heads] * key_factor, out=kb)
-            np.maximum(vb, steps[offset + s.heads : offset + 2 * s.heads] * 0.5, out=vb)
+            np.maximum(kb, steps[offset : offset + s.heads] * widest[2 * li] * key_factor, out=kb)
+            np.maximum(vb, steps[offset + s.heads : offset + 2 * s.heads] * widest[2 * li + 1] * 0.5, out=vb)
             offset += 2 * s.heads
     # float32 arithmetic in the decoder adds a few ulps of the largest value
     return bounds

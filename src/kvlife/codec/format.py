@@ -38,6 +38,7 @@ MAX_SECTION_BYTES = 1 << 30
 DEFAULT_MAX_BYTES = 8 << 30  # decoded K/V + positions a stream may claim unless the caller allows more
 
 FLAG_PRE_ROPE = 1  # keys are coded before RoPE; the decoder re-applies it (rope_theta, rotary_dim)
+FLAG_CHANNEL_STEPS = 2  # the kvlife scheme section carries per-channel step multipliers
 
 _FIXED = struct.Struct("<4sHBBIIHHqdHHI")  # magic .. n_chunks (44 bytes)
 _LAYER = struct.Struct("<HHHHIi")  # batch, kv_heads, head_dim, reserved, tokens, window (-1: none)

@@ -29,6 +29,15 @@ DELTA_GROUP = 10
 MAX_SYMBOL = 1 << 29
 
 
+def multiplier_codes(values: np.ndarray) -> np.ndarray:
+    """uint8 code of per-channel step multipliers: 2 ** ((code - 128) / 8)."""
+    return np.clip(np.rint(np.log2(values) * 8) + 128, 0, 255).astype(np.uint8)
+
+
+def multiplier_values(codes: np.ndarray) -> np.ndarray:
+    return np.exp2((codes.astype(np.float32) - 128) / 8).astype(np.float32)
+
+
 def rope_of(header: Header) -> RopeSpec | None:
     return RopeSpec(header.rope_theta, header.rotary_dim) if header.pre_rope else None
 
@@ -92,7 +101,7 @@ def _est_bits(rms: np.ndarray) -> float:
 
 
 def encode_chunk(
-    header: Header, means, steps, layers_np, positions, index: int, exact_tokens: int, delta: str
+    header: Header, means, steps, layers_np, positions, index: int, exact_tokens: int, delta: str, multipliers=None
 ) -> bytes:
     """The scheme part of chunk `index`: steps, delta flags, codes, exact tokens, entropy section."""
     rope = rope_of(header)
@@ -111,7 +120,8 @@ def encode_chunk(
             body = x[:, first:stop]
             if k == 0 and rope is not None:
                 body = rotate(body.copy(), _head_positions(pos, heads)[:, first:stop], rope, inverse=True)
-            q = np.rint((body - means[2 * li + k].astype(np.float32)[:, None, :]) / step[:, None, None])
+            full_step = step[:, None, None] if multipliers is None else step[:, None, None] * multipliers[2 * li + k][:, None, :]
+            q = np.rint((body - means[2 * li + k].astype(np.float32)[:, None, :]) / full_step)
             if not np.isfinite(q).all() or np.abs(q).max(initial=0) >= MAX_SYMBOL:
                 raise CodecError(f"layer {li}: values too large for the chosen step (non-finite or > 2^29 steps)")
             q = q.astype(np.int32)
@@ -159,7 +169,7 @@ def _from_raw(blob: memoryview, dtype: str, shape: tuple[int, ...]) -> np.ndarra
     return (np.frombuffer(blob, dtype="<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
 
 
-def decode_chunk(header: Header, means, part: memoryview, index: int, exact_tokens: int):
+def decode_chunk(header: Header, means, part: memoryview, index: int, exact_tokens: int, multipliers=None):
     """Per layer (keys, values) float32 [heads, n, dim] of chunk `index` (None where the layer is empty)."""
     rope = rope_of(header)
     present = [li for li in range(len(header.layers)) if header.chunk_span(index, li)[0] < header.chunk_span(index, li)[1]]
@@ -209,7 +219,8 @@ def decode_chunk(header: Header, means, part: memoryview, index: int, exact_toke
         if flags[j]:
             q = _undelta(q)
         step = steps[2 * sum(header.layers[p].heads for p in present[: present.index(li)]) + k * s.heads :][: s.heads]
-        x = q * step[:, None, None] + means[2 * li + k].astype(np.float32)[:, None, :]
+        full_step = step[:, None, None] if multipliers is None else step[:, None, None] * multipliers[2 * li + k][:, None, :]
+        x = q * full_step + means[2 * li + k].astype(np.float32)[:, None, :]
         x = x.astype(np.float32)
         if k == 0 and rope is not None and n:
             rotate(x, _head_positions(header.positions[li], s.heads)[:, first:stop], rope, inverse=False)

@@ -1,0 +1,77 @@
+"""Per-channel importance weights of a model's K/V, measured once per model (an encoder-side profile).
+
+A key error e shifts the attention logit by q . e / sqrt(d): channels where queries carry energy
+need fine steps, channels queries ignore can be coarse. For keys coded before RoPE the weight of
+channel c is E[q_c^2 + q_c'^2] over the rotation pair (c, c') (RoPE rotates q and k by the same
+pair angles, so the pair energy is what survives), summed over the query heads sharing the KV head.
+A value error reaches the residual stream through o_proj, so the weight of value channel c is the
+energy of o_proj's input column c, summed over the query heads of the group.
+
+With weights w the step minimizing the weighted squared error at a given size is proportional to
+1 / sqrt(w) (reverse water-filling at high rate); `encode(..., weights=...)` applies that inside
+each head, keeping the head's geometric-mean step (and so its size) as without weights. The result
+is stored in the stream as per-channel step multipliers, so decoding needs no profile.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvlife.codec.format import CodecError
+
+
+def _attention_modules(model: Any) -> list[Any]:
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
+        raise CodecError("calibration needs a decoder with model.layers[i].self_attn (Llama/Qwen/Mistral style)")
+    attns = [layer.self_attn for layer in layers]
+    if not all(hasattr(a, "q_proj") and hasattr(a, "o_proj") for a in attns):
+        raise CodecError("calibration needs q_proj and o_proj in every attention module")
+    return attns
+
+
+@torch.no_grad()
+def channel_weights(model: Any, input_ids: torch.Tensor, rotary_dim: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer (key weights [kv_heads, head_dim], value weights [kv_heads, head_dim]).
+
+    `input_ids` [1, T]: calibration text (not the text you will encode). `rotary_dim`: pair the key
+    channels as RoPE does (default: the whole head), or 0 to keep channels unpaired (post-RoPE coding).
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rotary_dim = head_dim if rotary_dim is None else rotary_dim
+    attns = _attention_modules(model)
+    energy: dict[int, torch.Tensor] = {}
+
+    def hook(index):
+        def record(module, args, output):
+            q = output.detach().float().reshape(-1, heads, head_dim)
+            energy[index] = q.pow(2).mean(0)  # [heads, head_dim]
+        return record
+
+    handles = [a.q_proj.register_forward_hook(hook(i)) for i, a in enumerate(attns)]
+    try:
+        model(input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    group = heads // kv_heads
+    out = []
+    for index, attn in enumerate(attns):
+        q2 = energy[index].reshape(kv_heads, group, head_dim).sum(1)
+        if rotary_dim:
+            half = rotary_dim // 2
+            pair = q2[:, :half] + q2[:, half:rotary_dim]
+            q2 = q2.clone()
+            q2[:, :half] = pair
+            q2[:, half:rotary_dim] = pair
+        w_o = attn.o_proj.weight.detach().float()  # [hidden, heads * head_dim]
+        col = w_o.pow(2).sum(0).reshape(kv_heads, group, head_dim).sum(1)
+        out.append((q2.numpy().astype(np.float64), col.numpy().astype(np.float64)))
+    return out
