@@ -14,7 +14,9 @@ from kvlife.methods.compress.snapkv import SnapKV
 from kvlife.methods.compress.streamingllm import StreamingLLM
 from kvlife.methods.compress.tova import TOVA
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in [Dense, StreamingLLM, SnapKV, PyramidKV, H2O, TOVA, AdaKV, Kivi]}
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in [Dense, StreamingLLM, SnapKV, PyramidKV, H2O, TOVA, AdaKV, Kivi]
+}
 
 
 def get(name: str) -> type[Method]:

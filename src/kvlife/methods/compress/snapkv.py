@@ -60,6 +60,7 @@ def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str = "avg") ->
 
 def protect_last(scores: torch.Tensor, n: int) -> torch.Tensor:
     """Rank the last `n` cache entries (the newest tokens) above everything, newest first."""
+    n = min(n, scores.shape[-1])
     if n <= 0:
         return scores
     scores = scores.clone()
