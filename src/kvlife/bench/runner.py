@@ -151,10 +151,10 @@ def run(config: BenchConfig, out: Path | None = None, model=None, tokenizer=None
     from kvlife.session import Session
 
     recipe = parse(config.method)  # fail on a bad spec, task or model before writing anything
-    if model is None:
-        models.resolve(config.model)
     config.method = recipe.spec
     tasks = [get_task(name) for name in config.tasks]
+    if model is None:
+        models.resolve(config.model)
     all_samples = [(task, sample) for task in tasks
                    for sample in task.samples(config.profile, config.samples, config.seed)]
     out = Path(out) if out else RESULTS_ROOT / config.run_id()

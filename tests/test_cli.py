@@ -1,0 +1,49 @@
+"""The CLI: one-line errors with a non-zero exit; listings work."""
+
+import subprocess
+import sys
+
+import pytest
+
+from kvlife.cli import main
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "--method", "snapkv(ratio=0.5"], "unbalanced"),
+    (["bench", "--method", "nope"], "unknown method 'nope'"),
+    (["bench", "--tasks", "kv,nope"], "unknown task 'nope'"),
+    (["bench", "--model", "nope"], "unknown model 'nope'"),
+    (["bench", "--model", "smollm2-135m"], "kvlife models pull smollm2-135m"),
+    (["report", "/nonexistent/run"], "not a kvlife run directory"),
+    (["models", "pull"], "name a model"),
+])
+def test_user_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and err.startswith("kvlife: error:")
+
+
+def test_unwritable_out_is_one_line_error(tmp_path, capsys, monkeypatch):
+    from kvlife import models
+
+    monkeypatch.setattr(models, "resolve", lambda name: tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["bench", "--tasks", "kv", "--out", str(blocker / "run")]) == 2
+    assert "cannot write results" in capsys.readouterr().err
+
+
+def test_listings(capsys):
+    assert main(["methods"]) == 0
+    assert "streamingllm" in capsys.readouterr().out
+    assert main(["tasks"]) == 0
+    assert "prefix_suffix" in capsys.readouterr().out
+    assert main(["models"]) == 0
+    assert "qwen2.5-coder-0.5b" in capsys.readouterr().out
+
+
+def test_console_script_exits_2_without_traceback():
+    result = subprocess.run([sys.executable, "-m", "kvlife.cli", "bench", "--method", "bogus(x=1)"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
