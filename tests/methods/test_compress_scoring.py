@@ -253,3 +253,17 @@ def test_adakv_leaves_layer_alone_at_full_budget_and_rolls_back():
     assert isinstance(cache.layers[0], HeadwiseLayer)
     cache.rollback(state)
     assert type(cache.layers[0]) is KVLayer and cache.layers[0].keys is before
+
+
+@pytest.mark.parametrize("scorer", ["pyramidkv", "h2o"])
+def test_adakv_with_other_scorers(scorer):
+    session = Session(tiny_model("qwen2"), ByteTokenizer(), f"adakv(ratio=0.25,scorer={scorer})",
+                      mode="multi-request", prompt_format="plain")
+    session.prefill("abcdefghij " * 20)
+    target = round(0.25 * len(session.context_ids))
+    real = [int((layer.positions != PAD_POSITION).sum()) for layer in session.cache.layers]
+    assert sum(real) == target * KV_HEADS * len(real)
+    if scorer == "pyramidkv":
+        assert all(a > b for a, b in zip(real, real[1:]))
+    else:
+        assert real == [target * KV_HEADS] * len(real)

@@ -99,6 +99,9 @@ class AdaKV(CompressMethod):
             raise SpecError(f"adakv: unknown scorer {self.scorer!r}; valid: {', '.join(SCORERS)}")
         if not 0 <= self.alpha <= 1:
             raise SpecError(f"adakv: alpha must be in [0, 1], got {self.alpha}")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         scorer_cls = SCORERS[self.scorer]
         fields = {item.name for item in dataclasses.fields(scorer_cls)}
         shared = {key: getattr(self, key) for key in ("window_size", "kernel_size", "pooling") if key in fields}
@@ -118,8 +121,7 @@ class AdaKV(CompressMethod):
         n_safe = min(int(self.alpha * per_head), scores.shape[-1])
         if n_safe > 0:
             safe = scores.topk(n_safe, dim=-1).indices
-            floor = torch.full_like(scores, PROTECTED).gather(-1, safe)
-            scores = scores.scatter(-1, safe, torch.maximum(scores.gather(-1, safe), floor))
+            scores = scores.scatter(-1, safe, scores.gather(-1, safe).clamp(min=PROTECTED))
             scores = scores.masked_fill(~real, float("-inf"))  # a short head's padding stays out
         chosen = scores.flatten().topk(total).indices
         keep_mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
