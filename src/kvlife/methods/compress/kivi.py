@@ -56,6 +56,10 @@ class KiviLayer(KVLayer):
     join the residual; once it holds `residual + group_size` tokens, its oldest `group_size`
     tokens are quantized (so between `residual` and `residual + group_size - 1` stay exact).
     Positions are kept exactly. No tensor is modified in place, so checkpoints are references.
+
+    Bytes: with 16-bit scales and groups of 32, each quantized element costs `bits + 1` bits
+    (codes plus its share of the key's and the value's scale and minimum), so the quantized part
+    shrinks 16 / 3 = 5.3x at 2 bits and 16 / 5 = 3.2x at 4 bits, before the residual.
     """
 
     def __init__(self, bits: int = 2, group_size: int = 32, residual: int = 32) -> None:
