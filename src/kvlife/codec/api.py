@@ -137,9 +137,12 @@ def encode_levels(
             raise CodecError(f"invalid RoPE parameters {rope}")
         if any(rope.rotary_dim > s.head_dim for s in shapes):
             raise CodecError(f"rotary_dim {rope.rotary_dim} exceeds a layer's head_dim")
-    means = kvlife_scheme.channel_means(arrays, positions, rope, exact)
-    rms = kvlife_scheme.head_rms(arrays, positions, rope, means, exact)
+    coded = kvlife_scheme.unrope_keys(arrays, positions, rope)
+    means = kvlife_scheme.channel_means(coded, exact)
+    rms = kvlife_scheme.head_rms(coded, means, exact)
     section = b"".join(m.astype("<f2").tobytes() for m in means)
+    # A floor keeps constant heads codable and every symbol below 2^28 in magnitude (|x - mean| <= 2 peak).
+    floors = [max(max((float(np.abs(x).max(initial=0)) for x in pair), default=0.0) * 2.0**-27, 1e-30) for pair in coded]
     multipliers = None
     if weights is not None:
         codes = _weight_codes(weights, shapes, rms)
@@ -154,15 +157,12 @@ def encode_levels(
         for li in range(len(shapes)):
             for k, kind in enumerate("kv"):
                 alpha = spec.alpha(kind, li, len(shapes))
-                head_rms = rms[2 * li + k]
-                # A floor keeps constant heads codable; the cap keeps symbols below 2^29.
-                peak = max((float(np.abs(x).max(initial=0)) for x in arrays[li]), default=0.0)
-                floor = max(peak * 2.0**-27, 1e-30)
-                steps.append(np.maximum(alpha * head_rms, floor))
+                floor = floors[li] if multipliers is None else floors[li] / multipliers[2 * li + k].min(axis=1)
+                steps.append(np.maximum(alpha * rms[2 * li + k], floor))
         level_id = spec.id if LEVELS.get(spec.name) == spec else CUSTOM_LEVEL_ID
         chunks = []
         for index in range(header.n_chunks):
-            body = kvlife_scheme.encode_chunk(header, means, steps, arrays, positions, index, exact, delta, multipliers)
+            body = kvlife_scheme.encode_chunk(header, means, steps, arrays, coded, index, exact, delta, multipliers)
             chunks.append(_PREFIX.pack(level_id, exact if index == 0 else 0, 0) + body)
         out[spec.name] = assemble(header, chunks)
     return out

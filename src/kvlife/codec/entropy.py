@@ -82,53 +82,57 @@ def _uniform(size: int) -> object:
     return constriction.stream.model.Uniform(size)
 
 
-def _group_order(codes: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
-    """Element gather index that puts rows in code order, and each code's (code, element count)."""
+def _groups(codes: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """Row order putting equal codes together, and each code's (code, first row, end row) in it."""
     order = np.argsort(codes, kind="stable")
-    lengths_sorted = lengths[order]
-    total = int(lengths_sorted.sum())
-    offsets = np.cumsum(lengths_sorted) - lengths_sorted
-    index = np.repeat(starts[order] - offsets, lengths_sorted) + np.arange(total, dtype=np.int64)
     sorted_codes = codes[order]
     unique, first = np.unique(sorted_codes, return_index=True)
-    bounds = np.append(offsets[first], total)
-    return index, [(int(c), int(bounds[i]), int(bounds[i + 1])) for i, c in enumerate(unique)]
+    bounds = np.append(first, len(codes))
+    return order, [(int(c), int(bounds[i]), int(bounds[i + 1])) for i, c in enumerate(unique)]
 
 
-def encode(symbols: np.ndarray, codes: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> bytes:
-    """ANS-code int32 `symbols`, laid out as rows (start, length), each row with its sigma code.
+def encode(segments: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """ANS-code integer symbols given as segments (rows [R, n] int32, sigma code per row uint8 [R]).
 
-    Returns the coder's words as bytes; `decode` with the same codes, starts and lengths inverts it.
+    Every row of a segment has the same length; a stream usually has one segment (one per distinct
+    token count when layers differ). Returns bytes that `decode` inverts given the same codes and shapes.
     """
-    index, groups = _group_order(codes, starts, lengths)
-    ordered = symbols[index]
     coder = constriction.stream.stack.AnsCoder()
-    # ANS is a stack: push in the reverse of the decoder's order (groups, then escapes).
-    parts = []
-    escapes = []
-    for code, a, b in groups:
-        t = table(code)
-        values = ordered[a:b]
-        high = values >> t.shift if t.shift else values
-        escaped = np.abs(high) > t.radius
-        idx = (high + t.radius).astype(np.int32)
-        idx[escaped] = 2 * t.radius + 1
-        low = (values[~escaped] & ((1 << t.shift) - 1)).astype(np.int32) if t.shift else None
-        parts.append((t, idx, low))
-        if escaped.any():
-            escapes.append(values[escaped])
+    # ANS is a stack: push in the reverse of the decoder's order (segments and groups, then escapes).
+    parts, escapes = [], []
+    for rows, codes in segments:
+        if rows.size == 0:
+            continue
+        order, groups = _groups(codes)
+        ordered = rows[order]
+        for code, a, b in groups:
+            t = table(code)
+            values = ordered[a:b].reshape(-1)
+            high = values >> t.shift if t.shift else values
+            idx = high + t.radius
+            escaped = None
+            if int(idx.min()) < 0 or int(idx.max()) > 2 * t.radius:
+                escaped = (idx < 0) | (idx > 2 * t.radius)
+                idx = idx.copy()
+                idx[escaped] = 2 * t.radius + 1
+                escapes.append(values[escaped])
+            low = None
+            if t.shift:
+                low = values & ((1 << t.shift) - 1)
+                if escaped is not None:
+                    low = low[~escaped]
+            parts.append((t, idx, low))
     if escapes:
         raw = np.concatenate(escapes).astype(np.int64)
         limit = int(np.abs(raw).max())
         _encode_escapes(coder, raw + limit, 2 * limit + 1)
-        head = np.array([limit], dtype="<u4").tobytes()
     else:
-        head = np.array([0], dtype="<u4").tobytes()
+        limit = 0
     for t, idx, low in reversed(parts):
         if low is not None and low.size:
             coder.encode_reverse(low, _uniform(1 << t.shift))
         coder.encode_reverse(idx, t.model)
-    return head + coder.get_compressed().astype("<u4").tobytes()
+    return np.array([limit], dtype="<u4").tobytes() + coder.get_compressed().astype("<u4").tobytes()
 
 
 def _encode_escapes(coder, unsigned: np.ndarray, size: int) -> None:
@@ -150,40 +154,54 @@ def _decode_escapes(coder, count: int, size: int) -> np.ndarray:
     return (high << 16) | low
 
 
-def decode(blob: bytes | memoryview, codes: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Inverse of `encode`: int32 symbols in row layout."""
+def decode(blob: bytes | memoryview, shapes: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+    """Inverse of `encode`: per segment (codes [R], row length n), the int32 rows [R, n]."""
     if len(blob) < 4 or len(blob) % 4:
         raise CodecError("entropy-coded section has a bad length")
     limit = int(np.frombuffer(blob, dtype="<u4", count=1)[0])
     if limit >= 1 << 30:
         raise CodecError("entropy-coded section has an absurd escape range")
     words = np.frombuffer(blob, dtype="<u4", offset=4).astype(np.uint32)
-    index, groups = _group_order(codes, starts, lengths)
-    ordered = np.empty(index.size, dtype=np.int32)
-    escaped_at = []
+    segments, escape_sites = [], []
     try:
         coder = constriction.stream.stack.AnsCoder(words)
-        for code, a, b in groups:
-            t = table(code)
-            idx = coder.decode(t.model, b - a)
-            escaped = idx == 2 * t.radius + 1
-            high = idx - t.radius
-            if t.shift:
-                low = coder.decode(_uniform(1 << t.shift), int(b - a - escaped.sum()))
-                values = high << t.shift
-                values[~escaped] += low
-            else:
-                values = high
-            ordered[a:b] = values
-            if escaped.any():
-                escaped_at.append(np.flatnonzero(escaped) + a)
-        if escaped_at:
-            where = np.concatenate(escaped_at)
-            ordered[where] = _decode_escapes(coder, where.size, 2 * limit + 1) - limit
+        for si, (codes, n) in enumerate(shapes):
+            ordered = np.empty((len(codes), n), dtype=np.int32)
+            order, groups = _groups(codes) if ordered.size else (np.arange(len(codes)), [])
+            flat = ordered.reshape(-1)
+            for code, a, b in groups:
+                t = table(code)
+                count = (b - a) * n
+                idx = coder.decode(t.model, count)
+                escape = 2 * t.radius + 1
+                escaped = idx == escape if int(idx.max()) == escape else None
+                high = idx - t.radius
+                if t.shift:
+                    kept = count if escaped is None else count - int(escaped.sum())
+                    low = coder.decode(_uniform(1 << t.shift), kept)
+                    high <<= t.shift
+                    if escaped is None:
+                        high += low
+                    else:
+                        high[~escaped] += low
+                flat[a * n : b * n] = high
+                if escaped is not None:
+                    escape_sites.append((si, np.flatnonzero(escaped) + a * n))
+            segments.append((order, ordered))
+        if escape_sites:
+            total = sum(where.size for _, where in escape_sites)
+            values = _decode_escapes(coder, total, 2 * limit + 1) - limit
+            cursor = 0
+            for si, where in escape_sites:
+                segments[si][1].reshape(-1)[where] = values[cursor : cursor + where.size]
+                cursor += where.size
     except CodecError:
         raise
     except Exception as exc:  # constriction raises on words it cannot decode
         raise CodecError(f"entropy-coded section is corrupt: {exc}") from None
-    symbols = np.empty_like(ordered)
-    symbols[index] = ordered
-    return symbols
+    out = []
+    for order, ordered in segments:
+        rows = np.empty_like(ordered)
+        rows[order] = ordered
+        out.append(rows)
+    return out

@@ -26,7 +26,6 @@ from kvlife.codec.format import CodecError, Header
 from kvlife.codec.rope import RopeSpec, rotate
 
 DELTA_GROUP = 10
-MAX_SYMBOL = 1 << 29
 
 
 def multiplier_codes(values: np.ndarray) -> np.ndarray:
@@ -42,35 +41,41 @@ def rope_of(header: Header) -> RopeSpec | None:
     return RopeSpec(header.rope_theta, header.rotary_dim) if header.pre_rope else None
 
 
-def channel_means(layers_np, positions, rope: RopeSpec | None, exact_tokens: int) -> list[np.ndarray]:
+def unrope_keys(layers_np, positions, rope: RopeSpec | None):
+    """Layers with keys rotated back to before RoPE (a copy), or the layers as they are without RoPE."""
+    if rope is None:
+        return layers_np
+    return [
+        (rotate(keys.copy(), _head_positions(pos, keys.shape[0]), rope, inverse=True), values)
+        for (keys, values), pos in zip(layers_np, positions)
+    ]
+
+
+def channel_means(coded_layers, exact_tokens: int) -> list[np.ndarray]:
     """fp16 means per (layer, kind) of shape [heads, head_dim], over tokens after the exact ones."""
     means = []
-    for (keys, values), pos in zip(layers_np, positions):
-        for kind, x in (("k", keys), ("v", values)):
+    for pair in coded_layers:
+        for x in pair:
             body = x[:, exact_tokens:]
             if body.shape[1] == 0:
                 means.append(np.zeros((x.shape[0], x.shape[2]), dtype=np.float16))
                 continue
-            if kind == "k" and rope is not None:
-                body = rotate(body.copy(), _head_positions(pos, x.shape[0])[:, exact_tokens:], rope, inverse=True)
             mean = body.mean(axis=1, dtype=np.float64)
             means.append(np.clip(mean, -65504, 65504).astype(np.float16))
     return means
 
 
-def head_rms(layers_np, positions, rope, means, exact_tokens: int) -> list[np.ndarray]:
+def head_rms(coded_layers, means, exact_tokens: int) -> list[np.ndarray]:
     """RMS per (layer, kind, head) of x - mean over the coded tokens (what level steps scale)."""
     out = []
-    for index, ((keys, values), pos) in enumerate(zip(layers_np, positions)):
-        for k, (kind, x) in enumerate((("k", keys), ("v", values))):
+    for index, pair in enumerate(coded_layers):
+        for k, x in enumerate(pair):
             body = x[:, exact_tokens:]
             if body.shape[1] == 0:
                 out.append(np.ones(x.shape[0]))
                 continue
-            if kind == "k" and rope is not None:
-                body = rotate(body.copy(), _head_positions(pos, x.shape[0])[:, exact_tokens:], rope, inverse=True)
             resid = body - means[2 * index + k].astype(np.float32)[:, None, :]
-            out.append(np.sqrt(np.mean(np.square(resid, dtype=np.float64), axis=(1, 2))))
+            out.append(np.sqrt(np.einsum("htd,htd->h", resid, resid, dtype=np.float64) / (resid.shape[1] * resid.shape[2])))
     return out
 
 
@@ -79,73 +84,91 @@ def _head_positions(pos: np.ndarray, heads: int) -> np.ndarray:
     return np.tile(pos, (heads // pos.shape[0], 1)) if pos.shape[0] != heads else pos
 
 
+def _anchors(n: int) -> np.ndarray:
+    return np.repeat(np.arange(0, n, DELTA_GROUP), DELTA_GROUP)[:n]
+
+
 def _delta(q: np.ndarray) -> np.ndarray:
     """Anchor deltas along tokens (axis 1): each token minus the first token of its group of 10."""
-    n = q.shape[1]
-    anchors = np.repeat(np.arange(0, n, DELTA_GROUP), DELTA_GROUP)[:n]
-    out = q - q[:, anchors]
+    out = q - q[:, _anchors(q.shape[1])]
     out[:, ::DELTA_GROUP] = q[:, ::DELTA_GROUP]
     return out
 
 
 def _undelta(d: np.ndarray) -> np.ndarray:
-    n = d.shape[1]
-    anchors = np.repeat(np.arange(0, n, DELTA_GROUP), DELTA_GROUP)[:n]
-    out = d + d[:, anchors]
+    out = d + d[:, _anchors(d.shape[1])]
     out[:, ::DELTA_GROUP] = d[:, ::DELTA_GROUP]
     return out
 
 
-def _est_bits(rms: np.ndarray) -> float:
+def _est_bits(q: np.ndarray) -> float:
+    """Estimated size of symbols [heads, n, dim]: sum over channels of log2 RMS (Gaussian model)."""
+    rms = np.sqrt(np.einsum("htd,htd->hd", q, q) / max(q.shape[1], 1))
     return float(np.log2(np.maximum(rms, 0.3)).sum())
 
 
-def encode_chunk(
-    header: Header, means, steps, layers_np, positions, index: int, exact_tokens: int, delta: str, multipliers=None
-) -> bytes:
-    """The scheme part of chunk `index`: steps, delta flags, codes, exact tokens, entropy section."""
-    rope = rope_of(header)
-    step_parts, flag_parts, code_parts, exact_parts, rows = [], [], [], [], []
-    for li, ((keys, values), pos) in enumerate(zip(layers_np, positions)):
+def _layout(header: Header, index: int, exact_tokens: int):
+    """Present layers of chunk `index` as (layer, start, first coded token, stop), and segment plan:
+    {row length n: total rows} in order of first appearance."""
+    present, plan = [], {}
+    for li, s in enumerate(header.layers):
         start, stop = header.chunk_span(index, li)
         if start == stop:
             continue
-        first = max(start, exact_tokens) if index == 0 else start
-        for k, x in enumerate((keys, values)):
+        first = min(max(start, exact_tokens), stop) if index == 0 else start
+        present.append((li, start, first, stop))
+        plan[stop - first] = plan.get(stop - first, 0) + 2 * s.heads * s.head_dim
+    return present, plan
+
+
+def encode_chunk(
+    header: Header, means, steps, layers_np, coded_layers, index: int, exact_tokens: int, delta: str,
+    multipliers=None,
+) -> bytes:
+    """The scheme part of chunk `index`: steps, delta flags, codes, exact tokens, entropy section.
+
+    `layers_np` are the original layers (exact tokens come from them), `coded_layers` the same with
+    keys before RoPE when the stream codes them so (`unrope_keys`).
+    """
+    present, plan = _layout(header, index, exact_tokens)
+    matrices = {n: np.empty((rows, n), dtype=np.int32) for n, rows in plan.items()}
+    code_mats = {n: np.empty(rows, dtype=np.uint8) for n, rows in plan.items()}
+    filled = dict.fromkeys(plan, 0)
+    step_parts, flag_parts, code_parts, exact_parts = [], [], [], []
+    for li, start, first, stop in present:
+        n = stop - first
+        for k in range(2):
+            x = coded_layers[li][k]
             heads, _, dim = x.shape
             step = steps[2 * li + k].astype(np.float32)
             step_parts.append(step)
-            if index == 0 and first > start:
-                exact_parts.append(np.ascontiguousarray(x[:, start:first]))
-            body = x[:, first:stop]
-            if k == 0 and rope is not None:
-                body = rotate(body.copy(), _head_positions(pos, heads)[:, first:stop], rope, inverse=True)
-            full_step = step[:, None, None] if multipliers is None else step[:, None, None] * multipliers[2 * li + k][:, None, :]
-            q = np.rint((body - means[2 * li + k].astype(np.float32)[:, None, :]) / full_step)
-            if not np.isfinite(q).all() or np.abs(q).max(initial=0) >= MAX_SYMBOL:
-                raise CodecError(f"layer {li}: values too large for the chosen step (non-finite or > 2^29 steps)")
-            q = q.astype(np.int32)
+            if first > start:
+                exact_parts.append(np.ascontiguousarray(layers_np[li][k][:, start:first]))
+            inverse = 1.0 / step[:, None, None]
+            if multipliers is not None:
+                inverse = inverse / multipliers[2 * li + k][:, None, :]
+            q = x[:, first:stop] - means[2 * li + k].astype(np.float32)[:, None, :]
+            q *= inverse
+            np.rint(q, out=q)
             use_delta = False
-            if delta == "auto" and q.shape[1] > DELTA_GROUP:
-                d = _delta(q)
-                rms_q = np.sqrt(np.mean(np.square(q, dtype=np.float64), axis=1))
-                rms_d = np.sqrt(np.mean(np.square(d, dtype=np.float64), axis=1))
-                if _est_bits(rms_d) < _est_bits(rms_q) - 0.01 * rms_q.size:
-                    q, use_delta = d, True
+            if delta == "auto" and n > 2 * DELTA_GROUP:
+                sample = q[:, : 6 * DELTA_GROUP]
+                if _est_bits(_delta(sample)) < _est_bits(sample) - 0.01 * heads * dim:
+                    q, use_delta = _delta(q), True
             flag_parts.append(1 if use_delta else 0)
-            channel_major = np.ascontiguousarray(q.transpose(0, 2, 1)).reshape(heads * dim, -1)
-            rms = np.sqrt(np.mean(np.square(channel_major, dtype=np.float64), axis=1)) if q.shape[1] else np.zeros(heads * dim)
-            code_parts.append(entropy.sigma_codes(rms))
-            rows.append(channel_major)
-    codes = np.concatenate(code_parts) if code_parts else np.zeros(0, np.uint8)
-    lengths = np.concatenate([np.full(r.shape[0], r.shape[1], dtype=np.int64) for r in rows]) if rows else np.zeros(0, np.int64)
-    starts = np.cumsum(lengths) - lengths
-    symbols = np.concatenate([r.reshape(-1) for r in rows]) if rows else np.zeros(0, np.int32)
-    coded = entropy.encode(symbols, codes, starts, lengths)
+            rms = np.sqrt(np.einsum("htd,htd->hd", q, q) / max(n, 1)).reshape(-1)
+            codes = entropy.sigma_codes(rms)
+            code_parts.append(codes)
+            row = filled[n]
+            if n:
+                matrices[n][row : row + heads * dim].reshape(heads, dim, n)[...] = q.transpose(0, 2, 1)
+            code_mats[n][row : row + heads * dim] = codes
+            filled[n] = row + heads * dim
+    coded = entropy.encode([(matrices[n], code_mats[n]) for n in plan])
     out = bytearray()
     out += (np.concatenate(step_parts) if step_parts else np.zeros(0, np.float32)).astype("<f4").tobytes()
     out += bytes(flag_parts)
-    out += codes.tobytes()
+    out += (np.concatenate(code_parts) if code_parts else np.zeros(0, np.uint8)).tobytes()
     for part in exact_parts:
         out += _raw(part, header.dtype)
     out += coded
@@ -170,11 +193,11 @@ def _from_raw(blob: memoryview, dtype: str, shape: tuple[int, ...]) -> np.ndarra
 
 
 def decode_chunk(header: Header, means, part: memoryview, index: int, exact_tokens: int, multipliers=None):
-    """Per layer (keys, values) float32 [heads, n, dim] of chunk `index` (None where the layer is empty)."""
+    """Per present layer (keys, values) float32 [heads, n, dim] of chunk `index`, and the chunk's steps."""
     rope = rope_of(header)
-    present = [li for li in range(len(header.layers)) if header.chunk_span(index, li)[0] < header.chunk_span(index, li)[1]]
-    n_steps = sum(2 * header.layers[li].heads for li in present)
-    n_codes = sum(2 * header.layers[li].heads * header.layers[li].head_dim for li in present)
+    present, plan = _layout(header, index, exact_tokens)
+    n_steps = sum(2 * header.layers[li].heads for li, *_ in present)
+    n_codes = sum(plan.values())
     offset = 0
 
     def take(size: int) -> memoryview:
@@ -192,39 +215,45 @@ def decode_chunk(header: Header, means, part: memoryview, index: int, exact_toke
     if (flags > 1).any():
         raise CodecError(f"chunk {index} has invalid delta flags")
     codes = np.frombuffer(take(n_codes), dtype=np.uint8)
-    exact, bodies = {}, []
-    item = 2 if header.dtype != "float32" else 4
-    for li in present:
-        start, stop = header.chunk_span(index, li)
-        first = max(start, exact_tokens) if index == 0 else start
-        first = min(first, stop)
+    exact = {}
+    item = 4 if header.dtype == "float32" else 2
+    for li, start, first, _ in present:
         s = header.layers[li]
         for k in range(2):
             if first > start:
                 shape = (s.heads, first - start, s.head_dim)
-                exact[(li, k)] = _from_raw(take(item * int(np.prod(shape))), header.dtype, shape)
-            bodies.append((li, k, first, stop))
-    lengths = np.concatenate(
-        [np.full(header.layers[li].heads * header.layers[li].head_dim, stop - first, dtype=np.int64) for li, _, first, stop in bodies]
-    ) if bodies else np.zeros(0, np.int64)
-    starts = np.cumsum(lengths) - lengths
-    symbols = entropy.decode(part[offset:], codes, starts, lengths)
-    out: dict[int, list] = {}
+                exact[(li, k)] = _from_raw(take(item * s.heads * (first - start) * s.head_dim), header.dtype, shape)
+    # codes are stored in block order; the entropy segments group blocks by row length
+    code_mats = {n: [] for n in plan}
     cursor = 0
-    for j, (li, k, first, stop) in enumerate(bodies):
-        s = header.layers[li]
-        n = stop - first
-        q = symbols[cursor : cursor + s.heads * s.head_dim * n].reshape(s.heads, s.head_dim, n).transpose(0, 2, 1)
-        cursor += s.heads * s.head_dim * n
-        if flags[j]:
-            q = _undelta(q)
-        step = steps[2 * sum(header.layers[p].heads for p in present[: present.index(li)]) + k * s.heads :][: s.heads]
-        full_step = step[:, None, None] if multipliers is None else step[:, None, None] * multipliers[2 * li + k][:, None, :]
-        x = q * full_step + means[2 * li + k].astype(np.float32)[:, None, :]
-        x = x.astype(np.float32)
-        if k == 0 and rope is not None and n:
-            rotate(x, _head_positions(header.positions[li], s.heads)[:, first:stop], rope, inverse=False)
-        if (li, k) in exact:
-            x = np.concatenate([exact[(li, k)], x], axis=1)
-        out.setdefault(li, []).append(x)
-    return {li: (kv[0], kv[1]) for li, kv in out.items()}, steps
+    for li, _, first, stop in present:
+        size = 2 * header.layers[li].heads * header.layers[li].head_dim
+        code_mats[stop - first].append(codes[cursor : cursor + size])
+        cursor += size
+    segments = entropy.decode(part[offset:], [(np.concatenate(code_mats[n]), n) for n in plan])
+    matrices = dict(zip(plan, segments))
+    filled = dict.fromkeys(plan, 0)
+    out, step_at = {}, 0
+    for j, (li, _, first, stop) in enumerate(present):
+        s, n = header.layers[li], stop - first
+        pair = []
+        for k in range(2):
+            rows = filled[n]
+            q = matrices[n][rows : rows + s.heads * s.head_dim].reshape(s.heads, s.head_dim, n).transpose(0, 2, 1)
+            filled[n] = rows + s.heads * s.head_dim
+            if flags[2 * j + k]:
+                q = _undelta(q)
+            step = steps[step_at : step_at + s.heads][:, None, None]
+            step_at += s.heads
+            if multipliers is not None:
+                step = step * multipliers[2 * li + k][:, None, :]
+            x = np.empty((s.heads, n, s.head_dim), dtype=np.float32)
+            np.multiply(q, step, out=x, casting="unsafe")
+            x += means[2 * li + k].astype(np.float32)[:, None, :]
+            if k == 0 and rope is not None and n:
+                rotate(x, _head_positions(header.positions[li], s.heads)[:, first:stop], rope, inverse=False)
+            if (li, k) in exact:
+                x = np.concatenate([exact[(li, k)], x], axis=1)
+            pair.append(x)
+        out[li] = tuple(pair)
+    return out, steps
