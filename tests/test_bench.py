@@ -36,6 +36,13 @@ def test_items_recall_gives_partial_credit():
     assert score.items_recall("abcde and fghij", "ABCDE, FGHIJ") == 1.0
 
 
+def test_items_f1_penalizes_extra_names():
+    assert score.items_f1("ABCDE, FGHIJ", "ABCDE, FGHIJ") == 1.0
+    assert score.items_f1("FGHIJ", "ABCDE, FGHIJ") == pytest.approx(2 / 3)
+    assert score.items_f1("ABCDE, FGHIJ, KLMNO, PQRST", "ABCDE, FGHIJ") == pytest.approx(2 / 3)
+    assert score.items_f1("no names here", "ABCDE, FGHIJ") == 0.0
+
+
 def test_first_number():
     assert score.first_number("The largest number is 1,234.", "1234") == 1.0
     assert score.first_number("12 or 34", "34") == 0.0

@@ -53,3 +53,18 @@ _ALNUM_RUN = re.compile(r"[A-Za-z0-9]+")
 def alnum_exact(prediction: str, reference: str) -> float:
     """1 if the reference is one of the prediction's alphanumeric runs, case-sensitive (codes)."""
     return 1.0 if reference in _ALNUM_RUN.findall(prediction) else 0.0
+
+
+def items_f1(prediction: str, reference: str, pattern: str = r"\b[A-Z]{5}\b") -> float:
+    """F1 between the reference's comma-separated items and the items the prediction names.
+
+    The prediction's items are the matches of `pattern` (the task's name shape), so listing every
+    name in sight is not rewarded: precision counts as much as recall.
+    """
+    wanted = {item.strip() for item in reference.split(",") if item.strip()}
+    named = set(re.findall(pattern, prediction))
+    hits = len(wanted & named)
+    if not wanted or not hits:
+        return 0.0
+    precision, recall = hits / len(named), hits / len(wanted)
+    return 2 * precision * recall / (precision + recall)

@@ -2,8 +2,9 @@
 
 Chains such as `VAR QWERT = 41233.` then `VAR ASDFG = VAR QWERT.` are hidden in filler; each turn
 asks for every variable that ends up holding one value. How it differs from SCBench: sizes (the
-`scbench` profile uses SCBench's ~120K-token filler and more hops); scoring is the fraction of the
-chain's variables named, without SCBench's per-character loop.
+`scbench` profile uses SCBench's ~120K-token filler and more hops); scoring is the F1 between the
+chain's variables and the five-letter names the answer gives (so listing every name is not
+rewarded), without SCBench's per-character loop.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import random
 import string
 
-from kvlife.bench.score import items_recall
+from kvlife.bench.score import items_f1
 from kvlife.bench.tasks.base import Sample, Task, Turn, chars_for_tokens, hide_in_filler, register
 
 
@@ -28,7 +29,7 @@ class MultiHop(Task):
     name = "multihop"
     group = "string retrieval"
     description = "Track variables assigned along a chain and name all that hold a given value."
-    differs_from_scbench = "smaller default (few chains, 1-2 hops); recall scoring over the chain's names"
+    differs_from_scbench = "smaller default (few chains, 1 hop); F1 over the names given"
     profiles = {
         "default": {"samples": 8, "chains": 3, "hops": 1, "context_tokens": 1500},
         "scbench": {"samples": 100, "chains": 5, "hops": 4, "context_tokens": 120000},
@@ -56,4 +57,4 @@ class MultiHop(Task):
         return Sample(f"multihop-{index}", self.name, context, turn_list, max_new_tokens=12 * (hops + 1))
 
     def score(self, prediction: str, reference: str) -> float:
-        return items_recall(prediction, reference)
+        return items_f1(prediction, reference)
