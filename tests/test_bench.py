@@ -175,3 +175,17 @@ def test_summarize_per_turn():
     summary = summarize(rows)
     assert summary["tasks"]["kv"]["per_turn"] == {"1": 1.0, "2": 0.0}
     assert summary["tasks"]["kv"]["all_turns"] == 0.5 and summary["overall"]["turn1"] == 1.0
+
+
+def test_html_report_has_table_and_plots(tmp_path, small_profile):
+    from kvlife.bench.report import write_html
+
+    model = tiny_model()
+    runs = [_run(tmp_path, model, out=tmp_path / "dense"),
+            _run(tmp_path, model, method="streamingllm(n_local=8)", out=tmp_path / "stream"),
+            _run(tmp_path, model, mode="multi-request", out=tmp_path / "dense-mr")]
+    page = write_html(runs, tmp_path / "report.html").read_text()
+    assert "<table id='scores'>" in page and page.count("<tr") > 6
+    for name in ("turns", "bytes", "modes"):
+        assert f"id='plot-{name}'" in page
+    assert page.count("data:image/png;base64,") == 3

@@ -1,0 +1,169 @@
+"""`kvlife report RUN_DIR [...] --out report.html`: one self-contained HTML page.
+
+Sections: a score table (task x turn for each run, with the run's average), turn curves (score
+against turn index, one line per recipe and mode: SCBench's plot of decay over turns), accuracy
+against cache bytes (the trade-off), multi-turn against multi-request for the same recipe, and
+each run's configuration and versions. Plots are PNGs (matplotlib, Agg) embedded as base64.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from kvlife.bench.summary import write_summary
+from kvlife.errors import ResultsError
+
+
+def load_runs(run_dirs: list[Path]) -> list[dict[str, Any]]:
+    runs = []
+    for run_dir in run_dirs:
+        if not (run_dir / "predictions.jsonl").is_file():
+            raise ResultsError(f"{run_dir} is not a kvlife run directory (no predictions.jsonl)")
+        summary = write_summary(run_dir)
+        config = json.loads((run_dir / "config.json").read_text())
+        runs.append({"dir": run_dir, "summary": summary, "config": config, "identity": config.get("identity", {})})
+    return runs
+
+
+def _label(run: dict[str, Any]) -> str:
+    identity = run["identity"]
+    return f"{identity.get('method', '?')} · {identity.get('mode', '?')}"
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _plots(runs: list[dict[str, Any]]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = {}
+    # turn curves: mean over tasks of the per-turn score
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for run in runs:
+        per_turn: dict[int, list[float]] = {}
+        for stats in run["summary"]["tasks"].values():
+            for turn, value in stats["per_turn"].items():
+                if value is not None:
+                    per_turn.setdefault(int(turn), []).append(value)
+        turns = sorted(per_turn)
+        ax.plot(turns, [sum(per_turn[t]) / len(per_turn[t]) for t in turns], marker="o", label=_label(run))
+    ax.set_xlabel("turn")
+    ax.set_ylabel("score (mean over tasks)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Score by turn")
+    ax.legend(fontsize=7)
+    plots["turns"] = _png(fig)
+    plt.close(fig)
+
+    # accuracy against cache bytes
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for run in runs:
+        overall = run["summary"]["overall"]
+        if overall["cache_bytes"] and overall["all_turns"] is not None:
+            ax.scatter([overall["cache_bytes"] / 2**20], [overall["all_turns"]], label=_label(run))
+    ax.set_xlabel("K/V cache held (MiB, mean over turns)")
+    ax.set_ylabel("score (all turns)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Accuracy against cache size")
+    ax.legend(fontsize=7)
+    plots["bytes"] = _png(fig)
+    plt.close(fig)
+
+    # multi-turn against multi-request per recipe
+    by_method: dict[str, dict[str, float]] = {}
+    for run in runs:
+        identity = run["identity"]
+        value = run["summary"]["overall"]["all_turns"]
+        if value is not None:
+            by_method.setdefault(identity.get("method", "?"), {})[identity.get("mode", "?")] = value
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    methods = sorted(by_method)
+    width = 0.38
+    for offset, mode in ((-width / 2, "multi-turn"), (width / 2, "multi-request")):
+        ax.bar([i + offset for i in range(len(methods))], [by_method[m].get(mode, 0.0) for m in methods],
+               width=width, label=mode)
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels(methods, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("score (all turns)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Multi-turn against multi-request")
+    ax.legend(fontsize=7)
+    plots["modes"] = _png(fig)
+    plt.close(fig)
+    return plots
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2f}" if isinstance(value, float) else html.escape(str(value))
+
+
+def _score_table(runs: list[dict[str, Any]]) -> str:
+    max_turn = max((int(t) for run in runs for stats in run["summary"]["tasks"].values()
+                    for t in stats["per_turn"]), default=0)
+    head = "".join(f"<th>turn {t}</th>" for t in range(1, max_turn + 1))
+    rows = []
+    for run in runs:
+        for task, stats in run["summary"]["tasks"].items():
+            cells = "".join(f"<td>{_fmt(stats['per_turn'].get(str(t)))}</td>" for t in range(1, max_turn + 1))
+            mib = stats["cache_bytes"] / 2**20 if stats["cache_bytes"] else None
+            rows.append(f"<tr><td>{html.escape(_label(run))}</td><td>{html.escape(task)}</td>{cells}"
+                        f"<td>{_fmt(stats['all_turns'])}</td><td>{_fmt(stats['reference_nll'])}</td>"
+                        f"<td>{_fmt(stats['dense_agreement'])}</td><td>{_fmt(mib)}</td></tr>")
+        overall = run["summary"]["overall"]
+        rows.append(f"<tr class='avg'><td>{html.escape(_label(run))}</td><td>average</td>"
+                    f"{'<td></td>' * max_turn}<td>{_fmt(overall['all_turns'])}</td>"
+                    f"<td>{_fmt(overall['reference_nll'])}</td><td>{_fmt(overall['dense_agreement'])}</td><td></td></tr>")
+    return (f"<table id='scores'><thead><tr><th>run</th><th>task</th>{head}<th>all</th><th>NLL</th>"
+            f"<th>=dense</th><th>KV MiB</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def write_html(run_dirs: list[Path], out: Path) -> Path:
+    runs = load_runs(run_dirs)
+    plots = _plots(runs)
+    figures = "".join(
+        f"<figure id='plot-{name}'><img alt='{name}' src='data:image/png;base64,{data}'></figure>"
+        for name, data in plots.items()
+    )
+    configs = "".join(
+        f"<details><summary>{html.escape(run['dir'].name)}</summary><pre>"
+        f"{html.escape(json.dumps(run['config'], indent=2))}</pre></details>"
+        for run in runs
+    )
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>kvlife report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; font-size: 13px; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
+td:first-child, td:nth-child(2) {{ text-align: left; }}
+tr.avg {{ font-weight: bold; background: #f4f4f4; }}
+figure {{ display: inline-block; margin: 1em; }}
+</style></head><body>
+<h1>kvlife report</h1>
+<h2>Scores by task and turn</h2>
+{_score_table(runs)}
+<h2>Plots</h2>
+{figures}
+<h2>Configurations</h2>
+{configs}
+</body></html>
+"""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(page)
+    except OSError as exc:
+        raise ResultsError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
+    return out
