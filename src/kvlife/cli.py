@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from kvlife.codec import cli as codec_cli
 
-        codec_cli.add_parser(sub)
+        codec_cli.add_parser(sub).set_defaults(func=codec_cli.run)
     except ImportError:
         pass
     return parser
