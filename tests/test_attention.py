@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from tiny import tiny_model
 
 from kvlife.attention import AttnCall, StepContext, dense_attention, reference_attention
 from kvlife.cache import KVCache
+from tiny import tiny_model
 
 KINDS = ["llama", "qwen2", "gemma3"]
 

@@ -3,13 +3,13 @@
 import json
 
 import pytest
-from tiny import ByteTokenizer, tiny_model
 
 from kvlife.bench import runner, score
 from kvlife.bench.runner import BenchConfig
 from kvlife.bench.summary import summarize
 from kvlife.bench.tasks import TASKS, get_task
 from kvlife.errors import ResultsError, TaskError
+from tiny import ByteTokenizer, tiny_model
 
 # ---- scorers -------------------------------------------------------------------------------------
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from tiny import ByteTokenizer, tiny_model
 
 from kvlife.session import Session
+from tiny import ByteTokenizer, tiny_model
 
 CONTEXT = "the quick brown fox jumps over the lazy dog and keeps running far away. " * 2
 
