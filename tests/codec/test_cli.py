@@ -38,3 +38,18 @@ def test_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and "magic" in err and err.count("\n") == 1
     assert main(["codec", "decode", str(tmp_path / "missing.kvc"), "-o", str(tmp_path / "x")]) == 2
+
+
+def test_encode_with_weights_profile(tmp_path):
+    import numpy as np
+
+    from kvlife.codec.calibrate import save_weights
+
+    layers = [(k, v, torch.arange(k.shape[2]).expand(k.shape[1], -1)) for k, v, _ in real_like_layers(tokens=40)]
+    KVCache.from_tensors(layers).save(tmp_path / "c.safetensors")
+    save_weights(tmp_path / "w.npz", [(np.ones((2, 16)), np.linspace(0.1, 2, 32).reshape(2, 16)) for _ in layers])
+    assert main(["codec", "encode", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "c.kvc"),
+                 "--weights", str(tmp_path / "w.npz")]) == 0
+    (tmp_path / "bad.npz").write_bytes(b"junk")
+    assert main(["codec", "encode", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "c.kvc"),
+                 "--weights", str(tmp_path / "bad.npz")]) == 2

@@ -75,3 +75,34 @@ def channel_weights(model: Any, input_ids: torch.Tensor, rotary_dim: int | None 
         col = w_o.pow(2).sum(0).reshape(kv_heads, group, head_dim).sum(1)
         out.append((q2.numpy().astype(np.float64), col.numpy().astype(np.float64)))
     return out
+
+
+def save_weights(path, weights: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Write a profile as .npz (plain arrays; loaded with allow_pickle=False)."""
+    arrays = {}
+    for index, (keys, values) in enumerate(weights):
+        arrays[f"k{index}"], arrays[f"v{index}"] = np.asarray(keys), np.asarray(values)
+    with open(path, "wb") as handle:
+        np.savez(handle, layers=np.array(len(weights)), **arrays)
+
+
+def load_weights(path) -> list[tuple[np.ndarray, np.ndarray]]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return [(data[f"k{i}"], data[f"v{i}"]) for i in range(int(data["layers"]))]
+    except (OSError, KeyError, ValueError) as exc:
+        raise CodecError(f"{path} is not a codec weights profile (.npz from `kvlife codec calibrate`): {exc}") from None
+
+
+@torch.no_grad()
+def calibrate_model_dir(model_dir, text: str, tokens: int = 2048) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Load a Hugging Face model directory and measure its channel weights on `text`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvlife.codec.rope import rope_from_config
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
+    rope = rope_from_config(model.config)
+    return channel_weights(model, ids, rotary_dim=rope.rotary_dim if rope else 0)

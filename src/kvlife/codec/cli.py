@@ -2,8 +2,10 @@
 
     kvlife codec encode cache.safetensors -o cache.kvc [--level balanced] [--scheme kvlife]
                         [--model-dir DIR | --rope-theta 1e6 --rotary-dim 64] [--chunk-tokens 256]
+                        [--weights weights.npz]
     kvlife codec decode cache.kvc -o cache.safetensors
     kvlife codec inspect cache.kvc [--chunks]
+    kvlife codec calibrate --model-dir DIR -o weights.npz [--text FILE]   (once per model)
 
 The main CLI calls `add_parser(subparsers)` and, for the parsed arguments, `run(args)`.
 """
@@ -15,6 +17,7 @@ import json
 from pathlib import Path
 
 from kvlife.codec.api import BASELINES, decode, encode, encode_baseline, inspect
+from kvlife.codec.calibrate import calibrate_model_dir, load_weights, save_weights
 from kvlife.codec.format import CodecError
 from kvlife.codec.levels import DEFAULT_LEVEL, LEVELS
 from kvlife.codec.rope import RopeSpec, rope_from_config
@@ -34,6 +37,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     enc.add_argument("--rope-theta", type=float, help="RoPE base, to code keys pre-RoPE without a model dir")
     enc.add_argument("--rotary-dim", type=int, help="dims RoPE rotates (default: head_dim)")
     enc.add_argument("--delta", default="auto", choices=("auto", "off"))
+    enc.add_argument("--weights", type=Path, help="channel weights profile (.npz from `kvlife codec calibrate`)")
+
+    cal = actions.add_parser("calibrate", help="measure a model's K/V channel weights once (an encoder profile)")
+    cal.add_argument("--model-dir", type=Path, required=True, help="Hugging Face model directory")
+    cal.add_argument("--text", type=Path, default=Path("/usr/share/common-licenses/LGPL-2.1"),
+                     help="calibration text (not the text you will encode)")
+    cal.add_argument("--tokens", type=int, default=2048)
+    cal.add_argument("-o", "--output", type=Path, required=True)
 
     dec = actions.add_parser("decode", help="decode a stream back to a cache file")
     dec.add_argument("stream", type=Path)
@@ -79,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
         del metadata
         if args.scheme == "kvlife":
             head_dim = min(k.shape[-1] for k, _, _ in cache.to_tensors())
+            weights = load_weights(args.weights) if args.weights else None
             blob = encode(cache, level=args.level, chunk_tokens=args.chunk_tokens, rope=_rope(args, head_dim),
-                          delta=args.delta)
+                          delta=args.delta, weights=weights)
         else:
             blob = encode_baseline(args.scheme, cache, chunk_tokens=args.chunk_tokens)
         _write(args.output, blob)
@@ -88,6 +100,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.output}: {info['total_bytes']} bytes, {info['bits_per_element']:.3f} bits/element, "
               f"{16 / info['bits_per_element']:.2f}x smaller than fp16 ({info['scheme']}"
               f"{', ' + args.level if args.scheme == 'kvlife' else ''}, {info['chunks']} chunks)")
+        return 0
+    if args.codec_action == "calibrate":
+        if not args.text.is_file():
+            raise CodecError(f"no calibration text at {args.text}")
+        weights = calibrate_model_dir(args.model_dir, args.text.read_text(errors="replace"), args.tokens)
+        save_weights(args.output, weights)
+        print(f"{args.output}: channel weights of {len(weights)} layers")
         return 0
     if args.codec_action == "decode":
         cache = decode(_read(args.stream))
