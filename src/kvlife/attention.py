@@ -10,6 +10,8 @@ what lets evicted caches keep their original positions.
 Phases: "prefill" is the first prefill of a context (the recipe's prefill method runs and, when
 asked, its compress method afterwards); "extend" is a later prefill on top of the cache (dense);
 "decode" covers generated tokens and teacher-forced scoring (the recipe's load method runs).
+A load method may also define `observe(call)`: it is then shown every prefill and extend call
+(after its attention, before compression), e.g. to index the context with the prefill's queries.
 """
 
 from __future__ import annotations
@@ -233,6 +235,8 @@ def kvlife_attention(
         elif kvlife.phase == "decode":
             method = recipe.load
     output = method.attend(call) if method is not None else dense_attention(call)
+    if recipe is not None and kvlife.phase != "decode" and hasattr(recipe.load, "observe"):
+        recipe.load.observe(call)  # load methods that index the prefill (retrieval_attention)
     if kvlife.compress and recipe is not None and recipe.compress is not None:
         recipe.compress.compress_layer(call, layer)
     return output.transpose(1, 2).contiguous(), None

@@ -13,6 +13,7 @@ as transformers' own dynamic cache does; `update` still returns the window plus 
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,9 @@ class KVLayer(CacheLayerMixin):
         self.next_position = 0
         # Positions of the keys returned by the last `update` (what the attention call sees).
         self.attn_positions: torch.Tensor | None = None
+        # The keys tensor the last `update` extended (a weak reference): lets load methods tell
+        # whether the cache grew from a state they have seen (incremental metadata) or was cut back.
+        self.grown_from: weakref.ref | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -70,6 +74,7 @@ class KVLayer(CacheLayerMixin):
             self.next_position, self.next_position + n_new, device=key_states.device
         ).expand(key_states.shape[1], n_new)
         keys, values = self.dense_kv()
+        self.grown_from = weakref.ref(keys)
         keys = torch.cat([keys, key_states], dim=-2)
         values = torch.cat([values, value_states], dim=-2)
         positions = torch.cat([self.positions, new_positions], dim=-1)

@@ -13,9 +13,12 @@ from kvlife.methods.compress.pyramidkv import PyramidKV
 from kvlife.methods.compress.snapkv import SnapKV
 from kvlife.methods.compress.streamingllm import StreamingLLM
 from kvlife.methods.compress.tova import TOVA
+from kvlife.methods.load.quest import Quest
+from kvlife.methods.load.retrieval_attention import RetrievalAttention
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in [Dense, StreamingLLM, SnapKV, PyramidKV, H2O, TOVA, AdaKV, Kivi]
+    cls.name: cls for cls in [Dense, StreamingLLM, SnapKV, PyramidKV, H2O, TOVA, AdaKV, Kivi,
+                             Quest, RetrievalAttention]
 }
 
 
