@@ -1,0 +1,74 @@
+"""many_shot: in-context learning from many labelled examples (SCBench's ICL.ManyShot).
+
+The context lists ~100+ labelled examples of a classification whose labels are arbitrary words:
+each category of things (fruits, animals, tools, ...) is mapped, per sample, to a random label
+("orbit", "candle", ...), so the mapping can only be learned from the examples. Each turn gives
+a new item, not among the examples, to label. Scored exactly on the label.
+
+How it differs from SCBench: SCBench's many-shot tasks are real classification datasets (its
+contexts ~22K tokens); here the task is generated, exact, and cannot be answered from prior
+knowledge. The `scbench` profile uses SCBench's length and more categories.
+"""
+
+from __future__ import annotations
+
+from kvlife.bench.score import contains_exact
+from kvlife.bench.tasks.base import Sample, Task, Turn, register
+
+CATEGORIES = {
+    "fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "pear", "plum", "orange", "melon",
+              "apricot", "kiwi", "lime", "papaya", "fig", "coconut", "pineapple", "raspberry", "strawberry"],
+    "animal": ["lion", "tiger", "zebra", "giraffe", "elephant", "wolf", "fox", "bear", "rabbit", "deer",
+               "monkey", "kangaroo", "camel", "horse", "donkey", "squirrel", "otter", "badger", "leopard", "moose"],
+    "tool": ["hammer", "screwdriver", "wrench", "saw", "drill", "chisel", "pliers", "shovel", "rake", "axe",
+             "file", "spanner", "crowbar", "trowel", "sander", "mallet", "level", "clamp", "awl", "plane"],
+    "vehicle": ["car", "bus", "truck", "bicycle", "motorcycle", "train", "tram", "van", "scooter", "tractor",
+                "taxi", "ambulance", "lorry", "jeep", "minibus", "limousine", "wagon", "sedan", "coach", "moped"],
+    "colour": ["red", "blue", "green", "yellow", "purple", "pink", "brown", "black", "white", "grey", "violet",
+               "indigo", "turquoise", "magenta", "beige", "maroon", "crimson", "navy", "olive", "teal"],
+    "instrument": ["piano", "violin", "guitar", "flute", "drum", "trumpet", "cello", "harp", "saxophone",
+                   "clarinet", "oboe", "banjo", "tuba", "trombone", "ukulele", "accordion", "harmonica",
+                   "xylophone", "mandolin", "bagpipes"],
+    "body part": ["hand", "foot", "elbow", "knee", "shoulder", "ankle", "wrist", "finger", "nose", "ear", "chin",
+                  "forehead", "neck", "thumb", "toe", "cheek", "hip", "heel", "eyebrow", "lip"],
+    "furniture": ["chair", "table", "sofa", "bed", "wardrobe", "desk", "bookcase", "stool", "bench", "dresser",
+                  "cupboard", "armchair", "cabinet", "couch", "shelf", "ottoman", "crib", "sideboard", "hammock",
+                  "futon"],
+}
+LABELS = ["orbit", "candle", "velvet", "meadow", "quartz", "ripple", "lantern", "thistle", "marble", "falcon",
+          "cobalt", "ember"]
+
+
+@register
+class ManyShot(Task):
+    name = "many_shot"
+    group = "global information"
+    description = "Learn an arbitrary category-to-label mapping from ~100+ examples and label new items."
+    differs_from_scbench = "generated label-mapping classification instead of real datasets"
+    profiles = {
+        "default": {"samples": 8, "categories": 4, "examples": 120, "turns": 4, "held_out": 5},
+        "scbench": {"samples": 54, "categories": 8, "examples": 2400, "turns": 5, "held_out": 5},
+    }
+
+    def make_sample(self, rng, index, categories, examples, turns, held_out):
+        chosen = rng.sample(sorted(CATEGORIES), categories)
+        labels = dict(zip(chosen, rng.sample(LABELS, categories)))
+        seen, unseen = {}, []
+        for category in chosen:
+            items = list(CATEGORIES[category])
+            rng.shuffle(items)
+            unseen += [(item, category) for item in items[:held_out]]
+            seen[category] = items[held_out:]
+        lines = []
+        for _ in range(examples):
+            category = rng.choice(chosen)
+            lines.append(f"Item: {rng.choice(seen[category])}\nLabel: {labels[category]}")
+        context = ("Each item below is given a label. Learn how items are labelled from these examples.\n\n"
+                   + "\n\n".join(lines))
+        asked = rng.sample(unseen, min(turns, len(unseen)))
+        turn_list = [Turn(f"Item: {item}\nWhat is its label? Answer with the label only.", labels[category])
+                     for item, category in asked]
+        return Sample(f"many_shot-{index}", self.name, context, turn_list, max_new_tokens=6)
+
+    def score(self, prediction: str, reference: str) -> float:
+        return contains_exact(prediction, reference)
