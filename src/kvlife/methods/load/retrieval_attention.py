@@ -45,9 +45,9 @@ class RetrievalAttention(LoadMethod):
     its query from the index, attends exactly over them and over the resident sinks and window,
     and merges the two parts with their log-sum-exp (exact for the union of the two key sets).
 
-    Decode queries are distributed unlike keys, so the index is attention-aware: its lists are cut
-    in query space by k-means of the prefill's queries (see `ivf.py`; the paper builds a graph
-    from the same query-key relation). The index is built once per context, at the first decode
+    Decode queries are distributed unlike keys, so the index is attention-aware: an IVF whose
+    lists are cut by k-means under the metric the prefill's queries induce on keys (see `ivf.py`;
+    the paper builds a graph from the same query-key relation), probed by each list's mean score. The index is built once per context, at the first decode
     step, and reused while the cache still descends from that context (multi-turn turns and
     multi-request rollbacks keep it; a new context or a compressed cache rebuilds it). Tokens after
     the context (queries, answers, generated tokens) stay in the exact part. Sliding-window layers
@@ -60,8 +60,9 @@ class RetrievalAttention(LoadMethod):
         ratio (None): top_k as a fraction of the context tokens instead (overrides top_k).
         nlist (0): lists per index; 0 picks one list per ~64 middle keys (at least 16).
         scan (0.25): fraction of the lists each query searches (the index's nprobe).
-        train_queries (4096): prefill queries sampled per KV head to train the lists.
-        centroids ("queries"): train the lists on the prefill's queries, or "keys" (a plain IVF).
+        train_queries (4096): prefill queries sampled per KV head to shape the lists.
+        partition ("queries"): cut the lists under the metric of the prefill's queries, or
+            "keys" (plain k-means on the keys, for comparison).
         measure_recall (False): record per layer the recall of the true top-k middle keys and the
             share of the true attention mass attended (costs a dense pass; for benchmarks).
     """
@@ -77,7 +78,7 @@ class RetrievalAttention(LoadMethod):
     nlist: int = 0
     scan: float = 0.25
     train_queries: int = 4096
-    centroids: str = "queries"
+    partition: str = "queries"
     measure_recall: bool = False
 
     def __post_init__(self) -> None:
@@ -96,8 +97,8 @@ class RetrievalAttention(LoadMethod):
             raise SpecError(f"retrieval_attention: scan must be in (0, 1], got {self.scan}")
         if self.train_queries < 1:
             raise SpecError(f"retrieval_attention: train_queries must be >= 1, got {self.train_queries}")
-        if self.centroids not in ("queries", "keys"):
-            raise SpecError(f"retrieval_attention: centroids must be queries or keys, got {self.centroids!r}")
+        if self.partition not in ("queries", "keys"):
+            raise SpecError(f"retrieval_attention: partition must be queries or keys, got {self.partition!r}")
 
     # ---- which slots are where --------------------------------------------------------------
 
@@ -149,8 +150,8 @@ class RetrievalAttention(LoadMethod):
         heads = []
         for head in range(call.key.shape[1]):
             keys = call.key[0, head, lo:hi]
-            train = state.queries[head] if self.centroids == "queries" and state.queries is not None else keys
-            heads.append(AttentionIVF(keys, train, nlist, self.scan, seed=call.layer_idx * 131 + head))
+            queries = state.queries[head] if self.partition == "queries" and state.queries is not None else None
+            heads.append(AttentionIVF(keys, queries, nlist, self.scan, seed=call.layer_idx * 131 + head))
         return heads
 
     # ---- attention --------------------------------------------------------------------------
