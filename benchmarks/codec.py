@@ -29,12 +29,16 @@ from pathlib import Path
 import torch
 
 from kvlife.cache import KVCache
-from kvlife.codec import BASELINES, LEVELS, decode_layers, encode, encode_baseline, inspect, rope_from_config
+from kvlife.codec import LEVELS, decode_layers, encode, encode_baseline, inspect, rope_from_config
+from kvlife.codec.baselines import LMCACHE_LEVELS
+from kvlife.codec.calibrate import channel_weights
 
 DEFAULT_MODEL = Path.home() / ".cache/kvlife/models/qwen2.5-coder-0.5b/hf"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TEXTS = [STDLIB / "argparse.py", Path("/usr/share/common-licenses/GPL-3"), STDLIB / "difflib.py",
-         Path("/usr/share/common-licenses/Apache-2.0"), STDLIB / "textwrap.py"]
+         Path("/usr/share/common-licenses/GPL-2"), STDLIB / "textwrap.py", STDLIB / "typing.py"]
+# The weights profile is measured on a text that is none of the evaluation contexts.
+CALIBRATION_TEXT = Path("/usr/share/common-licenses/LGPL-2.1")
 RESULTS = Path(__file__).parent / "results" / "codec.json"
 
 
@@ -98,14 +102,11 @@ def timed(fn, repeats: int):
     return result, statistics.median(times)
 
 
-def measure(model, items, scheme: str, level: str, rope, repeats: int, chunk_tokens: int) -> dict:
+def measure(model, items, scheme: str, level: str, encoder, repeats: int) -> dict:
     nlls, refs, agrees, kls, bits, elements, enc_s, dec_s, fp16_bytes = [], [], [], [], 0, 0, 0.0, 0.0, 0
     for item in items:
         torch.set_num_threads(1)
-        if scheme == "kvlife":
-            blob, t_enc = timed(lambda x=item["layers"]: encode(x, level=level, chunk_tokens=chunk_tokens, rope=rope), repeats)
-        else:
-            blob, t_enc = timed(lambda x=item["layers"]: encode_baseline(scheme, x, chunk_tokens=chunk_tokens), repeats)
+        blob, t_enc = timed(lambda x=item["layers"]: encoder(x), repeats)
         decoded, t_dec = timed(lambda b=blob: decode_layers(b), repeats)
         torch.set_num_threads(2)
         info = inspect(blob)
@@ -137,11 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--contexts", type=int, default=4)
     parser.add_argument("--context-tokens", type=int, default=2048)
-    parser.add_argument("--continuation-tokens", type=int, default=256)
+    parser.add_argument("--continuation-tokens", type=int, default=512)
     parser.add_argument("--chunk-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--levels", default=",".join(LEVELS))
-    parser.add_argument("--schemes", default=",".join(("kvlife", *BASELINES)))
+    parser.add_argument("--schemes", default="kvlife,kvlife-noprofile,fp16,int8,int8+zstd,lmcache",
+                        help="kvlife uses a weights profile measured on a held-out text; kvlife-noprofile does not")
     parser.add_argument("--no-rope", action="store_true", help="code keys post-RoPE (for comparison)")
     parser.add_argument("--prepared", type=Path, help="reuse (or write) prepared caches at this path")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -158,12 +160,29 @@ def main(argv: list[str] | None = None) -> int:
         items = prepare(model, tokenizer, args.contexts, args.context_tokens, args.continuation_tokens)
         if args.prepared:
             torch.save(items, args.prepared)
+    weights = None
+    if "kvlife" in args.schemes.split(","):
+        calibration = tokenizer(CALIBRATION_TEXT.read_text(), return_tensors="pt").input_ids[:, : args.context_tokens]
+        weights = channel_weights(model, calibration, rotary_dim=rope.rotary_dim if rope else 0)
     rows = []
     for scheme in args.schemes.split(","):
-        for level in args.levels.split(",") if scheme == "kvlife" else ["-"]:
-            row = measure(model, items, scheme, level, rope, args.repeats, args.chunk_tokens)
+        if scheme.startswith("kvlife"):
+            levels = args.levels.split(",")
+        else:
+            levels = list(LMCACHE_LEVELS) if scheme == "lmcache" else ["-"]
+        for level in levels:
+            if scheme == "kvlife":
+                def encoder(x, level=level):
+                    return encode(x, level=level, chunk_tokens=args.chunk_tokens, rope=rope, weights=weights)
+            elif scheme == "kvlife-noprofile":
+                def encoder(x, level=level):
+                    return encode(x, level=level, chunk_tokens=args.chunk_tokens, rope=rope)
+            else:
+                def encoder(x, scheme=scheme, level=level):
+                    return encode_baseline(scheme, x, args.chunk_tokens, "default" if level == "-" else level)
+            row = measure(model, items, scheme, level, encoder, args.repeats)
             rows.append(row)
-            print(f"  {scheme:10s} {level:13s} {row['bits_per_element']:7.3f} b/el  ppl {row['ppl_increase_pct']:+7.2f}%  "
+            print(f"  {scheme:16s} {level:13s} {row['bits_per_element']:7.3f} b/el  ppl {row['ppl_increase_pct']:+7.2f}%  "
                   f"agree {row['token_agreement']:.3f}  KL {row['kl_per_token']:.4f}  "
                   f"enc {row['encode_mb_s']:6.1f}  dec {row['decode_mb_s']:6.1f} MB/s", flush=True)
     int8 = next((r for r in rows if r["scheme"] == "int8"), None)
@@ -179,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "continuation_tokens": args.continuation_tokens,
         "chunk_tokens": args.chunk_tokens,
         "keys_pre_rope": rope is not None,
+        "calibration_text": CALIBRATION_TEXT.name,
         "rows": rows,
         "notes": NOTES,
     }
@@ -200,10 +220,10 @@ def _cpu_name() -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'scheme':10s} {'level':13s} {'bits/el':>8s} {'vs fp16':>8s} {'vs int8':>8s} {'ppl +%':>8s} "
+    print(f"\n{'scheme':16s} {'level':13s} {'bits/el':>8s} {'vs fp16':>8s} {'vs int8':>8s} {'ppl +%':>8s} "
           f"{'agree':>6s} {'enc MB/s':>9s} {'dec MB/s':>9s}")
     for r in rows:
-        print(f"{r['scheme']:10s} {r['level']:13s} {r['bits_per_element']:8.3f} {r['ratio_vs_fp16']:8.2f} "
+        print(f"{r['scheme']:16s} {r['level']:13s} {r['bits_per_element']:8.3f} {r['ratio_vs_fp16']:8.2f} "
               f"{r['ratio_vs_int8'] or 0:8.2f} {r['ppl_increase_pct']:8.2f} {r['token_agreement']:6.3f} "
               f"{r['encode_mb_s']:9.1f} {r['decode_mb_s']:9.1f}")
 

@@ -74,7 +74,8 @@ def _collect(cache_or_layers: KVCache | Layers):
         arrays.append(tuple(t.detach().to("cpu", torch.float32).reshape(batch * heads, tokens, dim).numpy() for t in (keys, values)))
         positions.append(pos.detach().to("cpu", torch.int64).numpy())
         for x in arrays[-1]:
-            if x.size and not np.isfinite(x).all():
+            # max/min propagate NaN and show infinities without allocating a mask
+            if x.size and not (np.isfinite(x.max()) and np.isfinite(x.min())):
                 raise CodecError(f"layer {index}: the cache holds NaN or infinite values, which no scheme encodes")
     if len(dtypes) > 1:
         raise CodecError(f"all layers must share one dtype, got {sorted(dtypes)}")
@@ -141,8 +142,10 @@ def encode_levels(
     means = kvlife_scheme.channel_means(coded, exact)
     rms = kvlife_scheme.head_rms(coded, means, exact)
     section = b"".join(m.astype("<f2").tobytes() for m in means)
-    # A floor keeps constant heads codable and every symbol below 2^28 in magnitude (|x - mean| <= 2 peak).
-    floors = [max(max((float(np.abs(x).max(initial=0)) for x in pair), default=0.0) * 2.0**-27, 1e-30) for pair in coded]
+    # |x - mean| <= 2 sqrt(2) peak (un-rotation grows a component by up to sqrt(2)), so this floor keeps
+    # every symbol below 2^28 in magnitude; it only binds on (near-)constant heads.
+    floors = [max(max((max(float(x.max(initial=0)), -float(x.min(initial=0))) for x in pair), default=0.0) * 2.0**-26, 1e-30)
+              for pair in arrays]
     multipliers = None
     if weights is not None:
         codes = _weight_codes(weights, shapes, rms)
@@ -198,13 +201,21 @@ def _weight_codes(weights, shapes: list[LayerShape], rms) -> list[np.ndarray]:
     return [kvlife_scheme.multiplier_codes(m) for m in out]
 
 
-def encode_baseline(name: str, cache_or_layers: KVCache | Layers, chunk_tokens: int = 256) -> bytes:
-    """Encode with a baseline scheme: "fp16", "int8", "int8+zstd" or "lmcache" (see `baselines`)."""
+def encode_baseline(
+    name: str, cache_or_layers: KVCache | Layers, chunk_tokens: int = 256, level: str = "default"
+) -> bytes:
+    """Encode with a baseline scheme: "fp16", "int8", "int8+zstd" or "lmcache" (see `baselines`).
+
+    `level` applies to lmcache only: "default" (LMCache's bins), "fine" (x2 bins) or "coarse" (/2).
+    """
     if name not in BASELINES:
         raise CodecError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
+    if level not in baselines.LMCACHE_LEVELS or (name != "lmcache" and level != "default"):
+        raise CodecError(f"unknown level {level!r} for baseline {name}")
     arrays, positions, shapes, dtype, next_position = _collect(cache_or_layers)
     check_shapes(shapes, chunk_tokens)
-    header = _new_header(name, dtype, chunk_tokens, shapes, next_position, positions, None, b"")
+    section = baselines.pack_bins(*baselines.lmcache_bins(len(shapes), level)) if name == "lmcache" else b""
+    header = _new_header(name, dtype, chunk_tokens, shapes, next_position, positions, None, section)
     chunks = []
     for index in range(header.n_chunks):
         if name == "lmcache":

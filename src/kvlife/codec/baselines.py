@@ -8,6 +8,8 @@
   first 10/32 of the layers and values of the first 2/32, 16 bins elsewhere, no delta coding, and a
   probability table per (layer, K/V, channel) and chunk: (bins+1) x 16-bit CDF, as LMCache sends it.
   Symbols are ANS-coded (constriction) with exactly those tables, one call per channel as LMCache does.
+  Levels "fine" (twice the bins) and "coarse" (half) trace LMCache's size/quality curve around it;
+  the bins are stored in the header.
 """
 
 from __future__ import annotations
@@ -18,13 +20,31 @@ import zstandard
 
 from kvlife.codec.format import CodecError, Header
 
+LMCACHE_LEVELS = {"default": 1, "fine": 2, "coarse": 0.5}  # bins multiplier; "default" is LMCache's own
 
-def lmcache_bins(n_layers: int) -> tuple[list[int], list[int]]:
+
+def lmcache_bins(n_layers: int, level: str = "default") -> tuple[list[int], list[int]]:
+    """Bins per layer for keys and values: LMCache's settings (scaled by the level's multiplier)."""
+    factor = LMCACHE_LEVELS[level]
     key_first = round(n_layers * 10 / 32)
     value_first = max(1, round(n_layers * 2 / 32))
-    keys = [32 if i < key_first else 16 for i in range(n_layers)]
-    values = [32 if i < value_first else 16 for i in range(n_layers)]
+    keys = [int((32 if i < key_first else 16) * factor) for i in range(n_layers)]
+    values = [int((32 if i < value_first else 16) * factor) for i in range(n_layers)]
     return keys, values
+
+
+def pack_bins(key_bins: list[int], value_bins: list[int]) -> bytes:
+    return np.array([b for pair in zip(key_bins, value_bins) for b in pair], dtype="<u2").tobytes()
+
+
+def unpack_bins(header: Header) -> tuple[list[int], list[int]]:
+    n = len(header.layers)
+    if len(header.scheme_section) != 4 * n:
+        raise CodecError("the lmcache scheme section has the wrong size")
+    bins = np.frombuffer(header.scheme_section, dtype="<u2").reshape(n, 2)
+    if (bins < 4).any() or (bins > 4096).any():
+        raise CodecError("the lmcache scheme section has invalid bin counts")
+    return [int(b) for b in bins[:, 0]], [int(b) for b in bins[:, 1]]
 
 
 def _present(header: Header, index: int):
@@ -99,7 +119,7 @@ def decode_chunk_raw(header: Header, part: memoryview, index: int):
 # ---- lmcache ---------------------------------------------------------------------------------------
 
 def encode_chunk_lmcache(header: Header, layers_np, index: int) -> bytes:
-    key_bins, value_bins = lmcache_bins(len(header.layers))
+    key_bins, value_bins = unpack_bins(header)
     scales, tables, coder = bytearray(), bytearray(), constriction.stream.stack.AnsCoder()
     calls = []
     for li, start, stop in _present(header, index):
@@ -131,7 +151,7 @@ def _cdf_model(cdf: np.ndarray):
 
 
 def decode_chunk_lmcache(header: Header, part: memoryview, index: int):
-    key_bins, value_bins = lmcache_bins(len(header.layers))
+    key_bins, value_bins = unpack_bins(header)
     take = _Take(part, index)
     present = list(_present(header, index))
     scales = {}

@@ -71,11 +71,16 @@ def head_rms(coded_layers, means, exact_tokens: int) -> list[np.ndarray]:
     for index, pair in enumerate(coded_layers):
         for k, x in enumerate(pair):
             body = x[:, exact_tokens:]
-            if body.shape[1] == 0:
+            n = body.shape[1]
+            if n == 0:
                 out.append(np.ones(x.shape[0]))
                 continue
-            resid = body - means[2 * index + k].astype(np.float32)[:, None, :]
-            out.append(np.sqrt(np.einsum("htd,htd->h", resid, resid, dtype=np.float64) / (resid.shape[1] * resid.shape[2])))
+            mean = means[2 * index + k].astype(np.float64)
+            # sum_t (x - m)^2 = sum x^2 - 2 m sum x + n m^2, per channel, without a centred copy
+            squares = np.einsum("htd,htd->hd", body, body, dtype=np.float64)
+            sums = body.sum(axis=1, dtype=np.float64)
+            per_channel = np.maximum(squares - 2 * mean * sums + n * mean * mean, 0.0)
+            out.append(np.sqrt(per_channel.sum(axis=1) / (n * x.shape[2])))
     return out
 
 

@@ -2,9 +2,13 @@
 
 A level sets the quantization step of every (layer, K/V, head) as a multiple of that head's RMS
 (after the channel means are removed; keys before RoPE when the RoPE is known): `alpha_k` for keys,
-`alpha_v` for values, finer by `early_factor` in the first `early_fraction` of the layers (CacheGen's
-observation: early layers matter more). The first `exact_tokens` tokens (the attention sink) are
-kept exact. Each chunk stores its level id *and* the steps it used, so a stream stays decodable
+`alpha_v` for values (values tolerate coarser steps: their errors average over the attended tokens),
+optionally finer by `early_factor` in the first `early_fraction` of the layers (CacheGen's layer
+groups; on Qwen2.5-Coder-0.5B finer early layers bought less quality per bit than a finer step
+everywhere, so the presets do not use it). The first `exact_tokens` tokens (the attention sink)
+are kept exact: dropping that on Qwen2.5 multiplied the continuation's KL divergence by 5.
+The presets were tuned with a weights profile (`calibrate.channel_weights`); without one the same
+level is about as large and of lower quality. Each chunk stores its level id *and* the steps it used, so a stream stays decodable
 whatever these presets become; the ids below are part of the format (docs/codec-format.md).
 
 The error bound of a level is per element: |decoded - original| <= step / 2 for values and for
@@ -38,10 +42,11 @@ LEVELS: dict[str, Level] = {
     level.name: level
     for level in (
         Level("lossless-ish", 0, alpha_k=0.01, alpha_v=0.01),
-        Level("high", 1, alpha_k=0.15, alpha_v=0.15, early_fraction=0.1, early_factor=0.5),
-        Level("balanced", 2, alpha_k=0.5, alpha_v=0.5, early_fraction=0.1, early_factor=0.5),
-        Level("compact", 3, alpha_k=0.8, alpha_v=0.8, early_fraction=0.1, early_factor=0.5),
-        Level("aggressive", 4, alpha_k=1.2, alpha_v=1.2, early_fraction=0.1, early_factor=0.5),
+        Level("high", 1, alpha_k=0.5, alpha_v=0.7),
+        Level("balanced", 2, alpha_k=0.8, alpha_v=1.1),
+        Level("compact", 3, alpha_k=1.0, alpha_v=1.5),
+        Level("aggressive", 4, alpha_k=1.3, alpha_v=1.8),
+        Level("extreme", 5, alpha_k=1.7, alpha_v=2.4),
     )
 }
 LEVEL_NAMES = {level.id: level.name for level in LEVELS.values()}
