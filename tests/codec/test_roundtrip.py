@@ -147,3 +147,10 @@ def test_channel_weights_shift_precision_and_keep_bound():
     wv = weights[1][1][0]
     err = (decoded[1][1][0, 0] - layers[1][1][0, 0]).abs().mean(0)
     assert err[wv.argmax()] < err[wv.argmin()]
+
+
+def test_batch_with_rope_and_weights():
+    layers = random_layers(n_layers=2, batch=2, heads=2, tokens=33, dim=16, dtype=torch.bfloat16)
+    weights = [(np.ones((2, 16)), np.ones((2, 16))) for _ in layers]
+    blob = encode(layers, level="high", rope=ROPE, weights=weights, chunk_tokens=8)
+    assert_within_bound(layers, decode_layers(blob), error_bound(blob))
