@@ -137,6 +137,8 @@ class Session:
         recompress: bool = False,
         prompt_format: str = "chat",
         system_prompt: str | None = None,
+        store: Any = None,
+        store_salt: str = "",
     ) -> None:
         if mode not in MODES:
             raise KvlifeError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
@@ -155,6 +157,13 @@ class Session:
         self.pending_answer: str | None = None
         self.turn = 0
         self.prefill_result: TurnResult | None = None
+        self.loaded = False  # the context cache came from load(): turn 1 of multi-turn adds only the query
+        # store= (a KVStore or tier URLs, see kvlife.store): prefills reuse the longest stored prefix
+        self.store = None
+        if store is not None:
+            from kvlife.store.prefix import PrefixStore
+
+            self.store = PrefixStore(store, salt=store_salt)
 
     # ---- low level ---------------------------------------------------------------------------
 
@@ -176,6 +185,12 @@ class Session:
         self.last_stats = step.stats
         return out.logits[0].float()
 
+    def _prefill(self, ids: list[int], compress: bool):
+        """The first prefill of a context: through the store when one is given."""
+        if self.store is not None:
+            return self.store.prefill(self, ids, compress)
+        return self.forward(ids, phase="prefill", compress=compress)
+
     def new_cache(self) -> KVCache:
         return KVCache.for_model(self.model)
 
@@ -196,12 +211,13 @@ class Session:
         self.pending_answer = None
         self.raw_context_ids = self.format.context_ids(context)
         self.prefill_result = None
+        self.loaded = False
         if self.mode == "multi-turn":
             self.context_ids = self.raw_context_ids
             return None
         self.context_ids = self._compress_prompt(self.raw_context_ids, None)
         started = time.perf_counter()
-        self.forward(self.context_ids, phase="prefill", compress=self.recipe.compress is not None)
+        self._prefill(self.context_ids, compress=self.recipe.compress is not None)
         elapsed = time.perf_counter() - started
         self.context_checkpoint = self.cache.checkpoint()
         self.prefill_result = TurnResult("", [], len(self.context_ids), elapsed, elapsed, None, 0,
@@ -221,6 +237,8 @@ class Session:
         if self.mode == "multi-request":
             self.cache.rollback(self.context_checkpoint)
             ids, phase, compress = query_ids, "extend", False
+        elif self.turn == 0 and self.loaded:
+            ids, phase, compress = query_ids, "extend", False
         elif self.turn == 0:
             self.context_ids = self._compress_prompt(self.raw_context_ids, query)
             ids, phase, compress = self.context_ids + query_ids, "prefill", self.recipe.compress is not None
@@ -229,7 +247,10 @@ class Session:
             ids = self.format.answer_ids(answer) + query_ids
             phase, compress = "extend", self.recompress and self.recipe.compress is not None
         started = time.perf_counter()
-        logits = self.forward(ids, phase=phase, compress=compress)
+        if phase == "prefill":
+            logits = self._prefill(ids, compress)
+        else:
+            logits = self.forward(ids, phase=phase, compress=compress)
         prefill_s = time.perf_counter() - started
         stats = dict(self.last_stats)
         cache_bytes, cache_tokens = self.cache.bytes(), self._mean_held()
@@ -288,3 +309,24 @@ class Session:
             raise KvlifeError("nothing to save: call prefill(context) first")
         meta = {"recipe": self.recipe.spec, "context_ids": self.context_ids, **(metadata or {})}
         self.cache.save(path, meta)
+
+    def load(self, path: str) -> dict[str, Any]:
+        """Restore a context cache written by `save` (same recipe); ask() then continues on it.
+
+        Returns the file's metadata. Multi-request cuts back to the loaded cache after each query;
+        multi-turn appends turn 1's query to it.
+        """
+        meta_cache, metadata = KVCache.load(path, device=self.device)
+        if metadata.get("recipe", self.recipe.spec) != self.recipe.spec:
+            raise KvlifeError(f"{path} was saved with recipe {metadata.get('recipe')!r}, this session uses "
+                              f"{self.recipe.spec!r}; load it with the same recipe")
+        expected = KVCache.for_model(self.model)
+        if len(meta_cache.layers) != len(expected.layers):
+            raise KvlifeError(f"{path} holds {len(meta_cache.layers)} layers, the model has {len(expected.layers)}")
+        self.cache = meta_cache
+        self.context_ids = list(metadata.get("context_ids", []))
+        self.raw_context_ids = self.context_ids
+        self.turn, self.pending_answer, self.prefill_result = 0, None, None
+        self.context_checkpoint = self.cache.checkpoint()
+        self.loaded = True
+        return metadata

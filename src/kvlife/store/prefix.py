@@ -1,0 +1,125 @@
+"""Prefix reuse for a Session: look up the longest stored prefix, prefill only the rest, store new chunks.
+
+Semantics (what is reusable): only caches made by a dense prefill without compression are stored
+and reused. A sparse prefill method (its keys depend on what the prefill attended to), a compress
+method (the prefix cache depends on the whole prefill and, in multi-turn, on the query), a load
+method that indexes the prefill (`observe`, e.g. retrieval_attention) and sliding-window layers
+(they keep only the last window, so a prefix is not a slice of the cache) all prefill as usual;
+the session logs once that the store is not used and why. Load methods that only act at decode
+(quest) reuse the dense prefix, so `dense` and `quest` runs share their stored prefills. The key's
+recipe part is therefore "dense-prefill" for every stored chunk.
+
+Positions: a hit of k chunks holds tokens 0..k*C-1 at positions 0..k*C-1; the rest of the prompt is
+prefilled at k*C onwards, exactly as in one full prefill. At least one token is always prefilled
+(the lookup covers all but the last token) because the caller needs its logits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from kvlife.store.chunks import concat_layers, decode_chunk, encode_chunk, slice_layers
+from kvlife.store.keys import Namespace, chunk_keys, model_fingerprint
+from kvlife.store.tiers import KVStore, open_store
+
+log = logging.getLogger("kvlife.store")
+STORED_RECIPE = "dense-prefill"
+
+
+def reuse_blocker(recipe: Any, compress: bool, cache: Any) -> str | None:
+    """Why this prefill's cache cannot come from (or go to) the store, or None if it can."""
+    prefill = getattr(recipe, "prefill", None)
+    if prefill is not None and prefill.name != "dense":
+        return f"prefill method {prefill.spec()} shapes the prefix cache"
+    if compress:
+        return f"compress method {recipe.compress.spec()} changes the prefix cache"
+    load = getattr(recipe, "load", None)
+    if load is not None and hasattr(load, "observe"):
+        return f"load method {load.spec()} indexes the prefill as it runs"
+    if any(getattr(layer, "sliding_window", None) for layer in cache.layers):
+        return "the model has sliding-window layers"
+    return None
+
+
+class PrefixStore:
+    """What a Session holds when given `store=`: the store, its namespace, and the reuse logic."""
+
+    def __init__(self, store: KVStore | str, salt: str = "", encoding: str | None = None,
+                 chunk_size: int | None = None) -> None:
+        if isinstance(store, str):
+            store = open_store(store, encoding=encoding or "raw", chunk_size=chunk_size or 256)
+        self.store = store
+        self.salt = salt
+        self.namespace: Namespace | None = None
+        self.rope = None
+        self.noted: set[str] = set()
+
+    def _namespace(self, model: Any) -> Namespace:
+        if self.namespace is None:
+            dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+            self.namespace = Namespace(model_fingerprint(model), dtype, STORED_RECIPE, self.store.encoding,
+                                       self.store.chunk_size, self.salt)
+            if self.store.encoding.startswith("kvlife:"):
+                from kvlife.codec import rope_from_config
+
+                self.rope = rope_from_config(model.config)
+        return self.namespace
+
+    @torch.no_grad()
+    def prefill(self, session: Any, ids: list[int], compress: bool) -> torch.Tensor:
+        """Fill `session.cache` (empty) with the prefill of `ids`; returns the logits of the last token."""
+        blocker = reuse_blocker(session.recipe, compress, session.cache)
+        if blocker is not None:
+            if blocker not in self.noted:
+                self.noted.add(blocker)
+                log.info("kvlife store: not used for recipe %s: %s", session.recipe.spec, blocker)
+            return session.forward(ids, phase="prefill", compress=compress)
+        size = self.store.chunk_size
+        keys = chunk_keys(ids, self._namespace(session.model))
+        started = time.perf_counter()
+        payloads = self.store.fetch_prefix(keys[: (len(ids) - 1) // size])
+        fetched = time.perf_counter()
+        hit = 0
+        if payloads:
+            try:
+                layers = concat_layers([decode_chunk(p) for p in payloads])
+                self._fill(session.cache, layers, session.device)
+                hit = len(payloads)
+            except Exception as exc:  # a chunk that decodes to the wrong shapes: recompute, never serve it
+                log.warning("kvlife store: stored prefix does not fit this model (%s); recomputing", exc)
+                session.cache = session.new_cache()
+        loaded = time.perf_counter()
+        logits = session.forward(ids[hit * size:], phase="prefill", compress=False)
+        computed = time.perf_counter()
+        put_bytes = self._put_new(session.cache, keys, hit, len(ids))
+        session.last_stats = {**session.last_stats, "store_hit_tokens": hit * size,
+                              "store_fetch_s": round(fetched - started, 5), "store_load_s": round(loaded - fetched, 5),
+                              "store_prefill_s": round(computed - loaded, 5),
+                              "store_put_s": round(time.perf_counter() - computed, 5), "store_put_bytes": put_bytes}
+        return logits
+
+    @staticmethod
+    def _fill(cache: Any, layers: list, device: torch.device) -> None:
+        if len(layers) != len(cache.layers):
+            raise ValueError(f"{len(layers)} stored layers, the model has {len(cache.layers)}")
+        for layer, (keys, values, positions) in zip(cache.layers, layers):
+            keys, values = keys.to(device), values.to(device)
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values, layer.positions = keys, values, positions.to(device, torch.long)
+            layer.next_position = int(positions.shape[-1])
+
+    def _put_new(self, cache: Any, keys: list[str], hit: int, n_tokens: int) -> int:
+        if hit >= len(keys):
+            return 0
+        layers = cache.to_tensors()
+        if any(p.shape[-1] != n_tokens for _, _, p in layers):
+            return 0  # the cache is not the plain prefill of these tokens: store nothing
+        size, stored = self.store.chunk_size, 0
+        for index in range(hit, len(keys)):
+            part = slice_layers(layers, index * size, (index + 1) * size)
+            stored += self.store.put(keys[index], encode_chunk(part, self.store.encoding, self.rope))
+        return stored
