@@ -15,10 +15,11 @@ from kvlife.methods.compress.streamingllm import StreamingLLM
 from kvlife.methods.compress.tova import TOVA
 from kvlife.methods.load.quest import Quest
 from kvlife.methods.load.retrieval_attention import RetrievalAttention
+from kvlife.methods.prompt.lingua import Lingua
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in [Dense, StreamingLLM, SnapKV, PyramidKV, H2O, TOVA, AdaKV, Kivi,
-                             Quest, RetrievalAttention]
+                             Quest, RetrievalAttention, Lingua]
 }
 
 
