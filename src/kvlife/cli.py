@@ -29,16 +29,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASKS)
     modes = ["multi-turn", "multi-request"] if args.mode == "both" else [args.mode]
     console = _console()
+    store = None
+    if args.store:
+        from kvlife.store import open_store
+
+        store = open_store(args.store, encoding=args.store_encoding, chunk_size=args.store_chunk)
     for mode in modes:
         config = BenchConfig(model=args.model, tasks=tasks, mode=mode, method=args.method, samples=args.samples,
                              profile=args.profile, seed=args.seed, own_answers=args.own_answers,
                              recompress=args.recompress, max_turns=args.max_turns, prompt_format=args.format)
         out = Path(args.out) / config.run_id() if args.out and len(modes) > 1 else (Path(args.out) if args.out else None)
-        run_dir = run(config, out=out, progress=not args.no_progress, console=console)
+        run_dir = run(config, out=out, progress=not args.no_progress, console=console, store=store)
         summary = write_summary(run_dir)
         print_tables(summary, console)
         console.print(f"results: {run_dir}")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kvlife.store.server import serve
+
+    return serve(args)
 
 
 # ---- listings ------------------------------------------------------------------------------------
@@ -137,7 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-turns", type=int, default=None)
     bench.add_argument("--format", default="chat", choices=["chat", "plain"], help="prompt format")
     bench.add_argument("--no-progress", action="store_true")
+    bench.add_argument("--store", default=None, metavar="URLS",
+                       help="reuse stored prefills: tiers fastest first, e.g. memory,disk:DIR,redis://H:P,http://H:P")
+    bench.add_argument("--store-encoding", default="raw", help="raw | fp16 | int8 | int8+zstd | lmcache | kvlife:LEVEL")
+    bench.add_argument("--store-chunk", type=int, default=256, help="tokens per stored chunk")
     bench.set_defaults(func=cmd_bench)
+
+    serve = sub.add_parser("serve", help="serve a KV chunk store over HTTP (for --store http://...)",
+                           description="An HTTP chunk store: put/get/exists/stats, bearer tokens, one directory per tenant.")
+    from kvlife.store.serve_args import add_arguments as add_serve_arguments
+
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
 
     methods = sub.add_parser("methods", help="list methods with stage, parameters, defaults and paper")
     methods.add_argument("--json", action="store_true")

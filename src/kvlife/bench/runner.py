@@ -141,12 +141,15 @@ def run_sample(session, task, sample: Sample, max_turns: int | None) -> list[dic
             "cache_tokens": round(result.cache_tokens, 1),
             "reference_nll": round(result.reference_nll, 5) if result.reference_nll is not None else None,
         })
+        if index == 0 and getattr(session, "store", None) is not None:
+            rows[-1]["store"] = dict(session.store.last)  # --store: tokens reused from the store, times
     return rows
 
 
 def run(config: BenchConfig, out: Path | None = None, model=None, tokenizer=None, progress: bool = True,
-        console=None) -> Path:
-    """Run (or resume) a benchmark; returns the run directory."""
+        console=None, store=None) -> Path:
+    """Run (or resume) a benchmark; returns the run directory. `store`: a kvlife.store KVStore (or
+    tier URLs) that prefills reuse, across runs and methods sharing the same dense prefill."""
     from kvlife import models
     from kvlife.session import Session
 
@@ -166,7 +169,7 @@ def run(config: BenchConfig, out: Path | None = None, model=None, tokenizer=None
         model, tokenizer = models.load(config.model)
     if todo:
         session = Session(model, tokenizer, recipe, mode=config.mode, own_answers=config.own_answers,
-                          recompress=config.recompress, prompt_format=config.prompt_format)
+                          recompress=config.recompress, prompt_format=config.prompt_format, store=store)
         _loop(session, todo, predictions, config, progress, console, len(all_samples) - len(todo), len(all_samples))
     from kvlife.bench.summary import write_summary
 

@@ -57,6 +57,7 @@ class PrefixStore:
         self.namespace: Namespace | None = None
         self.rope = None
         self.noted: set[str] = set()
+        self.last: dict[str, Any] = {}  # figures of the latest prefill through the store
 
     def _namespace(self, model: Any) -> Namespace:
         if self.namespace is None:
@@ -77,6 +78,7 @@ class PrefixStore:
             if blocker not in self.noted:
                 self.noted.add(blocker)
                 log.info("kvlife store: not used for recipe %s: %s", session.recipe.spec, blocker)
+            self.last = {"store_hit_tokens": 0, "store_skipped": blocker}
             return session.forward(ids, phase="prefill", compress=compress)
         size = self.store.chunk_size
         keys = chunk_keys(ids, self._namespace(session.model))
@@ -96,10 +98,10 @@ class PrefixStore:
         logits = session.forward(ids[hit * size:], phase="prefill", compress=False)
         computed = time.perf_counter()
         put_bytes = self._put_new(session.cache, keys, hit, len(ids))
-        session.last_stats = {**session.last_stats, "store_hit_tokens": hit * size,
-                              "store_fetch_s": round(fetched - started, 5), "store_load_s": round(loaded - fetched, 5),
-                              "store_prefill_s": round(computed - loaded, 5),
-                              "store_put_s": round(time.perf_counter() - computed, 5), "store_put_bytes": put_bytes}
+        self.last = {"store_hit_tokens": hit * size, "store_fetch_s": round(fetched - started, 5),
+                     "store_load_s": round(loaded - fetched, 5), "store_prefill_s": round(computed - loaded, 5),
+                     "store_put_s": round(time.perf_counter() - computed, 5), "store_put_bytes": put_bytes}
+        session.last_stats = {**session.last_stats, **self.last}
         return logits
 
     @staticmethod

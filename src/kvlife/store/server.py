@@ -31,8 +31,8 @@ from aiohttp import web
 from kvlife.store.base import KEY_PATTERN, ChunkCorrupt, StoreError, StoreUnavailable
 from kvlife.store.disk import DiskBackend
 from kvlife.store.envelope import HEADER, check_header
+from kvlife.store.serve_args import TOKENS_ENV, add_arguments
 
-TOKENS_ENV = "KVLIFE_SERVE_TOKENS"  # "tenant=token,tenant=token"
 MAX_EXISTS_KEYS = 65536
 READ_PIECE = 1 << 20
 
@@ -195,17 +195,6 @@ def parse_tokens(tokens: list[str], tenants: list[str]) -> dict[str, str]:
             raise StoreError(f"one token is given to two tenants ({out[token]}, {name})")
         out[token] = name
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", required=True, help="directory that holds the chunks (one subdirectory per tenant)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--token", action="append", default=[], help="bearer token of the 'default' tenant")
-    parser.add_argument("--tenant", action="append", default=[], metavar="NAME=TOKEN",
-                        help=f"a tenant and its token (repeatable; also ${TOKENS_ENV}='a=t1,b=t2')")
-    parser.add_argument("--max-bytes", type=float, default=64e9, help="disk budget per tenant (bytes)")
-    parser.add_argument("--max-chunk-bytes", type=float, default=512e6, help="largest accepted chunk (bytes)")
 
 
 def serve(args: argparse.Namespace) -> int:
