@@ -15,6 +15,12 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     || "${PIP[@]}" install torch --index-url https://download.pytorch.org/whl/cpu
 fi
 "${PIP[@]}" install -e '.[test]'
+# The store's tests start a real redis-server on loopback; install it when missing (Debian/Ubuntu).
+if ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=$([ "$(id -u)" -eq 0 ] || echo sudo)
+  { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null; } \
+    || echo "setup: could not install redis-server; the store's Redis tests will be skipped" >&2
+fi
 models=("$@")
 [ ${#models[@]} -gt 0 ] || models=(qwen2.5-coder-0.5b smollm2-135m)
 for name in "${models[@]}"; do
