@@ -37,7 +37,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for mode in modes:
         config = BenchConfig(model=args.model, tasks=tasks, mode=mode, method=args.method, samples=args.samples,
                              profile=args.profile, seed=args.seed, own_answers=args.own_answers,
-                             recompress=args.recompress, max_turns=args.max_turns, prompt_format=args.format)
+                             recompress=args.recompress, max_turns=args.max_turns, prompt_format=args.format,
+                             data=args.data, max_length=args.max_length)
         out = Path(args.out) / config.run_id() if args.out and len(modes) > 1 else (Path(args.out) if args.out else None)
         run_dir = run(config, out=out, progress=not args.no_progress, console=console, store=store)
         summary = write_summary(run_dir)
@@ -147,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--recompress", action="store_true", help="compress at every turn, not only the first prefill")
     bench.add_argument("--max-turns", type=int, default=None)
     bench.add_argument("--format", default="chat", choices=["chat", "plain"], help="prompt format")
+    bench.add_argument("--data", default=None, metavar="DIR",
+                       help="SCBench's released rows (scbench_*.jsonl/.parquet in DIR, or 'hub') instead of generated")
+    bench.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
+                       help="cut longer contexts to TOKENS tokens from the middle (as SCBench)")
     bench.add_argument("--no-progress", action="store_true")
     bench.add_argument("--store", default=None, metavar="URLS",
                        help="reuse stored prefills: tiers fastest first, e.g. memory,disk:DIR,redis://H:P,http://H:P")

@@ -36,6 +36,8 @@ class BenchConfig:
     recompress: bool = False
     max_turns: int | None = None
     prompt_format: str = "chat"
+    data: str | None = None  # a directory of SCBench's released files (or "hub") instead of generated samples
+    max_length: int | None = None  # cut longer contexts to this many tokens, from the middle
     extra: dict[str, Any] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
@@ -43,7 +45,10 @@ class BenchConfig:
         return {"model": self.model, "tasks": self.tasks, "mode": self.mode, "method": self.method,
                 "samples": self.samples, "profile": self.profile, "seed": self.seed,
                 "own_answers": self.own_answers, "recompress": self.recompress, "max_turns": self.max_turns,
-                "prompt_format": self.prompt_format}
+                "prompt_format": self.prompt_format,
+                # only when set, so that runs made before these options keep their identity
+                **({"data": self.data} if self.data else {}),
+                **({"max_length": self.max_length} if self.max_length else {})}
 
     def run_id(self) -> str:
         digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
@@ -158,8 +163,13 @@ def run(config: BenchConfig, out: Path | None = None, model=None, tokenizer=None
     tasks = [get_task(name) for name in config.tasks]
     if model is None:
         models.resolve(config.model)
-    all_samples = [(task, sample) for task in tasks
-                   for sample in task.samples(config.profile, config.samples, config.seed)]
+    if config.data:
+        from kvlife.bench.data import load_samples
+
+        all_samples = [(task, sample) for task in tasks for sample in load_samples(task, config.data, config.samples)]
+    else:
+        all_samples = [(task, sample) for task in tasks
+                       for sample in task.samples(config.profile, config.samples, config.seed)]
     out = Path(out) if out else RESULTS_ROOT / config.run_id()
     prepare_out(out, config)
     predictions = out / "predictions.jsonl"
@@ -167,6 +177,10 @@ def run(config: BenchConfig, out: Path | None = None, model=None, tokenizer=None
     todo = [(task, sample) for task, sample in all_samples if (task.name, sample.id) not in done]
     if todo and model is None:
         model, tokenizer = models.load(config.model)
+    if todo and config.max_length:
+        from kvlife.bench.data import truncate_middle
+
+        todo = [(task, truncate_middle(sample, tokenizer, config.max_length)) for task, sample in todo]
     if todo:
         session = Session(model, tokenizer, recipe, mode=config.mode, own_answers=config.own_answers,
                           recompress=config.recompress, prompt_format=config.prompt_format, store=store)

@@ -231,7 +231,7 @@ def rouge_lsum(prediction: str, reference: str) -> float:
 # ---- code similarity (RepoQA's retrieval check) -------------------------------------------------
 
 _CODE_FENCE = re.compile(r"```[a-zA-Z0-9_+-]*\n(.*?)(?:```|$)", re.S)
-_CODE_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+|\S")
+_CODE_TOKEN = re.compile(r"\"(?:\\.|[^\"\\])*\"|'(?:\\.|[^'\\])*'|#.*|[A-Za-z_][A-Za-z0-9_]*|\d+|\S")
 
 
 def extract_code(text: str) -> str:
@@ -241,8 +241,8 @@ def extract_code(text: str) -> str:
 
 
 def _code_lines(code: str) -> list[str]:
-    return [" ".join(_CODE_TOKEN.findall(line)) for line in code.splitlines() if line.strip()
-            and not line.strip().startswith("#")]
+    lines = (" ".join(t for t in _CODE_TOKEN.findall(line) if not t.startswith("#")) for line in code.splitlines())
+    return [line for line in lines if line]
 
 
 def code_similarity(a: str, b: str) -> float:

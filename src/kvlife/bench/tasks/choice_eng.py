@@ -30,7 +30,7 @@ class ChoiceEnglish(Task):
     description = "Pick the right one of four options about a fact in a long English document."
     differs_from_scbench = "generated documents with known facts; distractors are other people's values"
     profiles = {
-        "default": {"samples": 8, "persons": 6, "turns": 4, "context_tokens": 1800},
+        "default": {"samples": 8, "persons": 4, "turns": 4, "context_tokens": 1200},
         "scbench": {"samples": 58, "persons": 60, "turns": 5, "context_tokens": 188000},
     }
 

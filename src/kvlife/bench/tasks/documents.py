@@ -1,9 +1,9 @@
 """Seeded documents with known facts, shared by qa_eng, choice_eng, summary and their mixes.
 
-People with five attributes each (town of birth, trade, a year, a pet's name, an instrument),
-told in plain sentences between filler paragraphs; and short news-like stories whose key
-sentences are their reference summary. Every name is invented from syllables, so no answer can
-come from what a model already knows.
+People (a common first name and an invented surname) with five attributes each (town of birth,
+trade, a year, a pet's name, an instrument), told in plain sentences between filler paragraphs;
+and short news-like stories whose key sentences are their reference summary. Surnames, towns and
+pets' names are invented from syllables, so no answer can come from what a model already knows.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ _VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "o", "a", "e"]
 _CODAS = ["", "n", "r", "l", "m", "s", "th", "nd", "rk", "ll", "t"]
 _TOWN_ENDS = ["moor", "ford", "wick", "stead", "holm", "bury", "mere", "dale", "haven", "field"]
 
+FIRST_NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Frank", "Grace", "Henry", "Iris", "Jack", "Kate", "Leo",
+               "Maria", "Noah", "Olivia", "Peter", "Rosa", "Sam", "Tina", "Victor", "Wendy", "Yusuf", "Zoe", "Oscar"]
 TRADES = ["glassblower", "carpenter", "beekeeper", "cartographer", "locksmith", "weaver", "potter",
           "bookbinder", "stonemason", "clockmaker", "tailor", "shipwright", "brewer", "saddler", "printer"]
 INSTRUMENTS = ["oboe", "cello", "harp", "trumpet", "violin", "flute", "banjo", "accordion", "clarinet",
@@ -58,7 +60,7 @@ class Person:
     def questions(self) -> list[tuple[str, str, str]]:
         return [
             ("town", f"In which town was {self.name} born?", self.town),
-            ("trade", f"What was {self.name}'s trade?", self.trade),
+            ("trade", f"What job did {self.name} do?", self.trade),
             ("year", f"In what year did {self.name} open a workshop?", self.year),
             ("pet_name", f"What was the name of {self.name}'s {self.pet}?", self.pet_name),
             ("instrument", f"Which instrument did {self.name} play on Sundays?", self.instrument),
@@ -69,7 +71,7 @@ def people(rng: random.Random, count: int) -> list[Person]:
     taken: set[str] = set()
     out = []
     for _ in range(count):
-        name = unique(rng, lambda: f"{word(rng, 2).capitalize()} {word(rng, 2).capitalize()}", taken)
+        name = unique(rng, lambda: f"{rng.choice(FIRST_NAMES)} {word(rng, 2).capitalize()}", taken)
         town = unique(rng, lambda: word(rng, 1).capitalize() + rng.choice(_TOWN_ENDS), taken)
         pet_name = unique(rng, lambda: word(rng, 2).capitalize(), taken)
         out.append(Person(name, town, rng.choice(TRADES), str(rng.randint(1850, 1990)), rng.choice(PETS),

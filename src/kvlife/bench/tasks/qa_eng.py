@@ -34,7 +34,7 @@ class QAEnglish(Task):
     description = "Answer questions about facts stated in a long English document."
     differs_from_scbench = "generated documents with known facts instead of novels; containment or token F1"
     profiles = {
-        "default": {"samples": 8, "persons": 6, "turns": 4, "context_tokens": 1800},
+        "default": {"samples": 8, "persons": 4, "turns": 4, "context_tokens": 1200},
         "scbench": {"samples": 69, "persons": 60, "turns": 5, "context_tokens": 198000},
     }
 

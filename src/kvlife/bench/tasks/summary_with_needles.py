@@ -32,7 +32,7 @@ class SummaryWithNeedles(Task):
     differs_from_scbench = "generated parts and passkeys; summary turns cannot reach 75% (ROUGE)"
     profiles = {
         "default": {"samples": 8, "parts": 4, "needles": 3, "turns": 4, "context_tokens": 1500},
-        "scbench": {"samples": 70, "parts": 10, "needles": 5, "turns": 5, "context_tokens": 105000},
+        "scbench": {"samples": 70, "parts": 10, "needles": 4, "turns": 8, "context_tokens": 105000},
     }
 
     def make_sample(self, rng, index, parts, needles, turns, context_tokens):
