@@ -1,0 +1,83 @@
+"""Real services on loopback for the store tests: a redis-server and a `kvlife serve` process."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TOKENS = {"alice": "token-alice", "bob": "token-bob"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(check, process: subprocess.Popen, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited early with {process.returncode}")
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start within {timeout}s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (scripts/setup.sh installs it with apt-get)")
+    import redis
+
+    port = free_port()
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                "--protected-mode", "yes"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        _wait(lambda: redis.Redis.from_url(url).ping(), process, "redis-server")
+        yield url
+    finally:
+        _stop(process)
+
+
+def start_server(root: Path, port: int, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "kvlife.store.server", "--store", str(root), "--port", str(port)]
+    for tenant, token in TOKENS.items():
+        args += ["--tenant", f"{tenant}={token}"]
+    process = subprocess.Popen(args + list(extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    import httpx
+
+    _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200, process, "kvlife serve")
+    return process
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory):
+    port = free_port()
+    process = start_server(tmp_path_factory.mktemp("served"), port, "--max-chunk-bytes", "8e6")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop(process)
