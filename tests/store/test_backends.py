@@ -3,6 +3,7 @@
 import hashlib
 
 import pytest
+from tests.store.conftest import TOKENS
 
 from kvlife.store import KVStore, StoreError, open_store, open_tier
 from kvlife.store.disk import DiskBackend
@@ -10,7 +11,6 @@ from kvlife.store.envelope import seal_chunk
 from kvlife.store.memory import MemoryBackend
 from kvlife.store.redis_backend import RedisBackend
 from kvlife.store.remote import RemoteBackend
-from tests.store.conftest import TOKENS
 
 
 def key(n: int) -> str:
