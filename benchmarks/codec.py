@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -102,7 +103,7 @@ def timed(fn, repeats: int):
     return result, statistics.median(times)
 
 
-def measure(model, items, scheme: str, level: str, encoder, repeats: int) -> dict:
+def measure(model, items, scheme: str, level: str, encoder, repeats: int, speed_only: bool = False) -> dict:
     nlls, refs, agrees, kls, bits, elements, enc_s, dec_s, fp16_bytes = [], [], [], [], 0, 0, 0.0, 0.0, 0
     for item in items:
         torch.set_num_threads(1)
@@ -115,9 +116,14 @@ def measure(model, items, scheme: str, level: str, encoder, repeats: int) -> dic
         fp16_bytes += 2 * info["elements"]
         enc_s += t_enc
         dec_s += t_dec
+        if speed_only:
+            continue
         nll, ref, agree, kl = quality(model, item, decoded)
         nlls.append(nll), refs.append(ref), agrees.append(agree), kls.append(kl)
     bpe = bits / elements
+    if speed_only:
+        return {"scheme": scheme, "level": level, "bits_per_element": round(bpe, 4),
+                "encode_mb_s": round(fp16_bytes / enc_s / 1e6, 1), "decode_mb_s": round(fp16_bytes / dec_s / 1e6, 1)}
     ppl, ref_ppl = math.exp(statistics.mean(nlls)), math.exp(statistics.mean(refs))
     return {
         "scheme": scheme,
@@ -147,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-rope", action="store_true", help="code keys post-RoPE (for comparison)")
     parser.add_argument("--prepared", type=Path, help="reuse (or write) prepared caches at this path")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--speed-only", action="store_true",
+                        help="re-measure only encode/decode speed (e.g. on a quieter machine) and update --out's rows")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -164,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if "kvlife" in args.schemes.split(","):
         calibration = tokenizer(CALIBRATION_TEXT.read_text(), return_tensors="pt").input_ids[:, : args.context_tokens]
         weights = channel_weights(model, calibration, rotary_dim=rope.rotary_dim if rope else 0)
+    load_start = os.getloadavg()[0]
     rows = []
     for scheme in args.schemes.split(","):
         if scheme.startswith("kvlife"):
@@ -180,11 +189,16 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 def encoder(x, scheme=scheme, level=level):
                     return encode_baseline(scheme, x, args.chunk_tokens, "default" if level == "-" else level)
-            row = measure(model, items, scheme, level, encoder, args.repeats)
+            row = measure(model, items, scheme, level, encoder, args.repeats, args.speed_only)
             rows.append(row)
+            if args.speed_only:
+                print(f"  {scheme:16s} {level:13s} enc {row['encode_mb_s']:6.1f}  dec {row['decode_mb_s']:6.1f} MB/s", flush=True)
+                continue
             print(f"  {scheme:16s} {level:13s} {row['bits_per_element']:7.3f} b/el  ppl {row['ppl_increase_pct']:+7.2f}%  "
                   f"agree {row['token_agreement']:.3f}  KL {row['kl_per_token']:.4f}  "
                   f"enc {row['encode_mb_s']:6.1f}  dec {row['decode_mb_s']:6.1f} MB/s", flush=True)
+    if args.speed_only:
+        return update_speeds(args.out, rows, os.getloadavg()[0], load_start)
     int8 = next((r for r in rows if r["scheme"] == "int8"), None)
     for row in rows:
         row["ratio_vs_int8"] = round(int8["bits_per_element"] / row["bits_per_element"], 3) if int8 else None
@@ -199,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "chunk_tokens": args.chunk_tokens,
         "keys_pre_rope": rope is not None,
         "calibration_text": CALIBRATION_TEXT.name,
+        "load_average_1min": [round(load_start, 2), round(os.getloadavg()[0], 2)],
         "rows": rows,
         "notes": NOTES,
     }
@@ -206,6 +221,22 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print_table(rows)
     print(f"wrote {args.out}")
+    return 0
+
+
+def update_speeds(path: Path, rows: list[dict], load_end: float, load_start: float) -> int:
+    result = json.loads(path.read_text())
+    speeds = {(r["scheme"], r["level"]): r for r in rows}
+    for row in result["rows"]:
+        fresh = speeds.get((row["scheme"], row["level"]))
+        if fresh:
+            if abs(fresh["bits_per_element"] - row["bits_per_element"]) > 1e-3:
+                sys.exit(f"{row['scheme']} {row['level']}: size changed since the quality run; rerun the whole benchmark")
+            row["encode_mb_s"], row["decode_mb_s"] = fresh["encode_mb_s"], fresh["decode_mb_s"]
+    result["speed_load_average_1min"] = [round(load_start, 2), round(load_end, 2)]
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print_table(result["rows"])
+    print(f"updated speeds in {path}")
     return 0
 
 
