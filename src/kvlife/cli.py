@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
         codec_cli.add_parser(sub).set_defaults(func=codec_cli.run)
     except ImportError:
         pass
+    from kvlife.methods.prefill.search import add_parser as add_search_patterns
+
+    add_search_patterns(sub)
     return parser
 
 

@@ -15,11 +15,15 @@ from kvlife.methods.compress.streamingllm import StreamingLLM
 from kvlife.methods.compress.tova import TOVA
 from kvlife.methods.load.quest import Quest
 from kvlife.methods.load.retrieval_attention import RetrievalAttention
+from kvlife.methods.prefill.a_shape import AShape
+from kvlife.methods.prefill.flexprefill import FlexPrefill
+from kvlife.methods.prefill.minference import MInference
+from kvlife.methods.prefill.tri_shape import TriShape
 from kvlife.methods.prompt.lingua import Lingua
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in [Dense, StreamingLLM, SnapKV, PyramidKV, H2O, TOVA, AdaKV, Kivi,
-                             Quest, RetrievalAttention, Lingua]
+                             Quest, RetrievalAttention, Lingua, AShape, TriShape, MInference, FlexPrefill]
 }
 
 

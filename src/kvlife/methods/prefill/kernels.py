@@ -1,0 +1,366 @@
+"""Sparse prefill attention: which keys each query row sees (`Layout`), a fast kernel, a reference.
+
+A `Layout` describes one head's sparse pattern on the plain causal layout (query row i and key j
+at the same positions, 0..n-1), as the union of up to three parts, always intersected with
+causality (j <= i):
+
+- `columns`: absolute key indices that every later row sees (MInference's vertical lines,
+  A-shape's initial tokens).
+- `offsets`: block-relative key offsets (each < block): the rows of query block b (rows b*B ..
+  b*B+B-1) see keys b*B + offsets. A diagonal ("slash") line at distance o, widened to the query
+  block as MInference's kernel does, is the offsets [-o, B-o). With `window` set, the part keeps
+  only keys with i - j < window: A-shape's exact sliding window.
+- `blocks`: per query block, a list of key blocks (block-sparse patterns).
+
+The fast path (`sparse_attention`) never touches a skipped key. Each part is computed over whole
+query blocks with batched matmuls: a contiguous run of offsets is a strided view of the keys
+(`unfold`: no copy at all), other offsets and key blocks are gathered once per chunk of query
+blocks, columns are one matmul against the gathered columns. The parts' softmaxes are merged by
+their log-sum-exp, as flash attention merges key tiles. Work goes in chunks of query blocks whose
+scores fit in the CPU's L2 cache: on CPU, softmax over cache-resident scores is ~5x faster than over
+scores streamed from memory, and that, not the matmuls, is what dense CPU attention spends its
+time on. Pure PyTorch, so the same code runs on any device.
+
+`layout_mask` gives the same pattern as a dense bool mask for `attention.reference_attention`
+(tests) and for measuring the attention mass a pattern keeps (benchmarks, pattern search).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from kvlife.attention import AttnCall
+
+BLOCK = 64  # query rows per block (MInference's block size)
+CHUNK_ELEMENTS = 1 << 19  # float32 scores per chunk (2 MiB): one core's L2 cache
+LONG_RUN = 256  # offsets in runs at least this long are read as strided views, not gathered
+
+
+@dataclass
+class Layout:
+    """One head's sparse attention pattern (see the module docstring); None parts are empty."""
+
+    columns: torch.Tensor | None = None  # [n_columns] sorted unique key indices
+    offsets: torch.Tensor | None = None  # [n_offsets] sorted unique block-relative offsets, each < block
+    window: int | None = None  # offsets part keeps only keys with i - j < window (then offsets must
+    # hold [-(window - 1), block) and columns are skipped where the window covers them)
+    blocks: torch.Tensor | None = None  # [n_query_blocks, k] key block indices per query block, -1 = none
+    block: int = BLOCK
+
+    def __post_init__(self) -> None:
+        if self.window is not None and self.offsets is not None:
+            low = -(self.window - 1)
+            if int(self.offsets[0]) > low or int(self.offsets[-1]) < self.block - 1 or \
+                    self.offsets.numel() < self.block - low:
+                raise ValueError("a windowed layout's offsets must hold [-(window - 1), block)")
+
+
+def plain_causal(call: AttnCall) -> bool:
+    """True for the first prefill's layout: n queries and n keys at the same consecutive positions."""
+    q_len, k_len = call.query.shape[2], call.key.shape[2]
+    if q_len != k_len or call.query.shape[0] != 1 or q_len == 0:
+        return False
+    q_pos = call.q_pos
+    if int(q_pos[-1] - q_pos[0]) != q_len - 1 or (q_len > 1 and not bool((q_pos[1:] > q_pos[:-1]).all())):
+        return False
+    return bool((call.k_pos == q_pos[None]).all())
+
+
+# ---- reference -------------------------------------------------------------------------------------
+
+def layout_mask(layout: Layout, n: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool [len(rows), n]: the keys each query row sees under `layout` (causality included)."""
+    device = _device(layout)
+    rows = torch.arange(n, device=device) if rows is None else rows.to(device)
+    keys = torch.arange(n, device=device)
+    q, block = rows[:, None], layout.block
+    start = (rows // block * block)[:, None]
+    mask = torch.zeros(len(rows), n, dtype=torch.bool, device=device)
+    if layout.offsets is not None:
+        table = torch.zeros(n + block, dtype=torch.bool, device=device)
+        offsets = layout.offsets[layout.offsets >= -n]
+        table[offsets + n] = True
+        rel = (keys[None] - start).clamp(-n, block - 1)
+        part = table[rel + n]
+        if layout.window is not None:
+            part &= (q - keys[None]) < layout.window
+        mask |= part
+    if layout.columns is not None:
+        columns = torch.zeros(n, dtype=torch.bool, device=device)
+        columns[layout.columns[layout.columns < n]] = True
+        mask |= columns[None]
+    if layout.blocks is not None:
+        chosen = layout.blocks[rows // block]  # [rows, k]
+        mask |= ((keys[None, None] // block) == chosen[:, :, None]).any(1)
+    return mask & (keys[None] <= q)
+
+
+def layouts_mask(layouts: list[Layout], n: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool [heads, len(rows), n] for a list of per-head layouts."""
+    return torch.stack([layout_mask(layout, n, rows) for layout in layouts])
+
+
+def _device(layout: Layout) -> torch.device:
+    for part in (layout.columns, layout.offsets, layout.blocks):
+        if part is not None:
+            return part.device
+    return torch.device("cpu")
+
+
+# ---- fast kernel -----------------------------------------------------------------------------------
+
+def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layouts: list[Layout],
+                     scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """Attention of query rows 0..m-1 [q_heads, m, d] over key/value [kv_heads, n, d] (m <= n).
+
+    `layouts` holds one layout per query head, or a single layout that every head shares (then
+    the query heads of one KV group are stacked into the rows of each block: 7x larger matmuls on
+    a GQA model). Returns [q_heads, m, d] in the query's dtype.
+    """
+    q_heads = query.shape[0]
+    groups = q_heads // key.shape[0]
+    if len(layouts) == 1:
+        plans = [_Plan(query[h * groups:(h + 1) * groups], key[h], value[h], layouts[0], scaling, softcap)
+                 for h in range(key.shape[0])]
+    else:
+        plans = [_Plan(query[h:h + 1], key[h // groups], value[h // groups], layouts[h], scaling, softcap)
+                 for h in range(q_heads)]
+    tasks = [(plan, lo, min(lo + plan.step, plan.n_blocks)) for plan in plans
+             for lo in range(0, plan.n_blocks, plan.step)]
+    _run(tasks, query.device)
+    return torch.cat([plan.result() for plan in plans]).to(query.dtype)
+
+
+def _run(tasks: list, device: torch.device) -> None:
+    """Run (plan, lo, hi) tasks. On CPU, `torch.get_num_threads()` workers each run whole tasks
+    single-threaded: thousands of small ops with an intra-op thread team each pay a barrier per op,
+    which on a busy machine (a descheduled team member) costs far more than the op itself."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads <= 1 or len(tasks) <= 1:
+        for plan, lo, hi in tasks:
+            plan.compute(lo, hi)
+        return
+    slices = [tasks[i::threads * 4] for i in range(threads * 4)]
+
+    def work(part: list) -> None:
+        for plan, lo, hi in part:
+            plan.compute(lo, hi)
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(work, slices))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _runs(offsets: torch.Tensor) -> list[tuple[int, int]]:
+    """Index ranges [a, b) of the runs of consecutive values in sorted `offsets`."""
+    breaks = (torch.nonzero(offsets[1:] - offsets[:-1] != 1).flatten() + 1).tolist()
+    edges = [0, *breaks, offsets.numel()]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+class _Plan:
+    """One head, or heads sharing a layout, ready to compute any chunk of its query blocks.
+
+    Rows are blocked as [n_blocks, g * block, d]: the g heads' rows of one query block stacked,
+    pre-scaled, float32. `compute(lo, hi)` fills `out[lo:hi]`.
+    """
+
+    def __init__(self, query, key, value, layout: Layout, scaling: float, softcap: float | None) -> None:
+        g, m, dim = query.shape
+        block = layout.block
+        self.g, self.m, self.dim, self.block, self.softcap = g, m, dim, block, softcap
+        self.n_blocks = n_blocks = -(-m // block)
+        padded = torch.zeros(g, n_blocks * block, dim, dtype=torch.float32, device=query.device)
+        padded[:, :m] = query.float() * scaling
+        self.rows = padded.view(g, n_blocks, block, dim).transpose(0, 1).reshape(n_blocks, g * block, dim)
+        self.out = torch.empty_like(self.rows)
+        key, value = key.float(), value.float()
+        self.parts: list[_Part] = []
+        if layout.offsets is not None and layout.offsets.numel():
+            # Long runs of offsets are strided views of the keys; the short rest is gathered.
+            rest = []
+            for a, b in _runs(layout.offsets):
+                if b - a >= LONG_RUN or layout.window is not None:
+                    self.parts.append(_OffsetsPart(key, value, layout.offsets[a:b], layout.window, block, n_blocks, g))
+                else:
+                    rest.append(layout.offsets[a:b])
+            if rest:
+                self.parts.append(_OffsetsPart(key, value, torch.cat(rest), None, block, n_blocks, g))
+        if layout.columns is not None and layout.columns.numel():
+            self.parts.append(_ColumnsPart(key, value, layout, n_blocks))
+        if layout.blocks is not None:
+            self.parts.append(_BlocksPart(key, value, layout.blocks[:n_blocks], block))
+        for part in self.parts:
+            part.softcap = softcap
+        width = max([part.width for part in self.parts], default=1)
+        self.step = max(1, CHUNK_ELEMENTS // (g * block * width))
+
+    def compute(self, lo: int, hi: int) -> None:
+        rows = self.rows[lo:hi]
+        out = lse = None
+        for part in self.parts:
+            scores, values = part.scores(rows, lo, hi)
+            if scores.shape[-1] == 0:
+                continue
+            top = scores.amax(-1, keepdim=True)
+            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # rows that see no key
+            probs = scores.sub_(top).exp_()
+            total = probs.sum(-1, keepdim=True)
+            part_out = torch.matmul(probs, values).div_(total.clamp_min(1.0))  # total >= 1 if any key
+            part_lse = (top + total.log()).squeeze(-1)
+            if out is None:
+                out, lse = part_out, part_lse
+                continue
+            merged = torch.logaddexp(lse, part_lse)
+            safe = torch.where(torch.isfinite(merged), merged, torch.zeros_like(merged))
+            out = out * torch.exp(lse - safe)[..., None] + part_out * torch.exp(part_lse - safe)[..., None]
+            lse = merged
+        if out is None:
+            self.out[lo:hi] = 0.0
+        else:
+            self.out[lo:hi] = out
+
+    def result(self) -> torch.Tensor:
+        """[g, m, d] float32."""
+        g, block, dim = self.g, self.block, self.dim
+        out = self.out.view(self.n_blocks, g, block, dim).transpose(0, 1).reshape(g, -1, dim)
+        return out[:, :self.m]
+
+
+def _cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma-2-style logit soft-capping, in place, before any mask."""
+    if softcap is not None:
+        scores.div_(softcap).tanh_().mul_(softcap)
+    return scores
+
+
+class _Part:
+    width: int
+    softcap: float | None = None
+
+    def scores(self, rows: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked scores [c, r, w] of query blocks lo..hi-1 and the matching values ([c, w, d] or [w, d])."""
+        raise NotImplementedError
+
+
+class _OffsetsPart(_Part):
+    """Block b sees keys b*block + offsets: a strided view of the keys when the offsets are one run."""
+
+    def __init__(self, key, value, offsets, window: int | None, block: int, n_blocks: int, g: int) -> None:
+        n, dim = key.shape
+        device = key.device
+        front = max(0, -int(offsets[0]))
+        back = max(0, n_blocks * block + int(offsets[-1]) - n + 1)
+        self.key = torch.cat([key.new_zeros(front, dim), key, key.new_zeros(back, dim)])
+        self.value = torch.cat([value.new_zeros(front, dim), value, value.new_zeros(back, dim)])
+        self.offsets, self.width = offsets, offsets.numel()
+        width = self.width
+        # Causality (and the window) depend only on (row in block, offset): one bias for all blocks,
+        # added only to the columns it masks (the offsets within one block of the row).
+        in_block = torch.arange(block, device=device)[:, None]
+        visible = offsets[None] <= in_block
+        if window is not None:
+            visible &= (in_block - offsets[None]) < window
+        masked = torch.nonzero((~visible).any(0)).flatten()
+        self.bias_lo, self.bias_hi = (int(masked[0]), int(masked[-1]) + 1) if masked.numel() else (0, 0)
+        bias = torch.zeros(block, width, device=device).masked_fill_(~visible, float("-inf"))
+        self.bias = bias[:, self.bias_lo:self.bias_hi].repeat(g, 1)
+        # The first blocks' offsets may reach before key 0: those keys are masked.
+        self.starts = torch.arange(n_blocks, device=device) * block
+        self.early = int((self.starts + int(offsets[0]) < 0).sum())
+        self.early_bias = torch.zeros(self.early, 1, width, device=device).masked_fill_(
+            (self.starts[:self.early, None] + offsets[None] < 0)[:, None], float("-inf"))
+        self.contiguous = int(offsets[-1] - offsets[0]) == width - 1
+        if self.contiguous:
+            shift = front + int(offsets[0])
+            self.key_view = self.key[shift:].unfold(0, width, block)  # [windows, d, width], no copy
+            self.value_view = self.value[shift:].unfold(0, width, block).transpose(1, 2)
+        else:
+            self.index = offsets + front  # block b reads padded rows b*block + index
+
+    def scores(self, rows, lo, hi):
+        # Offsets that reach before key 0 even for the chunk's last block are skipped, not masked.
+        skip = int(torch.searchsorted(self.offsets, -int(self.starts[hi - 1]))) if lo < self.early else 0
+        if self.contiguous:
+            values = self.value_view[lo:hi, skip:]
+            scores = _cap(torch.matmul(rows, self.key_view[lo:hi, :, skip:]), self.softcap)
+        else:
+            flat = (self.starts[lo:hi, None] + self.index[None, skip:]).reshape(-1)
+            shape = (hi - lo, self.width - skip, self.key.shape[-1])
+            keys, values = self.key.index_select(0, flat).view(shape), self.value.index_select(0, flat).view(shape)
+            scores = _cap(torch.matmul(rows, keys.transpose(1, 2)), self.softcap)
+        bias_lo = max(self.bias_lo, skip)
+        if self.bias_hi > bias_lo:
+            scores[..., bias_lo - skip:self.bias_hi - skip].add_(self.bias[:, bias_lo - self.bias_lo:])
+        if lo < self.early:
+            scores[: self.early - lo].add_(self.early_bias[lo:min(hi, self.early), :, skip:])
+        return scores, values
+
+
+class _ColumnsPart(_Part):
+    """Columns every later row sees; a chunk only computes the columns at or before its last row."""
+
+    def __init__(self, key, value, layout: Layout, n_blocks: int) -> None:
+        block, columns = layout.block, layout.columns
+        self.block, self.columns, self.window = block, columns, layout.window
+        self.key, self.value = key.index_select(0, columns), value.index_select(0, columns)
+        self.width = columns.numel()
+        self.skip = None
+        if layout.window is None and layout.offsets is not None and layout.offsets.numel():
+            # A column that block b's offsets already cover is counted there, not here.
+            rel = columns[None] - torch.arange(n_blocks, device=key.device)[:, None] * block
+            low = int(layout.offsets[0])
+            table = torch.zeros(block - low, dtype=torch.bool, device=key.device)
+            table[layout.offsets - low] = True
+            inside = (rel >= low) & (rel < block)
+            self.skip = torch.zeros_like(inside)
+            self.skip[inside] = table[rel[inside] - low]
+
+    def scores(self, rows, lo, hi):
+        lag = self.window or 0  # with a window, row q sees column c only if q - c >= window
+        first, last = lo * self.block - lag, hi * self.block - 1 - lag  # the rows' lowest, highest reach
+        stop = int(torch.searchsorted(self.columns, last, right=True))
+        sure = min(stop, int(torch.searchsorted(self.columns, first, right=True)))
+        scores = _cap(torch.matmul(rows, self.key[:stop].T), self.softcap)
+        if stop > sure:  # columns visible to only some rows of the chunk
+            pos = torch.arange(lo * self.block, hi * self.block, device=rows.device) - lag
+            pos = pos.view(hi - lo, self.block).repeat(1, rows.shape[1] // self.block)
+            scores[..., sure:stop].masked_fill_(self.columns[sure:stop] > pos[..., None], float("-inf"))
+        if self.skip is not None:
+            scores.masked_fill_(self.skip[lo:hi, None, :stop], float("-inf"))
+        return scores, self.value[:stop]
+
+
+class _BlocksPart(_Part):
+    """Per query block, its chosen key blocks, gathered; a chunk computes only as many key blocks as
+    its fullest query block chose (-1 entries read an all-zero, masked block)."""
+
+    def __init__(self, key, value, chosen: torch.Tensor, block: int) -> None:
+        n, dim = key.shape
+        n_key_blocks = -(-n // block)
+        pad = n_key_blocks * block - n + block
+        self.key = torch.cat([key, key.new_zeros(pad, dim)]).view(n_key_blocks + 1, block, dim)
+        self.value = torch.cat([value, value.new_zeros(pad, dim)]).view(n_key_blocks + 1, block, dim)
+        chosen = chosen.gather(1, torch.argsort((chosen < 0).to(torch.int8), dim=1, stable=True))  # -1s last
+        self.counts = (chosen >= 0).sum(1)
+        self.safe = torch.where(chosen >= 0, chosen, n_key_blocks)
+        self.block, self.width = block, chosen.shape[1] * block
+        key_pos = self.safe[:, :, None] * block + torch.arange(block, device=key.device)
+        self.key_pos = torch.where(chosen[:, :, None] >= 0, key_pos, 1 << 62).reshape(chosen.shape[0], -1)
+
+    def scores(self, rows, lo, hi):
+        k = int(self.counts[lo:hi].max())
+        index = self.safe[lo:hi, :k].reshape(-1)
+        shape = (hi - lo, k * self.block, self.key.shape[-1])
+        keys, values = self.key.index_select(0, index).view(shape), self.value.index_select(0, index).view(shape)
+        scores = _cap(torch.matmul(rows, keys.transpose(1, 2)), self.softcap)
+        pos = torch.arange(lo * self.block, hi * self.block, device=rows.device).view(hi - lo, self.block)
+        pos = pos.repeat(1, rows.shape[1] // self.block)
+        scores.masked_fill_(self.key_pos[lo:hi, None, :k * self.block] > pos[..., None], float("-inf"))
+        return scores, values

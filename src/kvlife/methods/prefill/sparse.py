@@ -1,0 +1,76 @@
+"""The shared machinery of the sparse prefill methods: when to go sparse, the kernel, the reference.
+
+A sparse prefill method only says which keys each query head sees (`layouts`); this base class
+decides when that applies (full-attention layers on the first prefill's plain causal layout, longer
+than one block), runs the fast kernel, optionally computes the last `dense_rows` query rows densely
+(Tri-shape), and gives the same attention by dense masked softmax (`reference`) and the pattern as a
+bool mask (`mask`, for recall measurements). Anything else (sliding-window layers, evicted or
+shifted positions, a pattern that covers every key) takes `dense_attention`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from kvlife.attention import AttnCall, dense_attention, reference_attention, visibility_mask
+from kvlife.methods.base import PrefillMethod
+from kvlife.methods.prefill.kernels import BLOCK, Layout, layout_mask, plain_causal, sparse_attention
+
+
+@dataclasses.dataclass
+class SparsePrefill(PrefillMethod):
+    """Base of the sparse prefill methods; subclasses implement `layouts`."""
+
+    def layouts(self, call: AttnCall) -> list[Layout] | None:
+        """One layout per query head, or one shared by all heads; None when the pattern is dense."""
+        raise NotImplementedError
+
+    def dense_rows(self, n: int) -> int:
+        """How many of the last query rows attend densely (Tri-shape's question rows)."""
+        return 0
+
+    def applies(self, call: AttnCall) -> bool:
+        return not call.is_sliding and call.query.shape[2] > BLOCK and plain_causal(call)
+
+    def attend(self, call: AttnCall) -> torch.Tensor:
+        if not self.applies(call):
+            return dense_attention(call)
+        layouts = self.layouts(call)
+        if layouts is None:
+            return dense_attention(call)
+        n = call.query.shape[2]
+        sparse_rows = n - min(n, self.dense_rows(n))
+        query, key, value = call.query[0], call.key[0], call.value[0]
+        out = sparse_attention(query[:, :sparse_rows], key, value, layouts, call.scaling, call.softcap)
+        if sparse_rows < n:
+            last = AttnCall(**{**call.__dict__, "query": call.query[:, :, sparse_rows:],
+                               "q_pos": call.q_pos[sparse_rows:]})
+            out = torch.cat([out, dense_attention(last)[0]], dim=1)
+        return out[None]
+
+    def mask(self, call: AttnCall, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Bool [q_heads, rows, k_len]: the keys each query row sees, or None where attention is dense."""
+        if not self.applies(call):
+            return None
+        layouts = self.layouts(call)
+        if layouts is None:
+            return None
+        n, q_heads = call.query.shape[2], call.query.shape[1]
+        rows = torch.arange(n, device=call.query.device) if rows is None else rows
+        masks = torch.stack([layout_mask(layout, n, rows) for layout in layouts])
+        if len(layouts) == 1:
+            masks = masks.expand(q_heads, -1, -1)
+        dense = rows >= n - self.dense_rows(n)
+        if bool(dense.any()):
+            causal = visibility_mask(rows, call.k_pos - call.k_pos[:, :1], None)[:1]
+            masks = torch.where(dense[None, :, None], causal, masks)
+        return masks
+
+    def reference(self, call: AttnCall) -> torch.Tensor:
+        """The same attention by dense masked softmax: what `attend` must equal (tests)."""
+        mask = self.mask(call)
+        if mask is None:
+            return reference_attention(call)
+        return reference_attention(call, mask=mask)
