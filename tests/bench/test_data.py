@@ -39,7 +39,7 @@ def test_answers_lists_options_and_per_turn_kinds():
     assert qa.turns[0].answer == "Edda Holm" and qa.meta["answers"] == [["Edda Holm", "Holm"]]
     choice = data.load_samples(get_task("choice_eng"), str(FIXTURES))[0]
     assert [t.answer for t in choice.turns] == ["B) Pell", "C) Dunmoor"]  # option text and letter answers
-    assert "A) Mara\nB) Pell\nC) Dunmoor\nD) Tam" in choice.turns[0].query
+    assert "A) Mara\nB) Pell\nC) Dunmoor\nD) Tam\n" in choice.turns[0].query
     assert get_task("choice_eng").score("B", choice.turns[0].answer) == 1.0
     zh = data.load_samples(get_task("qa_chn"), str(FIXTURES))[0]
     assert get_task("qa_chn").score("青石镇", zh.turns[0].answer) == 1.0

@@ -108,13 +108,14 @@ def test_fact_answers_are_in_the_context():
                 assert turn.answer.rstrip("年") in sample.context
 
 
-def test_many_shot_asks_unseen_items_with_a_learnable_label():
+@pytest.mark.parametrize("held_out", [0, 5])
+def test_many_shot_labels_follow_the_examples(held_out):
     task = get_task("many_shot")
-    sample = task.samples("default", 1)[0]
-    assert sample.context.count("Label:") >= 100
+    sample = task.make_sample(random.Random(1), 0, categories=4, examples=120, turns=4, held_out=held_out)
+    assert sample.context.count("Label:") == 120
     for turn in sample.turns:
         item = turn.query.split("\n")[0].removeprefix("Item: ")
-        assert f"Item: {item}\n" not in sample.context
+        assert (f"Item: {item}\n" in sample.context) == (held_out == 0)  # held out: never among the examples
         assert f"Label: {turn.answer}" in sample.context
 
 

@@ -58,6 +58,10 @@ def _plots(runs: list[dict[str, Any]]) -> dict[str, str]:
                     per_turn.setdefault(int(turn), []).append(value)
         turns = sorted(per_turn)
         ax.plot(turns, [sum(per_turn[t]) / len(per_turn[t]) for t in turns], marker="o", label=_label(run))
+    if not any(run["summary"]["tasks"] for run in runs):
+        _no_data(ax)
+    ax.set_xticks(sorted({int(t) for run in runs for stats in run["summary"]["tasks"].values()
+                          for t in stats["per_turn"]}) or [1])
     ax.set_xlabel("turn")
     ax.set_ylabel("score (mean over tasks)")
     ax.set_ylim(-0.02, 1.02)
@@ -66,17 +70,31 @@ def _plots(runs: list[dict[str, Any]]) -> dict[str, str]:
     plots["turns"] = _png(fig)
     plt.close(fig)
 
-    # accuracy against cache bytes
+    # accuracy against cache bytes: one line per method (its budgets joined, by bytes) and mode
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    families: dict[tuple[str, str], list[tuple[float, float, str]]] = {}
     for run in runs:
-        overall = run["summary"]["overall"]
+        overall, identity = run["summary"]["overall"], run["identity"]
         if overall["cache_bytes"] and overall["all_turns"] is not None:
-            ax.scatter([overall["cache_bytes"] / 2**20], [overall["all_turns"]], label=_label(run))
+            method = identity.get("method", "?")
+            family = method.split("(")[0]
+            families.setdefault((family, identity.get("mode", "?")), []).append(
+                (overall["cache_bytes"] / 2**20, overall["all_turns"], method[len(family):]))
+    for (family, mode), points in sorted(families.items()):
+        points.sort()
+        line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{family} · {mode}")[0]
+        for x, y, params in points:
+            if params:
+                ax.annotate(params, (x, y), fontsize=6, color=line.get_color(), xytext=(3, 3),
+                            textcoords="offset points")
+    if not families:
+        _no_data(ax)
     ax.set_xlabel("K/V cache held (MiB, mean over turns)")
     ax.set_ylabel("score (all turns)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("Accuracy against cache size")
-    ax.legend(fontsize=7)
+    if families:
+        ax.legend(fontsize=7)
     plots["bytes"] = _png(fig)
     plt.close(fig)
 
@@ -91,8 +109,14 @@ def _plots(runs: list[dict[str, Any]]) -> dict[str, str]:
     methods = sorted(by_method)
     width = 0.38
     for offset, mode in ((-width / 2, "multi-turn"), (width / 2, "multi-request")):
-        ax.bar([i + offset for i in range(len(methods))], [by_method[m].get(mode, 0.0) for m in methods],
-               width=width, label=mode)
+        xs = [i + offset for i, m in enumerate(methods) if mode in by_method[m]]
+        heights = [by_method[m][mode] for m in methods if mode in by_method[m]]
+        ax.bar(xs, heights, width=width, label=mode)
+        for i, m in enumerate(methods):
+            if mode not in by_method[m]:
+                ax.text(i + offset, 0.02, "not run", rotation=90, ha="center", va="bottom", fontsize=6, color="#888")
+    if not methods:
+        _no_data(ax)
     ax.set_xticks(range(len(methods)))
     ax.set_xticklabels(methods, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("score (all turns)")
@@ -102,6 +126,10 @@ def _plots(runs: list[dict[str, Any]]) -> dict[str, str]:
     plots["modes"] = _png(fig)
     plt.close(fig)
     return plots
+
+
+def _no_data(ax) -> None:
+    ax.text(0.5, 0.5, "no scored rows in these runs", ha="center", va="center", transform=ax.transAxes, color="#888")
 
 
 def _fmt(value: Any) -> str:
@@ -116,18 +144,42 @@ def _score_table(runs: list[dict[str, Any]]) -> str:
     head = "".join(f"<th>turn {t}</th>" for t in range(1, max_turn + 1))
     rows = []
     for run in runs:
-        for task, stats in run["summary"]["tasks"].items():
+        tasks = run["summary"]["tasks"]
+        for task, stats in tasks.items():
             cells = "".join(f"<td>{_fmt(stats['per_turn'].get(str(t)))}</td>" for t in range(1, max_turn + 1))
             mib = stats["cache_bytes"] / 2**20 if stats["cache_bytes"] else None
-            rows.append(f"<tr><td>{html.escape(_label(run))}</td><td>{html.escape(task)}</td>{cells}"
+            rows.append(f"<tr><td>{html.escape(_label(run))}</td><td>{html.escape(task)}</td>"
+                        f"<td>{stats['samples']}</td>{cells}"
                         f"<td>{_fmt(stats['all_turns'])}</td><td>{_fmt(stats['reference_nll'])}</td>"
                         f"<td>{_fmt(stats['dense_agreement'])}</td><td>{_fmt(mib)}</td></tr>")
         overall = run["summary"]["overall"]
-        rows.append(f"<tr class='avg'><td>{html.escape(_label(run))}</td><td>average</td>"
-                    f"{'<td></td>' * max_turn}<td>{_fmt(overall['all_turns'])}</td>"
-                    f"<td>{_fmt(overall['reference_nll'])}</td><td>{_fmt(overall['dense_agreement'])}</td><td></td></tr>")
-    return (f"<table id='scores'><thead><tr><th>run</th><th>task</th>{head}<th>all</th><th>NLL</th>"
+        turn_means = []
+        for t in range(1, max_turn + 1):
+            values = [s["per_turn"][str(t)] for s in tasks.values() if s["per_turn"].get(str(t)) is not None]
+            turn_means.append(sum(values) / len(values) if values else None)
+        mib = overall["cache_bytes"] / 2**20 if overall["cache_bytes"] else None
+        rows.append(f"<tr class='avg'><td>{html.escape(_label(run))}</td><td>average</td><td></td>"
+                    f"{''.join(f'<td>{_fmt(v)}</td>' for v in turn_means)}<td>{_fmt(overall['all_turns'])}</td>"
+                    f"<td>{_fmt(overall['reference_nll'])}</td><td>{_fmt(overall['dense_agreement'])}</td>"
+                    f"<td>{_fmt(mib)}</td></tr>")
+    return (f"<table id='scores'><thead><tr><th>run</th><th>task</th><th>n</th>{head}<th>all</th><th>NLL</th>"
             f"<th>=dense</th><th>KV MiB</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+_CONFIG_FIELDS = ("model", "method", "mode", "profile", "samples", "seed", "max_turns", "prompt_format",
+                  "own_answers", "recompress", "data", "max_length")
+_VERSION_FIELDS = ("kvlife", "torch", "transformers", "python", "machine")
+
+
+def _config_table(runs: list[dict[str, Any]]) -> str:
+    head = "".join(f"<th>{name}</th>" for name in ("run", "created", *_CONFIG_FIELDS, *_VERSION_FIELDS))
+    rows = []
+    for run in runs:
+        identity, versions = run["identity"], run["config"].get("versions", {})
+        cells = [run["dir"].name, run["config"].get("created")] + [identity.get(k) for k in _CONFIG_FIELDS]
+        cells += [versions.get(k) for k in _VERSION_FIELDS]
+        rows.append("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in cells) + "</tr>")
+    return f"<table id='runs'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def write_html(run_dirs: list[Path], out: Path) -> Path:
@@ -149,15 +201,20 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; font-size: 13px; }}
 th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
 td:first-child, td:nth-child(2) {{ text-align: left; }}
+#runs td {{ text-align: left; }}
 tr.avg {{ font-weight: bold; background: #f4f4f4; }}
 figure {{ display: inline-block; margin: 1em; }}
 </style></head><body>
 <h1>kvlife report</h1>
+<p>{len(runs)} run(s). Scores are in [0, 1], per task and turn (n: samples); <i>all</i> is the mean
+over every turn, NLL the reference answer's mean negative log-likelihood per token, =dense how often
+the answer equals a sibling dense run's, KV MiB the cache held while answering.</p>
 <h2>Scores by task and turn</h2>
 {_score_table(runs)}
 <h2>Plots</h2>
 {figures}
-<h2>Configurations</h2>
+<h2>Configurations and versions</h2>
+{_config_table(runs)}
 {configs}
 </body></html>
 """

