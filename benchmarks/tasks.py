@@ -28,6 +28,28 @@ def scbench_length(task, tokenizer) -> dict:
     return {"context_tokens": len(ids), "turns": len(sample.turns), "samples": task.profiles["scbench"]["samples"]}
 
 
+def scbench_only(args) -> int:
+    """The scbench profiles' context lengths, with the default model's tokenizer (no model run)."""
+    from transformers import AutoTokenizer
+
+    from kvlife import models
+    from kvlife.bench.tasks import TASKS, get_task
+
+    tokenizer = AutoTokenizer.from_pretrained(str(models.resolve(args.model)))
+    for name in [t for t in args.tasks.split(",") if t] or sorted(TASKS):
+        task = get_task(name)
+        started = time.perf_counter()
+        entry = scbench_length(task, tokenizer)
+        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"model": args.model, "tasks": {}}
+        results["tasks"].setdefault(name, {"group": task.group})["scbench"] = entry
+        print(f"{name:22} scbench ctx={entry['context_tokens']} turns={entry['turns']} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+        if not args.no_write:
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps(results, indent=2))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="")
@@ -38,7 +60,10 @@ def main() -> int:
     parser.add_argument("--root", default="results/tasks-bench")
     parser.add_argument("--no-scbench", action="store_true", help="skip the scbench-profile context lengths")
     parser.add_argument("--no-write", action="store_true", help="print only (calibration)")
+    parser.add_argument("--scbench-only", action="store_true", help="only the scbench-profile context lengths")
     args = parser.parse_args()
+    if args.scbench_only:
+        return scbench_only(args)
 
     from kvlife import models
     from kvlife.bench.runner import BenchConfig, run, versions

@@ -96,7 +96,10 @@ def describe(function: Function) -> str:
     """A description in words from the docstring's first paragraph, without the function's name."""
     first = function.docstring.strip().split("\n\n")[0]
     text = " ".join(first.split())
-    text = re.sub(rf"\b{re.escape(function.name)}\b", "this function", text)
+    # the name as code (`name(`, or an identifier-like name) gives the answer away; a plain word stays
+    text = re.sub(rf"\b{re.escape(function.name)}\(\)?", "this function", text)
+    if "_" in function.name or function.name != function.name.lower():
+        text = re.sub(rf"\b{re.escape(function.name)}\b", "this function", text)
     args = ", ".join(function.args) if function.args else "no arguments"
     return f"{text} It takes {args}."
 
