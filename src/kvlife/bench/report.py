@@ -1,10 +1,12 @@
 """`kvlife report RUN_DIR [...] --out report.html`: one self-contained HTML page.
 
-Sections: a score table (task x turn for each run, with the run's average), turn curves (score
-against turn index, one line per recipe and mode: SCBench's plot of decay over turns), accuracy
-against cache bytes (the trade-off), multi-turn against multi-request for the same recipe, and
-each run's configuration and versions. Plots are PNGs (matplotlib, Agg) embedded as base64.
-"""
+Sections: a score table (task x turn for each run, with sample counts, and the run's average per
+turn and over all turns), three plots: turn curves (score against turn index, one line per recipe
+and mode: SCBench's plot of decay over turns), accuracy against cache bytes (one line per method
+and mode, its budgets joined in order of bytes), multi-turn against multi-request for the same
+recipe (a mode not run is marked, not drawn as zero); then a table of each run's configuration
+and versions, with the raw config.json. Plots are PNGs (matplotlib, Agg) embedded as base64; the
+page needs no network."""
 
 from __future__ import annotations
 
