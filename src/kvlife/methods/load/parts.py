@@ -54,21 +54,40 @@ def merge_parts(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
 
 
 def scaled_scores(call: AttnCall, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """q·k · scaling (soft-capped when the model caps), float32. query [h, q, d], keys [h, n, d]."""
+    """q·k · scaling (soft-capped when the model caps), float32. query [b, m, d], keys [b, n, d]."""
     scores = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * call.scaling
     if call.softcap is not None:
         scores = torch.tanh(scores / call.softcap) * call.softcap
     return scores
 
 
+def grouped_attention(
+    call: AttnCall, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of every query head over per-KV-head keys, without expanding the group.
+
+    keys / values [kv_heads, n, d], visible bool [kv_heads, q_len, n] or None. Returns (output
+    [q_heads, q_len, d] float32, lse [q_heads, q_len]).
+    """
+    kv_heads, groups, q_len = keys.shape[0], call.groups, call.query.shape[2]
+    query = call.query[0].reshape(kv_heads, groups * q_len, -1)  # query heads are KV-head-major
+    scores = scaled_scores(call, query, keys)  # [kv, g * q, n]
+    if visible is not None:
+        visible = visible[:, None].expand(kv_heads, groups, q_len, -1).reshape(kv_heads, groups * q_len, -1)
+    output, lse = part_attention(scores, values, visible)
+    return output.reshape(kv_heads * groups, q_len, -1), lse.reshape(kv_heads * groups, q_len)
+
+
+def range_attention(call: AttnCall, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention (output, lse) over the contiguous cache slots [lo, hi) (views, no copy)."""
+    visible = visibility_mask(call.q_pos, call.k_pos[:, lo:hi], call.sliding_window)
+    return grouped_attention(call, call.key[0, :, lo:hi], call.value[0, :, lo:hi], visible)
+
+
 def slot_attention(call: AttnCall, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention (output, lse) over the cache slots `slots` [n] shared by every KV head."""
-    groups = call.groups
-    keys = call.key[0][:, slots].repeat_interleave(groups, dim=0)
-    values = call.value[0][:, slots].repeat_interleave(groups, dim=0)
     visible = visibility_mask(call.q_pos, call.k_pos[:, slots], call.sliding_window)
-    scores = scaled_scores(call, call.query[0], keys)
-    return part_attention(scores, values, visible.repeat_interleave(groups, dim=0))
+    return grouped_attention(call, call.key[0][:, slots], call.value[0][:, slots], visible)
 
 
 class Lineage:

@@ -8,10 +8,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvlife.attention import AttnCall, dense_attention, reference_attention
+from kvlife.attention import AttnCall, dense_attention, reference_attention, visibility_mask
 from kvlife.errors import SpecError
 from kvlife.methods.base import LoadMethod
-from kvlife.methods.load.parts import INVISIBLE, recall_figures, record, token_bytes
+from kvlife.methods.load.parts import grouped_attention, recall_figures, record, token_bytes
 
 
 @dataclass
@@ -175,11 +175,9 @@ class Quest(LoadMethod):
         valid = slots < tokens
         slots = slots.clamp(max=tokens - 1)
         index = slots[:, :, None].expand(-1, -1, dim)
-        keys = call.key[0].gather(1, index)[None]
-        values = call.value[0].gather(1, index)[None]
-        k_pos = call.k_pos.gather(1, slots).masked_fill(~valid, INVISIBLE)
-        part = AttnCall(**{**call.__dict__, "key": keys, "value": values, "k_pos": k_pos})
-        return dense_attention(part)
+        visible = visibility_mask(call.q_pos, call.k_pos.gather(1, slots), call.sliding_window) & valid[:, None]
+        output, _ = grouped_attention(call, call.key[0].gather(1, index), call.value[0].gather(1, index), visible)
+        return output.to(call.value.dtype)[None]
 
     def byte_split(self, cache: Any) -> dict[str, int]:
         """Bytes a decode step attends to (working set, with the page bounds) vs bytes it leaves at rest."""

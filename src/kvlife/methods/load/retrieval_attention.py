@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -16,9 +17,9 @@ from kvlife.methods.load.parts import (
     Lineage,
     merge_parts,
     part_attention,
+    range_attention,
     recall_figures,
     record,
-    slot_attention,
     token_bytes,
 )
 
@@ -168,17 +169,19 @@ class RetrievalAttention(LoadMethod):
             return dense_attention(call)
         device = call.key.device
         exact = torch.cat([torch.arange(0, lo, device=device), torch.arange(hi, tokens, device=device)])
+        parts = [range_attention(call, hi, tokens)] + ([range_attention(call, 0, lo)] if lo > 0 else [])
         k = self.k_for(state.context_tokens)
         if k >= hi - lo:  # the whole middle is wanted: no index, exact scores
-            retrieved = torch.arange(lo, hi, device=device)
-            parts = [slot_attention(call, exact), slot_attention(call, retrieved)]
-            ids = (retrieved - lo).expand(call.query.shape[1], call.query.shape[2], -1)
+            parts.append(range_attention(call, lo, hi))
+            ids = torch.arange(hi - lo, device=device).expand(call.query.shape[1], call.query.shape[2], -1)
             k = hi - lo
         else:
             if state.heads is None:
+                started = time.perf_counter()
                 state.heads = self._build(call, state)
+                record(call, index_build_s=time.perf_counter() - started)
             middle, ids = self._retrieved(call, state.heads, lo, hi, k)
-            parts = [slot_attention(call, exact), middle]
+            parts.append(middle)
         output = merge_parts(parts).to(call.value.dtype)[None]
         per_token, offloaded = token_bytes(call), (hi - lo if state.heads is not None else 0)
         record(call, attended_tokens=(exact.numel() + k) * call.key.shape[1], sparse_layers=1,
@@ -207,7 +210,8 @@ class RetrievalAttention(LoadMethod):
             head_out, head_lse = [], []
             for start in range(0, q_len, rows_per_chunk):
                 rows = slice(start, start + rows_per_chunk)
-                gathered = values[ids[:, rows].clamp(min=0).to(values.device)]  # [g, rows, k, d]
+                chunk = ids[:, rows].clamp(min=0).to(values.device)
+                gathered = values.index_select(0, chunk.flatten()).view(*chunk.shape, dim)  # [g, rows, k, d]
                 out, lse = part_attention(scores[:, rows], gathered, found[:, rows])
                 head_out.append(out)
                 head_lse.append(lse)
