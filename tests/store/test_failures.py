@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.store.conftest import TOKENS, _stop, _wait, free_port, start_server
 
 from kvlife.session import Session
 from kvlife.store import open_store
 from kvlife.store.disk import SUFFIX, DiskBackend
 from kvlife.store.envelope import open_chunk
-from tests.store.conftest import TOKENS, _stop, _wait, free_port, start_server
 from tiny import ByteTokenizer, tiny_model
 
 CONTEXT = "the quick brown fox jumps over the lazy dog and keeps running far away. " * 3
