@@ -97,7 +97,13 @@ class PrefixStore:
         loaded = time.perf_counter()
         logits = session.forward(ids[hit * size:], phase="prefill", compress=False)
         computed = time.perf_counter()
-        put_bytes = self._put_new(session.cache, keys, hit, len(ids))
+        try:
+            put_bytes = self._put_new(session.cache, keys, hit, len(ids))
+        except Exception as exc:  # encoding failed (e.g. a codec limit): the answer goes on, unstored
+            put_bytes = 0
+            if "put" not in self.noted:
+                self.noted.add("put")
+                log.warning("kvlife store: could not encode chunks for storing (%s); continuing without", exc)
         self.last = {"store_hit_tokens": hit * size, "store_fetch_s": round(fetched - started, 5),
                      "store_load_s": round(loaded - fetched, 5), "store_prefill_s": round(computed - loaded, 5),
                      "store_put_s": round(time.perf_counter() - computed, 5), "store_put_bytes": put_bytes}

@@ -50,7 +50,9 @@ class KVStore:
     def _guard(self, index: int, fn, default):
         try:
             return fn()
-        except (StoreUnavailable, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any tier failure is a miss, never a crash
+            if not isinstance(exc, (StoreUnavailable, OSError)):
+                exc = f"{type(exc).__name__}: {exc}"
             self.down_until[index] = time.monotonic() + self.retry_s
             self.counters["tier_failures"] += 1
             if index not in self.warned:
