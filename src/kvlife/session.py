@@ -307,7 +307,10 @@ class Session:
         """Save the context cache (the state after prefill) to a safetensors file."""
         if self.cache is None:
             raise KvlifeError("nothing to save: call prefill(context) first")
-        meta = {"recipe": self.recipe.spec, "context_ids": self.context_ids, **(metadata or {})}
+        from kvlife.store.keys import model_fingerprint
+
+        meta = {"recipe": self.recipe.spec, "context_ids": self.context_ids,
+                "model_fingerprint": model_fingerprint(self.model), **(metadata or {})}
         self.cache.save(path, meta)
 
     def load(self, path: str) -> dict[str, Any]:
@@ -320,6 +323,10 @@ class Session:
         if metadata.get("recipe", self.recipe.spec) != self.recipe.spec:
             raise KvlifeError(f"{path} was saved with recipe {metadata.get('recipe')!r}, this session uses "
                               f"{self.recipe.spec!r}; load it with the same recipe")
+        from kvlife.store.keys import model_fingerprint
+
+        if metadata.get("model_fingerprint", model_fingerprint(self.model)) != model_fingerprint(self.model):
+            raise KvlifeError(f"{path} was saved from another model (or other weights); load it with that model")
         expected = KVCache.for_model(self.model)
         if len(meta_cache.layers) != len(expected.layers):
             raise KvlifeError(f"{path} holds {len(meta_cache.layers)} layers, the model has {len(expected.layers)}")

@@ -124,3 +124,5 @@ def test_session_save_load(model, tmp_path, mode):
         assert loaded.ask("what jumps?", max_new_tokens=6).output_ids == fresh.ask("what jumps?", max_new_tokens=6).output_ids
     with pytest.raises(Exception, match="recipe"):
         session(model, spec="streamingllm(n_sink=2,n_local=20)").load(tmp_path / "ctx.safetensors")
+    with pytest.raises(Exception, match="another model"):
+        session(tiny_model("qwen2", seed=3)).load(tmp_path / "ctx.safetensors")
