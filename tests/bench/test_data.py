@@ -73,7 +73,8 @@ def test_truncate_middle_keeps_both_ends():
     assert data.truncate_middle(sample, ByteTokenizer(), 10_000) is sample
 
 
-def test_bench_runs_on_official_rows_with_max_length(tmp_path):
+def test_bench_runs_on_official_rows_with_max_length(tmp_path, monkeypatch):
+    monkeypatch.setitem(data.MAX_NEW_TOKENS, "kv", 4)  # a random tiny model: keep decoding short
     config = BenchConfig(model="tiny", tasks=["kv"], mode="multi-request", prompt_format="plain",
                          data=str(FIXTURES), max_length=64)
     assert config.identity()["data"] == str(FIXTURES) and config.identity()["max_length"] == 64

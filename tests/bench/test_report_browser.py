@@ -31,7 +31,7 @@ def runs(tmp_path, monkeypatch):
     from kvlife.bench.tasks.kv import KVRetrieval
 
     monkeypatch.setitem(KVRetrieval.profiles, "test",
-                        {"samples": 2, "pairs": 2, "turns": 2, "context_tokens": 40, "dense_json": False})
+                        {"samples": 1, "pairs": 2, "turns": 2, "context_tokens": 40, "dense_json": False})
     model = tiny_model()
     out = []
     for method, mode in (("dense", "multi-turn"), ("dense", "multi-request"), ("streamingllm(n_local=8)", "multi-turn")):
