@@ -29,12 +29,40 @@ def load_runs(run_dirs: list[Path]) -> list[dict[str, Any]]:
         summary = write_summary(run_dir)
         config = json.loads((run_dir / "config.json").read_text())
         runs.append({"dir": run_dir, "summary": summary, "config": config, "identity": config.get("identity", {})})
+    _name_settings(runs)
     return runs
 
 
-def _label(run: dict[str, Any]) -> str:
+# What makes two runs comparable: everything but the method and the mode.
+_SETTING_FIELDS = ("model", "tasks", "profile", "samples", "seed", "max_turns", "prompt_format", "own_answers",
+                   "recompress", "data", "max_length")
+
+
+def _setting(run: dict[str, Any]) -> str:
+    return json.dumps([run["identity"].get(k) for k in _SETTING_FIELDS], default=str)
+
+
+def _name_settings(runs: list[dict[str, Any]]) -> None:
+    """Give each run a `setting` name: empty when all runs share one setting, else what differs."""
+    settings = {_setting(run) for run in runs}
+    for run in runs:
+        run["setting"] = ""
+    if len(settings) <= 1:
+        return
+    for field in _SETTING_FIELDS:
+        values = {json.dumps(run["identity"].get(field), default=str) for run in runs}
+        if len(values) > 1:
+            for run in runs:
+                value = run["identity"].get(field)
+                if field == "tasks" and isinstance(value, list):
+                    value = ",".join(value) if len(value) <= 2 else f"{len(value)} tasks"
+                run["setting"] += f" · {value if field in ('tasks', 'model') else f'{field}={value}'}"
+
+
+def _label(run: dict[str, Any], mode: bool = True) -> str:
     identity = run["identity"]
-    return f"{identity.get('method', '?')} · {identity.get('mode', '?')}"
+    text = identity.get("method", "?") + (f" · {identity.get('mode', '?')}" if mode else "")
+    return text + run.get("setting", "")
 
 
 def _png(fig) -> str:
@@ -68,7 +96,7 @@ def _plots(runs: list[dict[str, Any]]) -> dict[str, str]:
     ax.set_ylabel("score (mean over tasks)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("Score by turn")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     plots["turns"] = _png(fig)
     plt.close(fig)
 
@@ -80,11 +108,12 @@ def _plots(runs: list[dict[str, Any]]) -> dict[str, str]:
         if overall["cache_bytes"] and overall["all_turns"] is not None:
             method = identity.get("method", "?")
             family = method.split("(")[0]
-            families.setdefault((family, identity.get("mode", "?")), []).append(
+            key = (f"{family} · {identity.get('mode', '?')}{run['setting']}", _setting(run))
+            families.setdefault(key, []).append(
                 (overall["cache_bytes"] / 2**20, overall["all_turns"], method[len(family):]))
-    for (family, mode), points in sorted(families.items()):
+    for (label, _), points in sorted(families.items()):
         points.sort()
-        line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{family} · {mode}")[0]
+        line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)[0]
         for x, y, params in points:
             if params:
                 ax.annotate(params, (x, y), fontsize=6, color=line.get_color(), xytext=(3, 3),
@@ -96,7 +125,7 @@ def _plots(runs: list[dict[str, Any]]) -> dict[str, str]:
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("Accuracy against cache size")
     if families:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     plots["bytes"] = _png(fig)
     plt.close(fig)
 
@@ -106,7 +135,7 @@ def _plots(runs: list[dict[str, Any]]) -> dict[str, str]:
         identity = run["identity"]
         value = run["summary"]["overall"]["all_turns"]
         if value is not None:
-            by_method.setdefault(identity.get("method", "?"), {})[identity.get("mode", "?")] = value
+            by_method.setdefault(_label(run, mode=False), {})[identity.get("mode", "?")] = value
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     methods = sorted(by_method)
     width = 0.38
