@@ -3,11 +3,12 @@
 import json
 
 import torch
-from tests.codec.helpers import assert_within_bound, real_like_layers
 
 from kvlife.cache import KVCache
 from kvlife.codec import error_bound
 from kvlife.codec.cli import main
+
+from .helpers import assert_within_bound, real_like_layers
 
 
 def test_encode_inspect_decode(tmp_path, capsys):

@@ -7,11 +7,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.codec.helpers import ROPE, real_like_layers
 
 from kvlife.codec import BASELINES, CodecError, decode, decode_chunk, encode, encode_baseline, inspect
 from kvlife.codec.format import MAGIC, parse_header
 from kvlife.errors import KvlifeError
+
+from .helpers import ROPE, real_like_layers
 
 LAYERS = real_like_layers(n_layers=2, tokens=40, dim=16)
 BLOBS = {"kvlife": encode(LAYERS, chunk_tokens=16, rope=ROPE)}

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from tests.codec.helpers import ROPE, assert_within_bound, random_layers, real_like_layers
 
 from kvlife.cache import KVCache
 from kvlife.codec import (
@@ -20,6 +19,8 @@ from kvlife.codec import (
     inspect,
     mix,
 )
+
+from .helpers import ROPE, assert_within_bound, random_layers, real_like_layers
 
 
 @pytest.mark.parametrize("level", list(LEVELS))
