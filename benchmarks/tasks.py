@@ -23,7 +23,10 @@ RESULTS = Path(__file__).parent / "results" / "tasks.json"
 
 
 def scbench_length(task, tokenizer) -> dict:
-    sample = task.samples("scbench", 1)[0]
+    try:
+        sample = task.samples("scbench", 1)[0]
+    except Exception as exc:  # a profile that cannot generate is a finding to record, not a crash
+        return {"error": f"{type(exc).__name__}: {exc}", "samples": task.profiles["scbench"].get("samples")}
     ids = tokenizer.encode(sample.context, add_special_tokens=False)
     return {"context_tokens": len(ids), "turns": len(sample.turns), "samples": task.profiles["scbench"]["samples"]}
 
@@ -42,7 +45,7 @@ def scbench_only(args) -> int:
         entry = scbench_length(task, tokenizer)
         results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"model": args.model, "tasks": {}}
         results["tasks"].setdefault(name, {"group": task.group})["scbench"] = entry
-        print(f"{name:22} scbench ctx={entry['context_tokens']} turns={entry['turns']} "
+        print(f"{name:22} scbench ctx={entry.get('context_tokens', entry.get('error'))} turns={entry.get('turns')} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
         if not args.no_write:
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
