@@ -42,6 +42,10 @@ from kvlife.store.redis_backend import RedisBackend
 from kvlife.store.remote import RemoteBackend
 
 TOKEN = "bench-token"
+NOTES = ("ttft_s: median of the repeats, from the start of the turn's prefill to the first token; a hit covers "
+         "lookup, transfer, checksum, decoding and the prefill of the uncached tail (tokens past the last whole "
+         "chunk plus the query). Memory-tier throughput passes references in one process (no copy), so it is "
+         "an upper bound, not a transfer rate. Other jobs shared the 2 CPUs while this ran.")
 QUERY = "Which key has the value that appears first in the document?"
 
 
@@ -159,7 +163,7 @@ def main() -> None:
     results = {"machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus, "
                           f"torch threads {torch.get_num_threads()}, {platform.system()} {platform.release()}".strip(),
                "model": args.model, "dtype": str(next(model.parameters()).dtype), "chunk_tokens": args.chunk,
-               "query": QUERY, "repeats": args.repeats, "contexts": [], "throughput": {}}
+               "query": QUERY, "repeats": args.repeats, "notes": NOTES, "contexts": [], "throughput": {}}
     try:
         tiers = {
             "memory": lambda enc: MemoryBackend(16 << 30),
