@@ -27,6 +27,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from kvlife.bench.tasks import TASKS
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASKS)
+    if args.data and not args.tasks and Path(args.data).is_dir():  # the tasks DIR has files for
+        from kvlife.bench.data import TASK_FILES, data_files
+
+        tasks = [t for t in tasks if t in TASK_FILES and data_files(Path(args.data), t)] or tasks
     modes = ["multi-turn", "multi-request"] if args.mode == "both" else [args.mode]
     console = _console()
     store = None

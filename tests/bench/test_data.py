@@ -121,3 +121,11 @@ def test_hub_without_datasets_is_one_line(monkeypatch):
     with pytest.raises(TaskError, match="needs `datasets`") as info:
         data.read_rows("hub", "kv")
     assert "\n" not in str(info.value)
+
+
+def test_cli_bench_with_data_fails_in_one_line(tmp_path, capsys):
+    from kvlife import cli
+
+    assert cli.main(["bench", "--data", str(tmp_path / "nope"), "--tasks", "kv", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kvlife: error:") and "\n" not in err
