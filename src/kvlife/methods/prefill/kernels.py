@@ -76,26 +76,29 @@ def layout_mask(layout: Layout, n: int, rows: torch.Tensor | None = None) -> tor
     device = _device(layout)
     rows = torch.arange(n, device=device) if rows is None else rows.to(device)
     keys = torch.arange(n, device=device)
-    q, block = rows[:, None], layout.block
-    start = (rows // block * block)[:, None]
+    block = layout.block
     mask = torch.zeros(len(rows), n, dtype=torch.bool, device=device)
     if layout.offsets is not None:
-        table = torch.zeros(n + block, dtype=torch.bool, device=device)
-        offsets = layout.offsets[layout.offsets >= -n]
-        table[offsets + n] = True
-        rel = (keys[None] - start).clamp(-n, block - 1)
-        part = table[rel + n]
+        # table[i] says whether offset i - n is held; a row in the block starting at s sees key k
+        # when offset k - s is held, i.e. table[n - s + k]: one slice per block.
+        table = torch.zeros(2 * n + block, dtype=torch.bool, device=device)
+        table[layout.offsets[layout.offsets >= -n] + n] = True
+        starts = rows // block * block
+        for start in torch.unique(starts).tolist():
+            mask[starts == start] = table[n - start:2 * n - start]
         if layout.window is not None:
-            part &= (q - keys[None]) < layout.window
-        mask |= part
+            mask &= (rows[:, None] - keys[None]) < layout.window
     if layout.columns is not None:
         columns = torch.zeros(n, dtype=torch.bool, device=device)
         columns[layout.columns[layout.columns < n]] = True
         mask |= columns[None]
     if layout.blocks is not None:
+        n_key_blocks = -(-n // block)
         chosen = layout.blocks[rows // block]  # [rows, k]
-        mask |= ((keys[None, None] // block) == chosen[:, :, None]).any(1)
-    return mask & (keys[None] <= q)
+        seen = torch.zeros(len(rows), n_key_blocks + 1, dtype=torch.bool, device=device)
+        seen.scatter_(1, torch.where(chosen >= 0, chosen, n_key_blocks), True)
+        mask |= seen[:, :n_key_blocks].repeat_interleave(block, dim=1)[:, :n]
+    return mask & (keys[None] <= rows[:, None])
 
 
 def layouts_mask(layouts: list[Layout], n: int, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -120,14 +123,23 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     the query heads of one KV group are stacked into the rows of each block: 7x larger matmuls on
     a GQA model). Returns [q_heads, m, d] in the query's dtype.
     """
-    q_heads = query.shape[0]
-    groups = q_heads // key.shape[0]
-    if len(layouts) == 1:
-        plans = [_Plan(query[h * groups:(h + 1) * groups], key[h], value[h], layouts[0], scaling, softcap)
-                 for h in range(key.shape[0])]
+    q_heads, kv_heads, n = query.shape[0], key.shape[0], key.shape[1]
+    groups = q_heads // kv_heads
+    shared = len(layouts) == 1
+    # Keys padded once per KV head (zeros before key 0 for offsets reaching back, and after the last
+    # key up to two blocks), then read as views by every head and part of that group.
+    padded = []
+    for kv in range(kv_heads):
+        group = layouts if shared else layouts[kv * groups:(kv + 1) * groups]
+        front = max([-int(lay.offsets[0]) for lay in group if lay.offsets is not None and lay.offsets.numel()] + [0])
+        block = group[0].block
+        back = -(-n // block) * block + block - n
+        padded.append(_Keys(_pad(key[kv].float(), front, back), _pad(value[kv].float(), front, back), front, n))
+    if shared:
+        plans = [_Plan(query[h * groups:(h + 1) * groups], padded[h], layouts[0], scaling, softcap)
+                 for h in range(kv_heads)]
     else:
-        plans = [_Plan(query[h:h + 1], key[h // groups], value[h // groups], layouts[h], scaling, softcap)
-                 for h in range(q_heads)]
+        plans = [_Plan(query[h:h + 1], padded[h // groups], layouts[h], scaling, softcap) for h in range(q_heads)]
     tasks = [(plan, lo, min(lo + plan.step, plan.n_blocks)) for plan in plans
              for lo in range(0, plan.n_blocks, plan.step)]
     _run(tasks, query.device)
@@ -157,6 +169,20 @@ def _run(tasks: list, device: torch.device) -> None:
         torch.set_num_threads(threads)
 
 
+@dataclass
+class _Keys:
+    """One KV head's keys and values, zero-padded: key j is row `front + j`."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    front: int
+    n: int
+
+
+def _pad(rows: torch.Tensor, front: int, back: int) -> torch.Tensor:
+    return torch.cat([rows.new_zeros(front, rows.shape[-1]), rows, rows.new_zeros(back, rows.shape[-1])])
+
+
 def _runs(offsets: torch.Tensor) -> list[tuple[int, int]]:
     """Index ranges [a, b) of the runs of consecutive values in sorted `offsets`."""
     breaks = (torch.nonzero(offsets[1:] - offsets[:-1] != 1).flatten() + 1).tolist()
@@ -171,7 +197,7 @@ class _Plan:
     pre-scaled, float32. `compute(lo, hi)` fills `out[lo:hi]`.
     """
 
-    def __init__(self, query, key, value, layout: Layout, scaling: float, softcap: float | None) -> None:
+    def __init__(self, query, keys: _Keys, layout: Layout, scaling: float, softcap: float | None) -> None:
         g, m, dim = query.shape
         block = layout.block
         self.g, self.m, self.dim, self.block, self.softcap = g, m, dim, block, softcap
@@ -180,22 +206,21 @@ class _Plan:
         padded[:, :m] = query.float() * scaling
         self.rows = padded.view(g, n_blocks, block, dim).transpose(0, 1).reshape(n_blocks, g * block, dim)
         self.out = torch.empty_like(self.rows)
-        key, value = key.float(), value.float()
         self.parts: list[_Part] = []
         if layout.offsets is not None and layout.offsets.numel():
             # Long runs of offsets are strided views of the keys; the short rest is gathered.
             rest = []
             for a, b in _runs(layout.offsets):
                 if b - a >= LONG_RUN or layout.window is not None:
-                    self.parts.append(_OffsetsPart(key, value, layout.offsets[a:b], layout.window, block, n_blocks, g))
+                    self.parts.append(_OffsetsPart(keys, layout.offsets[a:b], layout.window, block, n_blocks, g))
                 else:
                     rest.append(layout.offsets[a:b])
             if rest:
-                self.parts.append(_OffsetsPart(key, value, torch.cat(rest), None, block, n_blocks, g))
+                self.parts.append(_OffsetsPart(keys, torch.cat(rest), None, block, n_blocks, g))
         if layout.columns is not None and layout.columns.numel():
-            self.parts.append(_ColumnsPart(key, value, layout, n_blocks))
+            self.parts.append(_ColumnsPart(keys, layout, n_blocks))
         if layout.blocks is not None:
-            self.parts.append(_BlocksPart(key, value, layout.blocks[:n_blocks], block))
+            self.parts.append(_BlocksPart(keys, layout.blocks[:n_blocks], block))
         for part in self.parts:
             part.softcap = softcap
         width = max([part.width for part in self.parts], default=1)
@@ -252,13 +277,10 @@ class _Part:
 class _OffsetsPart(_Part):
     """Block b sees keys b*block + offsets: a strided view of the keys when the offsets are one run."""
 
-    def __init__(self, key, value, offsets, window: int | None, block: int, n_blocks: int, g: int) -> None:
-        n, dim = key.shape
-        device = key.device
-        front = max(0, -int(offsets[0]))
-        back = max(0, n_blocks * block + int(offsets[-1]) - n + 1)
-        self.key = torch.cat([key.new_zeros(front, dim), key, key.new_zeros(back, dim)])
-        self.value = torch.cat([value.new_zeros(front, dim), value, value.new_zeros(back, dim)])
+    def __init__(self, keys: _Keys, offsets, window: int | None, block: int, n_blocks: int, g: int) -> None:
+        device = keys.key.device
+        front = keys.front
+        self.key, self.value = keys.key, keys.value
         self.offsets, self.width = offsets, offsets.numel()
         width = self.width
         # Causality (and the window) depend only on (row in block, offset): one bias for all blocks,
@@ -306,17 +328,19 @@ class _OffsetsPart(_Part):
 class _ColumnsPart(_Part):
     """Columns every later row sees; a chunk only computes the columns at or before its last row."""
 
-    def __init__(self, key, value, layout: Layout, n_blocks: int) -> None:
+    def __init__(self, keys: _Keys, layout: Layout, n_blocks: int) -> None:
         block, columns = layout.block, layout.columns
         self.block, self.columns, self.window = block, columns, layout.window
-        self.key, self.value = key.index_select(0, columns), value.index_select(0, columns)
+        self.key = keys.key.index_select(0, columns + keys.front)
+        self.value = keys.value.index_select(0, columns + keys.front)
+        device = keys.key.device
         self.width = columns.numel()
         self.skip = None
         if layout.window is None and layout.offsets is not None and layout.offsets.numel():
             # A column that block b's offsets already cover is counted there, not here.
-            rel = columns[None] - torch.arange(n_blocks, device=key.device)[:, None] * block
+            rel = columns[None] - torch.arange(n_blocks, device=device)[:, None] * block
             low = int(layout.offsets[0])
-            table = torch.zeros(block - low, dtype=torch.bool, device=key.device)
+            table = torch.zeros(block - low, dtype=torch.bool, device=device)
             table[layout.offsets - low] = True
             inside = (rel >= low) & (rel < block)
             self.skip = torch.zeros_like(inside)
@@ -341,17 +365,17 @@ class _BlocksPart(_Part):
     """Per query block, its chosen key blocks, gathered; a chunk computes only as many key blocks as
     its fullest query block chose (-1 entries read an all-zero, masked block)."""
 
-    def __init__(self, key, value, chosen: torch.Tensor, block: int) -> None:
-        n, dim = key.shape
-        n_key_blocks = -(-n // block)
-        pad = n_key_blocks * block - n + block
-        self.key = torch.cat([key, key.new_zeros(pad, dim)]).view(n_key_blocks + 1, block, dim)
-        self.value = torch.cat([value, value.new_zeros(pad, dim)]).view(n_key_blocks + 1, block, dim)
+    def __init__(self, keys: _Keys, chosen: torch.Tensor, block: int) -> None:
+        n_key_blocks = -(-keys.n // block)
+        rows = slice(keys.front, keys.front + (n_key_blocks + 1) * block)  # the padding ends in a zero block
+        self.key = keys.key[rows].view(n_key_blocks + 1, block, -1)
+        self.value = keys.value[rows].view(n_key_blocks + 1, block, -1)
+        device = keys.key.device
         chosen = chosen.gather(1, torch.argsort((chosen < 0).to(torch.int8), dim=1, stable=True))  # -1s last
         self.counts = (chosen >= 0).sum(1)
         self.safe = torch.where(chosen >= 0, chosen, n_key_blocks)
         self.block, self.width = block, chosen.shape[1] * block
-        key_pos = self.safe[:, :, None] * block + torch.arange(block, device=key.device)
+        key_pos = self.safe[:, :, None] * block + torch.arange(block, device=device)
         self.key_pos = torch.where(chosen[:, :, None] >= 0, key_pos, 1 << 62).reshape(chosen.shape[0], -1)
 
     def scores(self, rows, lo, hi):

@@ -86,24 +86,34 @@ class MInference(SparsePrefill):
         return pattern_layouts(call, self.head_patterns(call), self.last_q)
 
 
-def pattern_layouts(call: AttnCall, heads: tuple[HeadPattern, ...], last_q: int = 64) -> list[Layout] | None:
-    """Per query head, the layout its pattern estimates on this call; None when all are dense."""
+def pattern_layouts(call: AttnCall, heads: tuple[HeadPattern, ...], last_q: int = 64,
+                    estimates: dict | None = None) -> list[Layout] | None:
+    """Per query head, the layout its pattern estimates on this call; None when all are dense.
+
+    `estimates` (optional, a dict) keeps the per-call estimates across calls on the same `call`
+    (the pattern search scores many candidates on one layer)."""
     n, device = call.query.shape[2], call.query.device
+    estimates = {} if estimates is None else estimates
     layouts: list[Layout | None] = [None] * len(heads)
     vs_heads = []
     for h, head in enumerate(heads):
         if head.pattern == "a_shape":
             layouts[h] = a_shape_layout(n, head.size("n_init"), head.size("n_local"), device)
         elif head.pattern == "block_sparse" and head.size("top_k") < -(-n // BLOCK):
-            layouts[h] = top_blocks(pooled_block_scores(call, h), head.size("top_k"))
+            if ("pooled", h) not in estimates:
+                estimates[("pooled", h)] = pooled_block_scores(call, h)
+            layouts[h] = top_blocks(estimates[("pooled", h)], head.size("top_k"))
         elif head.pattern == "vertical_slash" and max(head.size("vertical_size"), head.size("slash_size")) < n:
             vs_heads.append(h)  # a size >= n keeps every key: dense
-    if vs_heads:
-        vertical, slash = vertical_slash_sums(last_query_probs(call, vs_heads, last_q))
-        for i, h in enumerate(vs_heads):
-            columns = top_columns(vertical[i], heads[h].size("vertical_size"))
-            diagonals = top_diagonals(slash[i], heads[h].size("slash_size"))
-            layouts[h] = vertical_slash_layout(columns, diagonals, n)
+    missing = [h for h in vs_heads if ("vertical", h) not in estimates]
+    if missing:
+        vertical, slash = vertical_slash_sums(last_query_probs(call, missing, last_q))
+        for i, h in enumerate(missing):
+            estimates[("vertical", h)], estimates[("slash", h)] = vertical[i], slash[i]
+    for h in vs_heads:
+        columns = top_columns(estimates[("vertical", h)], heads[h].size("vertical_size"))
+        diagonals = top_diagonals(estimates[("slash", h)], heads[h].size("slash_size"))
+        layouts[h] = vertical_slash_layout(columns, diagonals, n)
     if all(layout is None for layout in layouts):
         return None
     return [layout if layout is not None else full_layout(n, device) for layout in layouts]

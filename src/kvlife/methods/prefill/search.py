@@ -61,8 +61,9 @@ def score_candidates(call: AttnCall, rows: torch.Tensor, candidates=CANDIDATES, 
         probs.append(torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1))
     results: list[list[dict]] = [[] for _ in range(q_heads)]
     total = float(causal.sum())
+    estimates: dict = {}
     for candidate in candidates:
-        layouts = pattern_layouts(call, (candidate,) * q_heads, last_q)
+        layouts = pattern_layouts(call, (candidate,) * q_heads, last_q, estimates)
         for head in range(q_heads):
             if layouts is None:
                 recall, density = 1.0, 1.0
@@ -108,7 +109,7 @@ class PatternSearch(PrefillMethod):
 
 @torch.no_grad()
 def search(model: Any, tokenizer: Any, model_name: str, tokens: int = 16384, target_recall: float = 0.95,
-           rows: int = 512, candidates=CANDIDATES, ids: list[int] | None = None, log=print) -> dict:
+           rows: int = 256, candidates=CANDIDATES, ids: list[int] | None = None, log=print) -> dict:
     """Run the search on one calibration sample; returns the config dict (see patterns.py)."""
     from kvlife.cache import KVCache
 
@@ -171,5 +172,5 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--tokens", type=int, default=16384, help="calibration sample length (default 16384)")
     parser.add_argument("--recall", type=float, default=0.95, help="attention mass each head must keep (default 0.95)")
-    parser.add_argument("--rows", type=int, default=512, help="query rows sampled per layer (default 512)")
+    parser.add_argument("--rows", type=int, default=256, help="query rows sampled per layer (default 256)")
     parser.set_defaults(func=cmd_search_patterns)
