@@ -56,7 +56,7 @@ class QAChinese(Task):
     description = "Answer questions about facts stated in a long Chinese document."
     differs_from_scbench = "generated Chinese documents with known facts; containment or character F1"
     profiles = {
-        "default": {"samples": 8, "persons": 4, "turns": 4, "context_chars": 2000},
+        "default": {"samples": 8, "persons": 6, "turns": 4, "context_chars": 2400},
         "scbench": {"samples": 35, "persons": 80, "turns": 5, "context_chars": 1500000},
     }
 
