@@ -34,6 +34,23 @@ from kvlife.recipe import Recipe, parse
 
 RESULTS = Path(__file__).parent / "results" / "load.json"
 MODEL = "qwen2.5-coder-0.5b"
+NOTES = [
+    "decode: one kv-task context per length (the filler estimate gives ~7.4K and ~14.6K tokens for the "
+    "8192 / 16384 rows; context_tokens is exact), 12 timed greedy steps after one query, one torch thread, on a "
+    "2-core machine shared with other jobs: step times are indicative, compare within a row",
+    "attention_ms_per_step: time inside the load method (all 24 layers); index_build_s: retrieval_attention's "
+    "one-time index build (first decode step), excluded from the medians",
+    "topk_recall: share of the true top-k keys by q.k that were attended (quest: k = budget over all visible "
+    "keys; retrieval_attention: k = top_k over the indexed middle); attention_mass_recall: share of the true "
+    "softmax mass on attended keys; both averaged over sparse layers, query heads and 8 decode steps",
+    "bytes: working = K/V a step attends from resident memory (+ quest's page bounds), offloaded = K/V left at "
+    "rest (quest) or moved to the CPU index (retrieval_attention; index_bytes = its float32 key copies + ids)",
+    "accuracy: default profile (~2K-token contexts) so budgets are scaled (quest 256 tokens, retrieval_attention "
+    "16 sinks + 128 window + top-256); 2 samples x 4 turns per task and mode: small, differences of one answer "
+    "are 0.125",
+    "lingua: prefill_time_saved = 1 - (scoring + compressed prefill) / dense prefill at the first length; "
+    "multi-turn compresses once with query 1 (later turns' needles may be dropped), multi-request without a query",
+]
 ACCURACY_METHODS = ["dense", "quest(budget=256)", "retrieval_attention(n_sink=16,window=128,top_k=256)",
                     "lingua", "lingua(scorer=smollm2-135m)"]
 
@@ -225,7 +242,8 @@ def main() -> None:
     from kvlife import models
 
     results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results.update({"machine": machine(), "model": MODEL, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    results.update({"machine": machine(), "model": MODEL, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "notes": NOTES})
     model, tokenizer = models.load(MODEL)
     lengths = [int(x) for x in args.lengths.split(",") if x]
 
