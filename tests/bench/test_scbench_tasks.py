@@ -134,3 +134,9 @@ def test_scbench_profiles_are_scbench_sized():
         assert profile["samples"] == samples and profile["turns"] == turns
     sample = get_task("many_shot").samples("scbench", 1)[0]
     assert sample.context.count("Label:") == 2400 and len(sample.turns) == 5
+
+
+def test_qa_chn_generates_many_people():
+    # 80 people outnumber the one-character pets' names: generation must not loop forever
+    sample = get_task("qa_chn").make_sample(random.Random(0), 0, persons=80, turns=5, context_chars=20000)
+    assert len(sample.turns) == 5 and all(turn.answer.rstrip("年") in sample.context for turn in sample.turns)

@@ -39,6 +39,16 @@ def _unique(rng: random.Random, make, taken: set[str]) -> str:
             return value
 
 
+def _pet_name(rng: random.Random, taken: set[str]) -> str:
+    """"小" and one character while such names are left (the default profile), then two."""
+    for _ in range(50):
+        name = "小" + rng.choice(_GIVEN)
+        if name not in taken:
+            taken.add(name)
+            return name
+    return _unique(rng, lambda: "小" + "".join(rng.sample(_GIVEN, 2)), taken)
+
+
 def zh_filler(rng: random.Random, n_chars: int) -> str:
     sentences, total = [], 0
     while total < n_chars:
@@ -66,7 +76,7 @@ class QAChinese(Task):
         for _ in range(persons):
             name = _unique(rng, lambda: rng.choice(_SURNAMES) + "".join(rng.sample(_GIVEN, 2)), taken)
             town = _unique(rng, lambda: "".join(rng.sample(_PLACE, 2)) + "镇", taken)
-            pet_name = _unique(rng, lambda: "小" + rng.choice(_GIVEN), taken)
+            pet_name = _pet_name(rng, taken)
             trade, pet, year = rng.choice(_TRADES), rng.choice(_PETS), str(rng.randint(1850, 1990))
             paragraph = (f"{name}出生在{town}。{name}一生中大部分时间都是一名{trade}。{year}年，{name}在集市旁边开了一家"
                          f"小作坊。{name}养了一只{pet}，名字叫{pet_name}。")
