@@ -15,10 +15,10 @@ from kvlife.methods.prefill.minference import full_layout
 TOL = dict(atol=2e-5, rtol=2e-5)
 
 
-@pytest.fixture(autouse=True)
-def small_chunks(monkeypatch):
-    # Several chunks per head, and runs of offsets read as views from 8 on: every code path runs.
-    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 4096)
+@pytest.fixture(autouse=True, params=[4096, 40000])
+def small_chunks(monkeypatch, request):
+    # One or several blocks per chunk, and runs of offsets read as views from 8 on: every path runs.
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", request.param)
     monkeypatch.setattr(kernels, "LONG_RUN", 8)
     # Tiny tensors: intra-op thread hand-offs cost far more than the math on a busy machine.
     threads = torch.get_num_threads()

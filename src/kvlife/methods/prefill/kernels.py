@@ -35,7 +35,8 @@ import torch
 from kvlife.attention import AttnCall
 
 BLOCK = 64  # query rows per block (MInference's block size)
-CHUNK_ELEMENTS = 1 << 19  # float32 scores per chunk (2 MiB): one core's L2 cache
+CHUNK_ELEMENTS = 1 << 21  # float32 scores per chunk (8 MiB): fewer, larger ops; still cache-resident in L2+L3
+FLOOR = -1e30  # running-max floor of rows that see no key yet
 LONG_RUN = 256  # offsets in runs at least this long are read as strided views, not gathered
 
 
@@ -183,6 +184,11 @@ def _pad(rows: torch.Tensor, front: int, back: int) -> torch.Tensor:
     return torch.cat([rows.new_zeros(front, rows.shape[-1]), rows, rows.new_zeros(back, rows.shape[-1])])
 
 
+def _ranges(indices: torch.Tensor) -> list[tuple[int, int]]:
+    """Sorted unique indices as a list of [a, b) ranges of consecutive values."""
+    return [(int(indices[a]), int(indices[b - 1]) + 1) for a, b in _runs(indices)] if indices.numel() else []
+
+
 def _runs(offsets: torch.Tensor) -> list[tuple[int, int]]:
     """Index ranges [a, b) of the runs of consecutive values in sorted `offsets`."""
     breaks = (torch.nonzero(offsets[1:] - offsets[:-1] != 1).flatten() + 1).tolist()
@@ -227,29 +233,30 @@ class _Plan:
         self.step = max(1, CHUNK_ELEMENTS // (g * block * width))
 
     def compute(self, lo: int, hi: int) -> None:
+        """Online softmax over the parts (flash attention's running max, sum and output)."""
         rows = self.rows[lo:hi]
-        out = lse = None
+        top = total = out = None
         for part in self.parts:
             scores, values = part.scores(rows, lo, hi)
             if scores.shape[-1] == 0:
                 continue
-            top = scores.amax(-1, keepdim=True)
-            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # rows that see no key
-            probs = scores.sub_(top).exp_()
-            total = probs.sum(-1, keepdim=True)
-            part_out = torch.matmul(probs, values).div_(total.clamp_min(1.0))  # total >= 1 if any key
-            part_lse = (top + total.log()).squeeze(-1)
-            if out is None:
-                out, lse = part_out, part_lse
+            part_top = scores.amax(-1, keepdim=True)
+            # A finite floor: a row that sees no key yet keeps exp(-inf - floor) = 0, never NaN.
+            new_top = part_top.clamp_min(FLOOR) if top is None else torch.maximum(top, part_top)
+            probs = scores.sub_(new_top).exp_()
+            part_total = probs.sum(-1, keepdim=True)
+            part_out = torch.matmul(probs, values)
+            if top is None:
+                top, total, out = new_top, part_total, part_out
                 continue
-            merged = torch.logaddexp(lse, part_lse)
-            safe = torch.where(torch.isfinite(merged), merged, torch.zeros_like(merged))
-            out = out * torch.exp(lse - safe)[..., None] + part_out * torch.exp(part_lse - safe)[..., None]
-            lse = merged
+            scale = torch.exp(top - new_top)
+            total = total.mul_(scale).add_(part_total)
+            out = out.mul_(scale).add_(part_out)
+            top = new_top
         if out is None:
             self.out[lo:hi] = 0.0
-        else:
-            self.out[lo:hi] = out
+        else:  # total >= 1 for a row that sees any key (its maximum adds exp(0)); 0 rows stay 0
+            torch.div(out, total.clamp_min(1.0), out=self.out[lo:hi])
 
     def result(self) -> torch.Tensor:
         """[g, m, d] float32."""
@@ -289,15 +296,15 @@ class _OffsetsPart(_Part):
         visible = offsets[None] <= in_block
         if window is not None:
             visible &= (in_block - offsets[None]) < window
+        bias = torch.zeros(block, width, device=device).masked_fill_(~visible, float("-inf")).repeat(g, 1)
         masked = torch.nonzero((~visible).any(0)).flatten()
-        self.bias_lo, self.bias_hi = (int(masked[0]), int(masked[-1]) + 1) if masked.numel() else (0, 0)
-        bias = torch.zeros(block, width, device=device).masked_fill_(~visible, float("-inf"))
-        self.bias = bias[:, self.bias_lo:self.bias_hi].repeat(g, 1)
+        self.bias = [(a, b, bias[:, a:b]) for a, b in _ranges(masked)]  # A-shape: the window's two edges
         # The first blocks' offsets may reach before key 0: those keys are masked.
         self.starts = torch.arange(n_blocks, device=device) * block
         self.early = int((self.starts + int(offsets[0]) < 0).sum())
         self.early_bias = torch.zeros(self.early, 1, width, device=device).masked_fill_(
             (self.starts[:self.early, None] + offsets[None] < 0)[:, None], float("-inf"))
+        self.skip = torch.searchsorted(offsets, -self.starts[:self.early]).tolist()
         self.contiguous = int(offsets[-1] - offsets[0]) == width - 1
         if self.contiguous:
             shift = front + int(offsets[0])
@@ -308,18 +315,22 @@ class _OffsetsPart(_Part):
 
     def scores(self, rows, lo, hi):
         # Offsets that reach before key 0 even for the chunk's last block are skipped, not masked.
-        skip = int(torch.searchsorted(self.offsets, -int(self.starts[hi - 1]))) if lo < self.early else 0
+        skip = self.skip[hi - 1] if hi - 1 < self.early else 0
         if self.contiguous:
             values = self.value_view[lo:hi, skip:]
-            scores = _cap(torch.matmul(rows, self.key_view[lo:hi, :, skip:]), self.softcap)
+            # One mm per block: a batched matmul over these overlapping windows copies them first (2x slower).
+            scores = rows.new_empty(hi - lo, rows.shape[1], self.width - skip)
+            for i, block in enumerate(range(lo, hi)):
+                torch.mm(rows[i], self.key_view[block, :, skip:], out=scores[i])
+            scores = _cap(scores, self.softcap)
         else:
             flat = (self.starts[lo:hi, None] + self.index[None, skip:]).reshape(-1)
             shape = (hi - lo, self.width - skip, self.key.shape[-1])
             keys, values = self.key.index_select(0, flat).view(shape), self.value.index_select(0, flat).view(shape)
             scores = _cap(torch.matmul(rows, keys.transpose(1, 2)), self.softcap)
-        bias_lo = max(self.bias_lo, skip)
-        if self.bias_hi > bias_lo:
-            scores[..., bias_lo - skip:self.bias_hi - skip].add_(self.bias[:, bias_lo - self.bias_lo:])
+        for a, b, bias in self.bias:
+            if b > skip:
+                scores[..., max(a, skip) - skip:b - skip].add_(bias[:, max(a, skip) - a:])
         if lo < self.early:
             scores[: self.early - lo].add_(self.early_bias[lo:min(hi, self.early), :, skip:])
         return scores, values
@@ -345,17 +356,20 @@ class _ColumnsPart(_Part):
             inside = (rel >= low) & (rel < block)
             self.skip = torch.zeros_like(inside)
             self.skip[inside] = table[rel[inside] - low]
+        # Per query block: columns every row sees (`sure`), columns some row sees (`stop`).
+        lag = self.window or 0  # with a window, row q sees column c only if q - c >= window
+        starts = torch.arange(n_blocks, device=device) * block
+        self.sure = torch.searchsorted(columns, starts - lag, right=True).tolist()
+        self.stop = torch.searchsorted(columns, starts + block - 1 - lag, right=True).tolist()
+        self.reach = (starts[:, None] + torch.arange(block, device=device)) - lag  # [n_blocks, block]
 
     def scores(self, rows, lo, hi):
-        lag = self.window or 0  # with a window, row q sees column c only if q - c >= window
-        first, last = lo * self.block - lag, hi * self.block - 1 - lag  # the rows' lowest, highest reach
-        stop = int(torch.searchsorted(self.columns, last, right=True))
-        sure = min(stop, int(torch.searchsorted(self.columns, first, right=True)))
+        stop = self.stop[hi - 1]
+        sure = min(stop, self.sure[lo])
         scores = _cap(torch.matmul(rows, self.key[:stop].T), self.softcap)
         if stop > sure:  # columns visible to only some rows of the chunk
-            pos = torch.arange(lo * self.block, hi * self.block, device=rows.device) - lag
-            pos = pos.view(hi - lo, self.block).repeat(1, rows.shape[1] // self.block)
-            scores[..., sure:stop].masked_fill_(self.columns[sure:stop] > pos[..., None], float("-inf"))
+            reach = self.reach[lo:hi].repeat(1, rows.shape[1] // self.block)
+            scores[..., sure:stop].masked_fill_(self.columns[sure:stop] > reach[..., None], float("-inf"))
         if self.skip is not None:
             scores.masked_fill_(self.skip[lo:hi, None, :stop], float("-inf"))
         return scores, self.value[:stop]
@@ -373,6 +387,7 @@ class _BlocksPart(_Part):
         device = keys.key.device
         chosen = chosen.gather(1, torch.argsort((chosen < 0).to(torch.int8), dim=1, stable=True))  # -1s last
         self.counts = (chosen >= 0).sum(1)
+        self.row_pos = torch.arange(chosen.shape[0] * block, device=device).view(-1, block)
         self.safe = torch.where(chosen >= 0, chosen, n_key_blocks)
         self.block, self.width = block, chosen.shape[1] * block
         key_pos = self.safe[:, :, None] * block + torch.arange(block, device=device)
@@ -384,7 +399,6 @@ class _BlocksPart(_Part):
         shape = (hi - lo, k * self.block, self.key.shape[-1])
         keys, values = self.key.index_select(0, index).view(shape), self.value.index_select(0, index).view(shape)
         scores = _cap(torch.matmul(rows, keys.transpose(1, 2)), self.softcap)
-        pos = torch.arange(lo * self.block, hi * self.block, device=rows.device).view(hi - lo, self.block)
-        pos = pos.repeat(1, rows.shape[1] // self.block)
+        pos = self.row_pos[lo:hi].repeat(1, rows.shape[1] // self.block)
         scores.masked_fill_(self.key_pos[lo:hi, None, :k * self.block] > pos[..., None], float("-inf"))
         return scores, values
