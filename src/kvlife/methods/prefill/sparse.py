@@ -2,7 +2,8 @@
 
 A sparse prefill method only says which keys each query head sees (`layouts`); this base class
 decides when that applies (full-attention layers on the first prefill's plain causal layout, longer
-than one block), runs the fast kernel, optionally computes the last `dense_rows` query rows densely
+than one block, and a pattern that keeps at most DENSE_ABOVE of the causal query-key pairs: denser
+patterns cost more than dense attention on CPU), runs the fast kernel, optionally computes the last `dense_rows` query rows densely
 (Tri-shape), and gives the same attention by dense masked softmax (`reference`) and the pattern as a
 bool mask (`mask`, for recall measurements). Anything else (sliding-window layers, evicted or
 shifted positions, a pattern that covers every key) takes `dense_attention`.
@@ -11,17 +12,31 @@ shifted positions, a pattern that covers every key) takes `dense_attention`.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 
 from kvlife.attention import AttnCall, dense_attention, reference_attention, visibility_mask
 from kvlife.methods.base import PrefillMethod
-from kvlife.methods.prefill.kernels import BLOCK, Layout, layout_mask, plain_causal, sparse_attention
+from kvlife.methods.prefill.kernels import (
+    BLOCK,
+    Layout,
+    layout_device,
+    layout_mask,
+    plain_causal,
+    sparse_attention,
+)
+
+DENSITY_ROWS = 32  # query rows sampled to estimate a pattern's density
 
 
 @dataclasses.dataclass
 class SparsePrefill(PrefillMethod):
     """Base of the sparse prefill methods; subclasses implement `layouts`."""
+
+    # Above this share of the causal query-key pairs the sparse kernel (1.2-1.7x dense's cost per
+    # score on CPU) is slower than dense attention, so the layer attends densely (and exactly).
+    DENSE_ABOVE: ClassVar[float] = 0.5
 
     def layouts(self, call: AttnCall) -> list[Layout] | None:
         """One layout per query head, or one shared by all heads; None when the pattern is dense."""
@@ -34,10 +49,18 @@ class SparsePrefill(PrefillMethod):
     def applies(self, call: AttnCall) -> bool:
         return not call.is_sliding and call.query.shape[2] > BLOCK and plain_causal(call)
 
-    def attend(self, call: AttnCall) -> torch.Tensor:
+    def plan(self, call: AttnCall) -> list[Layout] | None:
+        """The layouts this call runs with, or None for dense attention."""
         if not self.applies(call):
-            return dense_attention(call)
+            return None
         layouts = self.layouts(call)
+        n = call.query.shape[2]
+        if layouts is None or density(layouts, n - self.dense_rows(n)) > self.DENSE_ABOVE:
+            return None
+        return layouts
+
+    def attend(self, call: AttnCall) -> torch.Tensor:
+        layouts = self.plan(call)
         if layouts is None:
             return dense_attention(call)
         n = call.query.shape[2]
@@ -52,9 +75,7 @@ class SparsePrefill(PrefillMethod):
 
     def mask(self, call: AttnCall, rows: torch.Tensor | None = None) -> torch.Tensor | None:
         """Bool [q_heads, rows, k_len]: the keys each query row sees, or None where attention is dense."""
-        if not self.applies(call):
-            return None
-        layouts = self.layouts(call)
+        layouts = self.plan(call)
         if layouts is None:
             return None
         n, q_heads = call.query.shape[2], call.query.shape[1]
@@ -74,3 +95,14 @@ class SparsePrefill(PrefillMethod):
         if mask is None:
             return reference_attention(call)
         return reference_attention(call, mask=mask)
+
+
+def density(layouts: list[Layout], rows: int) -> float:
+    """Estimated share of the causal query-key pairs of query rows 0..rows-1 that `layouts` keep."""
+    if rows <= 0:
+        return 1.0
+    sample = torch.linspace(rows / DENSITY_ROWS, rows - 1, DENSITY_ROWS).round().long().unique()
+    n = rows  # keys beyond the last sparse row are never visible to it
+    kept = sum(float(layout_mask(layout, n, sample.to(layout_device(layout))).sum()) for layout in layouts)
+    return kept / (len(layouts) * float((sample + 1).sum()))
+
