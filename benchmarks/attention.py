@@ -8,7 +8,8 @@ Layer benchmark: one attention layer of the default model (Qwen2.5-Coder-0.5B: 1
 standard-library sources (the model run densely up to `--layer`; a causal model's first n tokens
 have the same Q/K/V in any longer run, so shorter lengths are prefixes). Per method and length:
 dense `scaled_dot_product_attention(is_causal=True)` time, the method's time including its index
-estimation, the speed-up, the attention mass kept (recall: the exact softmax of 256 random query
+estimation, the speed-up, the share of causal query-key pairs it computes (density; 1.0 where the
+method falls back to dense), the attention mass kept (recall: the exact softmax of 256 random query
 rows per head, summed over the keys the method computes; rows sampled uniformly) and the max
 absolute output error against dense. Times are the best of `--repeats` runs, each method timed
 between two timings of dense (the best of both is the reference).
@@ -39,6 +40,7 @@ from kvlife.attention import AttnCall, StepContext, dense_attention  # noqa: E40
 from kvlife.cache import KVCache  # noqa: E402
 from kvlife.methods.base import PrefillMethod  # noqa: E402
 from kvlife.methods.prefill.search import stdlib_ids  # noqa: E402
+from kvlife.methods.prefill.sparse import density  # noqa: E402
 from kvlife.recipe import parse  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "attention.json"
@@ -145,11 +147,14 @@ def layer_bench(qkv: tuple, lengths: list[int], specs: list[str], repeats: int, 
         for spec in specs:
             method = parse(spec).prefill
             sparse_s, got = best_time(lambda m=method, c=call: m.attend(c), repeats)
+            layouts = method.plan(call)
             rows_n.append({"length": n, "method": spec, "sparse_s": round(sparse_s, 3),
+                           "density": round(density(layouts, n), 4) if layouts is not None else 1.0,
                            "recall": round(recall(method, call, sample), 4),
                            "max_abs_error": float(f"{float((got - want).abs().max()):.3g}"),
                            "mean_abs_error": float(f"{float((got - want).abs().mean()):.3g}")})
-            print(f"{n:>6} {spec:<48} sparse {sparse_s:7.2f} s  recall {rows_n[-1]['recall']:.4f}  "
+            print(f"{n:>6} {spec:<48} sparse {sparse_s:7.2f} s  density {rows_n[-1]['density']:.3f}  "
+                  f"recall {rows_n[-1]['recall']:.4f}  "
                   f"max err {rows_n[-1]['max_abs_error']:.3g}", flush=True)
         dense_s = min(dense_s, best_time(dense, repeats)[0])  # dense again after: the best of both
         print(f"{n:>6} dense {dense_s:.2f} s", flush=True)
