@@ -303,12 +303,9 @@ class _OffsetsPart(_Part):
         bias = torch.zeros(block, width, device=device).masked_fill_(~visible, float("-inf")).repeat(g, 1)
         masked = torch.nonzero((~visible).any(0)).flatten()
         self.bias = [(a, b, bias[:, a:b]) for a, b in _ranges(masked)]  # A-shape: the window's two edges
-        # The first blocks' offsets may reach before key 0: those keys are masked.
+        # Offsets may reach before key 0: block b's valid offsets start at index first_valid[b].
         self.starts = torch.arange(n_blocks, device=device) * block
-        self.early = int((self.starts + int(offsets[0]) < 0).sum())
-        self.early_bias = torch.zeros(self.early, 1, width, device=device).masked_fill_(
-            (self.starts[:self.early, None] + offsets[None] < 0)[:, None], float("-inf"))
-        self.skip = torch.searchsorted(offsets, -self.starts[:self.early]).tolist()
+        self.first_valid = torch.searchsorted(offsets, -self.starts).tolist()
         self.contiguous = int(offsets[-1] - offsets[0]) == width - 1
         if self.contiguous:
             shift = front + int(offsets[0])
@@ -318,8 +315,9 @@ class _OffsetsPart(_Part):
             self.index = offsets + front  # block b reads padded rows b*block + index
 
     def scores(self, rows, lo, hi):
-        # Offsets that reach before key 0 even for the chunk's last block are skipped, not masked.
-        skip = self.skip[hi - 1] if hi - 1 < self.early else 0
+        # Offsets before key 0 for every block of the chunk are skipped; those before key 0 for only
+        # some of its blocks (a narrow range: offsets are sorted) are masked.
+        skip, partial = self.first_valid[hi - 1], self.first_valid[lo]
         if self.contiguous:
             values = self.value_view[lo:hi, skip:]
             # One mm per block: a batched matmul over these overlapping windows copies them first (2x slower).
@@ -335,8 +333,9 @@ class _OffsetsPart(_Part):
         for a, b, bias in self.bias:
             if b > skip:
                 scores[..., max(a, skip) - skip:b - skip].add_(bias[:, max(a, skip) - a:])
-        if lo < self.early:
-            scores[: self.early - lo].add_(self.early_bias[lo:min(hi, self.early), :, skip:])
+        if partial > skip:
+            before = (self.starts[lo:hi, None] + self.offsets[None, skip:partial]) < 0  # [c, offsets]
+            scores[..., :partial - skip].masked_fill_(before[:, None], float("-inf"))
         return scores, values
 
 
