@@ -221,3 +221,19 @@ def test_search_writes_a_config_minference_runs(model, tmp_path):
     chat = session(model, f"minference(config={path})", "multi-request")
     chat.prefill(CONTEXT)
     assert chat.ask("item3?", max_new_tokens=2).output_ids
+
+
+def test_search_patterns_command(tmp_path, capsys):
+    from kvlife.cli import main
+    from tiny import tiny_tokenizer
+
+    tiny_model("qwen2", attn="sdpa").save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "patterns.json"
+    args = ["search-patterns", "--model", str(tmp_path / "tiny"), "--out", str(out), "--tokens", "200", "--rows", "32"]
+    assert main([*args, "--recall", "1.5"]) == 2
+    assert "--recall must be in (0, 1]" in capsys.readouterr().err
+    assert main(args) == 0
+    config = patterns.load(str(out))
+    assert (config.n_layers, config.q_heads) == (4, 4)
+    assert parse(f"minference(config={out})").prefill.config == str(out)
