@@ -205,6 +205,22 @@ def e2e_bench(model, ids: list[int], lengths: list[int], specs: list[str]) -> li
     return rows_out
 
 
+def print_tables(result: dict) -> None:
+    layer = result.get("layer", {}).get("rows", [])
+    if layer:
+        print(f"\n{'tokens':>6}  {'method':<48} {'dense s':>8} {'sparse s':>9} {'speed-up':>8} {'density':>8} "
+              f"{'recall':>7} {'max err':>8}")
+        for r in layer:
+            print(f"{r['length']:>6}  {r['method']:<48} {r['dense_s']:>8.2f} {r['sparse_s']:>9.2f} {r['speedup']:>8.2f} "
+                  f"{r['density']:>8.3f} {r['recall']:>7.4f} {r['max_abs_error']:>8.3g}")
+    e2e = result.get("end_to_end", [])
+    if e2e:
+        print(f"\n{'tokens':>6}  {'method':<48} {'prefill s':>9} {'speed-up':>8} {'NLL':>7} {'dNLL':>7}")
+        for r in e2e:
+            print(f"{r['length']:>6}  {r['method']:<48} {r['prefill_s']:>9.1f} {r['speedup']:>8.2f} "
+                  f"{r['nll_last_255']:>7.4f} {r.get('nll_delta', 0.0):>7.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="8192,16384,32768")
@@ -214,7 +230,11 @@ def main() -> None:
     parser.add_argument("--e2e", default="8192,16384", help="end-to-end prefill lengths ('' to skip)")
     parser.add_argument("--e2e-methods", default=";".join(E2E_METHODS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--table", action="store_true", help="only print the tables of the last results")
     args = parser.parse_args()
+    if args.table:
+        print_tables(json.loads(RESULTS.read_text()))
+        return
     torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.lengths.split(",") if x]
     e2e_lengths = [int(x) for x in args.e2e.split(",") if x]
@@ -235,6 +255,7 @@ def main() -> None:
     if e2e_lengths:
         result["end_to_end"] = e2e_bench(model, ids, e2e_lengths, args.e2e_methods.split(";"))
         RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print_tables(result)
     print(f"wrote {RESULTS}")
 
 
