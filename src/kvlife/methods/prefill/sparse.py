@@ -34,9 +34,10 @@ DENSITY_ROWS = 32  # query rows sampled to estimate a pattern's density
 class SparsePrefill(PrefillMethod):
     """Base of the sparse prefill methods; subclasses implement `layouts`."""
 
-    # Above this share of the causal query-key pairs the sparse kernel (1.2-1.7x dense's cost per
-    # score on CPU) is slower than dense attention, so the layer attends densely (and exactly).
-    DENSE_ABOVE: ClassVar[float] = 0.5
+    # Above this share of the causal query-key pairs the sparse kernel is slower than dense attention
+    # (on CPU it costs 1.2-3x dense's time per score: least for A-shape's shared layout, most for
+    # per-head patterns at 8K), so the layer attends densely (and exactly).
+    DENSE_ABOVE: ClassVar[float] = 0.35
 
     def layouts(self, call: AttnCall) -> list[Layout] | None:
         """One layout per query head, or one shared by all heads; None when the pattern is dense."""
