@@ -38,7 +38,7 @@ from foundation import machine  # noqa: E402
 
 from kvlife import models  # noqa: E402
 from kvlife.attention import AttnCall, StepContext, dense_attention  # noqa: E402
-from kvlife.cache import KVCache  # noqa: E402
+from kvlife.cache import KVCache, cache_kwarg  # noqa: E402
 from kvlife.methods.base import PrefillMethod  # noqa: E402
 from kvlife.methods.prefill.search import stdlib_ids  # noqa: E402
 from kvlife.methods.prefill.sparse import density  # noqa: E402
@@ -97,7 +97,7 @@ def capture(model, ids: list[int], layer: int) -> tuple:
     cache = KVCache.for_model(model)
     positions = torch.arange(len(ids))
     try:
-        model(input_ids=torch.tensor([ids]), position_ids=positions[None], past_key_values=cache, use_cache=True,
+        model(input_ids=torch.tensor([ids]), position_ids=positions[None], **cache_kwarg(model, cache), use_cache=True,
               logits_to_keep=1, kvlife=StepContext(cache, positions, recipe=recipe_of(method)))
     except _Captured:
         pass
@@ -171,7 +171,7 @@ def prefill(model, prompt: torch.Tensor, spec: str) -> tuple[float, torch.Tensor
     n = prompt.shape[1]
     cache, positions = KVCache.for_model(model), torch.arange(n)
     started = time.perf_counter()
-    logits = model(input_ids=prompt, position_ids=positions[None], past_key_values=cache, use_cache=True,
+    logits = model(input_ids=prompt, position_ids=positions[None], **cache_kwarg(model, cache), use_cache=True,
                    logits_to_keep=256, kvlife=StepContext(cache, positions, recipe=parse(spec))).logits[0]
     return time.perf_counter() - started, logits
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from kvlife.cache import KVCache
+from kvlife.cache import KVCache, cache_kwarg
 from kvlife.codec import LEVELS, decode_layers, encode, encode_baseline, inspect, rope_from_config
 from kvlife.codec.baselines import LMCACHE_LEVELS
 from kvlife.codec.calibrate import channel_weights
@@ -64,7 +64,7 @@ def prepare(model, tokenizer, n_contexts: int, context_tokens: int, continuation
             continue
         context, continuation = ids[:context_tokens], ids[context_tokens : context_tokens + continuation_tokens]
         cache = KVCache.for_model(model)
-        model(context[None], past_key_values=cache, use_cache=True)
+        model(context[None], **cache_kwarg(model, cache), use_cache=True)
         layers = [(k.clone(), v.clone(), p.clone()) for k, v, p in cache.to_tensors()]
         reference = run_continuation(model, layers, context_tokens, continuation)
         items.append({"path": str(path), "layers": layers, "continuation": continuation, "reference": reference,
@@ -79,7 +79,7 @@ def prepare(model, tokenizer, n_contexts: int, context_tokens: int, continuation
 def run_continuation(model, layers, context_tokens: int, continuation: torch.Tensor) -> torch.Tensor:
     cache = KVCache.from_tensors(layers)
     positions = torch.arange(context_tokens, context_tokens + len(continuation))[None]
-    return model(continuation[None], past_key_values=cache, position_ids=positions).logits[0].float()
+    return model(continuation[None], **cache_kwarg(model, cache), position_ids=positions).logits[0].float()
 
 
 def quality(model, item, layers) -> tuple[float, float, float, float]:

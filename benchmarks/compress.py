@@ -1,6 +1,7 @@
 """Compression sweep: every compress method at several budgets, both modes, on the default tasks.
 
     .venv/bin/python benchmarks/compress.py [--samples 2] [--max-turns 3] [--ratios 0.25,0.125,0.5]
+    .venv/bin/python benchmarks/compress.py --name prefill --specs "dense;a_shape(n_local=256)"
 
 Loads the model once and runs `kvlife bench` runs in-process into results/compress/<run-id>/
 (resumable: rerun to continue where it stopped). After every run it rewrites
@@ -69,7 +70,7 @@ def _mean(values):
     return round(sum(values) / len(values), 4) if values else None
 
 
-def write_outputs(run_dirs: list[Path], settings: dict) -> None:
+def write_outputs(run_dirs: list[Path], settings: dict, name: str = "compress") -> None:
     rows = [row(d) for d in run_dirs]
     dense = {r["mode"]: r["cache_bytes_turn1"] for r in rows if r["method"] == "dense"}
     for r in rows:
@@ -78,8 +79,8 @@ def write_outputs(run_dirs: list[Path], settings: dict) -> None:
     payload = {"machine": machine(), "settings": settings, "rows": rows,
                "notes": "Small samples per task: read accuracy as indicative; NLL and dense agreement are the "
                         "finer fidelity signals. cache bytes: K/V held at turn 1 after compression (float32)."}
-    (RESULTS / "compress.json").write_text(json.dumps(payload, indent=2))
-    write_html(run_dirs, RESULTS / "compress-report.html")
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    write_html(run_dirs, RESULTS / f"{name}-report.html")
     print(f"{'method':28} {'mode':13} {'turns':24} {'all':>5} {'NLL':>6} {'=dense':>6} {'bytes':>6}")
     for r in rows:
         turns = " ".join(f"{v:.2f}" for v in r["accuracy_per_turn"].values())
@@ -96,23 +97,28 @@ def main() -> int:
     parser.add_argument("--max-turns", type=int, default=3)
     parser.add_argument("--ratios", default="0.25,0.125,0.5")
     parser.add_argument("--modes", default="multi-turn,multi-request")
-    parser.add_argument("--out", default="results/compress")
+    parser.add_argument("--specs", default=None,
+                        help="';'-separated recipes to run instead of the compression grid (dense first)")
+    parser.add_argument("--name", default="compress", help="results file stem: benchmarks/results/NAME.json")
+    parser.add_argument("--out", default=None, help="run directories' parent (default results/NAME)")
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
+    specs = args.specs.split(";") if args.specs else grid(ratios)
+    out = Path(args.out or f"results/{args.name}")
     settings = {"model": args.model, "tasks": args.tasks, "samples": args.samples, "max_turns": args.max_turns,
-                "ratios": ratios, "profile": "default"}
+                "ratios": ratios if not args.specs else None, "specs": specs, "profile": "default"}
     model, tokenizer = models.load(args.model)
     run_dirs: list[Path] = []
-    for spec in grid(ratios):
+    for spec in specs:
         for mode in args.modes.split(","):
             config = BenchConfig(model=args.model, tasks=args.tasks.split(","), mode=mode, method=spec,
                                  samples=args.samples, max_turns=args.max_turns)
             started = time.perf_counter()
-            run_dir = run(config, out=Path(args.out) / config.run_id(), model=model, tokenizer=tokenizer,
+            run_dir = run(config, out=out / config.run_id(), model=model, tokenizer=tokenizer,
                           progress=False)
             print(f"# {spec} {mode}: {time.perf_counter() - started:.0f} s", flush=True)
             run_dirs.append(run_dir)
-            write_outputs(run_dirs, settings)
+            write_outputs(run_dirs, settings, args.name)
     return 0
 
 

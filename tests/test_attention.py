@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvlife.attention import AttnCall, StepContext, dense_attention, reference_attention
-from kvlife.cache import KVCache
+from kvlife.cache import KVCache, cache_kwarg
 from tiny import tiny_model
 
 KINDS = ["llama", "qwen2", "gemma3"]
@@ -22,7 +22,7 @@ def test_dense_matches_sdpa_prefill_extend_decode(kind):
         for start, stop in pieces:
             pos = torch.arange(start, stop)
             phase = "prefill" if start == 0 else ("extend" if stop - start > 1 else "decode")
-            out = ours(ids[:, start:stop], past_key_values=cache, position_ids=pos[None],
+            out = ours(ids[:, start:stop], **cache_kwarg(ours, cache), position_ids=pos[None],
                        kvlife=StepContext(cache, pos, phase=phase))
             got.append(out.logits)
     torch.testing.assert_close(torch.cat(got, dim=1), expected, atol=1e-5, rtol=1e-5)
@@ -41,7 +41,7 @@ def test_gemma3_sliding_layers_keep_only_the_window():
     cache = KVCache.for_model(model)
     pos = torch.arange(30)
     with torch.no_grad():
-        model(torch.randint(1, 256, (1, 30)), past_key_values=cache, position_ids=pos[None],
+        model(torch.randint(1, 256, (1, 30)), **cache_kwarg(model, cache), position_ids=pos[None],
               kvlife=StepContext(cache, pos))
     windows = [layer.sliding_window for layer in cache.layers]
     assert windows == [8, 8, None, 8]

@@ -23,6 +23,16 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvlife.errors import CacheFileError
 
+
+def cache_kwarg(model: Any, cache: Cache) -> dict[str, Cache]:
+    """The forward keyword that passes a cache to `model`: `cache` (transformers >= 5.2x, where
+    `past_key_values` is deprecated) or `past_key_values` (older releases)."""
+    import inspect
+
+    forward = getattr(model, "forward", model)
+    name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    return {name: cache}
+
 CACHE_FILE_FORMAT = "kvlife-cache/1"
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from kvlife.attention import StepContext
-from kvlife.cache import KVCache
+from kvlife.cache import KVCache, cache_kwarg
 from kvlife.errors import KvlifeError
 from kvlife.recipe import Recipe, parse
 
@@ -177,7 +177,7 @@ class Session:
         out = self.model(
             input_ids=torch.tensor([ids], device=self.device),
             position_ids=positions[None],
-            past_key_values=self.cache,
+            **cache_kwarg(self.model, self.cache),
             use_cache=True,
             logits_to_keep=0 if all_logits else 1,
             kvlife=step,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kvlife.cache import KVCache
+from kvlife.cache import KVCache, cache_kwarg
 from kvlife.codec import decode, encode, rope_from_config
 from kvlife.codec.calibrate import channel_weights, load_weights, save_weights
 
@@ -29,9 +29,9 @@ def test_rope_from_config(tiny):
 def test_decoded_cache_reproduces_logits(tiny, tmp_path):
     ids = torch.randint(0, 128, (1, 90))
     cache = KVCache.for_model(tiny)
-    tiny(ids[:, :80], past_key_values=cache)
+    tiny(ids[:, :80], **cache_kwarg(tiny, cache))
     layers = [(k.clone(), v.clone(), p.clone()) for k, v, p in cache.to_tensors()]
-    reference = tiny(ids[:, 80:], past_key_values=KVCache.from_tensors(layers)).logits
+    reference = tiny(ids[:, 80:], **cache_kwarg(tiny, KVCache.from_tensors(layers))).logits
     weights = channel_weights(tiny, ids[:, :64])
     save_weights(tmp_path / "w.npz", weights)
     weights = load_weights(tmp_path / "w.npz")
@@ -40,6 +40,6 @@ def test_decoded_cache_reproduces_logits(tiny, tmp_path):
         blob = encode(cache, level=level, rope=rope_from_config(tiny.config), weights=weights, chunk_tokens=32)
         decoded = decode(blob)
         assert decoded.next_position == 80
-        logits = tiny(ids[:, 80:], past_key_values=decoded).logits
+        logits = tiny(ids[:, 80:], **cache_kwarg(tiny, decoded)).logits
         assert (logits - reference).abs().max() < tolerance
     assert np.isfinite(weights[1][1]).all()

@@ -111,7 +111,7 @@ class PatternSearch(PrefillMethod):
 def search(model: Any, tokenizer: Any, model_name: str, tokens: int = 16384, target_recall: float = 0.95,
            rows: int = 256, candidates=CANDIDATES, ids: list[int] | None = None, log=print) -> dict:
     """Run the search on one calibration sample; returns the config dict (see patterns.py)."""
-    from kvlife.cache import KVCache
+    from kvlife.cache import KVCache, cache_kwarg
 
     if not 0 < target_recall <= 1:
         raise SpecError(f"search-patterns: --recall must be in (0, 1], got {target_recall}")
@@ -128,7 +128,7 @@ def search(model: Any, tokenizer: Any, model_name: str, tokens: int = 16384, tar
     step = StepContext(cache, positions, phase="prefill",
                        recipe=SimpleNamespace(prefill=searcher, load=None, compress=None))
     started = time.perf_counter()
-    model(input_ids=torch.tensor([ids], device=device), position_ids=positions[None], past_key_values=cache,
+    model(input_ids=torch.tensor([ids], device=device), position_ids=positions[None], **cache_kwarg(model, cache),
           use_cache=True, logits_to_keep=1, kvlife=step)
     n_layers, q_heads = config.num_hidden_layers, config.num_attention_heads
     layers = [searcher.layers.get(layer, [{"pattern": "dense"}] * q_heads) for layer in range(n_layers)]
