@@ -140,3 +140,22 @@ def test_qa_chn_generates_many_people():
     # 80 people outnumber the one-character pets' names: generation must not loop forever
     sample = get_task("qa_chn").make_sample(random.Random(0), 0, persons=80, turns=5, context_chars=20000)
     assert len(sample.turns) == 5 and all(turn.answer.rstrip("年") in sample.context for turn in sample.turns)
+
+
+@pytest.mark.parametrize("name", ["kv", "prefix_suffix", "multihop", "math_find"])
+def test_foundation_tasks_generate_their_scbench_profile(name):
+    # math_find's scbench profile once asked for 20,000 distinct numbers out of 990 and could not generate
+    sample = get_task(name).samples("scbench", n=1)[0]
+    assert len(sample.context) > 100_000 and len(sample.turns) == 5
+    assert all(turn.answer for turn in sample.turns)
+
+
+def test_math_find_scbench_statistics_are_of_its_list():
+    sample = get_task("math_find").samples("scbench", n=1)[0]
+    listing = sample.context.split("The list of numbers is: ", 1)[1].split(".", 1)[0]
+    values = [int(v) for v in listing.split(", ")]
+    assert len(values) == 20_000 and len(set(values)) == 20_000
+    expected = {"largest": max(values), "smallest": min(values), "first": values[0], "last": values[-1]}
+    for turn in sample.turns:
+        word = next(w for w in expected if f"the {w} number" in turn.query)
+        assert turn.answer == str(expected[word])

@@ -30,7 +30,9 @@ class MathFind(Task):
     }
 
     def make_sample(self, rng, index, numbers, turns, context_tokens):
-        values = rng.sample(range(10, 1000), numbers)
+        # Distinct values (so each statistic has one answer); the range widens for long lists (the
+        # scbench profile's 20,000) and stays 10..999 for short ones, whose samples are unchanged.
+        values = rng.sample(range(10, max(1000, 50 * numbers)), numbers)
         listing = "The list of numbers is: " + ", ".join(str(v) for v in values) + "."
         half = chars_for_tokens(context_tokens) // 2
         before = " ".join(filler_sentences(rng, half)) if half else ""
