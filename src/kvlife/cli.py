@@ -25,6 +25,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from kvlife.bench.runner import BenchConfig, run
     from kvlife.bench.summary import print_tables, write_summary
     from kvlife.bench.tasks import TASKS
+    from kvlife.models import DEFAULT_MODEL
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASKS)
     if args.data and not args.tasks and Path(args.data).is_dir():  # the tasks DIR has files for
@@ -35,16 +36,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     console = _console()
     store = None
     if args.store:
+        if args.backend != "local":
+            raise KvlifeError("--store needs the local backend (a server keeps its own cache)")
         from kvlife.store import open_store
 
         store = open_store(args.store, encoding=args.store_encoding, chunk_size=args.store_chunk)
+    model = args.model
+    if args.backend == "openai":
+        if not args.base_url:
+            raise KvlifeError("--backend openai needs --base-url URL (e.g. http://127.0.0.1:8000/v1)")
+        if not model:
+            raise KvlifeError("--backend openai needs --model NAME, the name the server serves (see its /v1/models)")
+    elif args.base_url:
+        raise KvlifeError("--base-url is for --backend openai")
     for mode in modes:
-        config = BenchConfig(model=args.model, tasks=tasks, mode=mode, method=args.method, samples=args.samples,
-                             profile=args.profile, seed=args.seed, own_answers=args.own_answers,
+        config = BenchConfig(model=model or DEFAULT_MODEL, tasks=tasks, mode=mode, method=args.method,
+                             samples=args.samples, profile=args.profile, seed=args.seed, own_answers=args.own_answers,
                              recompress=args.recompress, max_turns=args.max_turns, prompt_format=args.format,
-                             data=args.data, max_length=args.max_length)
+                             data=args.data, max_length=args.max_length, backend=args.backend,
+                             base_url=args.base_url if args.backend == "openai" else None)
+        backend = None
+        if args.backend == "openai":
+            from kvlife.backends.openai import OpenAIBackend
+
+            backend = OpenAIBackend(args.base_url, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+                                    concurrency=args.concurrency, timeout_s=args.timeout, retries=args.retries)
+        elif args.concurrency != 1:
+            raise KvlifeError("--concurrency is for --backend openai (the local backend runs one sample at a time)")
         out = Path(args.out) / config.run_id() if args.out and len(modes) > 1 else (Path(args.out) if args.out else None)
-        run_dir = run(config, out=out, progress=not args.no_progress, console=console, store=store)
+        run_dir = run(config, out=out, progress=not args.no_progress, console=console, store=store, backend=backend)
         summary = write_summary(run_dir)
         print_tables(summary, console)
         console.print(f"results: {run_dir}")
@@ -140,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run the shared-context benchmark",
                            description="Run tasks on one shared context per sample, scored per turn.")
-    bench.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model name or HF dir (default {DEFAULT_MODEL})")
+    bench.add_argument("--model", default=None,
+                       help=f"registered model name or HF dir (default {DEFAULT_MODEL}); with --backend openai, "
+                       "the name the server serves")
     bench.add_argument("--tasks", default="", help="comma-separated task names (default: all; see `kvlife tasks`)")
     bench.add_argument("--mode", default="multi-turn", choices=["multi-turn", "multi-request", "both"])
     bench.add_argument("--method", default="dense", help="recipe spec, e.g. 'dense', 'streamingllm(n_local=256)'")
@@ -161,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reuse stored prefills: tiers fastest first, e.g. memory,disk:DIR,redis://H:P,http://H:P")
     bench.add_argument("--store-encoding", default="raw", help="raw | fp16 | int8 | int8+zstd | lmcache | kvlife:LEVEL")
     bench.add_argument("--store-chunk", type=int, default=256, help="tokens per stored chunk")
+    bench.add_argument("--backend", default="local", choices=["local", "openai"],
+                       help="local: kvlife's Session in this process; openai: an OpenAI-compatible server "
+                       "(vLLM, SGLang, llama.cpp) at --base-url, see docs/backends.md")
+    bench.add_argument("--base-url", default=None, metavar="URL", help="the server, e.g. http://127.0.0.1:8000/v1")
+    bench.add_argument("--api-key", default=None, help="bearer token for the server (default: $OPENAI_API_KEY)")
+    bench.add_argument("--concurrency", type=int, default=1, metavar="N", help="openai: samples in flight at once")
+    bench.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                       help="openai: seconds to wait for the server (connect, first token, each chunk)")
+    bench.add_argument("--retries", type=int, default=3, metavar="N",
+                       help="openai: retries of a failed request (connection errors, timeouts, 429, 5xx), backoff 0.5 s x 2^n")
     bench.set_defaults(func=cmd_bench)
 
     serve = sub.add_parser("serve", help="serve a KV chunk store over HTTP (for --store http://...)",

@@ -26,3 +26,7 @@ class ResultsError(KvlifeError):
 
 class CacheFileError(KvlifeError):
     """A saved KV cache file is missing, truncated or corrupt."""
+
+
+class BackendError(KvlifeError):
+    """A serving backend (an OpenAI-compatible server) is unreachable, refuses a request, or lacks the model."""

@@ -36,8 +36,8 @@ class TurnResult:
     ttft_s: float
     decode_tok_s: float | None
     new_tokens: int
-    cache_bytes: int  # K/V bytes held after this turn's prefill (what decoding attends over)
-    cache_tokens: float  # mean tokens held per layer at that point
+    cache_bytes: int | None  # K/V bytes held after this turn's prefill (what decoding attends over); None: unknown (a server's)
+    cache_tokens: float | None  # mean tokens held per layer at that point
     reference_nll: float | None = None
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -164,6 +164,11 @@ class Session:
             from kvlife.store.prefix import PrefixStore
 
             self.store = PrefixStore(store, salt=store_salt)
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens of the current context as prefilled (after prompt compression)."""
+        return len(self.context_ids)
 
     # ---- low level ---------------------------------------------------------------------------
 

@@ -38,6 +38,8 @@ class BenchConfig:
     prompt_format: str = "chat"
     data: str | None = None  # a directory of SCBench's released files (or "hub") instead of generated samples
     max_length: int | None = None  # cut longer contexts to this many tokens, from the middle
+    backend: str = "local"  # "local" (kvlife's Session) or "openai" (a server at base_url)
+    base_url: str | None = None  # the OpenAI-compatible server's URL, for backend "openai"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
@@ -48,12 +50,14 @@ class BenchConfig:
                 "prompt_format": self.prompt_format,
                 # only when set, so that runs made before these options keep their identity
                 **({"data": self.data} if self.data else {}),
-                **({"max_length": self.max_length} if self.max_length else {})}
+                **({"max_length": self.max_length} if self.max_length else {}),
+                **({"backend": self.backend, "base_url": self.base_url} if self.backend != "local" else {})}
 
     def run_id(self) -> str:
         digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
         slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in self.method)[:40]
-        return f"{Path(self.model).name}-{slug}-{self.mode}-{self.profile}-{digest}"
+        prefix = f"{self.backend}-" if self.backend != "local" else ""
+        return f"{prefix}{Path(self.model).name}-{slug}-{self.mode}-{self.profile}-{digest}"
 
 
 def versions() -> dict[str, str]:
@@ -137,32 +141,46 @@ def run_sample(session, task, sample: Sample, max_turns: int | None) -> list[dic
             "query": turn.query, "prediction": result.prediction, "reference": turn.answer,
             "score": task.score(result.prediction, turn.answer),
             "prompt_tokens": result.prompt_tokens,
-            "context_tokens": len(session.context_ids),
+            "context_tokens": session.context_tokens,
             "prefill_s": round(prefill_s, 4),
             "ttft_s": round(result.ttft_s + (prefilled.prefill_s if prefilled is not None and index == 0 else 0.0), 4),
             "decode_tok_s": round(result.decode_tok_s, 3) if result.decode_tok_s else None,
             "new_tokens": result.new_tokens,
             "cache_bytes": result.cache_bytes,
-            "cache_tokens": round(result.cache_tokens, 1),
+            "cache_tokens": round(result.cache_tokens, 1) if result.cache_tokens is not None else None,
             "reference_nll": round(result.reference_nll, 5) if result.reference_nll is not None else None,
         })
+        rows[-1].update(result.stats.get("row", {}))  # a backend's own fields (a server's cached tokens, ...)
         if index == 0 and getattr(session, "store", None) is not None:
             rows[-1]["store"] = dict(session.store.last)  # --store: tokens reused from the store, times
     return rows
 
 
-def run(config: BenchConfig, out: Path | None = None, model=None, tokenizer=None, progress: bool = True,
-        console=None, store=None) -> Path:
-    """Run (or resume) a benchmark; returns the run directory. `store`: a kvlife.store KVStore (or
-    tier URLs) that prefills reuse, across runs and methods sharing the same dense prefill."""
-    from kvlife import models
-    from kvlife.session import Session
+def make_backend(config: BenchConfig, model=None, tokenizer=None, store=None):
+    """The backend a config names, with default settings (the CLI builds its own from options)."""
+    from kvlife.backends import BACKENDS, LocalBackend
+    from kvlife.errors import KvlifeError
 
+    if config.backend == "local":
+        return LocalBackend(model, tokenizer, store)
+    if config.backend == "openai":
+        from kvlife.backends.openai import OpenAIBackend
+
+        if not config.base_url:
+            raise KvlifeError("--backend openai needs --base-url URL (e.g. http://127.0.0.1:8000/v1)")
+        return OpenAIBackend(config.base_url)
+    raise KvlifeError(f"unknown backend {config.backend!r}; valid: {', '.join(BACKENDS)}")
+
+
+def run(config: BenchConfig, out: Path | None = None, model=None, tokenizer=None, progress: bool = True,
+        console=None, store=None, backend=None) -> Path:
+    """Run (or resume) a benchmark; returns the run directory. `store`: a kvlife.store KVStore (or
+    tier URLs) that prefills reuse, across runs and methods sharing the same dense prefill.
+    `backend`: what computes the turns (kvlife.backends); default: the one `config.backend` names."""
     recipe = parse(config.method)  # fail on a bad spec, task or model before writing anything
     config.method = recipe.spec
     tasks = [get_task(name) for name in config.tasks]
-    if model is None:
-        models.resolve(config.model)
+    backend = backend or make_backend(config, model, tokenizer, store)
     if config.data:
         from kvlife.bench.data import load_samples
 
@@ -171,34 +189,81 @@ def run(config: BenchConfig, out: Path | None = None, model=None, tokenizer=None
         all_samples = [(task, sample) for task in tasks
                        for sample in task.samples(config.profile, config.samples, config.seed)]
     out = Path(out) if out else RESULTS_ROOT / config.run_id()
-    prepare_out(out, config)
     predictions = out / "predictions.jsonl"
     done = sample_done(read_rows(predictions))
     todo = [(task, sample) for task, sample in all_samples if (task.name, sample.id) not in done]
-    if todo and model is None:
-        model, tokenizer = models.load(config.model)
-    if todo and config.max_length:
-        from kvlife.bench.data import truncate_middle
-
-        todo = [(task, truncate_middle(sample, tokenizer, config.max_length)) for task, sample in todo]
-    if todo:
-        session = Session(model, tokenizer, recipe, mode=config.mode, own_answers=config.own_answers,
-                          recompress=config.recompress, prompt_format=config.prompt_format, store=store)
-        _loop(session, todo, predictions, config, progress, console, len(all_samples) - len(todo), len(all_samples))
+    try:
+        backend.check(config, connect=bool(todo))
+        config.extra = {**backend.describe(), **config.extra}
+        prepare_out(out, config)
+        if todo:
+            todo = backend.prepare(todo, config)
+            _loop(backend, todo, predictions, config, progress, console, len(all_samples) - len(todo),
+                  len(all_samples))
+    finally:
+        backend.close()
     from kvlife.bench.summary import write_summary
 
     write_summary(out)
     return out
 
 
-def _loop(session, todo, predictions, config, progress, console, already, total) -> None:
+def _loop(backend, todo, predictions, config, progress, console, already, total) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
         handle = bar.add_task(f"{config.method} {config.mode}", total=total, completed=already)
-        for task, sample in todo:
-            bar.update(handle, description=f"{config.method} {config.mode} {task.name}")
-            rows = run_sample(session, task, sample, config.max_turns)
-            append_rows(predictions, rows)
+        if backend.concurrency <= 1:
+            session = backend.open_session(config)
+            for task, sample in todo:
+                bar.update(handle, description=f"{config.method} {config.mode} {task.name}")
+                rows = run_sample(session, task, sample, config.max_turns)
+                append_rows(predictions, rows)
+                bar.advance(handle)
+            return
+        _loop_concurrent(backend, todo, predictions, config, bar, handle)
+
+
+def _loop_concurrent(backend, todo, predictions, config, bar, handle) -> None:
+    """`backend.concurrency` samples in flight at once, one session per worker thread; rows are
+    appended (by this thread only) as each sample completes, so a resume works as in the serial loop."""
+    import threading
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    local = threading.local()
+
+    def work(task, sample):
+        if getattr(local, "session", None) is None:
+            local.session = backend.open_session(config)
+        return run_sample(local.session, task, sample, config.max_turns)
+
+    bar.update(handle, description=f"{config.method} {config.mode} x{backend.concurrency}")
+    pool = ThreadPoolExecutor(max_workers=backend.concurrency, thread_name_prefix="kvlife-bench")
+    pending = {pool.submit(work, task, sample) for task, sample in todo}
+    error: BaseException | None = None
+
+    def keep(future) -> None:
+        nonlocal error
+        if future.cancelled():
+            return
+        if future.exception() is None:
+            append_rows(predictions, future.result())
             bar.advance(handle)
+        elif error is None:
+            error = future.exception()
+
+    try:
+        while pending and error is None:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                keep(future)
+    except BaseException as exc:  # Ctrl-C lands in this thread
+        error = exc
+    # On an error: start nothing new, let the samples in flight end (within the request timeout) and
+    # keep their rows, then raise the first error.
+    pool.shutdown(wait=True, cancel_futures=error is not None)
+    for future in pending:
+        keep(future)
+    if error is not None:
+        raise error

@@ -67,6 +67,8 @@ def summarize(rows: list[dict[str, Any]], dense_rows: list[dict[str, Any]] | Non
             "ttft_s": _mean([r["ttft_s"] for r in task_rows]),
             "decode_tok_s": _mean([r.get("decode_tok_s") for r in task_rows]),
         }
+        if any("latency_s" in r for r in task_rows):  # a server's run (kvlife.backends.openai)
+            tasks[task].update(_served(task_rows, turns))
     overall = {
         "turn1": _mean([t["turn1"] for t in tasks.values()]),
         "all_turns": _mean([t["all_turns"] for t in tasks.values()]),
@@ -74,7 +76,25 @@ def summarize(rows: list[dict[str, Any]], dense_rows: list[dict[str, Any]] | Non
         "dense_agreement": _mean([t["dense_agreement"] for t in tasks.values()]),
         "cache_bytes": _mean([t["cache_bytes"] for t in tasks.values()]),
     }
+    served = [r for r in rows if r.get("started_at") is not None and r.get("finished_at") is not None]
+    if served:
+        span = max(r["finished_at"] for r in served) - min(r["started_at"] for r in served)
+        overall["wall_s"] = round(span, 3)
+        overall["requests_per_s"] = round(len(served) / span, 4) if span > 0 else None
+        overall["output_tok_s"] = round(sum(r.get("new_tokens") or 0 for r in served) / span, 3) if span > 0 else None
     return {"tasks": tasks, "overall": overall, "rows": len(rows)}
+
+
+def _served(task_rows: list[dict[str, Any]], turns: list[int]) -> dict[str, Any]:
+    """A server's latency and cache reuse, overall and per turn (turns after the first of a
+    multi-request run should be served from the engine's prefix cache)."""
+    def by_turn(key: str) -> dict[str, float | None]:
+        return {str(t): _mean([r.get(key) for r in task_rows if r["turn"] == t]) for t in turns}
+
+    return {"latency_s": _mean([r.get("latency_s") for r in task_rows]),
+            "cached_tokens": _mean([r.get("cached_tokens") for r in task_rows]),
+            "ttft_s_per_turn": by_turn("ttft_s"), "cached_tokens_per_turn": by_turn("cached_tokens"),
+            "prompt_tokens_per_turn": by_turn("prompt_tokens")}
 
 
 def write_summary(out: Path) -> dict[str, Any]:
