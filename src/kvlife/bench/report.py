@@ -35,7 +35,7 @@ def load_runs(run_dirs: list[Path]) -> list[dict[str, Any]]:
 
 # What makes two runs comparable: everything but the method and the mode.
 _SETTING_FIELDS = ("model", "tasks", "profile", "samples", "seed", "max_turns", "prompt_format", "own_answers",
-                   "recompress", "data", "max_length")
+                   "recompress", "data", "max_length", "backend")
 
 
 def _setting(run: dict[str, Any]) -> str:
@@ -198,7 +198,7 @@ def _score_table(runs: list[dict[str, Any]]) -> str:
 
 
 _CONFIG_FIELDS = ("model", "method", "mode", "profile", "samples", "seed", "max_turns", "prompt_format",
-                  "own_answers", "recompress", "data", "max_length")
+                  "own_answers", "recompress", "data", "max_length", "backend", "base_url")
 _VERSION_FIELDS = ("kvlife", "torch", "transformers", "python", "machine")
 
 
