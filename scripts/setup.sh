@@ -15,11 +15,16 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     || "${PIP[@]}" install torch --index-url https://download.pytorch.org/whl/cpu
 fi
 "${PIP[@]}" install -e '.[test]'
-# The store's tests start a real redis-server on loopback; install it when missing (Debian/Ubuntu).
-if ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+# System programs the tests use, installed when missing (Debian/Ubuntu): the store's tests start a
+# real redis-server on loopback; the report's test renders the HTML page in headless Chromium.
+# KVLIFE_NO_APT=1 skips this (those tests are then skipped with a reason).
+apt_missing=()
+command -v redis-server >/dev/null 2>&1 || apt_missing+=(redis-server)
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || apt_missing+=(chromium)
+if [ ${#apt_missing[@]} -gt 0 ] && [ -z "${KVLIFE_NO_APT:-}" ] && command -v apt-get >/dev/null 2>&1; then
   SUDO=$([ "$(id -u)" -eq 0 ] || echo sudo)
-  { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null; } \
-    || echo "setup: could not install redis-server; the store's Redis tests will be skipped" >&2
+  { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${apt_missing[@]}" >/dev/null; } \
+    || echo "setup: could not install ${apt_missing[*]}; the tests that need them will be skipped" >&2
 fi
 models=("$@")
 [ ${#models[@]} -gt 0 ] || models=(qwen2.5-coder-0.5b smollm2-135m)
