@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kvlife.methods.prefill.search import add_parser as add_search_patterns
 
     add_search_patterns(sub)
+    from kvlife.stream.cli import add_parser as add_stream
+
+    add_stream(sub)
     return parser
 
 

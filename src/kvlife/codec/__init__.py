@@ -14,6 +14,7 @@ from kvlife.codec.api import (
     BASELINES,
     decode,
     decode_chunk,
+    decode_chunk_part,
     decode_layers,
     encode,
     encode_baseline,
@@ -29,6 +30,6 @@ from kvlife.codec.rope import RopeSpec, rope_from_config
 SCHEMES = ("kvlife", *BASELINES)
 
 __all__ = [
-    "BASELINES", "DEFAULT_LEVEL", "LEVELS", "SCHEMES", "CodecError", "Level", "RopeSpec", "decode", "decode_chunk",
+    "BASELINES", "DEFAULT_LEVEL", "LEVELS", "SCHEMES", "CodecError", "Level", "RopeSpec", "decode", "decode_chunk", "decode_chunk_part",
     "decode_layers", "encode", "encode_baseline", "encode_levels", "error_bound", "inspect", "mix", "rope_from_config",
 ]

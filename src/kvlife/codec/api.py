@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -308,7 +310,28 @@ def decode(blob: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> KVCache:
 def decode_chunk(blob: bytes, index: int, max_bytes: int = DEFAULT_MAX_BYTES) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
     """Decode chunk `index` alone: per layer (keys, values, positions) of its tokens, None where empty."""
     header = parse_header(blob, max_bytes)
-    layers, _, _ = _decode_chunk_np(blob, header, index)
+    return _chunk_tensors(header, index, _decode_chunk_np(blob, header, index)[0])
+
+
+def decode_chunk_part(header: Header, index: int, part: bytes,
+                      crc: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """Decode chunk `index` from its bytes alone, given its stream's parsed header (streaming: the header
+    arrives once, chunks one by one, possibly from streams of several levels made by one `encode_levels`).
+
+    `crc`: the chunk's CRC-32 (default: the header's chunk table entry), checked before decoding.
+    """
+    if not 0 <= index < header.n_chunks:
+        raise CodecError(f"chunk {index} does not exist (the stream has {header.n_chunks})")
+    expected = header.chunk_crcs[index] if crc is None else crc
+    if zlib.crc32(part) != expected:
+        raise CodecError(f"chunk {index} checksum mismatch: the chunk is corrupt")
+    after = [0] * (header.n_chunks - index - 1)
+    view = dataclasses.replace(header, chunk_lengths=[0] * index + [len(part)] + after,
+                               chunk_crcs=[0] * index + [expected] + after, header_bytes=0)
+    return _chunk_tensors(header, index, _decode_chunk_np(part, view, index)[0])
+
+
+def _chunk_tensors(header: Header, index: int, layers) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
     out = []
     for li, s in enumerate(header.layers):
         if li not in layers:
@@ -408,6 +431,6 @@ def header_version() -> int:
 
 
 __all__ = [
-    "BASELINES", "DTYPES", "SCHEMES", "decode", "decode_chunk", "decode_layers", "encode", "encode_baseline",
+    "BASELINES", "DTYPES", "SCHEMES", "decode", "decode_chunk", "decode_chunk_part", "decode_layers", "encode", "encode_baseline",
     "encode_levels", "error_bound", "inspect", "mix",
 ]

@@ -212,11 +212,12 @@ class _Reader:
         return fmt.unpack(self.take(fmt.size, what))
 
 
-def parse_header(blob: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Header:
+def parse_header(blob: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES, header_only: bool = False) -> Header:
     """Parse and verify a stream's header (magic, version, limits, CRC); chunks are checked on decode.
 
     `max_bytes` caps what the stream may claim to decode to (K/V in its dtype plus positions), so a
-    crafted header cannot make the decoder allocate without bound.
+    crafted header cannot make the decoder allocate without bound. `header_only`: `blob` is the header
+    alone (streaming sends it apart from the chunks), so its length is not checked against the chunk table.
     """
     if not isinstance(blob, bytes | bytearray | memoryview):
         raise CodecError(f"expected bytes, got {type(blob).__name__}")
@@ -258,7 +259,9 @@ def parse_header(blob: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -
             f"{max_bytes / 2**30:.1f} GiB; pass max_bytes= to decode it anyway"
         )
     lengths = [int(x) for x in table[:, 0]]
-    if reader.offset + sum(lengths) != len(blob):
+    if header_only and reader.offset != len(blob):
+        raise CodecError(f"header of {reader.offset} bytes followed by {len(blob) - reader.offset} more")
+    if not header_only and reader.offset + sum(lengths) != len(blob):
         raise CodecError(
             f"stream length {len(blob)} does not match its chunk table ({reader.offset + sum(lengths)} expected): "
             "truncated or padded"

@@ -1,0 +1,273 @@
+"""The streaming client: fetch a context's KV chunk by chunk by a deadline, adapting the level per chunk.
+
+    client = StreamClient("http://127.0.0.1:8766")
+    cache, report = client.fetch("doc-1", slo=2.0, model=model)   # KVCache of the whole context
+    report.met, report.ready_s, [c.option for c in report.chunks]
+
+Two threads. The fetcher (a background thread) asks the planner for chunk i's option with the
+throughput measured so far, then fetches chunk i at that level (or, for "recompute", fetches nothing)
+and hands it to the worker; it moves on to chunk i+1 at once. The worker (the calling thread) takes
+chunks in order, checks and decodes them, or recomputes a chunk with the model from its token ids on
+top of the cache built so far, so decoding and recomputing overlap with fetching.
+
+A chunk that fails in transit (connection lost, error status, cut short, or bytes whose SHA-256 is
+not the manifest's) is never used: it is fetched again (the planner choosing again, with the time
+lost) up to `max_attempts` times in all, then recomputed; without a model, the fetch fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kvlife.stream.context import (
+    RECOMPUTE,
+    Manifest,
+    StreamContext,
+    StreamError,
+    bundle_parts,
+    check_context_id,
+)
+from kvlife.stream.estimate import SpeedEstimate, ThroughputEstimate
+from kvlife.stream.planner import ADAPTIVE, Planner
+from kvlife.stream.recompute import CacheBuilder
+from kvlife.stream.transport import HttpTransport, TransportError
+
+RECOMPUTE_FLOPS_PRIOR = 1.5e11  # float32 prefill FLOP/s of this project's CPU core; replaced once measured
+
+
+@dataclass
+class ChunkRecord:
+    index: int
+    tokens: int
+    option: str = ""  # what the chunk finally was: a level or "recompute"
+    planned: list[str] = field(default_factory=list)  # every decision for it (more than one after a failure)
+    bytes: int = 0
+    fetch_s: float = 0.0
+    work_s: float = 0.0  # decoding or recomputing
+    throughput: float | None = None  # bytes/s this chunk's fetch achieved
+    predicted_bandwidth: float | None = None
+    predicted_ready_s: float = 0.0
+    failures: list[str] = field(default_factory=list)
+    ready_at_s: float = 0.0  # when it joined the cache (seconds since the fetch began)
+
+
+@dataclass
+class FetchReport:
+    context_id: str
+    policy: str
+    slo: float
+    tokens: int
+    ready_s: float = 0.0
+    met: bool = False
+    setup_s: float = 0.0  # manifest and header
+    bytes: int = 0
+    chunks: list[ChunkRecord] = field(default_factory=list)
+
+    def options(self) -> list[str]:
+        return [c.option for c in self.chunks]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class StreamClient:
+    def __init__(self, url: str | Any, token: str | None = None, timeout_s: float = 30.0) -> None:
+        self.transport = HttpTransport(url, token, timeout_s) if isinstance(url, str) else url
+        self.speeds: SpeedEstimate | None = None  # kept across fetches: this machine's speeds
+        self.last_manifest: Manifest | None = None
+
+    # ---- small requests ----------------------------------------------------------------------
+
+    def manifest(self, context_id: str) -> Manifest:
+        return self._manifest(context_id)[0]
+
+    def _manifest(self, context_id: str) -> tuple[Manifest, int]:
+        try:
+            data = self.transport.get(f"/v1/contexts/{check_context_id(context_id)}/manifest")
+        except TransportError as exc:
+            if exc.status == 404:
+                raise StreamError(f"the server has no context {context_id!r} (store it with `kvlife stream put`)") from None
+            raise
+        try:
+            return Manifest.from_json(json.loads(data)), len(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StreamError(f"the manifest of {context_id!r} is not JSON: {exc}") from None
+
+    def put(self, context: StreamContext) -> dict:
+        return self.transport.put(f"/v1/contexts/{context.manifest.context_id}", bundle_parts(context))
+
+    def set_trace(self, spec: str | None) -> dict:
+        """Restart the server's link trace at t = 0 (None: unshaped)."""
+        return self.transport.request_json("POST", "/v1/link", {"trace": spec})
+
+    # ---- the fetch -----------------------------------------------------------------------------
+
+    def fetch(self, context_id: str, slo: float, model: Any = None, policy: str = ADAPTIVE, margin: float = 0.05,
+              max_attempts: int = 2, levels: list[str] | None = None) -> tuple[Any, FetchReport]:
+        """The context's KVCache, ready as close to `slo` seconds as the link allows, and what happened.
+
+        `model`: needed to recompute chunks (and checked against the context's model fingerprint);
+        without it every chunk is fetched. `policy`: "adaptive", "recompute" or a level name (fixed).
+        `levels`: restrict the levels the adaptive policy may use."""
+        from kvlife.codec.format import parse_header
+
+        started = time.perf_counter()
+        manifest, manifest_bytes = self._manifest(context_id)
+        self.last_manifest = manifest
+        header_blob = self.transport.get(f"/v1/contexts/{context_id}/header")
+        setup_s = time.perf_counter() - started
+        if hashlib.sha256(header_blob).hexdigest() != manifest.header_sha256:
+            raise StreamError(f"the header of {context_id!r} does not match its manifest")
+        header = parse_header(header_blob, header_only=True)
+        if model is not None:
+            from kvlife.store.keys import model_fingerprint
+
+            if model_fingerprint(model) != manifest.model_fingerprint:
+                raise StreamError(f"context {context_id!r} was encoded from another model ({manifest.model or 'unnamed'}); "
+                                  "fetch it with that model")
+        if policy == RECOMPUTE and model is None:
+            raise StreamError("policy 'recompute' needs the model")
+        usable = [lv for lv in manifest.levels if levels is None or lv in levels]
+        n = manifest.n_chunks
+        tokens = [len(manifest.chunk_ids(i)) for i in range(n)]
+        planner = Planner({lv: [manifest.size(lv, i) for i in range(n)] for lv in usable}, tokens, slo, policy,
+                          margin, allow_recompute=model is not None)
+        speeds = self._speeds(header, model)
+        link = ThroughputEstimate()
+        link.add(manifest_bytes + len(header_blob), setup_s)
+        report = FetchReport(context_id, policy, slo, len(manifest.token_ids), setup_s=setup_s)
+        report.chunks = [ChunkRecord(i, tokens[i]) for i in range(n)]
+        builder = CacheBuilder(header, model)
+        handoff: queue.Queue = queue.Queue()
+        backlog = _Backlog()
+        stop = threading.Event()
+
+        def clock() -> float:
+            return time.perf_counter() - started
+
+        def fetcher() -> None:
+            try:
+                for i in range(n):
+                    if stop.is_set():
+                        return
+                    handoff.put(self._next_chunk(i, manifest, planner, speeds, link, backlog, clock,
+                                                 report.chunks[i], max_attempts, model is not None, tokens))
+            except BaseException as exc:  # noqa: BLE001 - handed to the worker, which raises it
+                handoff.put(exc)
+
+        thread = threading.Thread(target=fetcher, name="kvlife-stream-fetch", daemon=True)
+        thread.start()
+        try:
+            for i in range(n):
+                item = handoff.get()
+                if isinstance(item, BaseException):
+                    raise item
+                record = report.chunks[i]
+                backlog.begin()
+                work_started = time.perf_counter()
+                option, data = item
+                if option != RECOMPUTE:
+                    try:
+                        builder.add_encoded(i, data, manifest.chunks[option][i].crc32)
+                        speeds.add_decode(option, time.perf_counter() - work_started, tokens[i] / max(tokens))
+                    except StreamError as exc:  # passed its SHA-256 but does not decode: never used
+                        record.failures.append(f"decode: {exc}")
+                        if model is None:
+                            raise
+                        option = RECOMPUTE
+                if option == RECOMPUTE:
+                    prefix = builder.tokens
+                    builder.recompute(manifest.chunk_ids(i))
+                    speeds.add_recompute(tokens[i], prefix, time.perf_counter() - work_started)
+                record.option = option
+                record.work_s = time.perf_counter() - work_started
+                backlog.end()
+                record.ready_at_s = clock()
+            cache = builder.finish()
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+        report.ready_s = clock()
+        report.met = report.ready_s <= slo
+        report.bytes = manifest_bytes + len(header_blob) + sum(c.bytes for c in report.chunks)
+        return cache, report
+
+    def _speeds(self, header: Any, model: Any) -> SpeedEstimate:
+        fp16_chunk = sum(2 * s.heads * s.head_dim * 2 for s in header.layers) * header.chunk_tokens
+        if self.speeds is None or self.speeds.fp16_chunk_bytes != fp16_chunk:
+            params = sum(p.numel() for p in model.parameters()) if model is not None else 5e8
+            self.speeds = SpeedEstimate(fp16_chunk, recompute_tokens_s=RECOMPUTE_FLOPS_PRIOR / (2 * params))
+        return self.speeds
+
+    def _next_chunk(self, i: int, manifest: Manifest, planner: Planner, speeds: SpeedEstimate,
+                    link: ThroughputEstimate, backlog: _Backlog, clock, record: ChunkRecord, max_attempts: int,
+                    can_recompute: bool, tokens: list[int]) -> tuple[str, bytes | None]:
+        """Decide chunk i and fetch it (again after a failure); returns (option, bytes or None)."""
+        attempts = 0
+        while True:
+            bandwidth = link.predict()
+            decision = planner.choose(i, clock(), backlog.free_at(clock()), bandwidth, speeds)
+            if attempts >= max_attempts and can_recompute:
+                decision.option = RECOMPUTE
+            record.planned.append(decision.option)
+            record.predicted_bandwidth, record.predicted_ready_s = bandwidth, decision.predicted_ready_s
+            if decision.option == RECOMPUTE:
+                backlog.add(speeds.recompute_s(tokens[i], sum(tokens[:i])))
+                return RECOMPUTE, None
+            level = decision.option
+            fetch_started = time.perf_counter()
+            attempts += 1
+            try:
+                data = self.transport.get(f"/v1/contexts/{manifest.context_id}/chunks/{level}/{i}")
+                if hashlib.sha256(data).hexdigest() != manifest.chunks[level][i].sha256:
+                    raise TransportError(f"chunk {level}/{i}: {len(data)} bytes that fail the manifest's SHA-256")
+            except TransportError as exc:
+                record.failures.append(str(exc))
+                if attempts >= max_attempts and not can_recompute:
+                    raise StreamError(f"chunk {i} of {manifest.context_id!r} failed {attempts} times and there is "
+                                      f"no model to recompute it: {exc}") from None
+                continue
+            elapsed = time.perf_counter() - fetch_started
+            link.add(len(data), elapsed)
+            record.bytes += len(data)
+            record.fetch_s += elapsed
+            record.throughput = len(data) / max(elapsed, 1e-9)
+            backlog.add(speeds.decode_s(level, tokens[i] / max(tokens)))
+            return level, data
+
+
+class _Backlog:
+    """The worker's queue as the planner sees it: predicted seconds of work queued and in progress."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.queued: list[float] = []
+        self.current: tuple[float, float] | None = None  # (start, predicted seconds)
+
+    def add(self, seconds: float) -> None:
+        with self.lock:
+            self.queued.append(seconds)
+
+    def begin(self) -> None:
+        with self.lock:
+            predicted = self.queued.pop(0) if self.queued else 0.0
+            self.current = (time.perf_counter(), predicted)
+
+    def end(self) -> None:
+        with self.lock:
+            self.current = None
+
+    def free_at(self, now: float) -> float:
+        """When the worker is predicted to be idle, in the caller's clock (`now` = that clock's now)."""
+        with self.lock:
+            remaining = 0.0
+            if self.current is not None:
+                start, predicted = self.current
+                remaining = max(0.0, predicted - (time.perf_counter() - start))
+            return now + remaining + sum(self.queued)

@@ -1,0 +1,109 @@
+"""Per-chunk choice of a codec level, or recomputing the chunk from its tokens, to meet a deadline.
+
+CacheGen's streaming adaptation (Liu et al., SIGCOMM 2024, section 5.3), decided again before every
+chunk with the latest throughput: for the chunks still to come, predict when the whole context would be
+ready under a plan, and take the best-quality plan that is ready by the deadline (`slo` seconds after
+the fetch began, less a safety `margin`). The prediction models the client as it runs: one link that
+fetches chunks back to back, and one worker that decodes fetched chunks and recomputes the others, in
+chunk order (a chunk is recomputed on top of the chunks before it). Recomputing needs no bytes, so the
+worker can recompute early chunks while the link fetches later ones: with little bandwidth the two
+resources together beat either alone.
+
+Plans considered: the first r remaining chunks recomputed and the rest fetched at a level L, for
+r = 0, 1, 2, ..., all and L from best to worst. The plan with the fewest recomputed chunks that meets
+the deadline wins, the best level among those (recomputing is the fallback: its chunks are exact, but
+it costs compute); the current chunk is then recomputed if r > 0, else fetched at L. If no plan meets
+the deadline, the plan that is ready soonest wins (so the policy never misses a deadline the fastest
+fixed level would meet, up to prediction error).
+
+Fixed policies (one level, or always recompute) use the same client and report the same figures, for
+comparison: `Planner(policy="balanced")`, `Planner(policy="recompute")`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvlife.stream.context import RECOMPUTE, StreamError
+from kvlife.stream.estimate import SpeedEstimate
+
+ADAPTIVE = "adaptive"
+
+
+@dataclass
+class Decision:
+    option: str  # a level name or "recompute"
+    predicted_ready_s: float  # when the plan it belongs to predicts the whole context ready
+    plan_level: str | None  # the level the plan fetches the remaining chunks at
+    plan_recompute: int  # how many of the remaining chunks (from this one) the plan recomputes
+    meets: bool  # the plan is predicted ready by the deadline less the margin
+
+
+def _candidate_counts(rest: int) -> list[int]:
+    counts, step = set(range(min(rest, 4) + 1)), 4
+    while step < rest:
+        step = int(step * 1.5) + 1
+        counts.add(min(step, rest))
+    counts.add(rest)
+    return sorted(counts)
+
+
+class Planner:
+    def __init__(self, sizes: dict[str, Sequence[int]], chunk_tokens: Sequence[int], slo: float,
+                 policy: str = ADAPTIVE, margin: float = 0.05, allow_recompute: bool = True) -> None:
+        """`sizes`: level -> bytes of each chunk, levels best quality first; `chunk_tokens`: tokens of each
+        chunk; `slo`: seconds for the whole context; `margin`: fraction of `slo` kept in reserve."""
+        self.levels = list(sizes)
+        self.sizes = {level: list(values) for level, values in sizes.items()}
+        self.tokens = list(chunk_tokens)
+        if not self.levels and policy != RECOMPUTE:
+            raise StreamError("nothing to plan with: no levels")
+        if any(len(v) != len(self.tokens) for v in self.sizes.values()):
+            raise StreamError("every level needs one size per chunk")
+        if policy not in (ADAPTIVE, RECOMPUTE) and policy not in self.sizes:
+            raise StreamError(f"unknown policy {policy!r}: adaptive, recompute or a level ({', '.join(self.levels)})")
+        if not slo > 0:
+            raise StreamError(f"the deadline (slo) must be > 0 seconds, not {slo}")
+        self.slo, self.policy, self.margin, self.allow_recompute = slo, policy, margin, allow_recompute
+        self.full_tokens = max(self.tokens) if self.tokens else 1
+
+    def ready_time(self, index: int, level: str | None, recompute: int, now: float, worker_free: float,
+                   bandwidth: float, speeds: SpeedEstimate) -> float:
+        """Predicted time the context is ready if chunks index.. are: the first `recompute` recomputed,
+        the others fetched at `level` (fetches start at `now`; the worker is free at `worker_free`)."""
+        link, worker = now, max(now, worker_free)
+        prefix = sum(self.tokens[:index])
+        for k, j in enumerate(range(index, len(self.tokens))):
+            if k < recompute or level is None:
+                worker += speeds.recompute_s(self.tokens[j], prefix)
+            else:
+                link += self.sizes[level][j] / bandwidth
+                worker = max(worker, link) + speeds.decode_s(level, self.tokens[j] / self.full_tokens)
+            prefix += self.tokens[j]
+        return worker
+
+    def choose(self, index: int, now: float, worker_free: float, bandwidth: float | None,
+               speeds: SpeedEstimate) -> Decision:
+        """The option for chunk `index`, given the time since the fetch began and the worker's backlog."""
+        bandwidth = max(bandwidth or 1.0, 1.0)
+        budget = self.slo * (1.0 - self.margin)
+        if self.policy == RECOMPUTE:
+            ready = self.ready_time(index, None, len(self.tokens) - index, now, worker_free, bandwidth, speeds)
+            return Decision(RECOMPUTE, ready, None, len(self.tokens) - index, ready <= budget)
+        if self.policy != ADAPTIVE:
+            ready = self.ready_time(index, self.policy, 0, now, worker_free, bandwidth, speeds)
+            return Decision(self.policy, ready, self.policy, 0, ready <= budget)
+        rest = len(self.tokens) - index
+        counts = _candidate_counts(rest) if self.allow_recompute else [0]
+        soonest: Decision | None = None
+        for count in counts:
+            for level in self.levels:
+                ready = self.ready_time(index, level, count, now, worker_free, bandwidth, speeds)
+                decision = Decision(RECOMPUTE if count else level, ready, level, count, ready <= budget)
+                if decision.meets:
+                    return decision
+                if soonest is None or ready < soonest.predicted_ready_s:
+                    soonest = decision
+        assert soonest is not None
+        return soonest

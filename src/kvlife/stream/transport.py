@@ -1,0 +1,85 @@
+"""The client's side of the wire: HTTP requests to `kvlife stream serve` (httpx, one keep-alive pool).
+
+`get` returns a whole body or raises `TransportError` (unreachable, timed out, cut short, an error
+status): the caller decides whether to fetch again or recompute. Anything with a `get(path,
+timeout_s)` method can stand in for it (the tests wrap it to lose and corrupt chunks in transit).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from kvlife.stream.context import StreamError
+
+TOKEN_ENV = "KVLIFE_STREAM_TOKEN"
+
+
+class TransportError(StreamError):
+    """One request failed in transit (or the server answered with an error status)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class HttpTransport:
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = 30.0) -> None:
+        import httpx
+
+        if not url.startswith(("http://", "https://")):
+            raise StreamError(f"bad server URL {url!r}: expected http://HOST:PORT")
+        self.url = url.rstrip("/")
+        token = token or os.environ.get(TOKEN_ENV)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._httpx = httpx
+        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+
+    def _fail(self, method: str, path: str, response: Any) -> TransportError:
+        try:
+            message = response.json().get("error", "")
+        except Exception:  # noqa: BLE001 - any body: report the status alone
+            message = ""
+        hint = f"; set the token with --token or ${TOKEN_ENV}" if response.status_code == 401 else ""
+        return TransportError(f"{method} {self.url}{path}: {response.status_code} {message}{hint}".rstrip(),
+                              response.status_code)
+
+    def get(self, path: str, timeout_s: float | None = None) -> bytes:
+        timeout = self._httpx.Timeout(timeout_s) if timeout_s else None
+        try:
+            with self.client.stream("GET", path, **({"timeout": timeout} if timeout else {})) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise self._fail("GET", path, response)
+                body = b"".join(response.iter_bytes())
+                expected = response.headers.get("content-length")
+                if expected is not None and int(expected) != len(body):
+                    raise TransportError(f"GET {path}: {len(body)} of {expected} bytes")
+                return body
+        except self._httpx.ConnectError as exc:
+            raise TransportError(f"cannot reach {self.url} (is `kvlife stream serve` running there?): {exc}") from None
+        except self._httpx.HTTPError as exc:
+            raise TransportError(f"GET {self.url}{path}: {type(exc).__name__}: {exc}") from None
+
+    def put(self, path: str, parts: Sequence[bytes]) -> dict:
+        try:
+            response = self.client.put(path, content=iter(parts), timeout=None,
+                                       headers={"Content-Type": "application/octet-stream"})
+        except self._httpx.HTTPError as exc:
+            raise TransportError(f"PUT {self.url}{path}: {type(exc).__name__}: {exc}") from None
+        if response.status_code >= 300:
+            raise self._fail("PUT", path, response)
+        return response.json()
+
+    def request_json(self, method: str, path: str, body: Any = None) -> dict:
+        try:
+            response = self.client.request(method, path, json=body)
+        except self._httpx.HTTPError as exc:
+            raise TransportError(f"{method} {self.url}{path}: {type(exc).__name__}: {exc}") from None
+        if response.status_code >= 300:
+            raise self._fail(method, path, response)
+        return response.json()
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,121 @@
+"""The planner's choices on synthetic figures: sizes, bandwidths, decode and recompute speeds."""
+
+import pytest
+
+from kvlife.stream.context import RECOMPUTE, StreamError
+from kvlife.stream.estimate import SpeedEstimate, ThroughputEstimate
+from kvlife.stream.planner import Planner
+
+# 10 chunks of 256 tokens; sizes per chunk as on Qwen2.5-Coder-0.5B (bytes: ~8.5, 2.7, 2.1, 1.1 bits/element)
+LEVELS = {"lossless-ish": 1_670_000, "high": 527_000, "balanced": 408_000, "extreme": 222_000}
+N, TOKENS = 10, 256
+
+
+def planner(slo, policy="adaptive", margin=0.0, allow_recompute=True):
+    sizes = {level: [size] * N for level, size in LEVELS.items()}
+    return Planner(sizes, [TOKENS] * N, slo, policy, margin, allow_recompute)
+
+
+def speeds(decode_s=0.01, recompute_s=1.0):
+    """Decode takes `decode_s` per chunk at every level, recompute `recompute_s` per chunk (no prefix growth)."""
+    s = SpeedEstimate(fp16_chunk_bytes=3e6, recompute_tokens_s=TOKENS / recompute_s, attention_knee=1e18)
+    for level in LEVELS:
+        s.add_decode(level, decode_s)
+    return s
+
+
+def total(level, bandwidth, decode_s=0.01):
+    return N * LEVELS[level] / bandwidth + decode_s
+
+
+@pytest.mark.parametrize("bandwidth,slo,expected", [
+    (100e6, 1.0, "lossless-ish"),   # 16.7 MB in 0.17 s
+    (10e6, 1.0, "high"),            # lossless needs 1.67 s, high 0.53 s
+    (5e6, 0.9, "balanced"),         # high needs 1.05 s, balanced 0.82 s
+    (3e6, 0.9, "extreme"),          # balanced needs 1.36 s, extreme 0.74 s
+])
+def test_best_level_that_meets_the_deadline(bandwidth, slo, expected):
+    decision = planner(slo).choose(0, 0.0, 0.0, bandwidth, speeds())
+    assert decision.option == expected and decision.meets
+    assert total(expected, bandwidth) <= slo
+    better = list(LEVELS)[list(LEVELS).index(expected) - 1] if expected != "lossless-ish" else None
+    assert better is None or total(better, bandwidth) > slo
+
+
+def test_recompute_when_that_is_faster_than_any_level():
+    # 0.1 MB/s: extreme needs 22 s; recomputing 10 chunks takes 10 s; together ~ 6-7 s
+    decision = planner(slo=1.0).choose(0, 0.0, 0.0, 0.1e6, speeds())
+    assert decision.option == RECOMPUTE and not decision.meets
+    assert decision.predicted_ready_s < total("extreme", 0.1e6)
+    assert decision.predicted_ready_s < N * 1.0  # and faster than recomputing everything
+
+
+def test_recompute_overlaps_fetching_to_meet_a_deadline_neither_meets_alone():
+    # 0.5 MB/s: extreme alone 4.4 s, recompute alone 10 s; recompute the first chunks while fetching the rest
+    p = planner(slo=4.0)
+    assert p.ready_time(0, "extreme", 0, 0.0, 0.0, 0.5e6, speeds()) > 4.0
+    assert p.ready_time(0, None, N, 0.0, 0.0, 0.5e6, speeds()) > 4.0
+    decision = p.choose(0, 0.0, 0.0, 0.5e6, speeds())
+    assert decision.meets and decision.option == RECOMPUTE and decision.plan_recompute >= 1
+    assert decision.plan_level is not None
+
+
+def test_no_recompute_without_a_model():
+    decision = planner(slo=1.0, allow_recompute=False).choose(0, 0.0, 0.0, 0.1e6, speeds())
+    assert decision.option == "extreme" and not decision.meets
+
+
+def test_lower_bandwidth_never_raises_quality():
+    order = [*LEVELS, RECOMPUTE]
+    previous = 0
+    for bandwidth in [200e6, 50e6, 20e6, 8e6, 5e6, 3e6, 2e6, 1e6]:
+        rank = order.index(planner(slo=1.0, allow_recompute=False).choose(0, 0.0, 0.0, bandwidth, speeds()).option)
+        assert rank >= previous
+        previous = rank
+
+
+def test_time_already_spent_and_worker_backlog_count():
+    p, s = planner(slo=1.0), speeds()
+    assert p.choose(5, 0.0, 0.0, 10e6, s).option == "lossless-ish"  # 5 chunks left: 0.84 s
+    assert p.choose(5, 0.5, 0.5, 10e6, s).option == "high"  # half the time gone
+    # a busy worker makes recomputing (worker time) lose to fetching (link time)
+    slow = planner(slo=4.0)
+    assert slow.choose(0, 0.0, 0.0, 0.5e6, s).option == RECOMPUTE
+    assert slow.choose(0, 0.0, 3.5, 0.5e6, s).option == "extreme"
+
+
+def test_margin_keeps_a_reserve():
+    bandwidth = N * LEVELS["lossless-ish"] / 0.97  # lossless-ish ready at ~0.98 s
+    assert planner(slo=1.0, margin=0.0).choose(0, 0.0, 0.0, bandwidth, speeds()).option == "lossless-ish"
+    assert planner(slo=1.0, margin=0.1).choose(0, 0.0, 0.0, bandwidth, speeds()).option == "high"
+
+
+def test_fixed_policies_and_bad_input():
+    assert planner(1.0, "balanced").choose(0, 0.0, 0.0, 1.0, speeds()).option == "balanced"
+    assert planner(1.0, RECOMPUTE).choose(3, 0.0, 0.0, 1e9, speeds()).option == RECOMPUTE
+    with pytest.raises(StreamError, match="unknown policy"):
+        planner(1.0, "fastest")
+    with pytest.raises(StreamError, match="must be > 0"):
+        planner(0.0)
+
+
+def test_throughput_believes_drops_at_once_and_rises_slowly():
+    link = ThroughputEstimate()
+    assert link.predict() is None
+    for _ in range(3):
+        link.add(1_000_000, 0.1)  # 10 MB/s
+    assert link.predict() == pytest.approx(10e6)
+    link.add(1_000_000, 1.0)  # drop to 1 MB/s
+    assert link.predict() == pytest.approx(1e6)
+    link.add(1_000_000, 0.01)  # one spike of 100 MB/s
+    assert link.predict() < 5e6
+
+
+def test_recompute_estimate_learns_and_grows_with_the_prefix():
+    s = SpeedEstimate(3e6, recompute_tokens_s=100.0, attention_knee=1000.0)
+    s.add_recompute(256, 0, 0.5)
+    assert s.recompute_s(256, 0) == pytest.approx(0.5)
+    assert s.recompute_s(256, 1000) == pytest.approx(1.0)
+    s.add_decode("balanced", 0.2)
+    assert s.decode_s("balanced") == pytest.approx(0.2)
+    assert s.decode_s("high") > 0.1  # unmeasured levels scale with what the machine showed
