@@ -24,7 +24,7 @@ def start_stream_server(root, port: int, *extra: str) -> subprocess.Popen:
 @pytest.fixture(scope="session")
 def stream_url(tmp_path_factory):
     port = free_port()
-    process = start_stream_server(tmp_path_factory.mktemp("streamed"), port)
+    process = start_stream_server(tmp_path_factory.mktemp("streamed"), port, "--piece-bytes", "2048")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -21,7 +21,7 @@ class FaultyLink:
     def __init__(self, inner, faults):
         self.inner, self.faults, self.served = inner, {k: list(v) for k, v in faults.items()}, []
 
-    def get(self, path, timeout_s=None):
+    def get(self, path, timeout_s=None, deadline=None, give_up=None):
         data = self.inner.get(path, timeout_s)
         if "/chunks/" in path:
             index = int(path.rsplit("/", 1)[1])
@@ -135,6 +135,46 @@ def test_the_link_really_is_throttled(stream_url, published):
     # a cap can only slow the transfer down: never faster than the trace allows (timing lower bound)
     assert report.ready_s >= moved / 500_000 * 0.98
     assert all(c.throughput <= 500_000 * 1.05 for c in report.chunks)
+
+
+def test_a_chunk_slowed_by_a_drop_is_abandoned_for_a_cheaper_option(stream_url, published):
+    from kvlife.stream.client import _Backlog
+    from kvlife.stream.estimate import SpeedEstimate
+    from kvlife.stream.planner import Planner
+    from kvlife.stream.transport import Abandoned
+
+    _, manifest = published
+    n = manifest.n_chunks
+    sizes = {lv: [manifest.size(lv, i) for i in range(n)] for lv in manifest.levels}
+    planner = Planner(sizes, [CHUNK] * n, slo=1.0, allow_recompute=False)
+    speeds = SpeedEstimate(fp16_chunk_bytes=1e5)
+    rule = StreamClient._give_up_rule(1, "lossless-ish", manifest, planner, speeds, _Backlog(), lambda: 0.1,
+                                      2e6, [CHUNK] * n)
+    size = manifest.size("lossless-ish", 1)
+    assert not rule(size // 4, 0.004)  # on time (predicted 9 ms)
+    assert rule(2048, 0.2)  # 10 KB/s: finishing costs ~1.6 s, a smaller level ~0.3 s
+    assert not rule(size - 100, 0.3)  # almost there
+    # the transport drops a request its caller gives up on, reporting what had arrived
+    client = StreamClient(stream_url)
+    client.set_trace("constant:400kbit")
+    try:
+        with pytest.raises(Abandoned) as caught:
+            client.transport.get("/v1/contexts/tiny-doc/chunks/lossless-ish/1", give_up=lambda got, s: got >= 4096)
+    finally:
+        client.set_trace(None)
+    assert 4096 <= caught.value.received < size and caught.value.seconds >= 4096 / 50_000 * 0.9
+
+
+def test_an_abort_time_bounds_a_hopeless_fetch(stream_url, published):
+    from kvlife.stream.client import FetchAborted
+
+    client = StreamClient(stream_url)
+    client.set_trace("constant:200kbit")
+    try:
+        with pytest.raises(FetchAborted):
+            client.fetch("tiny-doc", slo=0.2, policy="lossless-ish", abort_after_s=0.3)
+    finally:
+        client.set_trace(None)
 
 
 def test_wrong_model_and_missing_context_are_clear_errors(stream_url, published):

@@ -36,9 +36,13 @@ from kvlife.stream.context import (
 from kvlife.stream.estimate import SpeedEstimate, ThroughputEstimate
 from kvlife.stream.planner import ADAPTIVE, Planner
 from kvlife.stream.recompute import CacheBuilder
-from kvlife.stream.transport import HttpTransport, TransportError
+from kvlife.stream.transport import Abandoned, DeadlinePassed, HttpTransport, TransportError
 
 RECOMPUTE_FLOPS_PRIOR = 1.5e11  # float32 prefill FLOP/s of this project's CPU core; replaced once measured
+
+
+class FetchAborted(StreamError):
+    """The fetch ran past `abort_after_s`."""
 
 
 @dataclass
@@ -54,6 +58,7 @@ class ChunkRecord:
     predicted_bandwidth: float | None = None
     predicted_ready_s: float = 0.0
     failures: list[str] = field(default_factory=list)
+    abandoned: list[str] = field(default_factory=list)  # fetches given up because the link slowed down
     ready_at_s: float = 0.0  # when it joined the cache (seconds since the fetch began)
 
 
@@ -109,12 +114,14 @@ class StreamClient:
     # ---- the fetch -----------------------------------------------------------------------------
 
     def fetch(self, context_id: str, slo: float, model: Any = None, policy: str = ADAPTIVE, margin: float = 0.05,
-              max_attempts: int = 2, levels: list[str] | None = None) -> tuple[Any, FetchReport]:
+              max_attempts: int = 2, levels: list[str] | None = None,
+              abort_after_s: float | None = None) -> tuple[Any, FetchReport]:
         """The context's KVCache, ready as close to `slo` seconds as the link allows, and what happened.
 
         `model`: needed to recompute chunks (and checked against the context's model fingerprint);
         without it every chunk is fetched. `policy`: "adaptive", "recompute" or a level name (fixed).
-        `levels`: restrict the levels the adaptive policy may use."""
+        `levels`: restrict the levels the adaptive policy may use. `abort_after_s`: give up (raise
+        `FetchAborted`) once the fetch has taken that long (benchmarks bound hopeless fixed policies)."""
         from kvlife.codec.format import parse_header
 
         started = time.perf_counter()
@@ -156,8 +163,11 @@ class StreamClient:
                 for i in range(n):
                     if stop.is_set():
                         return
+                    if abort_after_s is not None and clock() > abort_after_s:
+                        raise FetchAborted(f"gave up after {abort_after_s:g} s at chunk {i} of {n}")
                     handoff.put(self._next_chunk(i, manifest, planner, speeds, link, backlog, clock,
-                                                 report.chunks[i], max_attempts, model is not None, tokens))
+                                                 report.chunks[i], max_attempts, model is not None, tokens,
+                                                 None if abort_after_s is None else started + abort_after_s))
             except BaseException as exc:  # noqa: BLE001 - handed to the worker, which raises it
                 handoff.put(exc)
 
@@ -165,7 +175,14 @@ class StreamClient:
         thread.start()
         try:
             for i in range(n):
-                item = handoff.get()
+                while True:
+                    if abort_after_s is not None and clock() > abort_after_s:
+                        raise FetchAborted(f"gave up after {abort_after_s:g} s with {i} of {n} chunks ready")
+                    try:
+                        item = handoff.get(timeout=0.05)
+                        break
+                    except queue.Empty:
+                        continue
                 if isinstance(item, BaseException):
                     raise item
                 record = report.chunks[i]
@@ -207,7 +224,7 @@ class StreamClient:
 
     def _next_chunk(self, i: int, manifest: Manifest, planner: Planner, speeds: SpeedEstimate,
                     link: ThroughputEstimate, backlog: _Backlog, clock, record: ChunkRecord, max_attempts: int,
-                    can_recompute: bool, tokens: list[int]) -> tuple[str, bytes | None]:
+                    can_recompute: bool, tokens: list[int], abort_at: float | None) -> tuple[str, bytes | None]:
         """Decide chunk i and fetch it (again after a failure); returns (option, bytes or None)."""
         attempts = 0
         while True:
@@ -224,9 +241,21 @@ class StreamClient:
             fetch_started = time.perf_counter()
             attempts += 1
             try:
-                data = self.transport.get(f"/v1/contexts/{manifest.context_id}/chunks/{level}/{i}")
+                path = f"/v1/contexts/{manifest.context_id}/chunks/{level}/{i}"
+                give_up = None if len(record.abandoned) >= 3 else \
+                    self._give_up_rule(i, level, manifest, planner, speeds, backlog, clock, bandwidth, tokens)
+                data = self.transport.get(path, deadline=abort_at, give_up=give_up)
                 if hashlib.sha256(data).hexdigest() != manifest.chunks[level][i].sha256:
                     raise TransportError(f"chunk {level}/{i}: {len(data)} bytes that fail the manifest's SHA-256")
+            except DeadlinePassed:
+                raise FetchAborted(f"gave up at chunk {i}: the abort time passed") from None
+            except Abandoned as exc:  # the link slowed down mid-chunk: what arrived is a throughput sample
+                attempts -= 1
+                link.add(exc.received, exc.seconds)
+                record.abandoned.append(f"{level} after {exc.received} bytes, {exc.seconds:.3f} s")
+                record.bytes += exc.received
+                record.fetch_s += exc.seconds
+                continue
             except TransportError as exc:
                 record.failures.append(str(exc))
                 if attempts >= max_attempts and not can_recompute:
@@ -240,6 +269,33 @@ class StreamClient:
             record.throughput = len(data) / max(elapsed, 1e-9)
             backlog.add(speeds.decode_s(level, tokens[i] / max(tokens)))
             return level, data
+
+
+    @staticmethod
+    def _give_up_rule(i: int, level: str, manifest: Manifest, planner: Planner, speeds: SpeedEstimate,
+                      backlog: _Backlog, clock, bandwidth: float | None, tokens: list[int]):
+        """Abandonment (as DASH players abandon a segment): once a chunk has taken twice its predicted
+        time, re-plan at the rate it is getting; give it up if the new choice is another option that
+        costs less than finishing this one."""
+        size = manifest.size(level, i)
+        expected = size / max(bandwidth or 1.0, 1.0)
+        checked = [0.0]
+
+        def give_up(received: int, seconds: float) -> bool:
+            if seconds < max(2 * expected, 0.05) or seconds - checked[0] < 0.05 or received >= size:
+                return False
+            checked[0] = seconds
+            rate = max(received / seconds, 1.0)
+            choice = planner.choose(i, clock(), backlog.free_at(clock()), rate, speeds).option
+            if choice == level:
+                return False
+            if choice == RECOMPUTE:
+                cost = speeds.recompute_s(tokens[i], sum(tokens[:i]))
+            else:
+                cost = manifest.size(choice, i) / rate
+            return cost < 0.8 * (size - received) / rate
+
+        return give_up
 
 
 class _Backlog:

@@ -68,8 +68,11 @@ class StreamServer:
         response = web.StreamResponse(headers={"Content-Type": content_type})
         response.content_length = len(data)
         await response.prepare(request)
-        await self.shaper.write(response.write, data)
-        await response.write_eof()
+        try:
+            await self.shaper.write(response.write, data)
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the client gave up on this object (a deadline, an abort): nothing more to send
         return response
 
     async def health(self, request: web.Request) -> web.Response:

@@ -62,10 +62,15 @@ def fetch_into(session: Any, url: str | StreamClient, context_id: str, slo: floa
         raise KvlifeError(f"a streamed context is a dense prefill; this session cannot use it: {blocker}")
     client = url if isinstance(url, StreamClient) else StreamClient(url, token)
     cache, report = client.fetch(context_id, slo, model=session.model, policy=policy, **options)
+    attach(session, cache, client.last_manifest.token_ids)
+    return report
+
+
+def attach(session: Any, cache: Any, token_ids: Sequence[int]) -> None:
+    """Make `cache` (the cache of `token_ids`) the session's context, as `Session.load` does."""
     session.cache = cache
-    session.context_ids = list(client.last_manifest.token_ids)
+    session.context_ids = list(token_ids)
     session.raw_context_ids = session.context_ids
     session.turn, session.pending_answer, session.prefill_result = 0, None, None
     session.context_checkpoint = cache.checkpoint()
     session.loaded = True
-    return report

@@ -8,7 +8,8 @@ timeout_s)` method can stand in for it (the tests wrap it to lose and corrupt ch
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvlife.stream.context import StreamError
@@ -22,6 +23,18 @@ class TransportError(StreamError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class DeadlinePassed(TransportError):
+    """A request was cut off at its deadline."""
+
+
+class Abandoned(TransportError):
+    """The caller gave up on a request that was too slow (not a failure of the bytes)."""
+
+    def __init__(self, message: str, received: int, seconds: float) -> None:
+        super().__init__(message)
+        self.received, self.seconds = received, seconds
 
 
 class HttpTransport:
@@ -45,14 +58,27 @@ class HttpTransport:
         return TransportError(f"{method} {self.url}{path}: {response.status_code} {message}{hint}".rstrip(),
                               response.status_code)
 
-    def get(self, path: str, timeout_s: float | None = None) -> bytes:
+    def get(self, path: str, timeout_s: float | None = None, deadline: float | None = None,
+            give_up: Callable[[int, float], bool] | None = None) -> bytes:
+        """The body of GET `path`. `deadline` (a `time.perf_counter()` value): drop the connection and raise
+        `DeadlinePassed` if the body is not complete by then. `give_up(bytes so far, seconds so far)`: asked
+        as the body arrives; True drops the connection and raises `Abandoned` (with what had arrived)."""
         timeout = self._httpx.Timeout(timeout_s) if timeout_s else None
         try:
             with self.client.stream("GET", path, **({"timeout": timeout} if timeout else {})) as response:
                 if response.status_code != 200:
                     response.read()
                     raise self._fail("GET", path, response)
-                body = b"".join(response.iter_bytes())
+                pieces, received, started = [], 0, time.perf_counter()
+                for piece in response.iter_bytes():
+                    pieces.append(piece)
+                    received += len(piece)
+                    now = time.perf_counter()
+                    if deadline is not None and now > deadline:
+                        raise DeadlinePassed(f"GET {path}: deadline passed")
+                    if give_up is not None and give_up(received, now - started):
+                        raise Abandoned(f"GET {path}: abandoned after {received} bytes", received, now - started)
+                body = b"".join(pieces)
                 expected = response.headers.get("content-length")
                 if expected is not None and int(expected) != len(body):
                     raise TransportError(f"GET {path}: {len(body)} of {expected} bytes")
