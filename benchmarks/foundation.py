@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -78,9 +79,9 @@ def dense_accuracy(run_dirs: list[Path]) -> dict:
         if config.get("method") != "dense":
             continue
         for task, stats in summary["tasks"].items():
-            entry = out.setdefault(config["model"], {}).setdefault(task, {})
-            entry[config["profile"]] = {
-                "mode": config["mode"], "turn1": stats["turn1"], "all_turns": stats["all_turns"],
+            entry = out.setdefault(config["model"], {}).setdefault(task, {}).setdefault(config["profile"], {})
+            entry[config["mode"]] = {
+                "turn1": stats["turn1"], "all_turns": stats["all_turns"],
                 "samples": stats["samples"], "context_tokens": stats["context_tokens"],
                 "reference_nll": stats["reference_nll"], "run": run_dir.name,
             }
@@ -100,7 +101,8 @@ def main() -> int:
         print(json.dumps(measure_model(args.child, lengths, args.decode_tokens)))
         return 0
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results = {"machine": machine(), "models": existing.get("models", {}),
+    results = {"machine": machine(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+               "torch_threads": os.environ.get("OMP_NUM_THREADS", "default"), "models": existing.get("models", {}),
                "dense_accuracy": existing.get("dense_accuracy", {}),
                "notes": "prefill/decode: dense kvlife attention, float32, batch 1, plain text from torch's sources; "
                         "decode_tok_s measured after the longest prefill. Accuracy from `kvlife bench` dense runs."}
@@ -125,9 +127,10 @@ def main() -> int:
               + f" {row['decode_tok_s']:7.2f} {row['peak_rss_mb']:7d}")
     for model, tasks in results["dense_accuracy"].items():
         for task, profiles in tasks.items():
-            for profile, stats in profiles.items():
-                print(f"{model:22} {task:14} {profile:8} turn1={stats['turn1']} all={stats['all_turns']} "
-                      f"n={stats['samples']} ctx={stats['context_tokens']}")
+            for profile, modes in profiles.items():
+                for mode, stats in modes.items():
+                    print(f"{model:22} {task:14} {profile:8} {mode:13} turn1={stats['turn1']} "
+                          f"all={stats['all_turns']} n={stats['samples']} ctx={stats['context_tokens']}")
     print(f"wrote {RESULTS}")
     return 0
 
