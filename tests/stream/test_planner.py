@@ -11,9 +11,9 @@ LEVELS = {"lossless-ish": 1_670_000, "high": 527_000, "balanced": 408_000, "extr
 N, TOKENS = 10, 256
 
 
-def planner(slo, policy="adaptive", margin=0.0, allow_recompute=True):
+def planner(slo, policy="adaptive", margin=0.0, allow_recompute=True, drop_factor=1.0):
     sizes = {level: [size] * N for level, size in LEVELS.items()}
-    return Planner(sizes, [TOKENS] * N, slo, policy, margin, allow_recompute)
+    return Planner(sizes, [TOKENS] * N, slo, policy, margin, allow_recompute, drop_factor)
 
 
 def speeds(decode_s=0.01, recompute_s=1.0):
@@ -88,6 +88,17 @@ def test_margin_keeps_a_reserve():
     bandwidth = N * LEVELS["lossless-ish"] / 0.97  # lossless-ish ready at ~0.98 s
     assert planner(slo=1.0, margin=0.0).choose(0, 0.0, 0.0, bandwidth, speeds()).option == "lossless-ish"
     assert planner(slo=1.0, margin=0.1).choose(0, 0.0, 0.0, bandwidth, speeds()).option == "high"
+
+
+def test_a_fetch_must_survive_a_bandwidth_drop():
+    s, tight = speeds(), planner(1.0, drop_factor=4)
+    # plenty of slack: lossless-ish (0.42 s at 40 MB/s) survives a drop to 10 MB/s
+    assert tight.choose(0, 0.0, 0.0, 40e6, s).option == "lossless-ish"
+    # the last chunk with 0.12 s left: lossless-ish takes 0.05 s at 40 MB/s but 0.18 s at 10 MB/s: refused
+    assert tight.choose(N - 1, 0.88, 0.88, 40e6, s).option == "high"
+    assert planner(1.0, drop_factor=1).choose(N - 1, 0.88, 0.88, 40e6, s).option == "lossless-ish"
+    # the fastest level needs no insurance: there is nothing cheaper to fall back to
+    assert tight.choose(N - 1, 0.98, 0.98, 40e6, s).option == "extreme"
 
 
 def test_fixed_policies_and_bad_input():

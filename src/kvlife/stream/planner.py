@@ -12,7 +12,10 @@ resources together beat either alone.
 Plans considered: the first r remaining chunks recomputed and the rest fetched at a level L, for
 r = 0, 1, 2, ..., all and L from best to worst. The plan with the fewest recomputed chunks that meets
 the deadline wins, the best level among those (recomputing is the fallback: its chunks are exact, but
-it costs compute); the current chunk is then recomputed if r > 0, else fetched at L. If no plan meets
+it costs compute); the current chunk is then recomputed if r > 0, else fetched at L. A chunk fetched
+at L must also be insured: should the bandwidth drop by `drop_factor` (4) just now, this chunk at L
+and the rest at the fastest level must still be ready in time (a big chunk started just before a drop
+is what misses deadlines; the client also abandons such a chunk mid-way, see client.py). If no plan meets
 the deadline, the plan that is ready soonest wins (so the policy never misses a deadline the fastest
 fixed level would meet, up to prediction error).
 
@@ -51,9 +54,11 @@ def _candidate_counts(rest: int) -> list[int]:
 
 class Planner:
     def __init__(self, sizes: dict[str, Sequence[int]], chunk_tokens: Sequence[int], slo: float,
-                 policy: str = ADAPTIVE, margin: float = 0.05, allow_recompute: bool = True) -> None:
+                 policy: str = ADAPTIVE, margin: float = 0.05, allow_recompute: bool = True,
+                 drop_factor: float = 4.0) -> None:
         """`sizes`: level -> bytes of each chunk, levels best quality first; `chunk_tokens`: tokens of each
-        chunk; `slo`: seconds for the whole context; `margin`: fraction of `slo` kept in reserve."""
+        chunk; `slo`: seconds for the whole context; `margin`: fraction of `slo` kept in reserve;
+        `drop_factor`: the bandwidth drop a fetch must survive (`insured`; 1 turns the check off)."""
         self.levels = list(sizes)
         self.sizes = {level: list(values) for level, values in sizes.items()}
         self.tokens = list(chunk_tokens)
@@ -66,22 +71,35 @@ class Planner:
         if not slo > 0:
             raise StreamError(f"the deadline (slo) must be > 0 seconds, not {slo}")
         self.slo, self.policy, self.margin, self.allow_recompute = slo, policy, margin, allow_recompute
+        self.drop_factor = drop_factor
         self.full_tokens = max(self.tokens) if self.tokens else 1
 
     def ready_time(self, index: int, level: str | None, recompute: int, now: float, worker_free: float,
-                   bandwidth: float, speeds: SpeedEstimate) -> float:
+                   bandwidth: float, speeds: SpeedEstimate, tail_level: str | None = None) -> float:
         """Predicted time the context is ready if chunks index.. are: the first `recompute` recomputed,
-        the others fetched at `level` (fetches start at `now`; the worker is free at `worker_free`)."""
+        the others fetched at `level` (after the first fetched one at `tail_level`, if given; fetches
+        start at `now`; the worker is free at `worker_free`)."""
         link, worker = now, max(now, worker_free)
         prefix = sum(self.tokens[:index])
         for k, j in enumerate(range(index, len(self.tokens))):
             if k < recompute or level is None:
                 worker += speeds.recompute_s(self.tokens[j], prefix)
             else:
-                link += self.sizes[level][j] / bandwidth
-                worker = max(worker, link) + speeds.decode_s(level, self.tokens[j] / self.full_tokens)
+                fetched = tail_level if tail_level is not None and k > recompute else level
+                link += self.sizes[fetched][j] / bandwidth
+                worker = max(worker, link) + speeds.decode_s(fetched, self.tokens[j] / self.full_tokens)
             prefix += self.tokens[j]
         return worker
+
+    def insured(self, index: int, level: str, now: float, worker_free: float, bandwidth: float,
+                speeds: SpeedEstimate, budget: float) -> bool:
+        """Fetching chunk `index` at `level` leaves a way out if the link drops by `drop_factor` now: this
+        chunk at `level`, the rest at the fastest level, is still ready in time at the lower rate."""
+        fastest = self.levels[-1]
+        if level == fastest or self.drop_factor <= 1:
+            return True
+        return self.ready_time(index, level, 0, now, worker_free, bandwidth / self.drop_factor, speeds,
+                               tail_level=fastest) <= budget
 
     def choose(self, index: int, now: float, worker_free: float, bandwidth: float | None,
                speeds: SpeedEstimate) -> Decision:
@@ -100,7 +118,9 @@ class Planner:
         for count in counts:
             for level in self.levels:
                 ready = self.ready_time(index, level, count, now, worker_free, bandwidth, speeds)
-                decision = Decision(RECOMPUTE if count else level, ready, level, count, ready <= budget)
+                meets = ready <= budget and (count > 0 or self.insured(index, level, now, worker_free, bandwidth,
+                                                                        speeds, budget))
+                decision = Decision(RECOMPUTE if count else level, ready, level, count, meets)
                 if decision.meets:
                     return decision
                 if soonest is None or ready < soonest.predicted_ready_s:
