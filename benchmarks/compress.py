@@ -78,7 +78,8 @@ def write_outputs(run_dirs: list[Path], settings: dict, name: str = "compress") 
         r["bytes_vs_dense"] = round(r["cache_bytes_turn1"] / base, 4) if base and r["cache_bytes_turn1"] else None
     payload = {"machine": machine(), "settings": settings, "rows": rows,
                "notes": "Small samples per task: read accuracy as indicative; NLL and dense agreement are the "
-                        "finer fidelity signals. cache bytes: K/V held at turn 1 after compression (float32)."}
+                        "finer fidelity signals. cache bytes: K/V held at turn 1 after compression (float32). "
+                        + settings.get("note", "")}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
     write_html(run_dirs, RESULTS / f"{name}-report.html")
     print(f"{'method':28} {'mode':13} {'turns':24} {'all':>5} {'NLL':>6} {'=dense':>6} {'bytes':>6}")
@@ -101,12 +102,14 @@ def main() -> int:
                         help="';'-separated recipes to run instead of the compression grid (dense first)")
     parser.add_argument("--name", default="compress", help="results file stem: benchmarks/results/NAME.json")
     parser.add_argument("--out", default=None, help="run directories' parent (default results/NAME)")
+    parser.add_argument("--note", default="", help="a sentence added to the results' notes")
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     specs = args.specs.split(";") if args.specs else grid(ratios)
     out = Path(args.out or f"results/{args.name}")
     settings = {"model": args.model, "tasks": args.tasks, "samples": args.samples, "max_turns": args.max_turns,
-                "ratios": ratios if not args.specs else None, "specs": specs, "profile": "default"}
+                "ratios": ratios if not args.specs else None, "specs": specs, "profile": "default",
+                "note": args.note}
     model, tokenizer = models.load(args.model)
     run_dirs: list[Path] = []
     for spec in specs:
