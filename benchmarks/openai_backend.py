@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -99,7 +100,7 @@ def main() -> int:
     result = {"benchmark": "openai_backend", "machine": machine(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "engine": f"llama.cpp llama-server ({llama_version(binary)}), {binary.parent.name}",
               "model": f"{args.model} ({gguf.name})", "task": "kv (default profile)", "samples": args.samples,
-              "threads": args.threads, "runs": {}}
+              "threads": args.threads, "load_average_at_start": list(os.getloadavg()), "runs": {}}
     for name, mode, cache_prompt, slots, concurrency in SETTINGS:
         slug = name.replace(", ", "-").replace(" ", "_")
         with LlamaServer(binary, gguf, alias=args.model, ctx_size=4096, parallel=slots, threads=args.threads,
@@ -123,6 +124,7 @@ def main() -> int:
             "per_turn": per_turn(rows), "run_dir": str(out),
         }
         print(f"{name}: {len(rows)} requests in {wall_s:.1f} s", file=sys.stderr)
+    result["load_average_at_end"] = list(os.getloadavg())  # other jobs on the machine slow every number
     first = result["runs"]["multi-request"]["per_turn"]
     later = [t for k, t in first.items() if k != "1"]
     result["finding"] = (
@@ -157,9 +159,10 @@ def print_table(result: dict) -> None:
                           fmt(stats["prompt_tokens"], 0), fmt(stats["cached_tokens"], 0),
                           fmt(stats["computed_tokens"], 0), fmt(stats["score"], 2),
                           fmt(entry["requests_per_s"]) if index == 0 else "")
-    Console().print(table)
+    console = Console(width=130)
+    console.print(table)
     if result.get("finding"):
-        Console().print(result["finding"])
+        console.print(result["finding"])
 
 
 if __name__ == "__main__":
