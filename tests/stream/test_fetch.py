@@ -9,6 +9,7 @@ import pytest
 import torch
 from tests.stream.conftest import CHUNK
 
+from kvlife.cache import cache_kwarg
 from kvlife.stream import RECOMPUTE, StreamClient, StreamError, fetch_into
 from kvlife.stream.context import build_context, bundle_parts
 from kvlife.stream.transport import TransportError
@@ -107,7 +108,8 @@ def test_chunk_lost_every_time_is_recomputed_on_the_decoded_prefix(stream_url, p
         prefix.update(keys[..., :start, :].clone(), values[..., :start, :].clone(), index)
     with torch.no_grad():
         reference_model(input_ids=torch.tensor([manifest.token_ids[start:stop]]),
-                        position_ids=torch.arange(start, stop)[None], past_key_values=prefix, use_cache=True)
+                        position_ids=torch.arange(start, stop)[None], **cache_kwarg(reference_model, prefix),
+                        use_cache=True)
     for index, (keys, values, _) in enumerate(cache.to_tensors()):
         ref_k, ref_v = prefix.layers[index].keys, prefix.layers[index].values
         assert torch.allclose(keys[..., start:stop, :], ref_k[..., start:stop, :], atol=1e-5)

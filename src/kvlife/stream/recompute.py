@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from kvlife.attention import StepContext
-from kvlife.cache import KVCache
+from kvlife.cache import KVCache, cache_kwarg
 from kvlife.stream.context import StreamError
 
 
@@ -27,7 +27,7 @@ def recompute_chunk(model: Any, cache: KVCache, ids: list[int]) -> torch.Tensor:
     start = cache.next_position
     positions = torch.arange(start, start + len(ids), device=device)
     step = StepContext(cache, positions, phase="prefill" if start == 0 else "extend")
-    out = model(input_ids=torch.tensor([ids], device=device), position_ids=positions[None], past_key_values=cache,
+    out = model(input_ids=torch.tensor([ids], device=device), position_ids=positions[None], **cache_kwarg(model, cache),
                 use_cache=True, logits_to_keep=1, kvlife=step)
     return out.logits[0, -1].float()
 
