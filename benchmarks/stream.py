@@ -113,6 +113,9 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=1, help="samples per task")
     parser.add_argument("--queries", type=int, default=2, help="queries scored per sample")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--drop-factor", type=float, default=4.0, help="the adaptive planner's insurance (1: off)")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="a stream.json of another run (e.g. --drop-factor 1) whose adaptive rows to include")
     args = parser.parse_args()
 
     import torch
@@ -174,7 +177,7 @@ def main() -> int:
                         runs.append({"trace": trace, "policy": level, "ready_s": ready, **quality[(level,) * manifest.n_chunks]})
                     for slo in deadlines:
                         client.set_trace(trace)
-                        cache, report = client.fetch(context_id, slo, model=model)
+                        cache, report = client.fetch(context_id, slo, model=model, drop_factor=args.drop_factor)
                         runs.append({"trace": trace, "policy": "adaptive", "slo": slo, "ready_s": report.ready_s,
                                      "options": report.options(), **score(cache, report.options())})
                         print(f"  {trace} slo {slo:g}: ready {report.ready_s:.2f} s "
@@ -190,7 +193,7 @@ def main() -> int:
     result = {
         "model": models.DEFAULT_MODEL, "machine": machine(), "torch_threads": 1,
         "tasks": args.tasks.split(","), "samples_per_task": args.samples, "queries_per_sample": args.queries,
-        "chunk_tokens": 256, "traces": [{"trace": t, "deadlines": d} for t, d in TRACES],
+        "chunk_tokens": 256, "drop_factor": args.drop_factor, "traces": [{"trace": t, "deadlines": d} for t, d in TRACES],
         "recompute_tokens_s": None if client.speeds is None else round(1.0 / client.speeds.per_token_s, 1),
         "notes": ("Server and client on loopback; the server's send rate follows the trace (kvlife.stream.shaper). "
                   "Fixed policies ignore the deadline, so one fetch per trace and level serves every deadline; a "
@@ -199,6 +202,10 @@ def main() -> int:
                   "that of the dense cache. Other jobs shared the 2 CPUs while this ran."),
         "summary": table, "samples": samples_out,
     }
+    if args.compare is not None:
+        other = json.loads(args.compare.read_text())
+        result["compare"] = {"drop_factor": other.get("drop_factor", 1.0), "machine": other["machine"],
+                             "adaptive": [r for r in other["summary"] if r["policy"] == "adaptive"]}
     args.out.write_text(json.dumps(result, indent=1))
     print_table(table)
     print(f"wrote {args.out}")

@@ -34,6 +34,8 @@ def add_parser(subparsers) -> None:
     fetch.add_argument("--no-model", action="store_true", help="fetch every chunk; never load a model or recompute")
     fetch.add_argument("--margin", type=float, default=0.05, help="fraction of the deadline kept in reserve")
     fetch.add_argument("--attempts", type=int, default=2, help="fetches of a chunk before it is recomputed")
+    fetch.add_argument("--drop-factor", type=float, default=4.0,
+                       help="bandwidth drop a fetched chunk must survive (1: plan on the estimate alone)")
     fetch.add_argument("--out", type=Path, default=None, help="save the cache (Session.load reads it)")
     fetch.add_argument("--ask", action="append", default=[], help="answer a query on the fetched context (repeatable)")
     fetch.add_argument("--max-new-tokens", type=int, default=64)
@@ -140,8 +142,8 @@ def run_link(args: argparse.Namespace) -> int:
 def run_fetch(args: argparse.Namespace) -> int:
     if not args.slo > 0:
         raise KvlifeError(f"--slo must be > 0 seconds, not {args.slo}")
-    if args.attempts < 1 or not 0 <= args.margin < 1:
-        raise KvlifeError("--attempts must be >= 1 and --margin in [0, 1)")
+    if args.attempts < 1 or not 0 <= args.margin < 1 or not args.drop_factor >= 1:
+        raise KvlifeError("--attempts must be >= 1, --margin in [0, 1) and --drop-factor >= 1")
     if args.no_model and (args.ask or args.policy == "recompute"):
         raise KvlifeError("--ask and --policy recompute need the model; drop --no-model")
     client = _client(args)
@@ -158,11 +160,11 @@ def run_fetch(args: argparse.Namespace) -> int:
 
         session = Session(model, tokenizer, "dense", mode="multi-request")
         report = fetch_into(session, client, args.context_id, args.slo, args.policy, margin=args.margin,
-                            max_attempts=args.attempts)
+                            max_attempts=args.attempts, drop_factor=args.drop_factor)
         cache = session.cache
     else:
         cache, report = client.fetch(args.context_id, args.slo, model=model, policy=args.policy, margin=args.margin,
-                                     max_attempts=args.attempts)
+                                     max_attempts=args.attempts, drop_factor=args.drop_factor)
     if args.out is not None:
         from kvlife.store.keys import model_fingerprint
 

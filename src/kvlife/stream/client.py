@@ -115,13 +115,14 @@ class StreamClient:
 
     def fetch(self, context_id: str, slo: float, model: Any = None, policy: str = ADAPTIVE, margin: float = 0.05,
               max_attempts: int = 2, levels: list[str] | None = None,
-              abort_after_s: float | None = None) -> tuple[Any, FetchReport]:
+              abort_after_s: float | None = None, drop_factor: float = 4.0) -> tuple[Any, FetchReport]:
         """The context's KVCache, ready as close to `slo` seconds as the link allows, and what happened.
 
         `model`: needed to recompute chunks (and checked against the context's model fingerprint);
         without it every chunk is fetched. `policy`: "adaptive", "recompute" or a level name (fixed).
         `levels`: restrict the levels the adaptive policy may use. `abort_after_s`: give up (raise
-        `FetchAborted`) once the fetch has taken that long (benchmarks bound hopeless fixed policies)."""
+        `FetchAborted`) once the fetch has taken that long (benchmarks bound hopeless fixed policies).
+        `drop_factor`: the bandwidth drop a fetched chunk must survive (`Planner.insured`; 1: off)."""
         from kvlife.codec.format import parse_header
 
         started = time.perf_counter()
@@ -144,7 +145,7 @@ class StreamClient:
         n = manifest.n_chunks
         tokens = [len(manifest.chunk_ids(i)) for i in range(n)]
         planner = Planner({lv: [manifest.size(lv, i) for i in range(n)] for lv in usable}, tokens, slo, policy,
-                          margin, allow_recompute=model is not None)
+                          margin, allow_recompute=model is not None, drop_factor=drop_factor)
         speeds = self._speeds(header, model)
         link = ThroughputEstimate()
         link.add(manifest_bytes + len(header_blob), setup_s)
