@@ -97,6 +97,9 @@ def test_a_fetch_must_survive_a_bandwidth_drop():
     # the last chunk with 0.12 s left: lossless-ish takes 0.05 s at 40 MB/s but 0.18 s at 10 MB/s: refused
     assert tight.choose(N - 1, 0.88, 0.88, 40e6, s).option == "high"
     assert planner(1.0, drop_factor=1).choose(N - 1, 0.88, 0.88, 40e6, s).option == "lossless-ish"
+    # only the chunk in flight is exposed: at 8 MB/s, high for this chunk (0.26 s at 2 MB/s) and extreme
+    # after it (0.25 s) fit; assuming the whole rest at 2 MB/s would have forced extreme everywhere
+    assert tight.choose(0, 0.0, 0.0, 8e6, s).option == "high"
     # the fastest level needs no insurance: there is nothing cheaper to fall back to
     assert tight.choose(N - 1, 0.98, 0.98, 40e6, s).option == "extreme"
 

@@ -13,9 +13,10 @@ Plans considered: the first r remaining chunks recomputed and the rest fetched a
 r = 0, 1, 2, ..., all and L from best to worst. The plan with the fewest recomputed chunks that meets
 the deadline wins, the best level among those (recomputing is the fallback: its chunks are exact, but
 it costs compute); the current chunk is then recomputed if r > 0, else fetched at L. A chunk fetched
-at L must also be insured: should the bandwidth drop by `drop_factor` (4) just now, this chunk at L
-and the rest at the fastest level must still be ready in time (a big chunk started just before a drop
-is what misses deadlines; the client also abandons such a chunk mid-way, see client.py). If no plan meets
+at L must also be insured: should the bandwidth drop by `drop_factor` (4) while it is in flight, this
+chunk at the lower rate and then the rest at the fastest level must still be ready in time (a big chunk
+started just before a drop is what misses deadlines; the client also abandons such a chunk mid-way,
+see client.py). If no plan meets
 the deadline, the plan that is ready soonest wins (so the policy never misses a deadline the fastest
 fixed level would meet, up to prediction error).
 
@@ -75,10 +76,12 @@ class Planner:
         self.full_tokens = max(self.tokens) if self.tokens else 1
 
     def ready_time(self, index: int, level: str | None, recompute: int, now: float, worker_free: float,
-                   bandwidth: float, speeds: SpeedEstimate, tail_level: str | None = None) -> float:
+                   bandwidth: float, speeds: SpeedEstimate, tail_level: str | None = None,
+                   first_bandwidth: float | None = None) -> float:
         """Predicted time the context is ready if chunks index.. are: the first `recompute` recomputed,
-        the others fetched at `level` (after the first fetched one at `tail_level`, if given; fetches
-        start at `now`; the worker is free at `worker_free`)."""
+        the others fetched at `level` (after the first fetched one at `tail_level`, if given; the first
+        fetched one at `first_bandwidth`, if given; fetches start at `now`; the worker is free at
+        `worker_free`)."""
         link, worker = now, max(now, worker_free)
         prefix = sum(self.tokens[:index])
         for k, j in enumerate(range(index, len(self.tokens))):
@@ -86,20 +89,23 @@ class Planner:
                 worker += speeds.recompute_s(self.tokens[j], prefix)
             else:
                 fetched = tail_level if tail_level is not None and k > recompute else level
-                link += self.sizes[fetched][j] / bandwidth
+                rate = first_bandwidth if first_bandwidth is not None and k == recompute else bandwidth
+                link += self.sizes[fetched][j] / rate
                 worker = max(worker, link) + speeds.decode_s(fetched, self.tokens[j] / self.full_tokens)
             prefix += self.tokens[j]
         return worker
 
     def insured(self, index: int, level: str, now: float, worker_free: float, bandwidth: float,
                 speeds: SpeedEstimate, budget: float) -> bool:
-        """Fetching chunk `index` at `level` leaves a way out if the link drops by `drop_factor` now: this
-        chunk at `level`, the rest at the fastest level, is still ready in time at the lower rate."""
+        """Fetching chunk `index` at `level` leaves a way out if the link drops by `drop_factor` while this
+        chunk is in flight: this chunk at the lower rate, then the rest at the fastest level, is still ready
+        in time (the rest at the estimated rate: by then the client has measured the drop and the next
+        decisions adapt to it; abandonment covers a longer drop)."""
         fastest = self.levels[-1]
         if level == fastest or self.drop_factor <= 1:
             return True
-        return self.ready_time(index, level, 0, now, worker_free, bandwidth / self.drop_factor, speeds,
-                               tail_level=fastest) <= budget
+        return self.ready_time(index, level, 0, now, worker_free, bandwidth, speeds, tail_level=fastest,
+                               first_bandwidth=bandwidth / self.drop_factor) <= budget
 
     def choose(self, index: int, now: float, worker_free: float, bandwidth: float | None,
                speeds: SpeedEstimate) -> Decision:
