@@ -103,6 +103,8 @@ def main() -> int:
     parser.add_argument("--name", default="compress", help="results file stem: benchmarks/results/NAME.json")
     parser.add_argument("--out", default=None, help="run directories' parent (default results/NAME)")
     parser.add_argument("--note", default="", help="a sentence added to the results' notes")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: rewrite the results from the runs already complete (others are listed as missing)")
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     specs = args.specs.split(";") if args.specs else grid(ratios)
@@ -110,19 +112,40 @@ def main() -> int:
     settings = {"model": args.model, "tasks": args.tasks, "samples": args.samples, "max_turns": args.max_turns,
                 "ratios": ratios if not args.specs else None, "specs": specs, "profile": "default",
                 "note": args.note}
-    model, tokenizer = models.load(args.model)
+    model, tokenizer = (None, None) if args.collect else models.load(args.model)
     run_dirs: list[Path] = []
+    missing: list[str] = []
     for spec in specs:
         for mode in args.modes.split(","):
             config = BenchConfig(model=args.model, tasks=args.tasks.split(","), mode=mode, method=spec,
                                  samples=args.samples, max_turns=args.max_turns)
+            if args.collect:
+                run_dir = out / config.run_id()
+                if _complete(run_dir, len(config.tasks) * args.samples):
+                    run_dirs.append(run_dir)
+                else:
+                    missing.append(f"{spec} {mode}")
+                continue
             started = time.perf_counter()
             run_dir = run(config, out=out / config.run_id(), model=model, tokenizer=tokenizer,
                           progress=False)
             print(f"# {spec} {mode}: {time.perf_counter() - started:.0f} s", flush=True)
             run_dirs.append(run_dir)
             write_outputs(run_dirs, settings, args.name)
+    if args.collect:
+        settings["not_run"] = missing
+        write_outputs(run_dirs, settings, args.name)
+        print(f"not run: {', '.join(missing) or 'none'}")
     return 0
+
+
+def _complete(run_dir: Path, expected_samples: int) -> bool:
+    """Whether a run directory holds every sample (rows are appended a sample at a time)."""
+    rows = run_dir / "predictions.jsonl"
+    if not rows.exists():
+        return False
+    samples = {(r["task"], r["sample_id"]) for r in map(json.loads, rows.read_text().splitlines()) if r}
+    return len(samples) >= expected_samples
 
 
 if __name__ == "__main__":
