@@ -24,7 +24,7 @@ from foundation import machine  # noqa: E402
 
 from kvlife import models  # noqa: E402
 from kvlife.bench.report import write_html  # noqa: E402
-from kvlife.bench.runner import BenchConfig, run  # noqa: E402
+from kvlife.bench.runner import BenchConfig, read_rows, run, sample_done  # noqa: E402
 from kvlife.bench.summary import write_summary  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -141,11 +141,7 @@ def main() -> int:
 
 def _complete(run_dir: Path, expected_samples: int) -> bool:
     """Whether a run directory holds every sample (rows are appended a sample at a time)."""
-    rows = run_dir / "predictions.jsonl"
-    if not rows.exists():
-        return False
-    samples = {(r["task"], r["sample_id"]) for r in map(json.loads, rows.read_text().splitlines()) if r}
-    return len(samples) >= expected_samples
+    return len(sample_done(read_rows(run_dir / "predictions.jsonl"))) >= expected_samples
 
 
 if __name__ == "__main__":
