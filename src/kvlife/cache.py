@@ -12,6 +12,8 @@ as transformers' own dynamic cache does; `update` still returns the window plus 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import weakref
 from dataclasses import dataclass
@@ -27,11 +29,15 @@ from kvlife.errors import CacheFileError
 def cache_kwarg(model: Any, cache: Cache) -> dict[str, Cache]:
     """The forward keyword that passes a cache to `model`: `cache` (transformers >= 5.2x, where
     `past_key_values` is deprecated) or `past_key_values` (older releases)."""
-    import inspect
+    return {_cache_keyword(type(model)): cache}
 
-    forward = getattr(model, "forward", model)
-    name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
-    return {name: cache}
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    """Read once per model class: the signature does not change, and decoding calls forward per token."""
+    forward = getattr(model_class, "forward", model_class)
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
 
 CACHE_FILE_FORMAT = "kvlife-cache/1"
 
