@@ -22,7 +22,7 @@ def _console():
 # ---- bench ---------------------------------------------------------------------------------------
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from kvlife.bench.runner import BenchConfig, run
+    from kvlife.bench.runner import BenchConfig, make_backend, run
     from kvlife.bench.summary import print_tables, write_summary
     from kvlife.bench.tasks import TASKS
     from kvlife.models import DEFAULT_MODEL
@@ -57,10 +57,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              base_url=args.base_url if args.backend == "openai" else None)
         backend = None
         if args.backend == "openai":
-            from kvlife.backends.openai import OpenAIBackend
-
-            backend = OpenAIBackend(args.base_url, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
-                                    concurrency=args.concurrency, timeout_s=args.timeout, retries=args.retries)
+            backend = make_backend(config, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+                                   concurrency=args.concurrency, timeout_s=args.timeout, retries=args.retries)
         elif args.concurrency != 1:
             raise KvlifeError("--concurrency is for --backend openai (the local backend runs one sample at a time)")
         out = Path(args.out) / config.run_id() if args.out and len(modes) > 1 else (Path(args.out) if args.out else None)

@@ -156,8 +156,8 @@ def run_sample(session, task, sample: Sample, max_turns: int | None) -> list[dic
     return rows
 
 
-def make_backend(config: BenchConfig, model=None, tokenizer=None, store=None):
-    """The backend a config names, with default settings (the CLI builds its own from options)."""
+def make_backend(config: BenchConfig, model=None, tokenizer=None, store=None, **options):
+    """The backend a config names; `options` go to the openai backend (api_key, concurrency, timeout_s, retries)."""
     from kvlife.backends import BACKENDS, LocalBackend
     from kvlife.errors import KvlifeError
 
@@ -168,7 +168,7 @@ def make_backend(config: BenchConfig, model=None, tokenizer=None, store=None):
 
         if not config.base_url:
             raise KvlifeError("--backend openai needs --base-url URL (e.g. http://127.0.0.1:8000/v1)")
-        return OpenAIBackend(config.base_url)
+        return OpenAIBackend(config.base_url, **options)
     raise KvlifeError(f"unknown backend {config.backend!r}; valid: {', '.join(BACKENDS)}")
 
 
