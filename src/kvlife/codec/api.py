@@ -257,8 +257,11 @@ def _means(header: Header) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
     return means, multipliers
 
 
-def _decode_chunk_np(blob, header: Header, index: int, means=None):
-    """(per present layer float32 (keys, values) [heads, n, dim], level name, steps or None)."""
+def _decode_chunk_np(blob, header: Header, index: int, means=None, into=None):
+    """(per present layer float32 (keys, values) [heads, n, dim], level name, steps or None).
+
+    `into` (kvlife scheme): whole-stream arrays per layer that the chunk is decoded into in place.
+    """
     part = chunk_bytes(blob, header, index)
     if len(part) < _PREFIX.size:
         raise CodecError(f"chunk {index} is truncated")
@@ -270,7 +273,7 @@ def _decode_chunk_np(blob, header: Header, index: int, means=None):
         if level_id not in LEVEL_NAMES and level_id != CUSTOM_LEVEL_ID:
             raise CodecError(f"chunk {index} has unknown level id {level_id}")
         means, multipliers = means if means is not None else _means(header)
-        layers, steps = kvlife_scheme.decode_chunk(header, means, part, index, exact, multipliers)
+        layers, steps = kvlife_scheme.decode_chunk(header, means, part, index, exact, multipliers, into)
         return layers, LEVEL_NAMES.get(level_id, "custom"), steps
     if header.scheme == "lmcache":
         return baselines.decode_chunk_lmcache(header, part, index), None, None
@@ -285,19 +288,24 @@ def _to_torch(x: np.ndarray, shape: LayerShape, dtype: str) -> torch.Tensor:
 def decode_layers(blob: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per layer (keys [B, H, T, D], values, positions [H, T]) in the stream's dtype."""
     header = parse_header(blob, max_bytes)
-    means = _means(header) if header.scheme == "kvlife" else None
-    parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in header.layers]
-    for index in range(header.n_chunks):
-        layers, _, _ = _decode_chunk_np(blob, header, index, means)
-        for li, pair in layers.items():
-            parts[li].append(pair)
-    out = []
-    for li, s in enumerate(header.layers):
-        pieces = parts[li]
-        keys = np.concatenate([p[0] for p in pieces], axis=1) if pieces else np.zeros((s.heads, 0, s.head_dim), np.float32)
-        values = np.concatenate([p[1] for p in pieces], axis=1) if pieces else np.zeros((s.heads, 0, s.head_dim), np.float32)
-        out.append((_to_torch(keys, s, header.dtype), _to_torch(values, s, header.dtype), torch.from_numpy(header.positions[li])))
-    return out
+    if header.scheme == "kvlife":
+        # chunks decode straight into whole-layer arrays: no per-chunk pieces to concatenate
+        means = _means(header)
+        whole = [tuple(np.empty((s.heads, s.tokens, s.head_dim), np.float32) for _ in range(2)) for s in header.layers]
+        for index in range(header.n_chunks):
+            _decode_chunk_np(blob, header, index, means, into=whole)
+    else:
+        parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in header.layers]
+        for index in range(header.n_chunks):
+            layers, _, _ = _decode_chunk_np(blob, header, index)
+            for li, pair in layers.items():
+                parts[li].append(pair)
+        whole = []
+        for s, pieces in zip(header.layers, parts):
+            empty = np.zeros((s.heads, 0, s.head_dim), np.float32)
+            whole.append(tuple(np.concatenate([p[k] for p in pieces], axis=1) if pieces else empty for k in range(2)))
+    return [(_to_torch(keys, s, header.dtype), _to_torch(values, s, header.dtype), torch.from_numpy(header.positions[li]))
+            for li, (s, (keys, values)) in enumerate(zip(header.layers, whole))]
 
 
 def decode(blob: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> KVCache:
@@ -376,8 +384,8 @@ def mix(streams: Mapping[str, bytes], choice: Sequence[str]) -> bytes:
     headers = {name: parse_header(blob) for name, blob in streams.items()}
     first = next(iter(headers.values()))
     for name, h in headers.items():
-        same = (h.scheme, h.dtype, h.chunk_tokens, h.layers, h.flags, h.rope_theta, h.rotary_dim, h.scheme_section,
-                h.next_position) == (first.scheme, first.dtype, first.chunk_tokens, first.layers, first.flags,
+        same = (h.version, h.scheme, h.dtype, h.chunk_tokens, h.layers, h.flags, h.rope_theta, h.rotary_dim, h.scheme_section,
+                h.next_position) == (first.version, first.scheme, first.dtype, first.chunk_tokens, first.layers, first.flags,
                                      first.rope_theta, first.rotary_dim, first.scheme_section, first.next_position)
         if not same or any((a != b).any() for a, b in zip(h.positions, first.positions)):
             raise CodecError(f"stream {name!r} does not share the others' header; encode them with encode_levels")
@@ -403,7 +411,7 @@ def inspect(blob: bytes) -> dict[str, Any]:
         levels.append(LEVEL_NAMES.get(level_id, "custom") if header.scheme == "kvlife" else None)
     elements = header.elements()
     return {
-        "format": f"{MAGIC.decode()}/{header_version()}",
+        "format": f"{MAGIC.decode()}/{header.version}",
         "scheme": header.scheme,
         "dtype": header.dtype,
         "layers": len(header.layers),
@@ -422,12 +430,6 @@ def inspect(blob: bytes) -> dict[str, Any]:
         "elements": elements,
         "bits_per_element": 8 * len(blob) / elements if elements else 0.0,
     }
-
-
-def header_version() -> int:
-    from kvlife.codec.format import VERSION
-
-    return VERSION
 
 
 __all__ = [

@@ -26,6 +26,7 @@ from functools import lru_cache
 import constriction
 import numpy as np
 
+from kvlife.codec import rans
 from kvlife.codec.format import CodecError
 
 CODE_OFFSET = 64  # sigma = 2 ** ((code - CODE_OFFSET) / CODE_STEPS)
@@ -62,8 +63,19 @@ def _mixture_cdf(x: float, sigma: float) -> float:
 
 @lru_cache(maxsize=256)
 def table(code: int) -> Table:
+    """The version-1 table of `code` (a constriction model)."""
+    shift, radius, weights = table_weights(code)
+    return Table(shift, radius, constriction.stream.model.Categorical(weights, perfect=False))
+
+
+@lru_cache(maxsize=512)
+def table_weights(code: int, table_sigma: float = TABLE_SIGMA) -> tuple[int, int, np.ndarray]:
+    """(low bits sent uniformly, table radius, integer weights of indices 0..2*radius+1) of `code`.
+
+    Channels wider than `table_sigma` are split: their high part goes through the table.
+    """
     sigma = code_sigma(code)
-    shift = max(0, round(math.log2(sigma / TABLE_SIGMA)) + 1) if sigma > TABLE_SIGMA else 0
+    shift = max(0, round(math.log2(sigma / table_sigma)) + 1) if sigma > table_sigma else 0
     unit = 1 << shift
     radius = int(math.ceil(TABLE_SPAN * sigma / unit)) + 2
     # High part h covers symbols h*unit .. h*unit+unit-1, i.e. values [h*unit - 0.5, (h+1)*unit - 0.5).
@@ -71,7 +83,7 @@ def table(code: int) -> Table:
     probs = np.diff(np.array(edges))
     escape = max(1.0 - float(probs.sum()), 2.0**-20)
     weights = np.floor(np.append(probs, escape) * 2.0**WEIGHT_BITS) + 1.0
-    return Table(shift, radius, constriction.stream.model.Categorical(weights, perfect=False))
+    return shift, radius, weights
 
 
 _U16 = constriction.stream.model.Uniform(1 << 16)
@@ -91,7 +103,7 @@ def _groups(codes: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
     return order, [(int(c), int(bounds[i]), int(bounds[i + 1])) for i, c in enumerate(unique)]
 
 
-def encode(segments: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
+def encode_v1(segments: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
     """ANS-code integer symbols given as segments (rows [R, n] int32, sigma code per row uint8 [R]).
 
     Every row of a segment has the same length; a stream usually has one segment (one per distinct
@@ -154,7 +166,7 @@ def _decode_escapes(coder, count: int, size: int) -> np.ndarray:
     return (high << 16) | low
 
 
-def decode(blob: bytes | memoryview, shapes: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+def decode_v1(blob: bytes | memoryview, shapes: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
     """Inverse of `encode`: per segment (codes [R], row length n), the int32 rows [R, n]."""
     if len(blob) < 4 or len(blob) % 4:
         raise CodecError("entropy-coded section has a bad length")
@@ -204,4 +216,117 @@ def decode(blob: bytes | memoryview, shapes: list[tuple[np.ndarray, int]]) -> li
         rows = np.empty_like(ordered)
         rows[order] = ordered
         out.append(rows)
+    return out
+
+
+# ---- version 2: kvlife's own interleaved rANS with one-lookup decoding (kvlife.codec.rans) -------
+
+TABLE_SIGMA_V2 = 8.0  # keeps every table within rans.MAX_SYMBOLS symbols
+
+
+class _Bank:
+    """rANS tables of every sigma code, built on first use (for the encoder: frequencies and
+    cumulative frequencies; for the decoder: the packed lookup)."""
+
+    def __init__(self) -> None:
+        self.freqs = np.ones((256, rans.MAX_SYMBOLS), dtype=np.int64)
+        self.cums = np.zeros((256, rans.MAX_SYMBOLS + 1), dtype=np.int64)
+        self.recips = np.ones((256, rans.MAX_SYMBOLS), dtype=np.float64)
+        self.luts = np.zeros((256, rans.PROB_SCALE), dtype=np.uint32)
+        self.shift = np.zeros(256, dtype=np.int64)
+        self.radius = np.zeros(256, dtype=np.int64)
+        self.built = np.zeros(256, dtype=bool)
+
+    def need(self, codes: np.ndarray) -> None:
+        for code in np.unique(codes[~self.built[codes]]):
+            shift, radius, weights = table_weights(int(code), TABLE_SIGMA_V2)
+            freq = rans.quantize(weights.astype(np.int64))
+            cum, lut = rans.tables(freq)
+            self.freqs[code, : len(freq)] = freq
+            self.cums[code, : len(cum)] = cum
+            self.recips[code, : len(freq)] = 1.0 / freq
+            self.luts[code] = lut
+            self.shift[code], self.radius[code] = shift, radius
+            self.built[code] = True
+
+
+_BANK = _Bank()
+
+
+def _plan(shapes: list[tuple[np.ndarray, int]]):
+    """One group per row, in coding order: by segment, then by code (so a table stays in cache),
+    each with the offset of its row in the flat buffer of all segments' rows [R, n] in row order.
+    Returns (codes, starts, counts, total symbols)."""
+    tables, starts, counts, offset = [], [], [], 0
+    for codes, n in shapes:
+        codes = np.asarray(codes, dtype=np.int64)
+        if n and len(codes):
+            order = np.argsort(codes, kind="stable")
+            tables.append(codes[order])
+            starts.append(offset + order * n)
+            counts.append(np.full(len(codes), n, dtype=np.int64))
+        offset += len(codes) * n
+    if not tables:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty, offset
+    tables = np.concatenate(tables)
+    _BANK.need(tables)
+    return tables, np.concatenate(starts), np.concatenate(counts), offset
+
+
+def encode(segments: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """rANS-code integer symbols given as segments (rows [R, n] int32, sigma code per row uint8 [R]).
+
+    Every row of a segment has the same length. Section layout: u32 escape count E, int32 escapes
+    [E], then the rANS words (u16, the two states first). `decode` inverts it given the same codes
+    and shapes.
+    """
+    shapes = [(codes, rows.shape[1] if rows.size else 0) for rows, codes in segments]
+    tables, starts, counts, total = _plan(shapes)
+    flat = np.ascontiguousarray(np.concatenate([rows.reshape(-1) for rows, _ in segments]), dtype=np.int32) \
+        if segments else np.zeros(0, np.int32)
+    # each coding step (a table index, or one low piece) emits at most one word; plus the states
+    steps = 1 + -(-_BANK.shift[tables] // rans.LOW_PIECE)
+    words = np.empty(int((counts * steps).sum()) + 4, dtype=np.uint16)
+    escapes = np.empty(total, dtype=np.int32)
+    first, n_esc = rans.encode_kernel(
+        flat, tables, starts, counts, _BANK.shift[tables], _BANK.radius[tables], _BANK.freqs, _BANK.cums,
+        _BANK.recips, words, escapes,
+    )
+    return (np.array([n_esc], dtype="<u4").tobytes() + escapes[len(escapes) - n_esc :].astype("<i4").tobytes()
+            + words[first:].astype("<u2").tobytes())
+
+
+_RANS_ERRORS = {
+    rans.ERR_TRUNCATED: "its rANS words end early",
+    rans.ERR_ESCAPES: "it uses more escapes than it holds",
+    rans.ERR_FINAL_STATE: "its rANS states do not check out",
+    rans.ERR_TRAILING: "it has unused words or escapes",
+}
+
+
+def decode(blob: bytes | memoryview, shapes: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+    """Inverse of `encode`: per segment (codes [R], row length n), the int32 rows [R, n]."""
+    blob = memoryview(blob)
+    tables, starts, counts, total = _plan(shapes)
+    if len(blob) < 4:
+        raise CodecError("entropy-coded section is truncated")
+    n_esc = int(np.frombuffer(blob, dtype="<u4", count=1)[0])
+    if n_esc > total or 4 + 4 * n_esc > len(blob) or (len(blob) - 4 * n_esc) % 2:
+        raise CodecError("entropy-coded section has a bad escape count or length")
+    escapes = np.frombuffer(blob, dtype="<i4", count=n_esc, offset=4).astype(np.int32)
+    words = np.frombuffer(blob, dtype="<u2", offset=4 + 4 * n_esc)
+    if not words.flags.aligned or words.dtype.byteorder not in "=|":
+        words = words.astype(np.uint16)  # a chunk may start at an odd offset of its stream
+    flat = np.empty(total, dtype=np.int32)
+    status = rans.decode_kernel(
+        words, flat, tables, starts, counts, _BANK.shift[tables], _BANK.radius[tables], _BANK.luts, escapes,
+    )
+    if status != rans.OK:
+        raise CodecError(f"entropy-coded section is corrupt: {_RANS_ERRORS[status]}")
+    out, offset = [], 0
+    for codes, n in shapes:
+        size = len(codes) * n
+        out.append(flat[offset : offset + size].reshape(len(codes), n))
+        offset += size
     return out

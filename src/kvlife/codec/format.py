@@ -21,7 +21,8 @@ import zstandard
 from kvlife.errors import KvlifeError
 
 MAGIC = b"KVLC"
-VERSION = 1
+VERSION = 2  # what the encoder writes: 2 = the kvlife scheme's entropy section is kvlife's rANS
+READABLE_VERSIONS = (1, 2)  # 1 = the same with constriction's ANS coder (still decoded)
 
 SCHEMES = ("kvlife", "fp16", "int8", "int8+zstd", "lmcache")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -78,6 +79,7 @@ class Header:
     chunk_lengths: list[int] = field(default_factory=list)
     chunk_crcs: list[int] = field(default_factory=list)
     header_bytes: int = 0  # size of the encoded header (set by parse/pack)
+    version: int = VERSION  # the format version the stream was written in (set by parse)
 
     @property
     def n_chunks(self) -> int:
@@ -179,7 +181,7 @@ def pack_header(header: Header) -> bytes:
         raise CodecError("internal: chunk table does not match the chunk count")
     out = bytearray(
         _FIXED.pack(
-            MAGIC, VERSION, SCHEMES.index(header.scheme), DTYPES.index(header.dtype), header.flags,
+            MAGIC, header.version, SCHEMES.index(header.scheme), DTYPES.index(header.dtype), header.flags,
             header.chunk_tokens, len(header.layers), 0, header.next_position, header.rope_theta,
             header.rotary_dim, 0, header.n_chunks,
         )
@@ -226,8 +228,9 @@ def parse_header(blob: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES, h
         raise CodecError("not a kvlife codec stream (bad magic); was it written by `kvlife codec encode`?")
     (_, version, scheme, dtype, flags, chunk_tokens, n_layers, _, next_position, rope_theta,
      rotary_dim, _, n_chunks) = reader.unpack(_FIXED, "the fixed header")
-    if version != VERSION:
-        raise CodecError(f"codec stream version {version} is not supported (this kvlife reads version {VERSION})")
+    if version not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        raise CodecError(f"codec stream version {version} is not supported (this kvlife reads versions {readable})")
     if scheme >= len(SCHEMES) or dtype >= len(DTYPES):
         raise CodecError(f"unknown scheme {scheme} or dtype {dtype} in the header")
     if not 1 <= n_layers <= MAX_LAYERS:
@@ -273,7 +276,7 @@ def parse_header(blob: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES, h
         scheme=SCHEMES[scheme], dtype=DTYPES[dtype], chunk_tokens=chunk_tokens, layers=layers,
         next_position=next_position, positions=_unpack_positions(pos_blob, layers), rope_theta=rope_theta,
         rotary_dim=rotary_dim, flags=flags, scheme_section=section, chunk_lengths=lengths,
-        chunk_crcs=[int(x) for x in table[:, 1]], header_bytes=reader.offset,
+        chunk_crcs=[int(x) for x in table[:, 1]], header_bytes=reader.offset, version=version,
     )
     return header
 

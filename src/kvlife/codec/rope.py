@@ -47,7 +47,7 @@ def rope_from_config(config: Any) -> RopeSpec | None:
     return RopeSpec(float(theta), rotary_dim - rotary_dim % 2)
 
 
-def _cos_sin(positions: np.ndarray, spec: RopeSpec) -> tuple[np.ndarray, np.ndarray]:
+def cos_sin(positions: np.ndarray, spec: RopeSpec) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin of shape [heads, tokens, rotary_dim // 2] (float32, as transformers computes them)."""
     exponent = np.arange(0, spec.rotary_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(spec.rotary_dim)
     inv_freq = (np.float32(1.0) / np.power(np.float32(spec.theta), exponent)).astype(np.float32)
@@ -61,7 +61,7 @@ def rotate(keys: np.ndarray, positions: np.ndarray, spec: RopeSpec, inverse: boo
     `positions` is [heads, tokens] (or broadcastable to it).
     """
     half = spec.rotary_dim // 2
-    cos, sin = _cos_sin(positions, spec)
+    cos, sin = cos_sin(positions, spec)
     if inverse:
         sin = -sin
     first = keys[..., :half].copy()
