@@ -165,3 +165,32 @@ def test_mix_refuses_streams_of_two_versions():
     blob_v2 = encode(layers, level="extreme", chunk_tokens=header.chunk_tokens)
     with pytest.raises(CodecError, match="share"):
         mix({"a": blob_v1, "b": blob_v2}, ["a", "b", "a"])
+
+
+def test_rotate_matches_the_rotate_half_formula():
+    from kvlife.codec.rope import cos_sin, rotate
+
+    rng = np.random.default_rng(2)
+    keys = rng.standard_normal((3, 21, 16)).astype(np.float32)
+    positions = np.stack([np.arange(21) + 7 * h for h in range(3)])
+    spec = type(ROPE)(ROPE.theta, 12)
+    cos, sin = cos_sin(positions, spec)
+    first, second = keys[..., :6], keys[..., 6:12]
+    expected = keys.copy()
+    expected[..., :6] = first * cos - second * sin
+    expected[..., 6:12] = second * cos + first * sin
+    np.testing.assert_allclose(rotate(keys.copy(), positions, spec, inverse=False), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_channel_stats_match_numpy():
+    from kvlife.codec.kvlife_scheme import channel_stats
+
+    rng = np.random.default_rng(4)
+    pair = tuple(rng.standard_normal((2, 30, 8)).astype(np.float32) * 3 + 1 for _ in range(2))
+    means, rms, peaks = channel_stats([pair], exact_tokens=1)
+    for x, mean, head_rms in zip(pair, means, rms):
+        body = x[:, 1:].astype(np.float64)
+        np.testing.assert_allclose(mean, body.mean(axis=1).astype(np.float16))
+        centred = body - mean.astype(np.float64)[:, None, :]
+        np.testing.assert_allclose(head_rms, np.sqrt((centred**2).mean(axis=(1, 2))), rtol=1e-9)
+    assert peaks == [max(float(np.abs(x).max()) for x in pair)]

@@ -136,18 +136,16 @@ def encode_levels(
     if exact > 255:
         raise CodecError("at most 255 exact tokens")
     if rope is not None:
-        if not (rope.theta > 0 and rope.rotary_dim >= 2 and rope.rotary_dim % 2 == 0):
+        if not (1.0 < rope.theta < 1e30 and rope.rotary_dim >= 2 and rope.rotary_dim % 2 == 0):
             raise CodecError(f"invalid RoPE parameters {rope}")
         if any(rope.rotary_dim > s.head_dim for s in shapes):
             raise CodecError(f"rotary_dim {rope.rotary_dim} exceeds a layer's head_dim")
     coded = kvlife_scheme.unrope_keys(arrays, positions, rope)
-    means = kvlife_scheme.channel_means(coded, exact)
-    rms = kvlife_scheme.head_rms(coded, means, exact)
+    means, rms, peaks = kvlife_scheme.channel_stats(coded, exact)
     section = b"".join(m.astype("<f2").tobytes() for m in means)
-    # |x - mean| <= 2 sqrt(2) peak (un-rotation grows a component by up to sqrt(2)), so this floor keeps
-    # every symbol below 2^28 in magnitude; it only binds on (near-)constant heads.
-    floors = [max(max((max(float(x.max(initial=0)), -float(x.min(initial=0))) for x in pair), default=0.0) * 2.0**-26, 1e-30)
-              for pair in arrays]
+    # |x - mean| <= 2 peak (of the coded layer), so this floor keeps every symbol below 2^27 in
+    # magnitude; it only binds on (near-)constant heads.
+    floors = [max(peak * 2.0**-26, 1e-30) for peak in peaks]
     multipliers = None
     if weights is not None:
         codes = _weight_codes(weights, shapes, rms)

@@ -283,11 +283,13 @@ def encode(segments: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
     """
     shapes = [(codes, rows.shape[1] if rows.size else 0) for rows, codes in segments]
     tables, starts, counts, total = _plan(shapes)
-    flat = np.ascontiguousarray(np.concatenate([rows.reshape(-1) for rows, _ in segments]), dtype=np.int32) \
-        if segments else np.zeros(0, np.int32)
+    if len(segments) == 1:  # the usual case: no copy
+        flat = np.ascontiguousarray(segments[0][0], dtype=np.int32).reshape(-1)
+    else:
+        flat = np.concatenate([np.asarray(rows, dtype=np.int32).reshape(-1) for rows, _ in segments] or [np.zeros(0, np.int32)])
     # each coding step (a table index, or one low piece) emits at most one word; plus the states
     steps = 1 + -(-_BANK.shift[tables] // rans.LOW_PIECE)
-    words = np.empty(int((counts * steps).sum()) + 4, dtype=np.uint16)
+    words = np.empty(int((counts * steps).sum()) + 5, dtype=np.uint16)  # + states + one spare
     escapes = np.empty(total, dtype=np.int32)
     first, n_esc = rans.encode_kernel(
         flat, tables, starts, counts, _BANK.shift[tables], _BANK.radius[tables], _BANK.freqs, _BANK.cums,

@@ -242,7 +242,7 @@ def parse_header(blob: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES, h
     check_shapes(layers, chunk_tokens)
     if n_chunks != chunk_count(layers, chunk_tokens):
         raise CodecError(f"the header claims {n_chunks} chunks but its shapes need {chunk_count(layers, chunk_tokens)}")
-    if flags & FLAG_PRE_ROPE and not (rope_theta > 0 and 2 <= rotary_dim and rotary_dim % 2 == 0):
+    if flags & FLAG_PRE_ROPE and not (1.0 < rope_theta < 1e30 and 2 <= rotary_dim and rotary_dim % 2 == 0):
         raise CodecError("the header asks to re-apply RoPE but its rope parameters are invalid")
     (pos_len,) = reader.unpack(struct.Struct("<I"), "the positions length")
     pos_blob = bytes(reader.take(pos_len, "the positions section"))

@@ -46,43 +46,56 @@ def unrope_keys(layers_np, positions, rope: RopeSpec | None):
     """Layers with keys rotated back to before RoPE (a copy), or the layers as they are without RoPE."""
     if rope is None:
         return layers_np
-    return [
-        (rotate(keys.copy(), _head_positions(pos, keys.shape[0]), rope, inverse=True), values)
-        for (keys, values), pos in zip(layers_np, positions)
-    ]
-
-
-def channel_means(coded_layers, exact_tokens: int) -> list[np.ndarray]:
-    """fp16 means per (layer, kind) of shape [heads, head_dim], over tokens after the exact ones."""
-    means = []
-    for pair in coded_layers:
-        for x in pair:
-            body = x[:, exact_tokens:]
-            if body.shape[1] == 0:
-                means.append(np.zeros((x.shape[0], x.shape[2]), dtype=np.float16))
-                continue
-            mean = body.mean(axis=1, dtype=np.float64)
-            means.append(np.clip(mean, -65504, 65504).astype(np.float16))
-    return means
-
-
-def head_rms(coded_layers, means, exact_tokens: int) -> list[np.ndarray]:
-    """RMS per (layer, kind, head) of x - mean over the coded tokens (what level steps scale)."""
-    out = []
-    for index, pair in enumerate(coded_layers):
-        for k, x in enumerate(pair):
-            body = x[:, exact_tokens:]
-            n = body.shape[1]
-            if n == 0:
-                out.append(np.ones(x.shape[0]))
-                continue
-            mean = means[2 * index + k].astype(np.float64)
-            # sum_t (x - m)^2 = sum x^2 - 2 m sum x + n m^2, per channel, without a centred copy
-            squares = np.einsum("htd,htd->hd", body, body, dtype=np.float64)
-            sums = body.sum(axis=1, dtype=np.float64)
-            per_channel = np.maximum(squares - 2 * mean * sums + n * mean * mean, 0.0)
-            out.append(np.sqrt(per_channel.sum(axis=1) / (n * x.shape[2])))
+    out, angles = [], None
+    for (keys, values), pos in zip(layers_np, positions):
+        head_pos = _head_positions(pos, keys.shape[0])
+        if angles is None or angles[0].shape != head_pos.shape or not np.array_equal(angles[0], head_pos):
+            angles = (head_pos, *cos_sin(head_pos, rope))  # layers usually share positions
+        out.append((rotate(keys.copy(), head_pos, rope, inverse=True, angles=angles[1:]), values))
     return out
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _channel_sums(x, exact_tokens):
+    """Per channel [heads, dim]: sum and sum of squares over tokens >= exact_tokens (float64), and
+    the largest |x| over all tokens, in one pass over x [heads, tokens, dim]."""
+    heads, tokens, dim = x.shape
+    sums = np.zeros((heads, dim), dtype=np.float64)
+    squares = np.zeros((heads, dim), dtype=np.float64)
+    peak = 0.0
+    for h in range(heads):
+        for t in range(tokens):
+            for d in range(dim):
+                v = np.float64(x[h, t, d])
+                peak = max(peak, abs(v))
+                if t >= exact_tokens:
+                    sums[h, d] += v
+                    squares[h, d] += v * v
+    return sums, squares, peak
+
+
+def channel_stats(coded_layers, exact_tokens: int):
+    """Per (layer, kind): fp16 channel means [heads, head_dim] over the tokens after the exact ones,
+    and the RMS of x - mean per head (what level steps scale); and per layer the largest |x|."""
+    means, rms, peaks = [], [], []
+    for pair in coded_layers:
+        layer_peak = 0.0
+        for x in pair:
+            sums, squares, peak = _channel_sums(x, exact_tokens)
+            layer_peak = max(layer_peak, peak)
+            n = max(x.shape[1] - exact_tokens, 0)
+            if n == 0:
+                means.append(np.zeros((x.shape[0], x.shape[2]), dtype=np.float16))
+                rms.append(np.ones(x.shape[0]))
+                continue
+            mean = np.clip(sums / n, -65504, 65504).astype(np.float16)
+            means.append(mean)
+            m = mean.astype(np.float64)
+            # sum_t (x - m)^2 = sum x^2 - 2 m sum x + n m^2, per channel, without a centred copy
+            per_channel = np.maximum(squares - 2 * m * sums + n * m * m, 0.0)
+            rms.append(np.sqrt(per_channel.sum(axis=1) / (n * x.shape[2])))
+        peaks.append(layer_peak)
+    return means, rms, peaks
 
 
 def _head_positions(pos: np.ndarray, heads: int) -> np.ndarray:
@@ -101,10 +114,45 @@ def _delta(q: np.ndarray) -> np.ndarray:
     return out
 
 
-def _est_bits(q: np.ndarray) -> float:
-    """Estimated size of symbols [heads, n, dim]: sum over channels of log2 RMS (Gaussian model)."""
-    rms = np.sqrt(np.einsum("htd,htd->hd", q, q) / max(q.shape[1], 1))
-    return float(np.log2(np.maximum(rms, 0.3)).sum())
+@njit(cache=True, nogil=True, boundscheck=False)
+def _delta_saving(rows, n):
+    """Estimated bits saved by anchor-delta coding the first n tokens of symbol rows [channels, T]:
+    per channel log2 RMS (Gaussian model; RMS floored at 0.3) as they are minus after the deltas."""
+    saving = 0.0
+    for r in range(rows.shape[0]):
+        plain = 0.0
+        deltas = 0.0
+        anchor = 0
+        for t in range(n):
+            q = rows[r, t]
+            plain += np.float64(q) * q
+            if t % DELTA_GROUP == 0:
+                anchor = q
+                deltas += np.float64(q) * q
+            else:
+                deltas += np.float64(q - anchor) * (q - anchor)
+        saving += 0.5 * (np.log2(max(plain / n, 0.09)) - np.log2(max(deltas / n, 0.09)))
+    return saving
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _quantize(x, means, inverse, rows):
+    """rows[h * dim + d, t] = rint((x[h, t, d] - means[h, d]) * inverse[h, d]) for x [heads, n, dim];
+    returns the sum of squares of each row (float64), from which the sigma codes come."""
+    heads, n, dim = x.shape
+    squares = np.zeros(heads * dim, dtype=np.float64)
+    for h in range(heads):
+        for d in range(dim):  # channel by channel: each output row is written front to back
+            mean = means[h, d]
+            scale = inverse[h, d]
+            row = rows[h * dim + d]
+            total = 0.0
+            for t in range(n):
+                q = np.rint((x[h, t, d] - mean) * scale)
+                row[t] = np.int32(q)
+                total += np.float64(q) * np.float64(q)
+            squares[h * dim + d] = total
+    return squares
 
 
 def _layout(header: Header, index: int, exact_tokens: int):
@@ -144,24 +192,21 @@ def encode_chunk(
             step_parts.append(step)
             if first > start:
                 exact_parts.append(np.ascontiguousarray(layers_np[li][k][:, start:first]))
-            inverse = 1.0 / step[:, None, None]
+            inverse = np.broadcast_to((1.0 / step)[:, None], (heads, dim)).astype(np.float32)
             if multipliers is not None:
-                inverse = inverse / multipliers[2 * li + k][:, None, :]
-            q = x[:, first:stop] - means[2 * li + k].astype(np.float32)[:, None, :]
-            q *= inverse
-            np.rint(q, out=q)
+                inverse = (inverse / multipliers[2 * li + k]).astype(np.float32)
+            row = filled[n]
+            rows = matrices[n][row : row + heads * dim]
+            squares = _quantize(x[:, first:stop], means[2 * li + k].astype(np.float32), inverse, rows)
             use_delta = False
             if delta == "auto" and n > 2 * DELTA_GROUP:
-                sample = q[:, : 6 * DELTA_GROUP]
-                if _est_bits(_delta(sample)) < _est_bits(sample) - 0.01 * heads * dim:
-                    q, use_delta = _delta(q), True
+                if _delta_saving(rows, 6 * DELTA_GROUP) > 0.01 * heads * dim:
+                    rows[...] = _delta(rows)
+                    squares = np.einsum("rt,rt->r", rows, rows, dtype=np.float64)
+                    use_delta = True
             flag_parts.append(1 if use_delta else 0)
-            rms = np.sqrt(np.einsum("htd,htd->hd", q, q) / max(n, 1)).reshape(-1)
-            codes = entropy.sigma_codes(rms)
+            codes = entropy.sigma_codes(np.sqrt(squares / max(n, 1)))
             code_parts.append(codes)
-            row = filled[n]
-            if n:
-                matrices[n][row : row + heads * dim].reshape(heads, dim, n)[...] = q.transpose(0, 2, 1)
             code_mats[n][row : row + heads * dim] = codes
             filled[n] = row + heads * dim
     coded = entropy.encode([(matrices[n], code_mats[n]) for n in plan])

@@ -159,10 +159,12 @@ def encode_kernel(symbols, group_table, group_start, group_count, group_shift, g
                 i0 = escape
             f1 = freq_row[i1]
             f0 = freq_row[i0]
-            if x1 >= (f1 << (32 - PROB_BITS)):
-                ptr -= 1
-                words[ptr] = x1 & 0xFFFF
-                x1 >>= 16
+            # branch-free renormalization: always write the low word below ptr, keep it only if due
+            # (the caller leaves one spare word at the front of `words`)
+            due = np.int64(x1 >= (f1 << (32 - PROB_BITS)))
+            words[ptr - 1] = x1 & 0xFFFF
+            ptr -= due
+            x1 >>= due << 4
             q1 = np.int64(x1 * recip_row[i1])
             r1 = x1 - q1 * f1
             if r1 < 0:
@@ -172,10 +174,10 @@ def encode_kernel(symbols, group_table, group_start, group_count, group_shift, g
                 q1 += 1
                 r1 -= f1
             x1 = (q1 << PROB_BITS) + r1 + cum_row[i1]
-            if x0 >= (f0 << (32 - PROB_BITS)):
-                ptr -= 1
-                words[ptr] = x0 & 0xFFFF
-                x0 >>= 16
+            due = np.int64(x0 >= (f0 << (32 - PROB_BITS)))
+            words[ptr - 1] = x0 & 0xFFFF
+            ptr -= due
+            x0 >>= due << 4
             q0 = np.int64(x0 * recip_row[i0])
             r0 = x0 - q0 * f0
             if r0 < 0:

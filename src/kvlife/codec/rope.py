@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numba import njit
 
 
 @dataclass(frozen=True)
@@ -55,17 +56,35 @@ def cos_sin(positions: np.ndarray, spec: RopeSpec) -> tuple[np.ndarray, np.ndarr
     return np.cos(angles), np.sin(angles)
 
 
-def rotate(keys: np.ndarray, positions: np.ndarray, spec: RopeSpec, inverse: bool) -> np.ndarray:
+def rotate(keys: np.ndarray, positions: np.ndarray, spec: RopeSpec, inverse: bool, angles=None) -> np.ndarray:
     """Apply (or undo, `inverse=True`) RoPE on keys [heads, tokens, head_dim] in place; returns keys.
 
-    `positions` is [heads, tokens] (or broadcastable to it).
+    `positions` is [heads, tokens] (or broadcastable to it); `angles` may pass `cos_sin(positions,
+    spec)` when the caller already has it (layers usually share positions).
     """
-    half = spec.rotary_dim // 2
-    cos, sin = cos_sin(positions, spec)
-    if inverse:
-        sin = -sin
-    first = keys[..., :half].copy()
-    second = keys[..., half : spec.rotary_dim]
-    keys[..., :half] = first * cos - second * sin
-    keys[..., half : spec.rotary_dim] = second * cos + first * sin
+    cos, sin = angles if angles is not None else cos_sin(positions, spec)
+    if cos.ndim == 2:
+        cos, sin = cos[None], sin[None]
+    if keys.dtype != np.float32 or cos.shape[1] != keys.shape[1]:
+        raise ValueError("rotate needs float32 keys [heads, tokens, dim] and angles for every token")
+    _rotate(keys, np.ascontiguousarray(cos, dtype=np.float32), np.ascontiguousarray(sin, dtype=np.float32),
+            spec.rotary_dim, -1.0 if inverse else 1.0)
     return keys
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _rotate(keys, cos, sin, rotary_dim, sign):
+    # rotate_half layout: dims d and d + half form a pair; sign -1 undoes the rotation
+    heads, tokens, _ = keys.shape
+    half = rotary_dim // 2
+    sign = np.float32(sign)
+    for h in range(heads):
+        angle = h if cos.shape[0] > 1 else 0
+        for t in range(tokens):
+            for d in range(half):
+                c = cos[angle, t, d]
+                s = sin[angle, t, d] * sign
+                first = keys[h, t, d]
+                second = keys[h, t, d + half]
+                keys[h, t, d] = first * c - second * s
+                keys[h, t, d + half] = second * c + first * s
