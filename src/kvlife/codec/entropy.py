@@ -1,4 +1,5 @@
-"""Entropy coding of quantized KV symbols with constriction's ANS coder and parametric tables.
+"""Entropy coding of quantized KV symbols with parametric tables: kvlife's rANS (format 2) or
+constriction's ANS (format 1, decode only).
 
 Each channel of a chunk (one layer, K or V, one head, one of head_dim channels) sends one byte:
 its `sigma code`, the RMS of its integer symbols on a log scale (8 steps per octave). The decoder
@@ -7,14 +8,16 @@ and a Laplacian of that RMS (weight `LAPLACE_WEIGHT`, fitted on real caches: the
 heavier-tailed than a Gaussian, lighter than a Laplacian). So a table costs 8 bits per channel
 and chunk (0.03 bits/element at 256 tokens) instead of CacheGen's (bins+1) x 16 bits.
 
-Channels with the same code share the same table, so the coder makes one constriction call per
-distinct code (tens per chunk) rather than one per channel, and each table is built once per
-process. Wide distributions (near-lossless levels) are split: the high part `q >> shift` goes
-through the table, the low `shift` bits through a uniform model, which keeps tables small (at most
-~400 entries) and decoding fast. Symbols beyond the table's radius are escaped and sent raw.
+Wide distributions (near-lossless levels) are split: the high part `q >> shift` goes through the
+table, the low `shift` bits are sent uniformly, which keeps tables small. Symbols beyond the
+table's radius are escaped and sent raw. Tables are integer weights (probability x 2^22, floored,
+plus one) computed from `math.erf` and `math.exp` in float64, so encoder and decoder agree bit for
+bit across machines; format 2 quantizes them further to 12-bit frequencies with integer arithmetic
+(`rans.quantize`).
 
-Tables are integer weights (probability x 2^22, floored, plus one) computed from `math.erf` and
-`math.exp` in float64, so encoder and decoder agree bit for bit across machines.
+Format 2 (`encode` / `decode`) codes every row (one channel of a chunk) with its code's table, rows
+sorted by code, in one call of the compiled coder. Format 1 (`decode_v1`) made one constriction
+call per distinct code; its encoder (`encode_v1`) is kept to test the reader.
 """
 
 from __future__ import annotations
