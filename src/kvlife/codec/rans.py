@@ -90,7 +90,9 @@ def encode_kernel(symbols, group_table, group_start, group_count, group_shift, g
     group_table[g]. Returns (index of the first word, escape count); the escapes are the last
     entries of `escapes`, in decode order. `recips` holds 1/freq (float64) per table entry: the
     quotient x // freq is taken from it and corrected by one when rounding put it off (x < 2^32, so
-    the float product is within one of the true quotient).
+    the float product is within one of the true quotient). Renormalization is branch-free: the low
+    word is always written below `ptr` and kept only if due (the caller leaves one spare word at
+    the front of `words`).
     """
     x0 = np.int64(STATE_LOW)
     x1 = np.int64(STATE_LOW)
@@ -106,15 +108,9 @@ def encode_kernel(symbols, group_table, group_start, group_count, group_shift, g
         shift = group_shift[g]
         radius = group_radius[g]
         escape = 2 * radius + 1
-        last = count
-        if shift == 0:
-            if count & 1:
-                last = count - 1  # the odd last symbol (lane 0) first, by the general path below
-            else:
-                last = count
-        for i in range(count - 1, -1, -1):
-            if shift == 0 and i < last:
-                break
+        # the general path: symbols with more than one low piece, and an odd group's last symbol
+        paired = count - (count & 1) if shift <= LOW_PIECE else 0
+        for i in range(count - 1, paired - 1, -1):
             v = np.int64(symbols[start + i])
             index = (v >> shift) + radius
             x = x0 if (i & 1) == 0 else x1
@@ -141,52 +137,43 @@ def encode_kernel(symbols, group_table, group_start, group_count, group_shift, g
                 x0 = x
             else:
                 x1 = x
-        if shift != 0:
-            continue
-        # pairs (lane 1 then lane 0, backwards), no low bits
-        for j in range(last - 2, -1, -2):
-            v1 = np.int64(symbols[start + j + 1])
-            v0 = np.int64(symbols[start + j])
-            i1 = v1 + radius
-            i0 = v0 + radius
-            if i1 < 0 or i1 >= escape:
-                n_esc += 1
-                escapes[len(escapes) - n_esc] = v1
-                i1 = escape
-            if i0 < 0 or i0 >= escape:
-                n_esc += 1
-                escapes[len(escapes) - n_esc] = v0
-                i0 = escape
-            f1 = freq_row[i1]
-            f0 = freq_row[i0]
-            # branch-free renormalization: always write the low word below ptr, keep it only if due
-            # (the caller leaves one spare word at the front of `words`)
-            due = np.int64(x1 >= (f1 << (32 - PROB_BITS)))
-            words[ptr - 1] = x1 & 0xFFFF
-            ptr -= due
-            x1 >>= due << 4
-            q1 = np.int64(x1 * recip_row[i1])
-            r1 = x1 - q1 * f1
-            if r1 < 0:
-                q1 -= 1
-                r1 += f1
-            elif r1 >= f1:
-                q1 += 1
-                r1 -= f1
-            x1 = (q1 << PROB_BITS) + r1 + cum_row[i1]
-            due = np.int64(x0 >= (f0 << (32 - PROB_BITS)))
-            words[ptr - 1] = x0 & 0xFFFF
-            ptr -= due
-            x0 >>= due << 4
-            q0 = np.int64(x0 * recip_row[i0])
-            r0 = x0 - q0 * f0
-            if r0 < 0:
-                q0 -= 1
-                r0 += f0
-            elif r0 >= f0:
-                q0 += 1
-                r0 -= f0
-            x0 = (q0 << PROB_BITS) + r0 + cum_row[i0]
+        # pairs, backwards: symbol j + 1 (lane 1) then symbol j (lane 0); each its low piece
+        # (at most one, shift <= LOW_PIECE) and then its table index
+        low_bits = PROB_BITS - shift
+        low_mask = (np.int64(1) << shift) - 1
+        for j in range(paired - 2, -1, -2):
+            for lane in range(2):
+                v = np.int64(symbols[start + j + 1 - lane])
+                x = x1 if lane == 0 else x0
+                index = (v >> shift) + radius
+                if index < 0 or index >= escape:
+                    n_esc += 1
+                    escapes[len(escapes) - n_esc] = v
+                    index = escape
+                elif shift > 0:
+                    due = np.int64(x >= (np.int64(1) << (32 - shift)))  # uniform: freq 2^(12-shift)
+                    words[ptr - 1] = x & 0xFFFF
+                    ptr -= due
+                    x >>= due << 4
+                    x = ((x >> low_bits) << PROB_BITS) + (x & ((np.int64(1) << low_bits) - 1)) + ((v & low_mask) << low_bits)
+                f = freq_row[index]
+                due = np.int64(x >= (f << (32 - PROB_BITS)))
+                words[ptr - 1] = x & 0xFFFF
+                ptr -= due
+                x >>= due << 4
+                q = np.int64(x * recip_row[index])
+                r = x - q * f
+                if r < 0:
+                    q -= 1
+                    r += f
+                elif r >= f:
+                    q += 1
+                    r -= f
+                x = (q << PROB_BITS) + r + cum_row[index]
+                if lane == 0:
+                    x1 = x
+                else:
+                    x0 = x
     for x in (x1, x0):
         ptr -= 1
         words[ptr] = x & 0xFFFF
@@ -221,42 +208,60 @@ def decode_kernel(words, symbols, group_table, group_start, group_count, group_s
         shift = group_shift[g]
         radius = group_radius[g]
         escape = 2 * radius + 1
-        if shift == 0:
-            for j in range(0, count - 1, 2):
-                e0 = np.int64(lut[x0 & (PROB_SCALE - 1)])
-                x0 = (e0 >> 20) * (x0 >> PROB_BITS) + ((e0 >> 8) & 0xFFF)
+        # pairs: symbol j on lane 0, then symbol j + 1 on lane 1, each its table index and then
+        # (shift <= LOW_PIECE) its one low piece
+        paired = count - (count & 1) if shift <= LOW_PIECE else 0
+        low_bits = PROB_BITS - shift
+        low_mask = (np.int64(1) << low_bits) - 1
+        for j in range(0, paired, 2):
+            e0 = np.int64(lut[x0 & (PROB_SCALE - 1)])
+            x0 = (e0 >> 20) * (x0 >> PROB_BITS) + ((e0 >> 8) & 0xFFF)
+            if x0 < STATE_LOW:
+                if pos >= n_words:
+                    return ERR_TRUNCATED
+                x0 = (x0 << 16) | np.int64(words[pos])
+                pos += 1
+            v0 = (e0 & 0xFF) - radius
+            if v0 == radius + 1:  # the escape index 2 * radius + 1
+                if n_esc >= n_escapes:
+                    return ERR_ESCAPES
+                v0 = np.int64(escapes[n_esc])
+                n_esc += 1
+            elif shift:
+                slot = x0 & (PROB_SCALE - 1)
+                x0 = ((x0 >> PROB_BITS) << low_bits) + (slot & low_mask)
                 if x0 < STATE_LOW:
                     if pos >= n_words:
                         return ERR_TRUNCATED
                     x0 = (x0 << 16) | np.int64(words[pos])
                     pos += 1
-                e1 = np.int64(lut[x1 & (PROB_SCALE - 1)])
-                x1 = (e1 >> 20) * (x1 >> PROB_BITS) + ((e1 >> 8) & 0xFFF)
+                v0 = (v0 << shift) | (slot >> low_bits)
+            e1 = np.int64(lut[x1 & (PROB_SCALE - 1)])
+            x1 = (e1 >> 20) * (x1 >> PROB_BITS) + ((e1 >> 8) & 0xFFF)
+            if x1 < STATE_LOW:
+                if pos >= n_words:
+                    return ERR_TRUNCATED
+                x1 = (x1 << 16) | np.int64(words[pos])
+                pos += 1
+            v1 = (e1 & 0xFF) - radius
+            if v1 == radius + 1:
+                if n_esc >= n_escapes:
+                    return ERR_ESCAPES
+                v1 = np.int64(escapes[n_esc])
+                n_esc += 1
+            elif shift:
+                slot = x1 & (PROB_SCALE - 1)
+                x1 = ((x1 >> PROB_BITS) << low_bits) + (slot & low_mask)
                 if x1 < STATE_LOW:
                     if pos >= n_words:
                         return ERR_TRUNCATED
                     x1 = (x1 << 16) | np.int64(words[pos])
                     pos += 1
-                v0 = (e0 & 0xFF) - radius
-                v1 = (e1 & 0xFF) - radius
-                if v0 == radius + 1 or v1 == radius + 1:  # an escape (index 2*radius+1)
-                    if v0 == radius + 1:
-                        if n_esc >= n_escapes:
-                            return ERR_ESCAPES
-                        v0 = np.int64(escapes[n_esc])
-                        n_esc += 1
-                    if v1 == radius + 1:
-                        if n_esc >= n_escapes:
-                            return ERR_ESCAPES
-                        v1 = np.int64(escapes[n_esc])
-                        n_esc += 1
-                symbols[start + j] = v0
-                symbols[start + j + 1] = v1
-            first = count - (count & 1)
-        else:
-            first = 0
-        # the general path: groups with low bits, and the last symbol of an odd group (lane 0)
-        for i in range(first, count):
+                v1 = (v1 << shift) | (slot >> low_bits)
+            symbols[start + j] = v0
+            symbols[start + j + 1] = v1
+        # the general path: symbols with more than one low piece, and an odd group's last symbol
+        for i in range(paired, count):
             x = x0 if (i & 1) == 0 else x1
             entry = np.int64(lut[x & (PROB_SCALE - 1)])
             x = (entry >> 20) * (x >> PROB_BITS) + ((entry >> 8) & 0xFFF)
