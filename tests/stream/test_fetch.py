@@ -140,7 +140,7 @@ def test_the_link_really_is_throttled(stream_url, published):
 
 
 def test_a_chunk_slowed_by_a_drop_is_abandoned_for_a_cheaper_option(stream_url, published):
-    from kvlife.stream.client import _Backlog
+    from kvlife.stream.client import _Abandonment, _Backlog
     from kvlife.stream.estimate import SpeedEstimate
     from kvlife.stream.planner import Planner
     from kvlife.stream.transport import Abandoned
@@ -150,8 +150,8 @@ def test_a_chunk_slowed_by_a_drop_is_abandoned_for_a_cheaper_option(stream_url, 
     sizes = {lv: [manifest.size(lv, i) for i in range(n)] for lv in manifest.levels}
     planner = Planner(sizes, [CHUNK] * n, slo=1.0, allow_recompute=False)
     speeds = SpeedEstimate(fp16_chunk_bytes=1e5)
-    rule = StreamClient._give_up_rule(1, "lossless-ish", manifest, planner, speeds, _Backlog(), lambda: 0.1,
-                                      2e6, [CHUNK] * n)
+    rule = _Abandonment(1, "lossless-ish", manifest, planner, speeds, _Backlog(), lambda: 0.1, 2e6, [CHUNK] * n,
+                        fetch_started=0.0, probe=False)
     size = manifest.size("lossless-ish", 1)
     assert not rule(size // 4, 0.004)  # on time (predicted 9 ms)
     assert rule(2048, 0.2)  # 10 KB/s: finishing costs ~1.6 s, a smaller level ~0.3 s

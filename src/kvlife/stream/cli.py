@@ -34,7 +34,7 @@ def add_parser(subparsers) -> None:
     fetch.add_argument("--no-model", action="store_true", help="fetch every chunk; never load a model or recompute")
     fetch.add_argument("--margin", type=float, default=0.05, help="fraction of the deadline kept in reserve")
     fetch.add_argument("--attempts", type=int, default=2, help="fetches of a chunk before it is recomputed")
-    fetch.add_argument("--drop-factor", type=float, default=4.0,
+    fetch.add_argument("--drop-factor", type=float, default=2.0,
                        help="bandwidth drop a fetched chunk must survive (1: plan on the estimate alone)")
     fetch.add_argument("--out", type=Path, default=None, help="save the cache (Session.load reads it)")
     fetch.add_argument("--ask", action="append", default=[], help="answer a query on the fetched context (repeatable)")

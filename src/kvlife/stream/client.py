@@ -22,6 +22,7 @@ import json
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -115,7 +116,7 @@ class StreamClient:
 
     def fetch(self, context_id: str, slo: float, model: Any = None, policy: str = ADAPTIVE, margin: float = 0.05,
               max_attempts: int = 2, levels: list[str] | None = None,
-              abort_after_s: float | None = None, drop_factor: float = 4.0) -> tuple[Any, FetchReport]:
+              abort_after_s: float | None = None, drop_factor: float = 2.0) -> tuple[Any, FetchReport]:
         """The context's KVCache, ready as close to `slo` seconds as the link allows, and what happened.
 
         `model`: needed to recompute chunks (and checked against the context's model fingerprint);
@@ -147,8 +148,9 @@ class StreamClient:
         planner = Planner({lv: [manifest.size(lv, i) for i in range(n)] for lv in usable}, tokens, slo, policy,
                           margin, allow_recompute=model is not None, drop_factor=drop_factor)
         speeds = self._speeds(header, model)
-        link = ThroughputEstimate()
-        link.add(manifest_bytes + len(header_blob), setup_s)
+        # the manifest and header are small: their rate says little about a chunk's (the round trips dominate),
+        # so it is only the prior for the first chunk, whose own transfer then corrects it (`_Abandonment`)
+        link = ThroughputEstimate(prior_bytes_s=(manifest_bytes + len(header_blob)) / max(setup_s, 1e-6))
         report = FetchReport(context_id, policy, slo, len(manifest.token_ids), setup_s=setup_s)
         report.chunks = [ChunkRecord(i, tokens[i]) for i in range(n)]
         builder = CacheBuilder(header, model)
@@ -233,6 +235,7 @@ class StreamClient:
             decision = planner.choose(i, clock(), backlog.free_at(clock()), bandwidth, speeds)
             if attempts >= max_attempts and can_recompute:
                 decision.option = RECOMPUTE
+            planner.commit(decision)
             record.planned.append(decision.option)
             record.predicted_bandwidth, record.predicted_ready_s = bandwidth, decision.predicted_ready_s
             if decision.option == RECOMPUTE:
@@ -244,15 +247,19 @@ class StreamClient:
             try:
                 path = f"/v1/contexts/{manifest.context_id}/chunks/{level}/{i}"
                 give_up = None if len(record.abandoned) >= 3 else \
-                    self._give_up_rule(i, level, manifest, planner, speeds, backlog, clock, bandwidth, tokens)
+                    _Abandonment(i, level, manifest, planner, speeds, backlog, clock, bandwidth, tokens,
+                                 fetch_started, probe=not link.samples)
                 data = self.transport.get(path, deadline=abort_at, give_up=give_up)
                 if hashlib.sha256(data).hexdigest() != manifest.chunks[level][i].sha256:
                     raise TransportError(f"chunk {level}/{i}: {len(data)} bytes that fail the manifest's SHA-256")
             except DeadlinePassed:
                 raise FetchAborted(f"gave up at chunk {i}: the abort time passed") from None
-            except Abandoned as exc:  # the link slowed down mid-chunk: what arrived is a throughput sample
+            except Abandoned as exc:  # the link is not what the choice assumed: what arrived is a throughput sample
                 attempts -= 1
-                link.add(exc.received, exc.seconds)
+                if give_up is not None and give_up.probed_rate is not None:
+                    link.add(exc.received, exc.received / give_up.probed_rate)
+                else:
+                    link.add(exc.received, exc.seconds)
                 record.abandoned.append(f"{level} after {exc.received} bytes, {exc.seconds:.3f} s")
                 record.bytes += exc.received
                 record.fetch_s += exc.seconds
@@ -272,31 +279,66 @@ class StreamClient:
             return level, data
 
 
-    @staticmethod
-    def _give_up_rule(i: int, level: str, manifest: Manifest, planner: Planner, speeds: SpeedEstimate,
-                      backlog: _Backlog, clock, bandwidth: float | None, tokens: list[int]):
-        """Abandonment (as DASH players abandon a segment): once a chunk has taken twice its predicted
-        time, re-plan at the rate it is getting; give it up if the new choice is another option that
-        costs less than finishing this one."""
-        size = manifest.size(level, i)
-        expected = size / max(bandwidth or 1.0, 1.0)
-        checked = [0.0]
+PROBE_BYTES = 64 << 10  # how much of the first chunk arrives before its own rate is trusted over the prior
+RECENT_S = 0.15  # the window of a chunk's recent rate (long enough to span a few pieces at 1 Mbit/s)
 
-        def give_up(received: int, seconds: float) -> bool:
-            if seconds < max(2 * expected, 0.05) or seconds - checked[0] < 0.05 or received >= size:
-                return False
-            checked[0] = seconds
-            rate = max(received / seconds, 1.0)
-            choice = planner.choose(i, clock(), backlog.free_at(clock()), rate, speeds).option
-            if choice == level:
-                return False
-            if choice == RECOMPUTE:
-                cost = speeds.recompute_s(tokens[i], sum(tokens[:i]))
-            else:
-                cost = manifest.size(choice, i) / rate
-            return cost < 0.8 * (size - received) / rate
 
-        return give_up
+class _Abandonment:
+    """When to give up a chunk in flight (as DASH players abandon a segment), asked as its bytes arrive.
+
+    - The first chunk (`probe`: no chunk measured yet) is chosen on the prior rate. Once `PROBE_BYTES` of
+      it have arrived, the rate it would average over the whole chunk (its request latency plus its size
+      at the rate its body arrives) replaces the prior: if the planner, at that rate, would choose another
+      option (better or worse), the chunk is given up and `probed_rate` is what the client believes next.
+    - Any chunk: once it is projected to take more than twice its predicted time (what is left at the rate
+      of its last `RECENT_S` seconds: a drop shows at once, not only after the average has sunk), re-plan
+      at that rate; give it up if the new choice is another option that costs less than finishing this one.
+    """
+
+    def __init__(self, i: int, level: str, manifest: Manifest, planner: Planner, speeds: SpeedEstimate,
+                 backlog: _Backlog, clock, bandwidth: float | None, tokens: list[int], fetch_started: float,
+                 probe: bool) -> None:
+        self.i, self.level, self.manifest, self.planner, self.speeds = i, level, manifest, planner, speeds
+        self.backlog, self.clock, self.tokens, self.fetch_started = backlog, clock, tokens, fetch_started
+        self.size = manifest.size(level, i)
+        self.expected = self.size / max(bandwidth or 1.0, 1.0)
+        self.checked = 0.0
+        self.arrivals: deque[tuple[float, int]] = deque([(0.0, 0)])  # (seconds, bytes received) of recent pieces
+        self.probe = probe
+        self.probed_rate: float | None = None
+
+    def _choice(self, rate: float) -> str:
+        return self.planner.choose(self.i, self.clock(), self.backlog.free_at(self.clock()), rate, self.speeds).option
+
+    def __call__(self, received: int, seconds: float) -> bool:
+        if received >= self.size:
+            return False
+        if self.probe and received >= min(PROBE_BYTES, self.size // 2):
+            self.probe = False
+            latency = max(0.0, time.perf_counter() - self.fetch_started - seconds)
+            rate = self.size / (latency + self.size * max(seconds, 1e-6) / received)
+            if self._choice(rate) != self.level:
+                self.probed_rate = rate
+                return True
+            return False
+        self.arrivals.append((seconds, received))
+        while len(self.arrivals) > 2 and seconds - self.arrivals[1][0] >= RECENT_S:
+            self.arrivals.popleft()
+        since, before = self.arrivals[0]
+        if seconds < RECENT_S or seconds - self.checked < 0.05:
+            return False
+        rate = max((received - before) / max(seconds - since, 1e-6), 1.0)
+        if seconds + (self.size - received) / rate < max(2 * self.expected, 0.05):
+            return False
+        self.checked = seconds
+        choice = self._choice(rate)
+        if choice == self.level:
+            return False
+        if choice == RECOMPUTE:
+            cost = self.speeds.recompute_s(self.tokens[self.i], sum(self.tokens[: self.i]))
+        else:
+            cost = self.manifest.size(choice, self.i) / rate
+        return cost < 0.8 * (self.size - received) / rate
 
 
 class _Backlog:

@@ -13,7 +13,7 @@ Plans considered: the first r remaining chunks recomputed and the rest fetched a
 r = 0, 1, 2, ..., all and L from best to worst. The plan with the fewest recomputed chunks that meets
 the deadline wins, the best level among those (recomputing is the fallback: its chunks are exact, but
 it costs compute); the current chunk is then recomputed if r > 0, else fetched at L. A chunk fetched
-at L must also be insured: should the bandwidth drop by `drop_factor` (4) while it is in flight, this
+at L must also be insured: should the bandwidth drop by `drop_factor` (2) while it is in flight, this
 chunk at the lower rate and then the rest at the fastest level must still be ready in time (a big chunk
 started just before a drop is what misses deadlines; the client also abandons such a chunk mid-way,
 see client.py). If no plan meets
@@ -56,10 +56,12 @@ def _candidate_counts(rest: int) -> list[int]:
 class Planner:
     def __init__(self, sizes: dict[str, Sequence[int]], chunk_tokens: Sequence[int], slo: float,
                  policy: str = ADAPTIVE, margin: float = 0.05, allow_recompute: bool = True,
-                 drop_factor: float = 4.0) -> None:
+                 drop_factor: float = 2.0, step_up_margin: float = 0.1) -> None:
         """`sizes`: level -> bytes of each chunk, levels best quality first; `chunk_tokens`: tokens of each
         chunk; `slo`: seconds for the whole context; `margin`: fraction of `slo` kept in reserve;
-        `drop_factor`: the bandwidth drop a fetch must survive (`insured`; 1 turns the check off)."""
+        `drop_factor`: the bandwidth drop a fetch must survive (`insured`; 1 turns the check off);
+        `step_up_margin`: the further fraction of `slo` a better level than the one being fetched must leave
+        in reserve before the plan moves up to it (hysteresis: see `commit`)."""
         self.levels = list(sizes)
         self.sizes = {level: list(values) for level, values in sizes.items()}
         self.tokens = list(chunk_tokens)
@@ -72,8 +74,14 @@ class Planner:
         if not slo > 0:
             raise StreamError(f"the deadline (slo) must be > 0 seconds, not {slo}")
         self.slo, self.policy, self.margin, self.allow_recompute = slo, policy, margin, allow_recompute
-        self.drop_factor = drop_factor
+        self.drop_factor, self.step_up_margin = drop_factor, step_up_margin
         self.full_tokens = max(self.tokens) if self.tokens else 1
+        self.current: str | None = None  # the level the plan is fetching at (set by `commit`)
+
+    def commit(self, decision: Decision) -> None:
+        """The client acted on `decision`: later choices move up from its level only with room to spare."""
+        if decision.option != RECOMPUTE:
+            self.current = decision.option
 
     def ready_time(self, index: int, level: str | None, recompute: int, now: float, worker_free: float,
                    bandwidth: float, speeds: SpeedEstimate, tail_level: str | None = None,
@@ -120,12 +128,18 @@ class Planner:
             return Decision(self.policy, ready, self.policy, 0, ready <= budget)
         rest = len(self.tokens) - index
         counts = _candidate_counts(rest) if self.allow_recompute else [0]
+        current = self.levels.index(self.current) if self.current in self.levels else 0  # 0: no level yet
+        step_up_budget = budget - self.slo * self.step_up_margin
         soonest: Decision | None = None
         for count in counts:
-            for level in self.levels:
+            for rank, level in enumerate(self.levels):
                 ready = self.ready_time(index, level, count, now, worker_free, bandwidth, speeds)
-                meets = ready <= budget and (count > 0 or self.insured(index, level, now, worker_free, bandwidth,
-                                                                        speeds, budget))
+                # moving above the level being fetched needs more room: a throughput estimate that wobbles
+                # around a level's threshold would otherwise alternate levels chunk by chunk, and a mix of
+                # levels is worse than the lower level's uniform quality whenever the next dip lands lower
+                limit = step_up_budget if count == 0 and rank < current else budget
+                meets = ready <= limit and (count > 0 or self.insured(index, level, now, worker_free, bandwidth,
+                                                                       speeds, limit))
                 decision = Decision(RECOMPUTE if count else level, ready, level, count, meets)
                 if decision.meets:
                     return decision
