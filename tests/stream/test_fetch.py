@@ -150,12 +150,16 @@ def test_a_chunk_slowed_by_a_drop_is_abandoned_for_a_cheaper_option(stream_url, 
     sizes = {lv: [manifest.size(lv, i) for i in range(n)] for lv in manifest.levels}
     planner = Planner(sizes, [CHUNK] * n, slo=1.0, allow_recompute=False)
     speeds = SpeedEstimate(fp16_chunk_bytes=1e5)
-    rule = _Abandonment(1, "lossless-ish", manifest, planner, speeds, _Backlog(), lambda: 0.1, 2e6, [CHUNK] * n,
-                        fetch_started=0.0, probe=False)
+    def rule():
+        return _Abandonment(1, "lossless-ish", manifest, planner, speeds, _Backlog(), lambda: 0.1, 2e6,
+                            [CHUNK] * n, fetch_started=0.0, probe=False)
+
     size = manifest.size("lossless-ish", 1)
-    assert not rule(size // 4, 0.004)  # on time (predicted 9 ms)
-    assert rule(2048, 0.2)  # 10 KB/s: finishing costs ~1.6 s, a smaller level ~0.3 s
-    assert not rule(size - 100, 0.3)  # almost there
+    assert not rule()(size // 4, 0.004)  # on time (predicted 9 ms)
+    slow = rule()
+    assert not slow(1024, 0.1)
+    assert slow(2048, 0.2)  # 10 KB/s: finishing costs ~1.6 s, a smaller level ~0.3 s
+    assert not rule()(size - 100, 0.3)  # late, but almost there
     # the transport drops a request its caller gives up on, reporting what had arrived
     client = StreamClient(stream_url)
     client.set_trace("constant:400kbit")

@@ -133,3 +133,32 @@ def test_recompute_estimate_learns_and_grows_with_the_prefix():
     s.add_decode("balanced", 0.2)
     assert s.decode_s("balanced") == pytest.approx(0.2)
     assert s.decode_s("high") > 0.1  # unmeasured levels scale with what the machine showed
+
+
+def test_the_plan_moves_up_only_with_room_to_spare():
+    s = speeds()
+    # 10 MB/s, 1 s: high needs 0.54 s, lossless-ish 1.68 s; 5 chunks left after 0.25 s: lossless-ish needs
+    # 0.84 s more (ready at 1.09 s), high 0.27 s; at 0.12 s it would be ready at 0.96 s: inside the deadline
+    # but not by the step-up margin (10% of it)
+    p = planner(1.0)
+    first = p.choose(0, 0.0, 0.0, 10e6, s)
+    assert first.option == "high"  # the first choice is not held back: there is no level to move up from
+    p.commit(first)
+    fresh = planner(1.0)
+    assert fresh.choose(5, 0.12, 0.12, 10e6, s).option == "lossless-ish"  # without a level being fetched
+    assert p.choose(5, 0.12, 0.12, 10e6, s).option == "high"  # 0.96 s > 0.9 s: stays
+    assert p.choose(5, 0.0, 0.0, 10e6, s).option == "lossless-ish"  # 0.84 s: room to spare, moves up
+    # moving down is never held back: at 2.5 MB/s high no longer fits and balanced does
+    assert p.choose(5, 0.0, 0.0, 2.5e6, s).option in ("balanced", "extreme")
+    # a recompute decision leaves the level being fetched as it was
+    recompute = p.choose(0, 0.0, 0.0, 0.1e6, s)
+    assert recompute.option == RECOMPUTE
+    p.commit(recompute)
+    assert p.current == "high"
+
+
+def test_the_prior_gives_way_to_the_first_measurement():
+    link = ThroughputEstimate(prior_bytes_s=1e6)
+    assert link.predict() == pytest.approx(1e6)
+    link.add(3_000_000, 1.0)
+    assert link.predict() == pytest.approx(3e6)  # the prior is not averaged in
