@@ -244,42 +244,39 @@ def _dequantize(rows, steps, multipliers, means, delta, cos, sin, rotary_dim, ou
     rows [heads * dim, n] int32 (row h * dim + d holds channel d of head h over the tokens); each
     element becomes (anchor-undelta'd symbol) * steps[h] * multipliers[h, d] + means[h, d]; keys
     coded before RoPE are rotated back with cos/sin [heads or 1, n, rotary_dim // 2] when rotary_dim
-    is not 0. One pass: no temporary arrays (this used to be half of the decoder's time).
+    is not 0. One pass, token by token (so each output row is written whole), no temporary arrays.
     """
     heads, n, dim = out.shape
     half = rotary_dim // 2
-    a = np.empty(n, dtype=np.float32)
-    b = np.empty(n, dtype=np.float32)
+    scale = np.empty(dim, dtype=np.float64)
+    mean = np.empty(dim, dtype=np.float32)
+    anchor = np.zeros(dim, dtype=np.int64)
+    token = np.empty(dim, dtype=np.float32)
     for h in range(heads):
-        ch = h if cos.shape[0] > 1 else 0
+        angle = h if cos.shape[0] > 1 else 0
         for d in range(dim):
-            if half and half <= d < rotary_dim:
-                continue  # done with its partner d - half
-            pair = d + half if half and d < half else -1
-            for which in range(2 if pair >= 0 else 1):
-                c = d if which == 0 else pair
-                row = rows[h * dim + c]
-                scale = np.float64(steps[h]) * np.float64(multipliers[h, c])
-                mean = means[h, c]
-                target = a if which == 0 else b
-                anchor = 0
-                for t in range(n):
-                    q = row[t]
-                    if delta:
-                        if t % DELTA_GROUP == 0:
-                            anchor = q
-                        else:
-                            q += anchor
-                    target[t] = np.float32(q * scale) + mean
-            if pair < 0:
-                for t in range(n):
-                    out[h, t, d] = a[t]
+            scale[d] = np.float64(steps[h]) * np.float64(multipliers[h, d])
+            mean[d] = means[h, d]
+        for t in range(n):
+            if delta:
+                for d in range(dim):
+                    q = np.int64(rows[h * dim + d, t])
+                    if t % DELTA_GROUP == 0:
+                        anchor[d] = q
+                    else:
+                        q += anchor[d]
+                    token[d] = np.float32(q * scale[d]) + mean[d]
             else:
-                for t in range(n):
-                    co = cos[ch, t, d]
-                    si = sin[ch, t, d]
-                    out[h, t, d] = a[t] * co - b[t] * si
-                    out[h, t, pair] = b[t] * co + a[t] * si
+                for d in range(dim):
+                    token[d] = np.float32(rows[h * dim + d, t] * scale[d]) + mean[d]
+            row = out[h, t]
+            for d in range(half):
+                c = cos[angle, t, d]
+                s = sin[angle, t, d]
+                row[d] = token[d] * c - token[d + half] * s
+                row[d + half] = token[d + half] * c + token[d] * s
+            for d in range(2 * half, dim):
+                row[d] = token[d]
 
 
 def decode_chunk(header: Header, means, part: memoryview, index: int, exact_tokens: int, multipliers=None,
