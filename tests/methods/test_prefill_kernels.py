@@ -8,7 +8,18 @@ import torch.nn.functional as F
 
 from kvlife.attention import AttnCall, reference_attention
 from kvlife.methods.prefill import kernels
-from kvlife.methods.prefill.estimate import a_shape_layout, block_layout, diagonal_offsets
+from kvlife.methods.prefill.estimate import (
+    FORCED_COLUMNS,
+    FORCED_DIAGONALS,
+    a_shape_layout,
+    block_layout,
+    diagonal_offsets,
+    diagonal_sums,
+    fill_gaps,
+    offset_values,
+    select_vertical_slash,
+    vertical_slash_sums,
+)
 from kvlife.methods.prefill.kernels import Layout, layout_mask, sparse_attention
 from kvlife.methods.prefill.minference import full_layout
 
@@ -62,8 +73,11 @@ def expected(call: AttnCall, layouts: list[Layout]) -> torch.Tensor:
 
 @pytest.mark.parametrize("n", [65, 127, 200, 333])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_per_head_layouts_equal_reference(n, threads, monkeypatch):
+@pytest.mark.parametrize("flash", [True, False])
+def test_per_head_layouts_equal_reference(n, threads, flash, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    if not flash:  # the matmul kernel for every layout (as on devices without the fused kernel)
+        monkeypatch.setattr(kernels, "_FLASH", None)
     call = random_call(n, seed=n)
     layouts = random_layouts(n, 6, seed=n)
     got = sparse_attention(call.query[0], call.key[0], call.value[0], layouts, call.scaling)
@@ -113,3 +127,76 @@ def test_diagonals_widen_to_the_query_block():
     mask = layout_mask(Layout(offsets=offsets), n)
     # Row 200 (block 3, rows 192..255) sees keys 62..125 and 192..200.
     assert torch.nonzero(mask[200]).flatten().tolist() == list(range(62, 126)) + list(range(192, 201))
+
+
+def vertical_slash_layouts(n: int, heads: int, seed: int) -> list[Layout]:
+    """Columns plus offsets holding the own block: what the flash-attention plan computes. Runs of
+    offsets straddle key 0, some columns lie inside the offsets, some blocks see no column."""
+    gen = torch.Generator().manual_seed(seed)
+    layouts = []
+    for head in range(heads):
+        columns = torch.randperm(n, generator=gen)[: 1 + head * n // 9].sort().values
+        diagonals = torch.cat([torch.arange(2), torch.randperm(n, generator=gen)[:1 + head]]).unique()
+        offsets = fill_gaps(diagonal_offsets(diagonals, n), 1 + 20 * (head % 3))
+        layouts.append(Layout(columns=columns if head % 4 else None, offsets=offsets))
+    return layouts
+
+
+@pytest.mark.parametrize("n", [65, 131, 257, 450])
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (3, 3)])
+def test_flash_plan_equals_reference(n, heads, kv_heads, monkeypatch):
+    used, plan = [], kernels._FlashPlan
+    monkeypatch.setattr(kernels, "_FlashPlan", lambda *args: used.append(1) or plan(*args))
+    call = random_call(n, heads=heads, kv_heads=kv_heads, seed=n)
+    layouts = vertical_slash_layouts(n, heads, seed=n)
+    for shared in (layouts, layouts[1:2]):
+        got = sparse_attention(call.query[0], call.key[0], call.value[0], shared, call.scaling)
+        torch.testing.assert_close(got[None], expected(call, shared), **TOL)
+    assert len(used) == heads + kv_heads  # per head, then per KV group with the shared layout
+    # Fewer query rows than keys, as Tri-shape runs it.
+    got = sparse_attention(call.query[0, :, :n - 7], call.key[0], call.value[0], layouts, call.scaling)
+    torch.testing.assert_close(got[None], expected(call, layouts)[:, :, :n - 7], **TOL)
+
+
+def test_flash_plan_only_where_it_fits():
+    n, cpu = 300, torch.device("cpu")
+    vertical_slash = Layout(columns=torch.arange(5), offsets=diagonal_offsets(torch.tensor([0, 100]), n))
+    assert kernels.flash_fits(vertical_slash, cpu, None)
+    assert not kernels.flash_fits(vertical_slash, cpu, 5.0)  # soft-capping: the matmul kernel
+    assert not kernels.flash_fits(Layout(offsets=torch.arange(-100, 40)), cpu, None)  # not the whole own block
+    assert not kernels.flash_fits(a_shape_layout(n, 4, 64), cpu, None)  # a window
+    assert not kernels.flash_fits(block_layout(torch.zeros(5, 1, dtype=torch.long)), cpu, None)
+
+
+def test_offset_values_sum_the_diagonals_each_offset_meets():
+    n, block = 200, kernels.BLOCK
+    slash = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    values = offset_values(slash, n, block)
+    for f in (-(n - 1), -150, -64, -1, 0, 5, block - 1):
+        want = sum(float(slash[r - f]) for r in range(block) if 0 <= r - f < n)
+        assert abs(float(values[f + n - 1]) - want) < 1e-4
+
+
+def test_fill_gaps():
+    offsets = torch.tensor([-300, -200, -199, -150, -10, -5, 0, 1])
+    assert fill_gaps(offsets, 10).tolist() == [-300, -200, -199, -150, *range(-10, 2)]
+    assert fill_gaps(offsets, 1).equal(offsets)
+
+
+@pytest.mark.parametrize("n", [150, 1000])
+def test_select_vertical_slash_keeps_budget_and_forced_keys(n):
+    gen = torch.Generator().manual_seed(n)
+    rows = 64
+    scores = torch.randn(rows, n, generator=gen) * 3
+    position = torch.arange(n - rows, n)
+    probs = torch.softmax(scores.masked_fill(torch.arange(n)[None] > position[:, None], float("-inf")), -1)
+    columns, offsets = select_vertical_slash(probs, n, vertical_size=40, slash_size=200)
+    assert columns.tolist() == sorted(set(columns.tolist())) and len(columns) == min(n, 40)
+    assert set(range(min(n, FORCED_COLUMNS))) <= set(columns.tolist())
+    local = set(range(-(FORCED_DIAGONALS - 1), kernels.BLOCK))
+    assert local <= set(offsets.tolist()) and int(offsets.max()) == kernels.BLOCK - 1
+    assert offsets.tolist() == sorted(set(offsets.tolist())) and int(offsets.min()) > -n
+    assert len(offsets) >= min(200, n - 1 + kernels.BLOCK)  # the budget, plus the gaps filled
+    assert kernels.flash_fits(Layout(columns=columns, offsets=offsets), torch.device("cpu"), None)
+    # The one-view diagonal sums equal the per-row ones.
+    torch.testing.assert_close(diagonal_sums(probs), vertical_slash_sums(probs[None])[1][0], atol=1e-5, rtol=1e-5)

@@ -14,6 +14,7 @@ from kvlife.methods.prefill.kernels import BLOCK, Layout
 
 FORCED_COLUMNS = 30  # MInference always keeps the first 30 columns (the attention sinks) ...
 FORCED_DIAGONALS = 100  # ... and the 100 most local diagonals.
+GAP = 64  # vertical-slash offsets fill gaps shorter than this between their runs (see fill_gaps)
 
 
 def a_shape_layout(n: int, n_init: int, n_local: int, device: torch.device | str = "cpu") -> Layout | None:
@@ -136,3 +137,80 @@ def top_blocks(scores: torch.Tensor, top_k: int) -> Layout:
     k = min(top_k, scores.shape[-1])
     values, index = torch.topk(scores, k, dim=-1)
     return block_layout(torch.where(values > 0, index, -1))
+
+
+def offset_values(slash: torch.Tensor, n: int, block: int = BLOCK) -> torch.Tensor:
+    """Estimated attention mass per block-relative key offset f in [-(n-1), block) (index f + n - 1)
+    from the mass per diagonal `slash` [n]: row r of a query block sees offset f on diagonal r - f,
+    so f's value is the mass of diagonals -f .. block-1-f (the block's rows alike)."""
+    total = torch.zeros(n + 1, dtype=slash.dtype, device=slash.device)
+    total[1:] = slash.cumsum(0)
+    f = torch.arange(-(n - 1), block, device=slash.device)
+    return total[(block - f).clamp(max=n)] - total[(-f).clamp(min=0)]
+
+
+def diagonal_sums(probs: torch.Tensor) -> torch.Tensor:
+    """Mass per diagonal [n] of the last rows' probabilities [r, n] (as `vertical_slash_sums`, in one
+    op): row i (position n - r + i) meets diagonal o at key n - r + i - o, i.e. at index r - 1 - i + o
+    of its keys reversed, so one strided view of the reversed rows (zero-padded past key 0) lines up
+    every diagonal in a column."""
+    rows, n = probs.shape
+    flipped = torch.zeros(rows, n + rows, device=probs.device)
+    flipped[:, :n] = probs.flip(-1)
+    return flipped.as_strided((rows, n), (n + rows - 1, 1), rows - 1).sum(0)
+
+
+def fill_gaps(offsets: torch.Tensor, gap: int) -> torch.Tensor:
+    """Sorted unique offsets with every gap shorter than `gap` between two of them filled: the kernel
+    reads a run of offsets as one dense slice per query block, and a short slice costs ~2x per key
+    what a long one does, so a small gap is cheaper computed (and its attention kept) than skipped."""
+    if offsets.numel() < 2 or gap <= 1:
+        return offsets
+    steps = offsets[1:] - offsets[:-1]
+    fill = (steps > 1) & (steps < gap)
+    if not bool(fill.any()):
+        return offsets
+    extra = [torch.arange(int(a) + 1, int(b), device=offsets.device)
+             for a, b in zip(offsets[:-1][fill].tolist(), offsets[1:][fill].tolist())]
+    return torch.cat([offsets, *extra]).sort().values
+
+
+def select_vertical_slash(probs: torch.Tensor, n: int, vertical_size: int, slash_size: int,
+                          block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """One head's vertical-slash pattern from its last rows' attention `probs` [r, n] (the rows at
+    positions n-r .. n-1): (columns, offsets), both sorted.
+
+    The budget is what the kernel computes: `slash_size` block-relative offsets (each one key per
+    query row), picked by the mass of the diagonals each covers over a query block (so heavy
+    diagonals come with their neighbours, in contiguous ranges the kernel reads as dense slices), the
+    own block and the FORCED_DIAGONALS most local diagonals always among them; then `vertical_size`
+    columns, the first FORCED_COLUMNS always among them, picked by the mass the offsets do not
+    already hold, and the offsets re-picked on the mass the columns do not hold (a heavy column is
+    also a heavy run of diagonals on the last rows; kept as a column, it costs no offsets)."""
+    rows = probs.shape[0]
+    device = probs.device
+    forced_low = -(FORCED_DIAGONALS - 1)
+    size = min(n - 1 + block, max(slash_size, block - forced_low))
+    first = torch.arange(min(FORCED_COLUMNS, n), device=device)
+
+    def offsets_of(mass: torch.Tensor) -> torch.Tensor:
+        values = offset_values(diagonal_sums(mass), n, block)
+        values[forced_low + n - 1:] = float("inf")
+        offsets = torch.topk(values, size, sorted=False).indices.sort().values - (n - 1)
+        return fill_gaps(offsets, GAP)
+
+    mass = probs.clone()
+    mass[:, first] = 0.0
+    offsets = offsets_of(mass)
+    # Columns on the mass the offsets leave (per query block of the last rows: its keys start + offsets).
+    mass = probs.clone()
+    positions = torch.arange(n - rows, n, device=device)
+    for start in torch.unique(positions // block * block).tolist():
+        keys = offsets + start
+        mass[(positions // block * block == start).nonzero().flatten()[:, None], keys[(keys >= 0) & (keys < n)]] = 0.0
+    vertical = mass.sum(0)
+    vertical[first] = float("inf")
+    columns = torch.topk(vertical, min(n, max(vertical_size, len(first))), sorted=False).indices.sort().values
+    mass = probs.clone()
+    mass[:, columns] = 0.0
+    return columns, offsets_of(mass)

@@ -14,11 +14,8 @@ from kvlife.methods.prefill.estimate import (
     a_shape_layout,
     last_query_probs,
     pooled_block_scores,
+    select_vertical_slash,
     top_blocks,
-    top_columns,
-    top_diagonals,
-    vertical_slash_layout,
-    vertical_slash_sums,
 )
 from kvlife.methods.prefill.kernels import BLOCK, Layout
 from kvlife.methods.prefill.patterns import HeadPattern
@@ -106,15 +103,15 @@ def pattern_layouts(call: AttnCall, heads: tuple[HeadPattern, ...], last_q: int 
             layouts[h] = top_blocks(estimates[("pooled", h)], head.size("top_k"))
         elif head.pattern == "vertical_slash" and max(head.size("vertical_size"), head.size("slash_size")) < n:
             vs_heads.append(h)  # a size >= n keeps every key: dense
-    missing = [h for h in vs_heads if ("vertical", h) not in estimates]
+    missing = [h for h in vs_heads if ("probs", h) not in estimates]
     if missing:
-        vertical, slash = vertical_slash_sums(last_query_probs(call, missing, last_q))
+        probs = last_query_probs(call, missing, last_q)
         for i, h in enumerate(missing):
-            estimates[("vertical", h)], estimates[("slash", h)] = vertical[i], slash[i]
+            estimates[("probs", h)] = probs[i]
     for h in vs_heads:
-        columns = top_columns(estimates[("vertical", h)], heads[h].size("vertical_size"))
-        diagonals = top_diagonals(estimates[("slash", h)], heads[h].size("slash_size"))
-        layouts[h] = vertical_slash_layout(columns, diagonals, n)
+        columns, offsets = select_vertical_slash(estimates[("probs", h)], n, heads[h].size("vertical_size"),
+                                                 heads[h].size("slash_size"))
+        layouts[h] = Layout(columns=columns, offsets=offsets)
     if all(layout is None for layout in layouts):
         return None
     return [layout if layout is not None else full_layout(n, device) for layout in layouts]
