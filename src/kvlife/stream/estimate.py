@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from collections import deque
 
-# fp16 MB/s the codec decodes at (docs/codec-format.md, one core); only their ratios matter once measured
-DECODE_PRIOR_BYTES_S = {"lossless-ish": 28e6, "high": 70e6, "balanced": 72e6, "compact": 74e6,
-                        "aggressive": 78e6, "extreme": 81e6}
+# fp16 MB/s the codec (format version 2) decodes at, one core (benchmarks/results/codec.json); only their
+# ratios matter once this machine's speed has been measured
+DECODE_PRIOR_BYTES_S = {"lossless-ish": 220e6, "high": 300e6, "balanced": 318e6, "compact": 324e6,
+                        "aggressive": 337e6, "extreme": 349e6}
 ATTENTION_KNEE_TOKENS = 5000.0
 
 
@@ -54,14 +55,14 @@ class SpeedEstimate:
         """Predicted seconds to decode a chunk at `level` (`fraction`: its tokens over a full chunk's)."""
         if level in self.decode_measured:
             return self.decode_measured[level] * fraction
-        prior = self.fp16_chunk_bytes / DECODE_PRIOR_BYTES_S.get(level, 70e6)
+        prior = self.fp16_chunk_bytes / DECODE_PRIOR_BYTES_S.get(level, 300e6)
         return prior * self.decode_scale * fraction
 
     def add_decode(self, level: str, seconds: float, fraction: float = 1.0) -> None:
         full = seconds / max(fraction, 1e-6)
         old = self.decode_measured.get(level)
         self.decode_measured[level] = full if old is None else 0.5 * old + 0.5 * full
-        prior = self.fp16_chunk_bytes / DECODE_PRIOR_BYTES_S.get(level, 70e6)
+        prior = self.fp16_chunk_bytes / DECODE_PRIOR_BYTES_S.get(level, 300e6)
         self.decode_scale = self.decode_measured[level] / prior
 
     def recompute_s(self, tokens: int, prefix_tokens: int) -> float:

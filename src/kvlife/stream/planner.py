@@ -10,15 +10,27 @@ worker can recompute early chunks while the link fetches later ones: with little
 resources together beat either alone.
 
 Plans considered: the first r remaining chunks recomputed and the rest fetched at a level L, for
-r = 0, 1, 2, ..., all and L from best to worst. The plan with the fewest recomputed chunks that meets
-the deadline wins, the best level among those (recomputing is the fallback: its chunks are exact, but
-it costs compute); the current chunk is then recomputed if r > 0, else fetched at L. A chunk fetched
-at L must also be insured: should the bandwidth drop by `drop_factor` (2) while it is in flight, this
-chunk at the lower rate and then the rest at the fastest level must still be ready in time (a big chunk
-started just before a drop is what misses deadlines; the client also abandons such a chunk mid-way,
-see client.py). If no plan meets
-the deadline, the plan that is ready soonest wins (so the policy never misses a deadline the fastest
-fixed level would meet, up to prediction error).
+r = 0, 1, 2, ..., all and L from best to worst (the manifest's order, which is the codec's measured
+quality order: KL from the dense cache grows level by level in benchmarks/results/codec.json). So a
+plan fetches the rest at one uniform level: a mix of levels is worse than the uniform level of the same
+size (the worst chunks dominate), and re-planning per chunk only changes the level when the measured
+throughput says the deadline is at risk (down) or that there is room to spare (up). The plan with the
+fewest recomputed chunks that meets the deadline wins, the best level among those (recomputing is the
+fallback: its chunks are exact, but it costs compute); the current chunk is then recomputed if r > 0,
+else fetched at L.
+
+Two guards against a throughput estimate that is wrong for a while:
+- Hysteresis (`step_up_margin`, 10% of `slo`): once the client `commit`s to a level, a better level is
+  taken only if its plan is ready that much before the deadline (moving down is never held back). An
+  estimate that wobbles around a level's threshold would otherwise alternate levels chunk by chunk.
+- Insurance (`drop_factor`, 2): a chunk fetched at L must survive a bandwidth drop by `drop_factor`
+  while it is in flight: this chunk at the lower rate and then the rest at the fastest level must still
+  be ready in time (a big chunk started just before a drop is what misses deadlines; the client also
+  abandons such a chunk mid-way, see client.py).
+
+If no plan meets the deadline, the plan that is ready soonest wins (so the policy never misses a
+deadline the fastest fixed level would meet, up to prediction error: a drop nobody could predict, such
+as the 8x step at 0.4 s of benchmarks/stream.py with a 1 s deadline, can still make it miss).
 
 Fixed policies (one level, or always recompute) use the same client and report the same figures, for
 comparison: `Planner(policy="balanced")`, `Planner(policy="recompute")`.
