@@ -29,7 +29,7 @@ def a_shape_layout(n: int, n_init: int, n_local: int, device: torch.device | str
 
 def _scores(call: AttnCall, query: torch.Tensor, kv_head: int) -> torch.Tensor:
     """float32 scores of query rows [g, r, d] against every key of one KV head: [g, r, n]."""
-    scores = torch.matmul(query.float(), call.key[0, kv_head].float().T) * call.scaling
+    scores = torch.matmul(query.float() * call.scaling, call.key[0, kv_head].float().T)
     if call.softcap is not None:
         scores = torch.tanh(scores / call.softcap) * call.softcap
     return scores
@@ -45,7 +45,8 @@ def last_query_probs(call: AttnCall, heads: list[int], last_q: int) -> torch.Ten
     for kv_head in sorted({head // groups for head in heads}):
         index = [i for i, head in enumerate(heads) if head // groups == kv_head]
         query = call.query[0, [heads[i] for i in index], n - last_q:]
-        scores = _scores(call, query, kv_head).masked_fill_(future, float("-inf"))
+        scores = _scores(call, query, kv_head)
+        scores[..., n - last_q:].masked_fill_(future[:, n - last_q:], float("-inf"))  # the only future keys
         out[index] = torch.softmax(scores, dim=-1)
     return out
 
@@ -151,13 +152,21 @@ def offset_values(slash: torch.Tensor, n: int, block: int = BLOCK) -> torch.Tens
 
 def diagonal_sums(probs: torch.Tensor) -> torch.Tensor:
     """Mass per diagonal [n] of the last rows' probabilities [r, n] (as `vertical_slash_sums`, in one
-    op): row i (position n - r + i) meets diagonal o at key n - r + i - o, i.e. at index r - 1 - i + o
-    of its keys reversed, so one strided view of the reversed rows (zero-padded past key 0) lines up
-    every diagonal in a column."""
+    op): row i (position n - r + i) meets diagonal n - 1 - t at key i + 1 - r + t, so a strided view
+    of the rows zero-padded before key 0 lines up the diagonals in columns t (reversed after)."""
     rows, n = probs.shape
-    flipped = torch.zeros(rows, n + rows, device=probs.device)
-    flipped[:, :n] = probs.flip(-1)
-    return flipped.as_strided((rows, n), (n + rows - 1, 1), rows - 1).sum(0)
+    padded = torch.zeros(rows, n + rows, device=probs.device)
+    padded[:, rows:] = probs
+    return padded.as_strided((rows, n), (n + rows + 1, 1), 1).sum(0).flip(0)
+
+
+def _less_keys(slash: torch.Tensor, probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """`slash` (diagonal sums of `probs` [r, n]) without the mass of columns `keys`."""
+    rows, n = probs.shape
+    diagonals = (torch.arange(n - rows, n, device=probs.device)[:, None] - keys[None]).flatten()
+    mass = probs[:, keys].flatten()
+    seen = diagonals >= 0
+    return slash.index_add(0, diagonals[seen], mass[seen], alpha=-1.0)
 
 
 def fill_gaps(offsets: torch.Tensor, gap: int) -> torch.Tensor:
@@ -193,24 +202,21 @@ def select_vertical_slash(probs: torch.Tensor, n: int, vertical_size: int, slash
     size = min(n - 1 + block, max(slash_size, block - forced_low))
     first = torch.arange(min(FORCED_COLUMNS, n), device=device)
 
-    def offsets_of(mass: torch.Tensor) -> torch.Tensor:
-        values = offset_values(diagonal_sums(mass), n, block)
+    def offsets_of(slash: torch.Tensor) -> torch.Tensor:
+        values = offset_values(slash, n, block)
         values[forced_low + n - 1:] = float("inf")
         offsets = torch.topk(values, size, sorted=False).indices.sort().values - (n - 1)
         return fill_gaps(offsets, GAP)
 
-    mass = probs.clone()
-    mass[:, first] = 0.0
-    offsets = offsets_of(mass)
+    slash = diagonal_sums(probs)
+    offsets = offsets_of(_less_keys(slash, probs, first))
     # Columns on the mass the offsets leave (per query block of the last rows: its keys start + offsets).
-    mass = probs.clone()
+    vertical = probs.sum(0)
     positions = torch.arange(n - rows, n, device=device)
     for start in torch.unique(positions // block * block).tolist():
         keys = offsets + start
-        mass[(positions // block * block == start).nonzero().flatten()[:, None], keys[(keys >= 0) & (keys < n)]] = 0.0
-    vertical = mass.sum(0)
+        keys = keys[(keys >= 0) & (keys < n)]
+        vertical.index_add_(0, keys, probs[positions // block * block == start][:, keys].sum(0), alpha=-1.0)
     vertical[first] = float("inf")
     columns = torch.topk(vertical, min(n, max(vertical_size, len(first))), sorted=False).indices.sort().values
-    mass = probs.clone()
-    mass[:, columns] = 0.0
-    return columns, offsets_of(mass)
+    return columns, offsets_of(_less_keys(slash, probs, columns))
