@@ -51,6 +51,7 @@ LAYER_METHODS = [
     "a_shape",
     "tri_shape",
     "minference",
+    "minference(vertical_size=1000,slash_size=3072)",
     "minference(vertical_size=1000,slash_size=2048)",
     "minference(vertical_size=1000,slash_size=1024)",
     "minference(vertical_size=500,slash_size=1024)",
