@@ -59,7 +59,7 @@ LAYER_METHODS = [
     f"minference(config={MODEL})",
     "flexprefill",
 ]
-E2E_METHODS = ["dense", "a_shape", "tri_shape", "minference", "minference(vertical_size=1000,slash_size=2048)",
+E2E_METHODS = ["dense", "a_shape", "tri_shape", "minference", "minference(vertical_size=1000,slash_size=3072)",
                f"minference(config={MODEL})", "flexprefill"]
 
 
