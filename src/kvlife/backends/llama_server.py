@@ -5,8 +5,9 @@ Used by the integration test and benchmarks/openai_backend.py; users may start i
     with LlamaServer(find_binary(), embedded_gguf("smollm2-135m"), alias="smollm2-135m") as server:
         ...  # kvlife bench --backend openai --base-url server.url --model smollm2-135m
 
-`scripts/llama-server.sh` builds the binary once (llama.cpp from source, CPU) into
-`$KVLIFE_HOME/llama-server/<version>-<isa>/` (AVX2 or generic x86-64, never -march=native). Prompt caching is llama-server's default
+`scripts/llama-server.sh` builds the binary once (llama.cpp from source, CPU; AVX2 or generic
+x86-64 rather than -march=native unless CMAKE_ARGS asks for it) into
+`$KVLIFE_HOME/llama-server/<version>-<isa>/`. Prompt caching is llama-server's default
 (`cache_prompt`): a request whose prompt starts like the slot's previous one reuses those
 tokens, and the response reports them (`usage.prompt_tokens_details.cached_tokens`,
 `timings.cache_n`).
