@@ -115,11 +115,15 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=2, help="queries scored per sample")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--drop-factor", type=float, default=2.0, help="the adaptive planner's insurance (1: off)")
+    parser.add_argument("--discount", default="levels",
+                        help="the adaptive planner's throughput discount: a number >= 1 (1: off) or 'levels' (each "
+                             "level's size step, the client's default)")
     parser.add_argument("--compare", type=Path, default=None,
                         help="a stream.json of another run (e.g. --drop-factor 1) whose adaptive rows to include")
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="run nothing: combine these partial results (runs of one --tasks each) into --out")
     args = parser.parse_args()
+    discount = None if args.discount == "levels" else float(args.discount)
     if args.merge:
         return merge(args.merge, args.out, args.compare)
 
@@ -182,7 +186,8 @@ def main() -> int:
                         runs.append({"trace": trace, "policy": level, "ready_s": ready, **quality[(level,) * manifest.n_chunks]})
                     for slo in deadlines:
                         client.set_trace(trace)
-                        cache, report = client.fetch(context_id, slo, model=model, drop_factor=args.drop_factor)
+                        cache, report = client.fetch(context_id, slo, model=model, drop_factor=args.drop_factor,
+                                                     discount=discount)
                         runs.append({"trace": trace, "policy": "adaptive", "slo": slo, "ready_s": report.ready_s,
                                      "options": report.options(),
                                      "abandoned": sum(len(c.abandoned) for c in report.chunks),
@@ -200,7 +205,7 @@ def main() -> int:
     result = {
         "model": models.DEFAULT_MODEL, "machine": machine(), "torch_threads": 1,
         "tasks": args.tasks.split(","), "samples_per_task": args.samples, "queries_per_sample": args.queries,
-        "chunk_tokens": 256, "drop_factor": args.drop_factor, "traces": [{"trace": t, "deadlines": d} for t, d in TRACES],
+        "chunk_tokens": 256, "drop_factor": args.drop_factor, "discount": args.discount, "traces": [{"trace": t, "deadlines": d} for t, d in TRACES],
         "recompute_tokens_s": None if client.speeds is None else round(1.0 / client.speeds.per_token_s, 1),
         "notes": ("Server and client on loopback; the server's send rate follows the trace (kvlife.stream.shaper). "
                   "Fixed policies ignore the deadline, so one fetch per trace and level serves every deadline; a "
@@ -214,7 +219,8 @@ def main() -> int:
     }
     if args.compare is not None:
         other = json.loads(args.compare.read_text())
-        result["compare"] = {"drop_factor": other.get("drop_factor", 1.0), "machine": other["machine"],
+        result["compare"] = {"drop_factor": other.get("drop_factor", 1.0), "discount": other.get("discount", "1"),
+                             "machine": other["machine"],
                              "adaptive": [r for r in other["summary"] if r["policy"] == "adaptive"]}
     args.out.write_text(json.dumps(result, indent=1))
     print_table(table)
@@ -315,7 +321,8 @@ def merge(paths: list[Path], out: Path, compare: Path | None = None) -> int:
     result["summary"] = summarize(result["samples"], levels)
     if compare is not None:
         other = json.loads(compare.read_text())
-        result["compare"] = {"drop_factor": other.get("drop_factor", 1.0), "machine": other["machine"],
+        result["compare"] = {"drop_factor": other.get("drop_factor", 1.0), "discount": other.get("discount", "1"),
+                             "machine": other["machine"],
                              "adaptive": [r for r in other["summary"] if r["policy"] == "adaptive"]}
     out.write_text(json.dumps(result, indent=1))
     print_table(result["summary"])

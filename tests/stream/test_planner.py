@@ -104,6 +104,22 @@ def test_a_fetch_must_survive_a_bandwidth_drop():
     assert tight.choose(N - 1, 0.98, 0.98, 40e6, s).option == "extreme"
 
 
+def test_plans_are_made_at_the_discounted_throughput():
+    """A discount of 2 plans as if the link gave half the predicted rate: at 10 MB/s and 1 s, high (0.53 s
+    at 10 MB/s, 1.05 s at 5 MB/s) gives way to balanced (0.82 s at 5 MB/s)."""
+    sizes = {level: [size] * N for level, size in LEVELS.items()}
+    discounted = Planner(sizes, [TOKENS] * N, 1.0, margin=0.0, drop_factor=1.0, discount=2.0)
+    assert planner(1.0).choose(0, 0.0, 0.0, 10e6, speeds()).option == "high"
+    assert discounted.choose(0, 0.0, 0.0, 10e6, speeds()).option == "balanced"
+    # the same plan at twice the rate: a discount only scales the prediction
+    assert discounted.choose(0, 0.0, 0.0, 20e6, speeds()).option == "high"
+    # a fixed level ignores it
+    fixed = Planner(sizes, [TOKENS] * N, 1.0, "high", margin=0.0, drop_factor=1.0, discount=2.0)
+    assert fixed.choose(0, 0.0, 0.0, 10e6, speeds()).option == "high"
+    with pytest.raises(StreamError, match="discount must be >= 1"):
+        Planner(sizes, [TOKENS] * N, 1.0, discount=0.5)
+
+
 def test_fixed_policies_and_bad_input():
     assert planner(1.0, "balanced").choose(0, 0.0, 0.0, 1.0, speeds()).option == "balanced"
     assert planner(1.0, RECOMPUTE).choose(3, 0.0, 0.0, 1e9, speeds()).option == RECOMPUTE

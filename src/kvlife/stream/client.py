@@ -35,7 +35,7 @@ from kvlife.stream.context import (
     check_context_id,
 )
 from kvlife.stream.estimate import SpeedEstimate, ThroughputEstimate
-from kvlife.stream.planner import ADAPTIVE, Planner
+from kvlife.stream.planner import ADAPTIVE, DISCOUNT, Planner
 from kvlife.stream.recompute import CacheBuilder
 from kvlife.stream.transport import Abandoned, DeadlinePassed, HttpTransport, TransportError
 
@@ -116,14 +116,16 @@ class StreamClient:
 
     def fetch(self, context_id: str, slo: float, model: Any = None, policy: str = ADAPTIVE, margin: float = 0.05,
               max_attempts: int = 2, levels: list[str] | None = None,
-              abort_after_s: float | None = None, drop_factor: float = 2.0) -> tuple[Any, FetchReport]:
+              abort_after_s: float | None = None, drop_factor: float = 2.0,
+              discount: float = DISCOUNT) -> tuple[Any, FetchReport]:
         """The context's KVCache, ready as close to `slo` seconds as the link allows, and what happened.
 
         `model`: needed to recompute chunks (and checked against the context's model fingerprint);
         without it every chunk is fetched. `policy`: "adaptive", "recompute" or a level name (fixed).
         `levels`: restrict the levels the adaptive policy may use. `abort_after_s`: give up (raise
         `FetchAborted`) once the fetch has taken that long (benchmarks bound hopeless fixed policies).
-        `drop_factor`: the bandwidth drop a fetched chunk must survive (`Planner.insured`; 1: off)."""
+        `drop_factor`: the bandwidth drop a fetched chunk must survive (`Planner.insured`; 1: off).
+        `discount`: the adaptive plans assume the predicted throughput divided by this (1: as predicted)."""
         from kvlife.codec.format import parse_header
 
         started = time.perf_counter()
@@ -146,7 +148,8 @@ class StreamClient:
         n = manifest.n_chunks
         tokens = [len(manifest.chunk_ids(i)) for i in range(n)]
         planner = Planner({lv: [manifest.size(lv, i) for i in range(n)] for lv in usable}, tokens, slo, policy,
-                          margin, allow_recompute=model is not None, drop_factor=drop_factor)
+                          margin, allow_recompute=model is not None, drop_factor=drop_factor,
+                          discount=discount)
         speeds = self._speeds(header, model)
         # the manifest and header are small: their rate says little about a chunk's (the round trips dominate),
         # so it is only the prior for the first chunk, whose own transfer then corrects it (`_Abandonment`)

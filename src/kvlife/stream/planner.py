@@ -45,6 +45,7 @@ from kvlife.stream.context import RECOMPUTE, StreamError
 from kvlife.stream.estimate import SpeedEstimate
 
 ADAPTIVE = "adaptive"
+DISCOUNT: float | None = None  # the client's default: each level's own step (module docstring)
 
 
 @dataclass
@@ -68,12 +69,14 @@ def _candidate_counts(rest: int) -> list[int]:
 class Planner:
     def __init__(self, sizes: dict[str, Sequence[int]], chunk_tokens: Sequence[int], slo: float,
                  policy: str = ADAPTIVE, margin: float = 0.05, allow_recompute: bool = True,
-                 drop_factor: float = 2.0, step_up_margin: float = 0.1) -> None:
+                 drop_factor: float = 2.0, step_up_margin: float = 0.1, discount: float | None = 1.0) -> None:
         """`sizes`: level -> bytes of each chunk, levels best quality first; `chunk_tokens`: tokens of each
         chunk; `slo`: seconds for the whole context; `margin`: fraction of `slo` kept in reserve;
         `drop_factor`: the bandwidth drop a fetch must survive (`insured`; 1 turns the check off);
         `step_up_margin`: the further fraction of `slo` a better level than the one being fetched must leave
-        in reserve before the plan moves up to it (hysteresis: see `commit`)."""
+        in reserve before the plan moves up to it (hysteresis: see `commit`); `discount`: a plan at a level is made at
+        the predicted throughput divided by this (>= 1), or, if None, by that level's size over the next
+        cheaper level's (its step; see the module's docstring)."""
         self.levels = list(sizes)
         self.sizes = {level: list(values) for level, values in sizes.items()}
         self.tokens = list(chunk_tokens)
@@ -85,8 +88,14 @@ class Planner:
             raise StreamError(f"unknown policy {policy!r}: adaptive, recompute or a level ({', '.join(self.levels)})")
         if not slo > 0:
             raise StreamError(f"the deadline (slo) must be > 0 seconds, not {slo}")
+        if discount is not None and not discount >= 1:
+            raise StreamError(f"the throughput discount must be >= 1, not {discount}")
         self.slo, self.policy, self.margin, self.allow_recompute = slo, policy, margin, allow_recompute
         self.drop_factor, self.step_up_margin = drop_factor, step_up_margin
+        totals = [sum(self.sizes[level]) for level in self.levels]
+        self.discounts = {level: discount if discount is not None else
+                          max(1.0, totals[k] / totals[k + 1]) if k + 1 < len(totals) and totals[k + 1] > 0 else 1.0
+                          for k, level in enumerate(self.levels)}
         self.full_tokens = max(self.tokens) if self.tokens else 1
         self.current: str | None = None  # the level the plan is fetching at (set by `commit`)
 
@@ -145,12 +154,13 @@ class Planner:
         soonest: Decision | None = None
         for count in counts:
             for rank, level in enumerate(self.levels):
-                ready = self.ready_time(index, level, count, now, worker_free, bandwidth, speeds)
+                rate = bandwidth / self.discounts[level]
+                ready = self.ready_time(index, level, count, now, worker_free, rate, speeds)
                 # moving above the level being fetched needs more room: a throughput estimate that wobbles
                 # around a level's threshold would otherwise alternate levels chunk by chunk, and a mix of
                 # levels is worse than the lower level's uniform quality whenever the next dip lands lower
                 limit = step_up_budget if count == 0 and rank < current else budget
-                meets = ready <= limit and (count > 0 or self.insured(index, level, now, worker_free, bandwidth,
+                meets = ready <= limit and (count > 0 or self.insured(index, level, now, worker_free, rate,
                                                                        speeds, limit))
                 decision = Decision(RECOMPUTE if count else level, ready, level, count, meets)
                 if decision.meets:
