@@ -120,10 +120,15 @@ def main() -> int:
                              "level's size step, the client's default)")
     parser.add_argument("--compare", type=Path, default=None,
                         help="a stream.json of another run (e.g. --drop-factor 1) whose adaptive rows to include")
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="run nothing: print this stream.json's summary as the Markdown table of docs/streaming.md")
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="run nothing: combine these partial results (runs of one --tasks each) into --out")
     args = parser.parse_args()
     discount = None if args.discount == "levels" else float(args.discount)
+    if args.markdown:
+        print_markdown(json.loads(args.markdown.read_text())["summary"])
+        return 0
     if args.merge:
         return merge(args.merge, args.out, args.compare)
 
@@ -341,6 +346,41 @@ def print_table(rows: list[dict]) -> None:
                       f"{ {True: 'ok', False: 'WORSE', None: 'n/a'}[t['quality_ok']]} (best {t['best_meeting']})")
         print(f"{r['trace']:24} {r['slo']:5g} {r['policy']:13} {r['miss_rate']:5.2f} {ttft:>7} {r['accuracy']:5.2f} "
               f"{100 * r['ppl_change']:+7.2f} {r['kl']:7.4f}  {target}")
+
+
+def print_markdown(rows: list[dict]) -> None:
+    """The summary as docs/streaming.md shows it: per (trace, deadline) the adaptive policy, the fixed level
+    with the fewest misses, the best fixed level that meets the deadline, and the target's verdict."""
+
+    def cell(r: dict) -> str:
+        ttft = f"{r['ttft_s']:.2f}" if r["ttft_s"] is not None else "-"
+        return f"{r['miss_rate']:.2f} / {ttft} / {100 * r['ppl_change']:+.1f}% / {r['accuracy']:.2f} / {r['kl']:.3f}"
+
+    print("| trace | slo s | adaptive | fewest-miss fixed | best fixed meeting it | misses / quality (ppl diff, 90% CI; KL) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    counts = {"misses": 0, "quality": 0, "rows": 0, "quality_rows": 0}
+    for r in rows:
+        if "target" not in r:
+            continue
+        t = r["target"]
+        group = {x["policy"]: x for x in rows if x["trace"] == r["trace"] and x["slo"] == r["slo"]}
+        fastest = group[t["fewest_misses_fixed"]]
+        best = f"{t['best_meeting']}: {cell(group[t['best_meeting']])}" if t["best_meeting"] else "none"
+        verdict = "yes" if t["misses_ok"] else "no"
+        counts["rows"] += 1
+        counts["misses"] += t["misses_ok"]
+        if t["quality_ok"] is None:
+            verdict += " / n/a"
+        else:
+            counts["quality_rows"] += 1
+            counts["quality"] += t["quality_ok"]
+            d = t["ppl_diff"]
+            verdict += (f" / {'yes' if t['quality_ok'] else 'no'} ({100 * d['diff']:+.1f} pts vs {t['ppl_vs']}, "
+                        f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]; acc {'ok' if t['accuracy_ok'] else 'lower'}; "
+                        f"KL {'ok' if t['kl_ok'] else 'higher'})")
+        print(f"| `{r['trace']}` | {r['slo']:g} | {cell(r)} | {t['fewest_misses_fixed']}: {cell(fastest)} | {best} | {verdict} |")
+    print(f"\nmisses ok in {counts['misses']} of {counts['rows']} rows; quality ok in {counts['quality']} of "
+          f"{counts['quality_rows']} rows with a meeting fixed level")
 
 
 if __name__ == "__main__":

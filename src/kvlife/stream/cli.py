@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,9 @@ def add_parser(subparsers) -> None:
     fetch.add_argument("--attempts", type=int, default=2, help="fetches of a chunk before it is recomputed")
     fetch.add_argument("--drop-factor", type=float, default=2.0,
                        help="bandwidth drop a fetched chunk must survive (1: plan on the estimate alone)")
+    fetch.add_argument("--discount", default="levels",
+                       help="plan a level at the predicted throughput divided by this: a number >= 1 for every "
+                            "level (1: none), or 'levels' (default): by each level's size step over the next cheaper one")
     fetch.add_argument("--out", type=Path, default=None, help="save the cache (Session.load reads it)")
     fetch.add_argument("--ask", action="append", default=[], help="answer a query on the fetched context (repeatable)")
     fetch.add_argument("--max-new-tokens", type=int, default=64)
@@ -139,11 +143,24 @@ def run_link(args: argparse.Namespace) -> int:
     return 0
 
 
+def _discount(text: str) -> float | None:
+    if text == "levels":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 1:
+        raise KvlifeError(f"--discount must be a number >= 1 or 'levels', not {text!r}")
+    return value
+
+
 def run_fetch(args: argparse.Namespace) -> int:
     if not args.slo > 0:
         raise KvlifeError(f"--slo must be > 0 seconds, not {args.slo}")
     if args.attempts < 1 or not 0 <= args.margin < 1 or not args.drop_factor >= 1:
         raise KvlifeError("--attempts must be >= 1, --margin in [0, 1) and --drop-factor >= 1")
+    discount = _discount(args.discount)
     if args.no_model and (args.ask or args.policy == "recompute"):
         raise KvlifeError("--ask and --policy recompute need the model; drop --no-model")
     client = _client(args)
@@ -160,11 +177,11 @@ def run_fetch(args: argparse.Namespace) -> int:
 
         session = Session(model, tokenizer, "dense", mode="multi-request")
         report = fetch_into(session, client, args.context_id, args.slo, args.policy, margin=args.margin,
-                            max_attempts=args.attempts, drop_factor=args.drop_factor)
+                            max_attempts=args.attempts, drop_factor=args.drop_factor, discount=discount)
         cache = session.cache
     else:
         cache, report = client.fetch(args.context_id, args.slo, model=model, policy=args.policy, margin=args.margin,
-                                     max_attempts=args.attempts, drop_factor=args.drop_factor)
+                                     max_attempts=args.attempts, drop_factor=args.drop_factor, discount=discount)
     if args.out is not None:
         from kvlife.store.keys import model_fingerprint
 
