@@ -1,0 +1,184 @@
+"""Planner settings compared on shaped links: deadline misses and the levels each setting chose, against
+every fixed level, with no quality evaluation (so minutes, not an hour; benchmarks/stream.py scores quality).
+
+    flock /tmp/kvlife-cpu.lock env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/stream_policies.py
+
+It publishes `--samples` contexts per task of benchmarks/stream.py (the model is loaded once, to prefill
+and encode them), then, over the shaped traces of benchmarks/stream.py except the 1 Mbit/s drop (which
+needs recomputing, so the model in the client), fetches each context at every fixed level (one fetch per
+trace and level serves every deadline) and once per deadline with each planner setting. The client has
+no model: nothing is recomputed, every chunk is fetched and decoded. Per (trace, deadline, setting): the
+deadline misses, and the chosen levels against the best fixed level that met the deadline on every
+sample: `level_ok` counts the fetches whose every chunk is at that level or better, `mean_rank` is the
+mean level rank of the chunks (0 = lossless-ish) beside that level's rank. The level check is a proxy for
+quality, stricter than stream.py's test (a chunk one level lower fails it). Writes
+benchmarks/results/stream-policies.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from foundation import machine  # noqa: E402
+
+from kvlife.stream import StreamClient, publish  # noqa: E402
+from kvlife.stream.client import FetchAborted  # noqa: E402
+from stream import CALIBRATION_TEXT, TASKS, TRACES, start_server  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "stream-policies.json"
+SHAPED = [(trace, deadlines) for trace, deadlines in TRACES if "1mbit" not in trace]
+# (discount, drop factor): no discount (the planner before the discount), a uniform one, the level steps
+# (the client's default), the level steps without the insurance
+SETTINGS = ["1,2", "1.2,2", "1.3,2", "levels,2", "levels,1"]
+
+
+def publish_samples(client: StreamClient, tasks: list[str], samples: int) -> list[str]:
+    import torch
+
+    from kvlife import models
+    from kvlife.bench.tasks import get_task
+    from kvlife.codec.calibrate import channel_weights
+    from kvlife.codec.rope import rope_from_config
+    from kvlife.session import Session
+
+    torch.set_num_threads(1)
+    model, tokenizer = models.load(models.DEFAULT_MODEL)
+    rope = rope_from_config(model.config)
+    calibration = tokenizer(CALIBRATION_TEXT.read_text(), return_tensors="pt").input_ids[:, :2048]
+    weights = channel_weights(model, calibration, rotary_dim=rope.rotary_dim if rope else 0)
+    ids = []
+    for task_name in tasks:
+        for sample in get_task(task_name).samples("default", n=samples):
+            session = Session(model, tokenizer, "dense", mode="multi-request")
+            session.prefill(sample.context)
+            context_id = f"{task_name}-{sample.id}".replace("/", "-").replace(":", "-")[:100]
+            manifest = publish(session, client, context_id, weights=weights, model_name=models.DEFAULT_MODEL)
+            print(f"published {context_id}: {len(manifest.token_ids)} tokens, {manifest.n_chunks} chunks", flush=True)
+            ids.append(context_id)
+    return ids
+
+
+def parse_setting(text: str) -> tuple[float | None, float]:
+    discount, drop = text.split(",")
+    return (None if discount == "levels" else float(discount)), float(drop)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--samples", type=int, default=3, help="samples per task")
+    parser.add_argument("--settings", default=";".join(SETTINGS),
+                        help="planner settings 'DISCOUNT,DROP_FACTOR' separated by ';' (DISCOUNT: a number or levels)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    settings = args.settings.split(";")
+    for setting in settings:
+        try:
+            parse_setting(setting)
+        except ValueError:
+            parser.error(f"bad setting {setting!r}: use DISCOUNT,DROP_FACTOR, e.g. levels,2 or 1.3,2")
+
+    root = tempfile.mkdtemp(prefix="kvlife-stream-policies-")
+    server, url = start_server(root)
+    client = StreamClient(url)
+    started = time.perf_counter()
+    try:
+        ids = publish_samples(client, args.tasks.split(","), args.samples)
+        levels = client.manifest(ids[0]).levels
+        fixed: dict[str, dict[str, dict[str, float | None]]] = {}
+        for trace, deadlines in SHAPED:
+            fixed[trace] = {}
+            for context_id in ids:
+                fixed[trace][context_id] = {}
+                for level in levels:
+                    client.set_trace(trace)
+                    try:
+                        _, report = client.fetch(context_id, max(deadlines), policy=level,
+                                                 abort_after_s=1.25 * max(deadlines))
+                        fixed[trace][context_id][level] = report.ready_s
+                    except FetchAborted:
+                        fixed[trace][context_id][level] = None
+            print(f"fixed levels on {trace} done", flush=True)
+        runs = []
+        for setting in settings:
+            discount, drop = parse_setting(setting)
+            for trace, deadlines in SHAPED:
+                for slo in deadlines:
+                    for context_id in ids:
+                        client.set_trace(trace)
+                        _, report = client.fetch(context_id, slo, discount=discount, drop_factor=drop)
+                        runs.append({"setting": setting, "trace": trace, "slo": slo, "sample": context_id,
+                                     "ready_s": report.ready_s, "options": report.options(),
+                                     "abandoned": sum(len(c.abandoned) for c in report.chunks)})
+            print(f"setting {setting} done", flush=True)
+    finally:
+        client.set_trace(None)
+        server.terminate()
+        server.wait(10)
+    table = summarize(runs, fixed, levels, settings, ids)
+    result = {"model": "qwen2.5-coder-0.5b", "machine": machine(), "torch_threads": 1, "tasks": args.tasks.split(","),
+              "samples_per_task": args.samples, "levels": levels, "settings": settings,
+              "traces": [{"trace": t, "deadlines": d} for t, d in SHAPED], "wall_s": time.perf_counter() - started,
+              "notes": ("Server and client on loopback, the server's send rate following the trace; the client has no "
+                        "model (nothing recomputed). Run under the project's CPU lock. level_ok is a proxy for quality "
+                        "(every chunk at the best fixed level meeting the deadline on every sample, or better)."),
+              "summary": table, "fixed": fixed, "runs": runs}
+    args.out.write_text(json.dumps(result, indent=1))
+    print_table(table, settings)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def summarize(runs: list[dict], fixed: dict, levels: list[str], settings: list[str], ids: list[str]) -> list[dict]:
+    rows = []
+    for trace, deadlines in SHAPED:
+        for slo in deadlines:
+            def met(level: str, slo: float = slo, trace: str = trace) -> list[bool]:
+                return [fixed[trace][c][level] is not None and fixed[trace][c][level] <= slo for c in ids]
+
+            meeting = [level for level in levels if all(met(level))]
+            fewest = min(len(ids) - sum(met(level)) for level in levels)
+            best = meeting[0] if meeting else None
+            for setting in settings:
+                group = [r for r in runs if r["setting"] == setting and r["trace"] == trace and r["slo"] == slo]
+                ranks = [[levels.index(o) for o in r["options"]] for r in group]
+                rows.append({
+                    "trace": trace, "slo": slo, "setting": setting,
+                    "misses": sum(r["ready_s"] > slo for r in group), "fixed_fewest_misses": fewest,
+                    "fetches": len(group), "best_meeting": best,
+                    "level_ok": None if best is None else sum(max(rk) <= levels.index(best) for rk in ranks),
+                    "mean_rank": statistics.mean(statistics.mean(rk) for rk in ranks),
+                    "best_rank": None if best is None else levels.index(best),
+                    "median_ready_s": statistics.median(r["ready_s"] for r in group),
+                })
+    return rows
+
+
+def print_table(rows: list[dict], settings: list[str]) -> None:
+    print(f"{'trace':24} {'slo':>4} {'best fixed':12} " + " ".join(f"{s:>22}" for s in settings))
+    print(f"{'':24} {'':>4} {'':12} " + " ".join(f"{'miss lvl_ok rank':>22}" for _ in settings))
+    keys = []
+    for r in rows:
+        if (r["trace"], r["slo"]) not in keys:
+            keys.append((r["trace"], r["slo"]))
+    for trace, slo in keys:
+        group = {r["setting"]: r for r in rows if r["trace"] == trace and r["slo"] == slo}
+        first = group[settings[0]]
+        best = f"{first['best_meeting']} ({first['best_rank']})" if first["best_meeting"] else "none"
+        cells = []
+        for s in settings:
+            r = group[s]
+            cells.append(f"{r['misses']}/{r['fixed_fewest_misses']} {r['level_ok'] if r['level_ok'] is not None else '-'}"
+                         f"/{r['fetches']} {r['mean_rank']:.1f}".rjust(22))
+        print(f"{trace:24} {slo:4g} {best:12} " + " ".join(cells))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
