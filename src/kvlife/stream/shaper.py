@@ -5,7 +5,7 @@ by the time the trace needs for `n` bytes from there on (from now, if the link w
 writer sleeps until then before handing the piece to the socket, i.e. a piece leaves when a link
 following the trace would have finished serializing it. Responses therefore share the link as they
 would share a real one, and an object of any size arrives no earlier than size / rate after it was
-asked for (so a client measures the trace's rate even on small objects). `burst_s` > 0 lets pieces
+asked for, less the catch-up credit below (so a client measures the trace's rate even on small objects). `burst_s` > 0 lets pieces
 leave that much earlier. Time starts at the shaper's creation or at `reset()` (the benchmark resets
 it before each run, so every run sees the trace from t = 0).
 
@@ -17,7 +17,10 @@ late (about a millisecond per sleep here, against 4 ms per 16 KiB piece at 32 Mb
 booked from the moment it is handed over would lose that lateness on every piece: the link measured
 26% below its trace (23.6 Mbit/s for 32) before this was credited. A gap of up to `catch_up_s` after
 the link's last booking therefore counts as the link still busy (the writer's lateness, not idle
-time): the piece is booked from `busy_until` and leaves at once. A longer gap is idle time.
+time): the piece is booked from `busy_until` and leaves at once. A longer gap is idle time. The same
+credit applies to a short gap between two objects (a request's round trip), as a token bucket's burst
+does in `tc`: an object asked for right after another may arrive up to `catch_up_s` sooner than
+size / rate after it was asked for, never more.
 """
 
 from __future__ import annotations
