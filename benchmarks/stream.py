@@ -196,6 +196,9 @@ def main() -> int:
                         runs.append({"trace": trace, "policy": "adaptive", "slo": slo, "ready_s": report.ready_s,
                                      "options": report.options(),
                                      "abandoned": sum(len(c.abandoned) for c in report.chunks),
+                                     # per chunk: every decision, and the ready time its plan predicted
+                                     "planned": [c.planned for c in report.chunks],
+                                     "predicted_ready_s": [round(c.predicted_ready_s, 3) for c in report.chunks],
                                      **score(cache, report.options())})
                         print(f"  {trace} slo {slo:g}: ready {report.ready_s:.2f} s "
                               f"{'met' if report.met else 'MISSED'} {report.options()}", flush=True)

@@ -116,7 +116,9 @@ def main() -> int:
                         _, report = client.fetch(context_id, slo, discount=discount, drop_factor=drop)
                         runs.append({"setting": setting, "trace": trace, "slo": slo, "sample": context_id,
                                      "ready_s": report.ready_s, "options": report.options(),
-                                     "abandoned": sum(len(c.abandoned) for c in report.chunks)})
+                                     "abandoned": sum(len(c.abandoned) for c in report.chunks),
+                                     "planned": [c.planned for c in report.chunks],
+                                     "predicted_ready_s": [round(c.predicted_ready_s, 3) for c in report.chunks]})
             print(f"setting {setting} done", flush=True)
     finally:
         client.set_trace(None)
