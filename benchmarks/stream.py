@@ -41,6 +41,7 @@ from kvlife.bench.tasks import get_task  # noqa: E402
 from kvlife.session import Session  # noqa: E402
 from kvlife.stream import RECOMPUTE, StreamClient, publish  # noqa: E402
 from kvlife.stream.client import FetchAborted  # noqa: E402
+from kvlife.stream.planner import parse_discount  # noqa: E402
 from kvlife.stream.sessions import attach  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "stream.json"
@@ -53,6 +54,31 @@ TRACES = [
     ("walk:24mbit,seed=1", [1.0, 2.0, 4.0]),
     ("step:32mbit,1mbit,0.1", [4.0, 8.0]),  # a deep drop: recomputing beats every level
 ]
+
+
+def load_model_and_weights() -> tuple:
+    """The default model (one torch thread) and the codec's channel weights measured on a held-out text."""
+    import torch
+
+    from kvlife.codec.calibrate import channel_weights
+    from kvlife.codec.rope import rope_from_config
+
+    torch.set_num_threads(1)
+    model, tokenizer = models.load(models.DEFAULT_MODEL)
+    rope = rope_from_config(model.config)
+    calibration = tokenizer(CALIBRATION_TEXT.read_text(), return_tensors="pt").input_ids[:, :2048]
+    return model, tokenizer, channel_weights(model, calibration, rotary_dim=rope.rotary_dim if rope else 0)
+
+
+def context_id_for(task_name: str, sample) -> str:
+    return f"{task_name}-{sample.id}".replace("/", "-").replace(":", "-")[:100]
+
+
+def compare_rows(path: Path) -> dict:
+    """The adaptive rows of another run's stream.json, with the settings they were made with."""
+    other = json.loads(path.read_text())
+    return {"drop_factor": other.get("drop_factor", 1.0), "discount": other.get("discount", "1"),
+            "machine": other["machine"], "adaptive": [r for r in other["summary"] if r["policy"] == "adaptive"]}
 
 
 def start_server(root: str) -> tuple[subprocess.Popen, str]:
@@ -125,23 +151,17 @@ def main() -> int:
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="run nothing: combine these partial results (runs of one --tasks each) into --out")
     args = parser.parse_args()
-    discount = None if args.discount == "levels" else float(args.discount)
+    try:
+        discount = parse_discount(args.discount)
+    except ValueError:
+        parser.error(f"--discount must be a number >= 1 or 'levels', not {args.discount!r}")
     if args.markdown:
         print_markdown(json.loads(args.markdown.read_text())["summary"])
         return 0
     if args.merge:
         return merge(args.merge, args.out, args.compare)
 
-    import torch
-
-    from kvlife.codec.calibrate import channel_weights
-    from kvlife.codec.rope import rope_from_config
-
-    torch.set_num_threads(1)
-    model, tokenizer = models.load(models.DEFAULT_MODEL)
-    rope = rope_from_config(model.config)
-    calibration = tokenizer(CALIBRATION_TEXT.read_text(), return_tensors="pt").input_ids[:, :2048]
-    weights = channel_weights(model, calibration, rotary_dim=rope.rotary_dim if rope else 0)
+    model, tokenizer, weights = load_model_and_weights()
     root = tempfile.mkdtemp(prefix="kvlife-stream-bench-")
     server, url = start_server(root)
     client = StreamClient(url)
@@ -154,7 +174,7 @@ def main() -> int:
                 started = time.perf_counter()
                 publisher = Session(model, tokenizer, "dense", mode="multi-request")
                 prefill = publisher.prefill(sample.context)
-                context_id = f"{task_name}-{sample.id}".replace("/", "-").replace(":", "-")[:100]
+                context_id = context_id_for(task_name, sample)
                 manifest = publish(publisher, client, context_id, weights=weights, model_name=models.DEFAULT_MODEL)
                 all_levels = manifest.levels
                 ids = manifest.token_ids
@@ -226,10 +246,7 @@ def main() -> int:
         "summary": table, "samples": samples_out,
     }
     if args.compare is not None:
-        other = json.loads(args.compare.read_text())
-        result["compare"] = {"drop_factor": other.get("drop_factor", 1.0), "discount": other.get("discount", "1"),
-                             "machine": other["machine"],
-                             "adaptive": [r for r in other["summary"] if r["policy"] == "adaptive"]}
+        result["compare"] = compare_rows(args.compare)
     args.out.write_text(json.dumps(result, indent=1))
     print_table(table)
     print(f"wrote {args.out}")
@@ -328,10 +345,7 @@ def merge(paths: list[Path], out: Path, compare: Path | None = None) -> int:
     levels = [level for level in result["samples"][0]["bytes"]]
     result["summary"] = summarize(result["samples"], levels)
     if compare is not None:
-        other = json.loads(compare.read_text())
-        result["compare"] = {"drop_factor": other.get("drop_factor", 1.0), "discount": other.get("discount", "1"),
-                             "machine": other["machine"],
-                             "adaptive": [r for r in other["summary"] if r["policy"] == "adaptive"]}
+        result["compare"] = compare_rows(compare)
     out.write_text(json.dumps(result, indent=1))
     print_table(result["summary"])
     print(f"wrote {out}")

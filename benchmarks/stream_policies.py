@@ -30,7 +30,8 @@ from foundation import machine  # noqa: E402
 
 from kvlife.stream import StreamClient, publish  # noqa: E402
 from kvlife.stream.client import FetchAborted  # noqa: E402
-from stream import CALIBRATION_TEXT, TASKS, TRACES, start_server  # noqa: E402
+from kvlife.stream.planner import parse_discount  # noqa: E402
+from stream import TASKS, TRACES, context_id_for, load_model_and_weights, start_server  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "stream-policies.json"
 SHAPED = [(trace, deadlines) for trace, deadlines in TRACES if "1mbit" not in trace]
@@ -40,25 +41,17 @@ SETTINGS = ["1,2", "1.2,2", "1.3,2", "levels,2", "levels,1"]
 
 
 def publish_samples(client: StreamClient, tasks: list[str], samples: int) -> list[str]:
-    import torch
-
     from kvlife import models
     from kvlife.bench.tasks import get_task
-    from kvlife.codec.calibrate import channel_weights
-    from kvlife.codec.rope import rope_from_config
     from kvlife.session import Session
 
-    torch.set_num_threads(1)
-    model, tokenizer = models.load(models.DEFAULT_MODEL)
-    rope = rope_from_config(model.config)
-    calibration = tokenizer(CALIBRATION_TEXT.read_text(), return_tensors="pt").input_ids[:, :2048]
-    weights = channel_weights(model, calibration, rotary_dim=rope.rotary_dim if rope else 0)
+    model, tokenizer, weights = load_model_and_weights()
     ids = []
     for task_name in tasks:
         for sample in get_task(task_name).samples("default", n=samples):
             session = Session(model, tokenizer, "dense", mode="multi-request")
             session.prefill(sample.context)
-            context_id = f"{task_name}-{sample.id}".replace("/", "-").replace(":", "-")[:100]
+            context_id = context_id_for(task_name, sample)
             manifest = publish(session, client, context_id, weights=weights, model_name=models.DEFAULT_MODEL)
             print(f"published {context_id}: {len(manifest.token_ids)} tokens, {manifest.n_chunks} chunks", flush=True)
             ids.append(context_id)
@@ -67,7 +60,7 @@ def publish_samples(client: StreamClient, tasks: list[str], samples: int) -> lis
 
 def parse_setting(text: str) -> tuple[float | None, float]:
     discount, drop = text.split(",")
-    return (None if discount == "levels" else float(discount)), float(drop)
+    return parse_discount(discount), float(drop)
 
 
 def main() -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -144,15 +143,12 @@ def run_link(args: argparse.Namespace) -> int:
 
 
 def _discount(text: str) -> float | None:
-    if text == "levels":
-        return None
+    from kvlife.stream.planner import parse_discount
+
     try:
-        value = float(text)
+        return parse_discount(text)
     except ValueError:
-        value = math.nan
-    if not value >= 1:
-        raise KvlifeError(f"--discount must be a number >= 1 or 'levels', not {text!r}")
-    return value
+        raise KvlifeError(f"--discount must be a number >= 1 or 'levels', not {text!r}") from None
 
 
 def run_fetch(args: argparse.Namespace) -> int:

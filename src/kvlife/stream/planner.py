@@ -62,6 +62,17 @@ ADAPTIVE = "adaptive"
 DISCOUNT: float | None = None  # the client's default: each level's own step (module docstring)
 
 
+def parse_discount(text: str) -> float | None:
+    """A discount as the command line writes it: "levels" (None: each level's step) or a number >= 1;
+    ValueError otherwise."""
+    if text == "levels":
+        return None
+    value = float(text)  # ValueError for text that is not a number
+    if not value >= 1:
+        raise ValueError(f"discount {text!r} is below 1")
+    return value
+
+
 @dataclass
 class Decision:
     option: str  # a level name or "recompute"
@@ -106,10 +117,12 @@ class Planner:
             raise StreamError(f"the throughput discount must be >= 1, not {discount}")
         self.slo, self.policy, self.margin, self.allow_recompute = slo, policy, margin, allow_recompute
         self.drop_factor, self.step_up_margin = drop_factor, step_up_margin
-        totals = [sum(self.sizes[level]) for level in self.levels]
-        self.discounts = {level: discount if discount is not None else
-                          max(1.0, totals[k] / totals[k + 1]) if k + 1 < len(totals) and totals[k + 1] > 0 else 1.0
-                          for k, level in enumerate(self.levels)}
+        if discount is None:  # each level's step over the next cheaper one; none for the cheapest
+            totals = [sum(self.sizes[level]) for level in self.levels]
+            steps = [max(1.0, size / cheaper) if cheaper > 0 else 1.0 for size, cheaper in zip(totals, totals[1:])]
+            self.discounts = dict(zip(self.levels, [*steps, 1.0]))
+        else:
+            self.discounts = dict.fromkeys(self.levels, discount)
         self.full_tokens = max(self.tokens) if self.tokens else 1
         self.current: str | None = None  # the level the plan is fetching at (set by `commit`)
 
