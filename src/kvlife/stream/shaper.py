@@ -5,7 +5,7 @@ by the time the trace needs for `n` bytes from there on (from now, if the link w
 writer sleeps until then before handing the piece to the socket, i.e. a piece leaves when a link
 following the trace would have finished serializing it. Responses therefore share the link as they
 would share a real one, and an object of any size arrives no earlier than size / rate after it was
-asked for, less the catch-up credit below (so a client measures the trace's rate even on small objects). `burst_s` > 0 lets pieces
+asked for (so a client measures the trace's rate even on small objects). `burst_s` > 0 lets pieces
 leave that much earlier. Time starts at the shaper's creation or at `reset()` (the benchmark resets
 it before each run, so every run sees the trace from t = 0).
 
@@ -15,12 +15,11 @@ the granularity of a chunk; the kernel's socket buffer adds at most its size to 
 A real link is work-conserving: while it has bytes queued it never idles. The writer's sleeps wake
 late (about a millisecond per sleep here, against 4 ms per 16 KiB piece at 32 Mbit/s), so a piece
 booked from the moment it is handed over would lose that lateness on every piece: the link measured
-26% below its trace (23.6 Mbit/s for 32) before this was credited. A gap of up to `catch_up_s` after
-the link's last booking therefore counts as the link still busy (the writer's lateness, not idle
-time): the piece is booked from `busy_until` and leaves at once. A longer gap is idle time. The same
-credit applies to a short gap between two objects (a request's round trip), as a token bucket's burst
-does in `tc`: an object asked for right after another may arrive up to `catch_up_s` sooner than
-size / rate after it was asked for, never more.
+26% below its trace (23.6 Mbit/s for 32) before this was credited. Within one object, a gap of up to
+`catch_up_s` after the link's last booking therefore counts as the link still busy (the writer's
+lateness, not idle time): the piece is booked from `busy_until` and leaves at once. A longer gap, or
+any gap before an object's first piece (the client's request in between), is idle time, so an object
+still arrives no earlier than size / rate after it was asked for.
 """
 
 from __future__ import annotations
@@ -52,13 +51,14 @@ class Shaper:
     def now(self) -> float:
         return self.clock() - self.origin
 
-    def reserve(self, n_bytes: int) -> float:
-        """Book `n_bytes` on the link; returns the seconds to wait before sending them (0 if unshaped)."""
+    def reserve(self, n_bytes: int, continuing: bool = False) -> float:
+        """Book `n_bytes` on the link; returns the seconds to wait before sending them (0 if unshaped).
+        `continuing`: the piece follows one of the same object (so a short gap is the writer's lateness)."""
         self.sent_bytes += n_bytes
         if self.trace is None:
             return 0.0
         now = self.now()
-        if self.busy_until > 0 and 0 <= now - self.busy_until <= self.catch_up_s:
+        if continuing and 0 <= now - self.busy_until <= self.catch_up_s:
             start = self.busy_until  # the writer woke late; the link was not idle
         else:
             start = max(self.busy_until, now - self.burst_s)
@@ -70,7 +70,7 @@ class Shaper:
         view = memoryview(data)
         for offset in range(0, len(view), self.piece_bytes):
             piece = view[offset:offset + self.piece_bytes]
-            wait = self.reserve(len(piece))
+            wait = self.reserve(len(piece), continuing=offset > 0)
             if wait > 0:
                 await asyncio.sleep(wait)
             await write(bytes(piece))
