@@ -17,14 +17,27 @@ class Sizes:
         return LEVELS[level]
 
 
-def rule(level, bandwidth, slo, probe, fetch_started=0.0, allow_recompute=False):
+def rule(level, bandwidth, slo, probe, fetch_started=0.0, allow_recompute=False, recompute_s=1.0, clock=lambda: 0.0):
     planner = Planner({lv: [size] * N for lv, size in LEVELS.items()}, [TOKENS] * N, slo, margin=0.0,
                       allow_recompute=allow_recompute, drop_factor=1.0)
-    speeds = SpeedEstimate(fp16_chunk_bytes=3e6, recompute_tokens_s=TOKENS / 1.0, attention_knee=1e18)
+    speeds = SpeedEstimate(fp16_chunk_bytes=3e6, recompute_tokens_s=TOKENS / recompute_s, attention_knee=1e18)
     for lv in LEVELS:
         speeds.add_decode(lv, 0.001)
-    return _Abandonment(0, level, Sizes(), planner, speeds, _Backlog(), lambda: 0.0, bandwidth, [TOKENS] * N,
+    return _Abandonment(0, level, Sizes(), planner, speeds, _Backlog(), clock, bandwidth, [TOKENS] * N,
                         fetch_started, probe)
+
+
+def feed(rule, pieces, clock=None):
+    """Feed (bytes, seconds) pieces as the transport would (moving `clock`, the client's clock, along);
+    the time of the give-up, or None."""
+    received, seconds = 0, 0.0
+    for size, duration in pieces:
+        received, seconds = received + size, seconds + duration
+        if clock is not None:
+            clock.now = seconds
+        if rule(received, seconds):
+            return seconds
+    return None
 
 
 def test_the_first_chunk_moves_up_when_its_own_rate_beats_the_prior(monkeypatch):
@@ -34,7 +47,7 @@ def test_the_first_chunk_moves_up_when_its_own_rate_beats_the_prior(monkeypatch)
     first = rule("extreme", 0.5e6, 4.0, probe=True)
     assert not first(PROBE_BYTES // 2, PROBE_BYTES / 2 / 4e6)  # too little to judge
     assert first(PROBE_BYTES, PROBE_BYTES / 4e6)
-    assert first.probed_rate == pytest.approx(200_000 / (0.010 + 200_000 / 4e6))
+    assert first.next_rate == pytest.approx(200_000 / (0.010 + 200_000 / 4e6))
 
 
 def test_the_first_chunk_moves_down_when_its_own_rate_falls_short(monkeypatch):
@@ -42,14 +55,14 @@ def test_the_first_chunk_moves_down_when_its_own_rate_falls_short(monkeypatch):
     monkeypatch.setattr("kvlife.stream.client.time.perf_counter", lambda: PROBE_BYTES / 0.5e6)
     first = rule("high", 4e6, 4.0, probe=True)
     assert first(PROBE_BYTES, PROBE_BYTES / 0.5e6)
-    assert first.probed_rate == pytest.approx(0.5e6)
+    assert first.next_rate == pytest.approx(0.5e6)
 
 
 def test_the_probe_keeps_a_chunk_its_rate_confirms_and_judges_once(monkeypatch):
     monkeypatch.setattr("kvlife.stream.client.time.perf_counter", lambda: PROBE_BYTES / 4e6)
     first = rule("high", 4e6, 4.0, probe=True)
     assert not first(PROBE_BYTES, PROBE_BYTES / 4e6)
-    assert first.probed_rate is None
+    assert first.next_rate is None
     # judged once: later pieces are judged only by the drop rule (which sees nothing wrong at this rate)
     assert not first(2 * PROBE_BYTES, 2 * PROBE_BYTES / 4e6)
     # without the probe (a chunk after the first) the same bytes at a rate that would change the plan do not
@@ -92,3 +105,45 @@ def test_a_slow_chunk_the_plan_would_choose_again_is_kept():
     for _ in range(20):
         received, seconds = received + 2_000, seconds + 0.1  # 20 KB/s, projected far past twice 0.05 s
         assert not slow(received, seconds)
+
+
+class Clock:
+    """The client's clock (seconds since the fetch began), moved by `feed`."""
+
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_chunk_caught_by_a_drop_is_given_up_when_the_whole_plan_is_sooner_without_it():
+    # high (500 KB) at 4 MB/s; after 256 KB the link falls to 125 KB/s. Finishing takes ~1.9 s of link
+    # time, recomputing the chunk 1.8 s of the (idle) worker: by the chunk's own cost, keep it. But the
+    # whole plan without it (4 chunks recomputed while the link fetches 4 at extreme) is ready by 8 s,
+    # and with it (then 3 recomputed, 4 fetched) only at 8.5 s: give it up.
+    clock = Clock()
+    drop = rule("high", 4e6, 8.0, probe=False, allow_recompute=True, recompute_s=1.8, clock=clock)
+    pieces = [(16_000, 0.004)] * 16 + [(16_000, 0.128)] * 10
+    at = feed(drop, pieces, clock)
+    assert at is not None and at < 0.5
+    assert drop.next_rate == pytest.approx(125_000, rel=0.01)
+
+
+def test_when_both_plans_meet_the_chunk_is_kept_unless_the_rest_gets_a_better_level():
+    # the same drop with a 30 s deadline: both plans meet at extreme-or-better; keeping the chunk
+    # leaves the rest at the same level as giving it up would, so it is kept
+    clock = Clock()
+    drop = rule("high", 4e6, 30.0, probe=False, allow_recompute=True, recompute_s=1.8, clock=clock)
+    pieces = [(16_000, 0.004)] * 16 + [(16_000, 0.128)] * 10
+    assert feed(drop, pieces, clock) is None
+
+
+def test_a_chunk_that_slowed_down_reports_its_recent_rate():
+    steady = rule("extreme", 4e6, 100.0, probe=False)
+    assert feed(steady, [(16_000, 0.004)] * 12 + [(8_000, 0.002)]) is None
+    assert steady.recent_rate() is None  # it lasted less than the window: the whole chunk is the sample
+    slowed = rule("extreme", 4e6, 100.0, probe=False)
+    assert feed(slowed, [(16_000, 0.004)] * 6 + [(16_000, 0.128)] * 6 + [(8_000, 0.064)]) is None
+    got, seconds = slowed.recent_rate()
+    assert got / seconds == pytest.approx(125_000, rel=0.01)
+

@@ -146,6 +146,13 @@ def test_recompute_estimate_learns_and_grows_with_the_prefix():
     s.add_recompute(256, 0, 0.5)
     assert s.recompute_s(256, 0) == pytest.approx(0.5)
     assert s.recompute_s(256, 1000) == pytest.approx(1.0)
+    # a short last chunk (20 of 256 tokens) that ran slow per token (fixed cost per pass) moves it a little
+    s.add_recompute(20, 0, 0.1, fraction=20 / 256)
+    after_short = s.recompute_s(256, 0)
+    assert after_short == pytest.approx(0.5 + 0.5 * 20 / 256 * (1.28 - 0.5))  # 0.1 s / 20 tokens = 1.28 s a chunk
+    assert after_short < 0.55
+    s.add_recompute(256, 0, 0.7)  # a full chunk moves it halfway
+    assert s.recompute_s(256, 0) == pytest.approx(0.5 * after_short + 0.5 * 0.7)
     s.add_decode("balanced", 0.2)
     assert s.decode_s("balanced") == pytest.approx(0.2)
     assert s.decode_s("high") > 0.1  # unmeasured levels scale with what the machine showed

@@ -207,7 +207,7 @@ class StreamClient:
                 if option == RECOMPUTE:
                     prefix = builder.tokens
                     builder.recompute(manifest.chunk_ids(i))
-                    speeds.add_recompute(tokens[i], prefix, time.perf_counter() - work_started)
+                    speeds.add_recompute(tokens[i], prefix, time.perf_counter() - work_started, tokens[i] / max(tokens))
                 record.option = option
                 record.work_s = time.perf_counter() - work_started
                 backlog.end()
@@ -259,8 +259,8 @@ class StreamClient:
                 raise FetchAborted(f"gave up at chunk {i}: the abort time passed") from None
             except Abandoned as exc:  # the link is not what the choice assumed: what arrived is a throughput sample
                 attempts -= 1
-                if give_up is not None and give_up.probed_rate is not None:
-                    link.add(exc.received, exc.received / give_up.probed_rate)
+                if give_up is not None and give_up.next_rate is not None:
+                    link.add(exc.received, exc.received / give_up.next_rate)
                 else:
                     link.add(exc.received, exc.seconds)
                 record.abandoned.append(f"{level} after {exc.received} bytes, {exc.seconds:.3f} s")
@@ -274,7 +274,11 @@ class StreamClient:
                                       f"no model to recompute it: {exc}") from None
                 continue
             elapsed = time.perf_counter() - fetch_started
-            link.add(len(data), elapsed)
+            recent = give_up.recent_rate() if give_up is not None else None
+            if recent is not None and recent[0] / recent[1] < len(data) / elapsed:
+                link.add(*recent)  # the link slowed down during the chunk: its last part is the sample
+            else:
+                link.add(len(data), elapsed)
             record.bytes += len(data)
             record.fetch_s += elapsed
             record.throughput = len(data) / max(elapsed, 1e-9)
@@ -284,6 +288,7 @@ class StreamClient:
 
 PROBE_BYTES = 64 << 10  # how much of the first chunk arrives before its own rate is trusted over the prior
 RECENT_S = 0.15  # the window of a chunk's recent rate (long enough to span a few pieces at 1 Mbit/s)
+GIVE_UP_GAIN = 0.02  # of the deadline: what giving up a late chunk must gain when no plan meets the deadline
 
 
 class _Abandonment:
@@ -292,10 +297,18 @@ class _Abandonment:
     - The first chunk (`probe`: no chunk measured yet) is chosen on the prior rate. Once `PROBE_BYTES` of
       it have arrived, the rate it would average over the whole chunk (its request latency plus its size
       at the rate its body arrives) replaces the prior: if the planner, at that rate, would choose another
-      option (better or worse), the chunk is given up and `probed_rate` is what the client believes next.
+      option (better or worse), the chunk is given up.
     - Any chunk: once it is projected to take more than twice its predicted time (what is left at the rate
-      of its last `RECENT_S` seconds: a drop shows at once, not only after the average has sunk), re-plan
-      at that rate; give it up if the new choice is another option that costs less than finishing this one.
+      of its last `RECENT_S` seconds: a drop shows at once, not only after the average has sunk), the whole
+      plan is made again at that rate, twice: keeping this chunk (the link busy until the rest of it has
+      come, the next chunks planned after it) and giving it up (this chunk planned again with the rest).
+      The chunk is given up if only giving it up meets the deadline; if both do, if giving it up lets the
+      remaining chunks be fetched at a better level; if neither does, if giving it up is ready sooner by
+      more than `GIVE_UP_GAIN` of the deadline. (Comparing this chunk's own costs instead misses that a
+      recomputed chunk uses the worker, idle while the link is slow: finishing a chunk caught by a drop
+      can cost less link time than a cheaper level and still be the later plan.)
+    `next_rate`: the rate the client should believe after a give-up (the probe's or the recent rate);
+    `recent_rate()`: after the chunk, the rate of its last `RECENT_S` seconds if the chunk lasted longer.
     """
 
     def __init__(self, i: int, level: str, manifest: Manifest, planner: Planner, speeds: SpeedEstimate,
@@ -308,40 +321,67 @@ class _Abandonment:
         self.checked = 0.0
         self.arrivals: deque[tuple[float, int]] = deque([(0.0, 0)])  # (seconds, bytes received) of recent pieces
         self.probe = probe
-        self.probed_rate: float | None = None
+        self.next_rate: float | None = None
 
-    def _choice(self, rate: float) -> str:
-        return self.planner.choose(self.i, self.clock(), self.backlog.free_at(self.clock()), rate, self.speeds).option
+    def recent_rate(self) -> tuple[int, float] | None:
+        """(bytes, seconds) of the chunk's last `RECENT_S` seconds, if it lasted longer than that (None otherwise:
+        its whole transfer is the sample)."""
+        since, before = self.arrivals[0]
+        seconds, received = self.arrivals[-1]
+        if since <= 0.0 or seconds <= since:
+            return None
+        return received - before, seconds - since
 
     def __call__(self, received: int, seconds: float) -> bool:
+        self.arrivals.append((seconds, received))
+        while len(self.arrivals) > 2 and seconds - self.arrivals[1][0] >= RECENT_S:
+            self.arrivals.popleft()
         if received >= self.size:
             return False
         if self.probe and received >= min(PROBE_BYTES, self.size // 2):
             self.probe = False
             latency = max(0.0, time.perf_counter() - self.fetch_started - seconds)
             rate = self.size / (latency + self.size * max(seconds, 1e-6) / received)
-            if self._choice(rate) != self.level:
-                self.probed_rate = rate
+            now = self.clock()
+            if self.planner.choose(self.i, now, self.backlog.free_at(now), rate, self.speeds).option != self.level:
+                self.next_rate = rate
                 return True
             return False
-        self.arrivals.append((seconds, received))
-        while len(self.arrivals) > 2 and seconds - self.arrivals[1][0] >= RECENT_S:
-            self.arrivals.popleft()
         since, before = self.arrivals[0]
+        if since == 0.0:  # the window starts at the request: measure from the first piece (its wait is latency)
+            if len(self.arrivals) < 3:
+                return False
+            since, before = self.arrivals[1]
         if seconds < RECENT_S or seconds - self.checked < 0.05:
             return False
         rate = max((received - before) / max(seconds - since, 1e-6), 1.0)
         if seconds + (self.size - received) / rate < max(2 * self.expected, 0.05):
             return False
         self.checked = seconds
-        choice = self._choice(rate)
-        if choice == self.level:
+        if self._give_up(received, rate):
+            self.next_rate = rate
+            return True
+        return False
+
+    def _give_up(self, received: int, rate: float) -> bool:
+        planner, now = self.planner, self.clock()
+        free = self.backlog.free_at(now)
+        leave = planner.choose(self.i, now, free, rate, self.speeds)
+        if leave.option == self.level:
             return False
-        if choice == RECOMPUTE:
-            cost = self.speeds.recompute_s(self.tokens[self.i], sum(self.tokens[: self.i]))
+        arrives = now + (self.size - received) / rate
+        done = max(free, arrives) + self.speeds.decode_s(self.level, self.tokens[self.i] / max(self.tokens))
+        if self.i + 1 < len(self.tokens):
+            stay = planner.choose(self.i + 1, arrives, done, rate, self.speeds)
+            stay_ready, stay_meets, stay_level = stay.predicted_ready_s, stay.meets, stay.plan_level
         else:
-            cost = self.manifest.size(choice, self.i) / rate
-        return cost < 0.8 * (self.size - received) / rate
+            stay_ready, stay_level = done, self.level
+            stay_meets = done <= planner.slo * (1.0 - planner.margin)
+        if leave.meets != stay_meets:
+            return leave.meets
+        if leave.meets:
+            return planner.rank(leave.plan_level) < planner.rank(stay_level)
+        return leave.predicted_ready_s < stay_ready - GIVE_UP_GAIN * planner.slo
 
 
 class _Backlog:

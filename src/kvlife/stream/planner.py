@@ -126,6 +126,10 @@ class Planner:
         self.full_tokens = max(self.tokens) if self.tokens else 1
         self.current: str | None = None  # the level the plan is fetching at (set by `commit`)
 
+    def rank(self, level: str) -> int:
+        """A level's place in the quality order (0: the best)."""
+        return self.levels.index(level)
+
     def commit(self, decision: Decision) -> None:
         """The client acted on `decision`: later choices move up from its level only with room to spare."""
         if decision.option != RECOMPUTE:
