@@ -155,3 +155,16 @@ def test_batch_with_rope_and_weights():
     weights = [(np.ones((2, 16)), np.ones((2, 16))) for _ in layers]
     blob = encode(layers, level="high", rope=ROPE, weights=weights, chunk_tokens=8)
     assert_within_bound(layers, decode_layers(blob), error_bound(blob))
+
+
+def test_warm_up_codes_every_level_once_per_process(monkeypatch):
+    from kvlife.codec import api
+
+    monkeypatch.setattr(api, "_WARM", False)
+    seen = []
+    real = api.decode
+    monkeypatch.setattr(api, "decode", lambda blob: seen.append(api.inspect(blob)["chunk_levels"][0]) or real(blob))
+    api.warm_up()
+    assert sorted(seen) == sorted(api.LEVELS)
+    api.warm_up()  # loaded already: nothing is coded again
+    assert len(seen) == len(api.LEVELS)

@@ -22,6 +22,7 @@ from kvlife.codec.api import (
     error_bound,
     inspect,
     mix,
+    warm_up,
 )
 from kvlife.codec.format import CodecError
 from kvlife.codec.levels import DEFAULT_LEVEL, LEVELS, Level
@@ -31,5 +32,5 @@ SCHEMES = ("kvlife", *BASELINES)
 
 __all__ = [
     "BASELINES", "DEFAULT_LEVEL", "LEVELS", "SCHEMES", "CodecError", "Level", "RopeSpec", "decode", "decode_chunk", "decode_chunk_part",
-    "decode_layers", "encode", "encode_baseline", "encode_levels", "error_bound", "inspect", "mix", "rope_from_config",
+    "decode_layers", "encode", "encode_baseline", "encode_levels", "error_bound", "inspect", "mix", "rope_from_config", "warm_up",
 ]

@@ -399,6 +399,28 @@ def mix(streams: Mapping[str, bytes], choice: Sequence[str]) -> bytes:
 
 # ---- inspect ---------------------------------------------------------------------------------------
 
+_WARM = False
+
+
+def warm_up() -> None:
+    """Load the codec's compiled kernels now (once per process) by coding a tiny cache at every level.
+
+    They are numba functions: the first call of each in a process takes ~0.4 s in all, loading them from
+    numba's on-disk cache (several seconds on a fresh install, which compiles them), and holds the GIL
+    while it does. A streaming client warms up when it is made, so that this is not paid inside a deadline
+    (measured: the first chunk of a fetch took 0.5 s to decode instead of 0.02 s, and the fetching thread,
+    starved of the GIL meanwhile, measured a link 4x slower than it was)."""
+    global _WARM
+    if _WARM:
+        return
+    generator = torch.Generator().manual_seed(0)
+    keys, values = (torch.randn(1, 2, 32, 64, generator=generator) for _ in range(2))
+    streams = encode_levels([(keys, values, None)], list(LEVELS), 16, RopeSpec(10000.0, 64))
+    for blob in streams.values():
+        decode(blob)
+    _WARM = True
+
+
 def inspect(blob: bytes) -> dict[str, Any]:
     """What a stream holds: scheme, dtype, shapes, rope, chunk sizes and levels, bits per element."""
     header = parse_header(blob)

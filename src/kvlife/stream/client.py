@@ -84,7 +84,10 @@ class FetchReport:
 
 class StreamClient:
     def __init__(self, url: str | Any, token: str | None = None, timeout_s: float = 30.0) -> None:
+        from kvlife.codec import warm_up
+
         self.transport = HttpTransport(url, token, timeout_s) if isinstance(url, str) else url
+        warm_up()  # the codec's kernels load now (once per process, ~0.3 s), not inside a fetch's deadline
         self.speeds: SpeedEstimate | None = None  # kept across fetches: this machine's speeds
         self.last_manifest: Manifest | None = None
 
