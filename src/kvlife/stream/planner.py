@@ -28,11 +28,11 @@ Three guards against a throughput estimate that is wrong for a while:
   too high, and a level that buys little quality for many bytes (lossless-ish) needs that much more
   room. A number instead applies one discount to every level (1: none), as RobustMPC's discount by the
   recent prediction error does. Measured by benchmarks/stream_policies.py (results/stream-policies.json:
-  9 samples, the three shaped traces): with no discount all 9 fetches on the 8x step drop with a 1 s
-  deadline missed it (the plan, made at 64 Mbit/s, was still fetching when the drop came); with 1.3 or
-  with the level steps, none; and the level steps stopped plans from starting at lossless-ish on that
-  trace at 2 s (which ended in extreme chunks after the drop). The price: lossless-ish is not taken
-  where it would fit with a few percent to spare.
+  9 samples, the three shaped traces): on the 8x step drop with a 1 s deadline, 5 of 9 fetches missed
+  with no discount, 2 with 1.3 or with the level steps (a chunk in flight at the drop leaves no plan that
+  meets); the level steps stopped plans from starting at lossless-ish on that trace at 2 s (which ended
+  in extreme chunks after the drop). The price: lossless-ish is not taken where it would fit with a few
+  percent to spare, and tight deadlines start lower (docs/streaming.md).
 - Hysteresis (`step_up_margin`, 10% of `slo`): once the client `commit`s to a level, a better level is
   taken only if its plan is ready that much before the deadline (moving down is never held back). An
   estimate that wobbles around a level's threshold would otherwise alternate levels chunk by chunk.
