@@ -30,7 +30,7 @@ from foundation import machine  # noqa: E402
 
 from kvlife.stream import StreamClient, publish  # noqa: E402
 from kvlife.stream.client import FetchAborted  # noqa: E402
-from kvlife.stream.planner import parse_discount  # noqa: E402
+from kvlife.stream.planner import STEP_UP_MARGIN, parse_discount  # noqa: E402
 from stream import TASKS, TRACES, context_id_for, load_model_and_weights, start_server  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "stream-policies.json"
@@ -58,9 +58,12 @@ def publish_samples(client: StreamClient, tasks: list[str], samples: int) -> lis
     return ids
 
 
-def parse_setting(text: str) -> tuple[float | None, float]:
-    discount, drop = text.split(",")
-    return parse_discount(discount), float(drop)
+def parse_setting(text: str) -> tuple[float | None, float, float]:
+    """DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN] (the step-up margin defaults to the planner's, 0.1)."""
+    discount, drop, *step_up = text.split(",")
+    if len(step_up) > 1:
+        raise ValueError(f"too many fields in {text!r}")
+    return parse_discount(discount), float(drop), float(step_up[0]) if step_up else STEP_UP_MARGIN
 
 
 def main() -> int:
@@ -76,7 +79,7 @@ def main() -> int:
         try:
             parse_setting(setting)
         except ValueError:
-            parser.error(f"bad setting {setting!r}: use DISCOUNT,DROP_FACTOR, e.g. levels,2 or 1.3,2")
+            parser.error(f"bad setting {setting!r}: use DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN], e.g. levels,2 or 1.3,2 or levels,2,0")
 
     root = tempfile.mkdtemp(prefix="kvlife-stream-policies-")
     server, url = start_server(root)
@@ -101,12 +104,12 @@ def main() -> int:
             print(f"fixed levels on {trace} done", flush=True)
         runs = []
         for setting in settings:
-            discount, drop = parse_setting(setting)
+            discount, drop, step_up = parse_setting(setting)
             for trace, deadlines in SHAPED:
                 for slo in deadlines:
                     for context_id in ids:
                         client.set_trace(trace)
-                        _, report = client.fetch(context_id, slo, discount=discount, drop_factor=drop)
+                        _, report = client.fetch(context_id, slo, discount=discount, drop_factor=drop, step_up_margin=step_up)
                         runs.append({"setting": setting, "trace": trace, "slo": slo, "sample": context_id,
                                      "ready_s": report.ready_s, "options": report.options(),
                                      "abandoned": sum(len(c.abandoned) for c in report.chunks),

@@ -71,6 +71,23 @@ def test_adaptive_takes_the_best_level_when_the_link_allows(stream_url, publishe
     assert report.met and set(report.options()) == {"lossless-ish"}
 
 
+def test_the_planner_settings_reach_the_planner(stream_url, published, monkeypatch):
+    from kvlife.stream import client as client_module
+
+    made = []
+
+    class Recording(client_module.Planner):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(client_module, "Planner", Recording)
+    StreamClient(stream_url).fetch("tiny-doc", slo=30.0, discount=1.3, drop_factor=1.5, step_up_margin=0.0)
+    assert made[-1]["discount"] == 1.3 and made[-1]["drop_factor"] == 1.5 and made[-1]["step_up_margin"] == 0.0
+    StreamClient(stream_url).fetch("tiny-doc", slo=30.0)
+    assert made[-1]["discount"] is None and made[-1]["step_up_margin"] == 0.1  # the defaults: level steps, 10%
+
+
 def test_recompute_policy_equals_one_dense_prefill(stream_url, published, tiny):
     session, manifest = published
     cache, report = StreamClient(stream_url).fetch("tiny-doc", slo=30.0, model=tiny[0], policy=RECOMPUTE)

@@ -35,7 +35,7 @@ from kvlife.stream.context import (
     check_context_id,
 )
 from kvlife.stream.estimate import SpeedEstimate, ThroughputEstimate
-from kvlife.stream.planner import ADAPTIVE, DISCOUNT, Planner
+from kvlife.stream.planner import ADAPTIVE, DISCOUNT, STEP_UP_MARGIN, Planner
 from kvlife.stream.recompute import CacheBuilder
 from kvlife.stream.transport import Abandoned, DeadlinePassed, HttpTransport, TransportError
 
@@ -120,7 +120,7 @@ class StreamClient:
     def fetch(self, context_id: str, slo: float, model: Any = None, policy: str = ADAPTIVE, margin: float = 0.05,
               max_attempts: int = 2, levels: list[str] | None = None,
               abort_after_s: float | None = None, drop_factor: float = 2.0,
-              discount: float = DISCOUNT) -> tuple[Any, FetchReport]:
+              discount: float = DISCOUNT, step_up_margin: float = STEP_UP_MARGIN) -> tuple[Any, FetchReport]:
         """The context's KVCache, ready as close to `slo` seconds as the link allows, and what happened.
 
         `model`: needed to recompute chunks (and checked against the context's model fingerprint);
@@ -128,7 +128,8 @@ class StreamClient:
         `levels`: restrict the levels the adaptive policy may use. `abort_after_s`: give up (raise
         `FetchAborted`) once the fetch has taken that long (benchmarks bound hopeless fixed policies).
         `drop_factor`: the bandwidth drop a fetched chunk must survive (`Planner.insured`; 1: off).
-        `discount`: the adaptive plans assume the predicted throughput divided by this (1: as predicted)."""
+        `discount`: the adaptive plans assume the predicted throughput divided by this (1: as predicted).
+        `step_up_margin`: the further fraction of `slo` a move to a better level needs (`Planner`)."""
         from kvlife.codec.format import parse_header
 
         started = time.perf_counter()
@@ -152,7 +153,7 @@ class StreamClient:
         tokens = [len(manifest.chunk_ids(i)) for i in range(n)]
         planner = Planner({lv: [manifest.size(lv, i) for i in range(n)] for lv in usable}, tokens, slo, policy,
                           margin, allow_recompute=model is not None, drop_factor=drop_factor,
-                          discount=discount)
+                          discount=discount, step_up_margin=step_up_margin)
         speeds = self._speeds(header, model)
         # the manifest and header are small: their rate says little about a chunk's (the round trips dominate),
         # so it is only the prior for the first chunk, whose own transfer then corrects it (`_Abandonment`)

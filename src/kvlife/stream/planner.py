@@ -60,6 +60,7 @@ from kvlife.stream.estimate import SpeedEstimate
 
 ADAPTIVE = "adaptive"
 DISCOUNT: float | None = None  # the client's default: each level's own step (module docstring)
+STEP_UP_MARGIN = 0.1  # of the deadline: the further room a move to a better level needs (hysteresis)
 
 
 def parse_discount(text: str) -> float | None:
@@ -94,7 +95,7 @@ def _candidate_counts(rest: int) -> list[int]:
 class Planner:
     def __init__(self, sizes: dict[str, Sequence[int]], chunk_tokens: Sequence[int], slo: float,
                  policy: str = ADAPTIVE, margin: float = 0.05, allow_recompute: bool = True,
-                 drop_factor: float = 2.0, step_up_margin: float = 0.1, discount: float | None = 1.0) -> None:
+                 drop_factor: float = 2.0, step_up_margin: float = STEP_UP_MARGIN, discount: float | None = 1.0) -> None:
         """`sizes`: level -> bytes of each chunk, levels best quality first; `chunk_tokens`: tokens of each
         chunk; `slo`: seconds for the whole context; `margin`: fraction of `slo` kept in reserve;
         `drop_factor`: the bandwidth drop a fetch must survive (`insured`; 1 turns the check off);
