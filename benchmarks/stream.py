@@ -74,6 +74,15 @@ def context_id_for(task_name: str, sample) -> str:
     return f"{task_name}-{sample.id}".replace("/", "-").replace(":", "-")[:100]
 
 
+def fetch_record(report) -> dict:
+    """What a run keeps of an adaptive fetch: when it was ready, each chunk's option, the requests given up,
+    and per chunk every decision and the ready time its plan predicted."""
+    return {"ready_s": report.ready_s, "options": report.options(),
+            "abandoned": sum(len(c.abandoned) for c in report.chunks),
+            "planned": [c.planned for c in report.chunks],
+            "predicted_ready_s": [round(c.predicted_ready_s, 3) for c in report.chunks]}
+
+
 def compare_rows(path: Path) -> dict:
     """The adaptive rows of another run's stream.json, with the settings they were made with."""
     other = json.loads(path.read_text())
@@ -213,12 +222,7 @@ def main() -> int:
                         client.set_trace(trace)
                         cache, report = client.fetch(context_id, slo, model=model, drop_factor=args.drop_factor,
                                                      discount=discount)
-                        runs.append({"trace": trace, "policy": "adaptive", "slo": slo, "ready_s": report.ready_s,
-                                     "options": report.options(),
-                                     "abandoned": sum(len(c.abandoned) for c in report.chunks),
-                                     # per chunk: every decision, and the ready time its plan predicted
-                                     "planned": [c.planned for c in report.chunks],
-                                     "predicted_ready_s": [round(c.predicted_ready_s, 3) for c in report.chunks],
+                        runs.append({"trace": trace, "policy": "adaptive", "slo": slo, **fetch_record(report),
                                      **score(cache, report.options())})
                         print(f"  {trace} slo {slo:g}: ready {report.ready_s:.2f} s "
                               f"{'met' if report.met else 'MISSED'} {report.options()}", flush=True)

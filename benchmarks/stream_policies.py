@@ -31,7 +31,7 @@ from foundation import machine  # noqa: E402
 from kvlife.stream import StreamClient, publish  # noqa: E402
 from kvlife.stream.client import FetchAborted  # noqa: E402
 from kvlife.stream.planner import STEP_UP_MARGIN, parse_discount  # noqa: E402
-from stream import TASKS, TRACES, context_id_for, load_model_and_weights, start_server  # noqa: E402
+from stream import TASKS, TRACES, context_id_for, fetch_record, load_model_and_weights, start_server  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "stream-policies.json"
 SHAPED = [(trace, deadlines) for trace, deadlines in TRACES if "1mbit" not in trace]
@@ -111,10 +111,7 @@ def main() -> int:
                         client.set_trace(trace)
                         _, report = client.fetch(context_id, slo, discount=discount, drop_factor=drop, step_up_margin=step_up)
                         runs.append({"setting": setting, "trace": trace, "slo": slo, "sample": context_id,
-                                     "ready_s": report.ready_s, "options": report.options(),
-                                     "abandoned": sum(len(c.abandoned) for c in report.chunks),
-                                     "planned": [c.planned for c in report.chunks],
-                                     "predicted_ready_s": [round(c.predicted_ready_s, 3) for c in report.chunks]})
+                                     **fetch_record(report)})
             print(f"setting {setting} done", flush=True)
     finally:
         client.set_trace(None)

@@ -380,7 +380,7 @@ class _Abandonment:
             stay_ready, stay_meets, stay_level = stay.predicted_ready_s, stay.meets, stay.plan_level
         else:
             stay_ready, stay_level = done, self.level
-            stay_meets = done <= planner.slo * (1.0 - planner.margin)
+            stay_meets = done <= planner.budget
         if leave.meets != stay_meets:
             return leave.meets
         if leave.meets:

@@ -117,6 +117,7 @@ class Planner:
         if discount is not None and not discount >= 1:
             raise StreamError(f"the throughput discount must be >= 1, not {discount}")
         self.slo, self.policy, self.margin, self.allow_recompute = slo, policy, margin, allow_recompute
+        self.budget = slo * (1.0 - margin)  # a plan meets the deadline if it is ready by this
         self.drop_factor, self.step_up_margin = drop_factor, step_up_margin
         if discount is None:  # each level's step over the next cheaper one; none for the cheapest
             totals = [sum(self.sizes[level]) for level in self.levels]
@@ -172,7 +173,7 @@ class Planner:
                speeds: SpeedEstimate) -> Decision:
         """The option for chunk `index`, given the time since the fetch began and the worker's backlog."""
         bandwidth = max(bandwidth or 1.0, 1.0)
-        budget = self.slo * (1.0 - self.margin)
+        budget = self.budget
         if self.policy == RECOMPUTE:
             ready = self.ready_time(index, None, len(self.tokens) - index, now, worker_free, bandwidth, speeds)
             return Decision(RECOMPUTE, ready, None, len(self.tokens) - index, ready <= budget)
