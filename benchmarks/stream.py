@@ -75,9 +75,11 @@ def context_id_for(task_name: str, sample) -> str:
 
 
 def fetch_record(report) -> dict:
-    """What a run keeps of an adaptive fetch: when it was ready, each chunk's option, the requests given up,
-    and per chunk every decision and the ready time its plan predicted."""
-    return {"ready_s": report.ready_s, "options": report.options(),
+    """What a run keeps of an adaptive fetch: when it was ready (and when every chunk was first in), each chunk's
+    final option, the requests given up, and per chunk every decision of the first pass, the ready time its
+    plan predicted and the better levels it was fetched at again (refinement)."""
+    return {"ready_s": report.ready_s, "complete_s": report.complete_s, "options": report.options(),
+            "refined": [c.refined for c in report.chunks],
             "abandoned": sum(len(c.abandoned) for c in report.chunks),
             "planned": [c.planned for c in report.chunks],
             "predicted_ready_s": [round(c.predicted_ready_s, 3) for c in report.chunks]}

@@ -58,12 +58,16 @@ def publish_samples(client: StreamClient, tasks: list[str], samples: int) -> lis
     return ids
 
 
-def parse_setting(text: str) -> tuple[float | None, float, float]:
-    """DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN] (the step-up margin defaults to the planner's, 0.1)."""
-    discount, drop, *step_up = text.split(",")
-    if len(step_up) > 1:
+def parse_setting(text: str) -> tuple[float | None, float, float, bool]:
+    """DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]] (the step-up margin defaults to the planner's, 0.1;
+    REFINE 1 or 0, default 1: the client's refinement of the worst chunks with the time left)."""
+    discount, drop, *rest = text.split(",")
+    if len(rest) > 2:
         raise ValueError(f"too many fields in {text!r}")
-    return parse_discount(discount), float(drop), float(step_up[0]) if step_up else STEP_UP_MARGIN
+    if len(rest) == 2 and rest[1] not in ("0", "1"):
+        raise ValueError(f"REFINE is 0 or 1 in {text!r}")
+    step_up = float(rest[0]) if rest else STEP_UP_MARGIN
+    return parse_discount(discount), float(drop), step_up, rest[1:] != ["0"]
 
 
 def main() -> int:
@@ -71,7 +75,8 @@ def main() -> int:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--samples", type=int, default=3, help="samples per task")
     parser.add_argument("--settings", default=";".join(SETTINGS),
-                        help="planner settings 'DISCOUNT,DROP_FACTOR' separated by ';' (DISCOUNT: a number or levels)")
+                        help="planner settings 'DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]]' separated by ';' "
+                             "(DISCOUNT: a number or levels; REFINE: 1, the default, or 0)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     settings = args.settings.split(";")
@@ -79,7 +84,8 @@ def main() -> int:
         try:
             parse_setting(setting)
         except ValueError:
-            parser.error(f"bad setting {setting!r}: use DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN], e.g. levels,2 or 1.3,2 or levels,2,0")
+            parser.error(f"bad setting {setting!r}: use DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]], "
+                         "e.g. levels,2 or 1.3,2 or levels,2,0 or levels,2,0.1,0")
 
     root = tempfile.mkdtemp(prefix="kvlife-stream-policies-")
     server, url = start_server(root)
@@ -104,12 +110,13 @@ def main() -> int:
             print(f"fixed levels on {trace} done", flush=True)
         runs = []
         for setting in settings:
-            discount, drop, step_up = parse_setting(setting)
+            discount, drop, step_up, refine = parse_setting(setting)
             for trace, deadlines in SHAPED:
                 for slo in deadlines:
                     for context_id in ids:
                         client.set_trace(trace)
-                        _, report = client.fetch(context_id, slo, discount=discount, drop_factor=drop, step_up_margin=step_up)
+                        _, report = client.fetch(context_id, slo, discount=discount, drop_factor=drop,
+                                                 step_up_margin=step_up, refine=refine)
                         runs.append({"setting": setting, "trace": trace, "slo": slo, "sample": context_id,
                                      **fetch_record(report)})
             print(f"setting {setting} done", flush=True)

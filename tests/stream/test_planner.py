@@ -185,3 +185,43 @@ def test_the_prior_gives_way_to_the_first_measurement():
     assert link.predict() == pytest.approx(1e6)
     link.add(3_000_000, 1.0)
     assert link.predict() == pytest.approx(3e6)  # the prior is not averaged in
+
+
+def test_refinement_raises_the_whole_floor_to_the_best_level_that_fits():
+    p = planner(slo=1.0)
+    s = speeds()
+    held = ["extreme"] * N
+    # 0.7 s left at 10 MB/s: every chunk again at high is 5.27 MB (0.53 s), at lossless-ish 16.7 MB (1.67 s)
+    plan = p.refine(held, 0.3, 0.3, 10e6, s)
+    assert plan.level == "high" and plan.chunks == list(range(N))
+    assert plan.predicted_ready_s == pytest.approx(0.3 + N * LEVELS["high"] / 10e6 + 0.01)
+    # worst chunks first; chunks already at the level or better are not fetched again
+    held = ["high", "extreme", "balanced", *["high"] * (N - 3)]
+    plan = p.refine(held, 0.3, 0.3, 10e6, s)
+    assert plan.level == "high" and plan.chunks == [1, 2]
+    assert p.refine(["lossless-ish"] * N, 0.0, 0.0, 10e6, s) is None  # nothing better to fetch
+
+
+def test_refinement_is_all_or_nothing_and_never_touches_recomputed_chunks():
+    p = planner(slo=1.0)
+    s = speeds()
+    # 0.2 s left at 10 MB/s: raising all ten extreme chunks to balanced needs 0.41 s; none is fetched
+    assert p.refine(["extreme"] * N, 0.8, 0.8, 10e6, s) is None
+    # the same time raises two of them when the others are already better
+    held = [RECOMPUTE, "extreme", "extreme", *["high"] * (N - 3)]
+    plan = p.refine(held, 0.8, 0.8, 10e6, s)
+    assert plan.level == "high" and plan.chunks == [1, 2]
+    assert p.refine([RECOMPUTE] * N, 0.0, 0.0, 10e6, s) is None
+    # the worker's backlog and the margin count; fixed policies never refine
+    assert p.refine(held, 0.8, 0.99, 10e6, s) is None  # the worker is busy until 0.99 s: two decodes end late
+    assert planner(slo=1.0, margin=0.1).refine(held, 0.8, 0.8, 10e6, s).level == "balanced"  # high: 0.915 s
+    assert planner(slo=1.0, policy="extreme").refine(["extreme"] * N, 0.0, 0.0, 10e6, s) is None
+
+
+def test_refinement_plans_at_the_discounted_throughput():
+    sizes = {level: [size] * N for level, size in LEVELS.items()}
+    s = speeds()
+    held = ["extreme"] * N
+    # all ten at high: 0.527 s at 10 MB/s, 0.79 s at 10 MB/s / 1.5
+    assert Planner(sizes, [TOKENS] * N, 1.0, margin=0.0, discount=1.0).refine(held, 0.3, 0.3, 10e6, s).level == "high"
+    assert Planner(sizes, [TOKENS] * N, 1.0, margin=0.0, discount=1.5).refine(held, 0.3, 0.3, 10e6, s).level == "balanced"

@@ -39,6 +39,9 @@ def add_parser(subparsers) -> None:
     fetch.add_argument("--discount", default="levels",
                        help="plan a level at the predicted throughput divided by this: a number >= 1 for every "
                             "level (1: none), or 'levels' (default): by each level's size step over the next cheaper one")
+    fetch.add_argument("--no-refine", action="store_true",
+                       help="hand the cache over as soon as every chunk is in; by default the time left before the "
+                            "deadline goes to fetching the worst chunks again at a better level")
     fetch.add_argument("--out", type=Path, default=None, help="save the cache (Session.load reads it)")
     fetch.add_argument("--ask", action="append", default=[], help="answer a query on the fetched context (repeatable)")
     fetch.add_argument("--max-new-tokens", type=int, default=64)
@@ -173,11 +176,13 @@ def run_fetch(args: argparse.Namespace) -> int:
 
         session = Session(model, tokenizer, "dense", mode="multi-request")
         report = fetch_into(session, client, args.context_id, args.slo, args.policy, margin=args.margin,
-                            max_attempts=args.attempts, drop_factor=args.drop_factor, discount=discount)
+                            max_attempts=args.attempts, drop_factor=args.drop_factor, discount=discount,
+                            refine=not args.no_refine)
         cache = session.cache
     else:
         cache, report = client.fetch(args.context_id, args.slo, model=model, policy=args.policy, margin=args.margin,
-                                     max_attempts=args.attempts, drop_factor=args.drop_factor, discount=discount)
+                                     max_attempts=args.attempts, drop_factor=args.drop_factor, discount=discount,
+                                     refine=not args.no_refine)
     if args.out is not None:
         from kvlife.store.keys import model_fingerprint
 
@@ -208,11 +213,16 @@ def _print_report(report: Any, answers: list[dict]) -> None:
         table.add_column(column, justify="left" if column in ("option", "failures") else "right")
     for c in report.chunks:
         rate = f"{c.throughput / 1e6:.2f}" if c.throughput else "-"
-        table.add_row(str(c.index), c.option, f"{c.bytes:,}", f"{c.fetch_s:.3f}", rate, f"{c.work_s:.3f}",
+        option = f"{c.option} (was {c.planned[-1]})" if c.refined else c.option
+        table.add_row(str(c.index), option, f"{c.bytes:,}", f"{c.fetch_s:.3f}", rate, f"{c.work_s:.3f}",
                       f"{c.ready_at_s:.3f}", str(len(c.failures)) if c.failures else "")
     console = Console()
     console.print(table)
     verdict = "met" if report.met else "MISSED"
     console.print(f"ready in {report.ready_s:.3f} s ({verdict} the {report.slo:g} s deadline), {report.bytes:,} bytes")
+    refined = sum(len(c.refined) for c in report.chunks)
+    if refined:
+        console.print(f"every chunk was in at {report.complete_s:.3f} s; {refined} fetched again at a better level "
+                      "before the deadline (--no-refine: hand over at once)")
     for answer in answers:
         console.print(f"{answer['query']!r} -> {answer['answer']!r} (time to first token {answer['ttft_s']:.3f} s)")

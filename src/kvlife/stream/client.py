@@ -61,6 +61,7 @@ class ChunkRecord:
     failures: list[str] = field(default_factory=list)
     abandoned: list[str] = field(default_factory=list)  # fetches given up because the link slowed down
     ready_at_s: float = 0.0  # when it joined the cache (seconds since the fetch began)
+    refined: list[str] = field(default_factory=list)  # the better levels it was fetched at again, in order
 
 
 @dataclass
@@ -69,8 +70,9 @@ class FetchReport:
     policy: str
     slo: float
     tokens: int
-    ready_s: float = 0.0
+    ready_s: float = 0.0  # when the cache was handed over (after any refinement)
     met: bool = False
+    complete_s: float = 0.0  # when every chunk was first in the cache (before refinement)
     setup_s: float = 0.0  # manifest and header
     bytes: int = 0
     chunks: list[ChunkRecord] = field(default_factory=list)
@@ -120,7 +122,8 @@ class StreamClient:
     def fetch(self, context_id: str, slo: float, model: Any = None, policy: str = ADAPTIVE, margin: float = 0.05,
               max_attempts: int = 2, levels: list[str] | None = None,
               abort_after_s: float | None = None, drop_factor: float = 2.0,
-              discount: float = DISCOUNT, step_up_margin: float = STEP_UP_MARGIN) -> tuple[Any, FetchReport]:
+              discount: float = DISCOUNT, step_up_margin: float = STEP_UP_MARGIN,
+              refine: bool = True) -> tuple[Any, FetchReport]:
         """The context's KVCache, ready as close to `slo` seconds as the link allows, and what happened.
 
         `model`: needed to recompute chunks (and checked against the context's model fingerprint);
@@ -129,7 +132,9 @@ class StreamClient:
         `FetchAborted`) once the fetch has taken that long (benchmarks bound hopeless fixed policies).
         `drop_factor`: the bandwidth drop a fetched chunk must survive (`Planner.insured`; 1: off).
         `discount`: the adaptive plans assume the predicted throughput divided by this (1: as predicted).
-        `step_up_margin`: the further fraction of `slo` a move to a better level needs (`Planner`)."""
+        `step_up_margin`: the further fraction of `slo` a move to a better level needs (`Planner`).
+        `refine`: once every chunk is in the cache, spend the time left before the deadline fetching the
+        worst chunks again at a better level (`Planner.refine`; adaptive policy only)."""
         from kvlife.codec.format import parse_header
 
         started = time.perf_counter()
@@ -169,32 +174,42 @@ class StreamClient:
             return time.perf_counter() - started
 
         def fetcher() -> None:
+            abort_at = None if abort_after_s is None else started + abort_after_s
             try:
+                held = []
                 for i in range(n):
                     if stop.is_set():
                         return
                     if abort_after_s is not None and clock() > abort_after_s:
                         raise FetchAborted(f"gave up after {abort_after_s:g} s at chunk {i} of {n}")
-                    handoff.put(self._next_chunk(i, manifest, planner, speeds, link, backlog, clock,
-                                                 report.chunks[i], max_attempts, model is not None, tokens,
-                                                 None if abort_after_s is None else started + abort_after_s))
+                    item = self._next_chunk(i, manifest, planner, speeds, link, backlog, clock, report.chunks[i],
+                                            max_attempts, model is not None, tokens, abort_at)
+                    held.append(item[0])
+                    handoff.put(item)
+                if refine:
+                    self._refine(held, manifest, planner, speeds, link, backlog, clock, started, handoff, stop,
+                                 max_attempts, tokens, abort_at)
+                handoff.put(_DONE)
             except BaseException as exc:  # noqa: BLE001 - handed to the worker, which raises it
                 handoff.put(exc)
+
+        def next_item(what: str) -> Any:
+            while True:
+                if abort_after_s is not None and clock() > abort_after_s:
+                    raise FetchAborted(f"gave up after {abort_after_s:g} s with {what}")
+                try:
+                    item = handoff.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                return item
 
         thread = threading.Thread(target=fetcher, name="kvlife-stream-fetch", daemon=True)
         thread.start()
         try:
             for i in range(n):
-                while True:
-                    if abort_after_s is not None and clock() > abort_after_s:
-                        raise FetchAborted(f"gave up after {abort_after_s:g} s with {i} of {n} chunks ready")
-                    try:
-                        item = handoff.get(timeout=0.05)
-                        break
-                    except queue.Empty:
-                        continue
-                if isinstance(item, BaseException):
-                    raise item
+                item = next_item(f"{i} of {n} chunks ready")
                 record = report.chunks[i]
                 backlog.begin()
                 work_started = time.perf_counter()
@@ -216,6 +231,21 @@ class StreamClient:
                 record.work_s = time.perf_counter() - work_started
                 backlog.end()
                 record.ready_at_s = clock()
+            report.complete_s = clock()
+            while (item := next_item(f"all {n} chunks ready, refining")) is not _DONE:
+                i, level, data = item
+                record = report.chunks[i]
+                backlog.begin()
+                work_started = time.perf_counter()
+                if record.option != RECOMPUTE:  # a chunk whose fetched bytes failed to decode was recomputed: exact
+                    try:
+                        builder.replace_encoded(i, data, manifest.chunks[level][i].crc32)
+                        speeds.add_decode(level, time.perf_counter() - work_started, tokens[i] / max(tokens))
+                        record.option = level
+                        record.refined.append(level)
+                    except StreamError as exc:  # the chunk keeps the version it had
+                        record.failures.append(f"refine decode: {exc}")
+                backlog.end()
             cache = builder.finish()
         finally:
             stop.set()
@@ -231,6 +261,40 @@ class StreamClient:
             params = sum(p.numel() for p in model.parameters()) if model is not None else 5e8
             self.speeds = SpeedEstimate(fp16_chunk, recompute_tokens_s=RECOMPUTE_FLOPS_PRIOR / (2 * params))
         return self.speeds
+
+    def _refine(self, held: list[str], manifest: Manifest, planner: Planner, speeds: SpeedEstimate,
+                link: ThroughputEstimate, backlog: _Backlog, clock, started: float, handoff: queue.Queue,
+                stop: threading.Event, max_attempts: int, tokens: list[int], abort_at: float | None) -> None:
+        """Fetch the worst chunks again at a better level while the planner predicts it done by the deadline
+        (`Planner.refine`), handing each to the worker; a fetch that would end after the deadline less the
+        margin is given up at once (the chunk keeps what it has), and so is refining."""
+        failures = 0
+        while not stop.is_set():
+            now = clock()
+            plan = planner.refine(held, now, backlog.free_at(now), link.predict(), speeds)
+            if plan is None:
+                return
+            i, level = plan.chunks[0], plan.level
+            decode_s = speeds.decode_s(level, tokens[i] / max(tokens))
+            cutoff = _Cutoff(manifest.size(level, i), started + planner.budget - decode_s)
+            fetch_started = time.perf_counter()
+            try:
+                data = self.transport.get(f"/v1/contexts/{manifest.context_id}/chunks/{level}/{i}",
+                                          deadline=abort_at, give_up=cutoff)
+                if hashlib.sha256(data).hexdigest() != manifest.chunks[level][i].sha256:
+                    raise TransportError(f"chunk {level}/{i}: {len(data)} bytes that fail the manifest's SHA-256")
+            except Abandoned as exc:  # it would end late: the time left is not enough for it
+                link.add(exc.received, exc.seconds)
+                return
+            except TransportError as exc:  # lost or corrupt (or the abort time passed): never used
+                failures += 1
+                if failures >= max_attempts or isinstance(exc, DeadlinePassed):
+                    return
+                continue
+            link.add(len(data), time.perf_counter() - fetch_started)
+            backlog.add(decode_s)
+            held[i] = level
+            handoff.put((i, level, data))
 
     def _next_chunk(self, i: int, manifest: Manifest, planner: Planner, speeds: SpeedEstimate,
                     link: ThroughputEstimate, backlog: _Backlog, clock, record: ChunkRecord, max_attempts: int,
@@ -288,6 +352,9 @@ class StreamClient:
             record.throughput = len(data) / max(elapsed, 1e-9)
             backlog.add(speeds.decode_s(level, tokens[i] / max(tokens)))
             return level, data
+
+
+_DONE = object()  # the fetcher's last item: no more chunks or refinements
 
 
 PROBE_BYTES = 64 << 10  # how much of the first chunk arrives before its own rate is trusted over the prior
@@ -386,6 +453,30 @@ class _Abandonment:
         if leave.meets:
             return planner.rank(leave.plan_level) < planner.rank(stay_level)
         return leave.predicted_ready_s < stay_ready - GIVE_UP_GAIN * planner.slo
+
+
+class _Cutoff:
+    """Gives a refinement fetch up once it is projected to end after `end_at` (a `time.perf_counter()` value):
+    what is left at the rate measured from its first piece (the first piece's wait is latency)."""
+
+    def __init__(self, size: int, end_at: float) -> None:
+        self.size, self.end_at = size, end_at
+        self.first: tuple[float, int] | None = None
+
+    def __call__(self, received: int, seconds: float) -> bool:
+        now = time.perf_counter()
+        if now > self.end_at:
+            return True
+        if received >= self.size:
+            return False
+        if self.first is None:
+            self.first = (seconds, received)
+            return False
+        since, before = self.first
+        if seconds <= since:
+            return False
+        rate = (received - before) / (seconds - since)
+        return now + (self.size - received) / max(rate, 1.0) > self.end_at
 
 
 class _Backlog:

@@ -75,6 +75,13 @@ def parse_discount(text: str) -> float | None:
 
 
 @dataclass
+class Refinement:
+    level: str  # the level to fetch the chunks at again
+    chunks: list[int]  # the chunks below that level, worst first (then in order): the next to fetch is chunks[0]
+    predicted_ready_s: float  # when all of them would be fetched and decoded
+
+
+@dataclass
 class Decision:
     option: str  # a level name or "recompute"
     predicted_ready_s: float  # when the plan it belongs to predicts the whole context ready
@@ -156,6 +163,34 @@ class Planner:
                 worker = max(worker, link) + speeds.decode_s(fetched, self.tokens[j] / self.full_tokens)
             prefix += self.tokens[j]
         return worker
+
+    def refine(self, held: Sequence[str], now: float, worker_free: float, bandwidth: float | None,
+               speeds: SpeedEstimate) -> Refinement | None:
+        """Once every chunk has been fetched or recomputed once (`held`: each chunk's level or "recompute"),
+        the time left before the deadline can raise the quality floor: the best level L such that every
+        fetched chunk worse than L, fetched again at L (worst first, at the throughput divided by L's
+        discount), is predicted decoded by the deadline less the margin; None if no level better than the
+        worst held one fits. All or nothing: a context's quality is set by its worst chunks, so fetching
+        some of them again only spends time (the client gives a fetch up as soon as it would end late,
+        keeping the chunk it replaces, so a refinement never costs the deadline). Only the adaptive policy
+        refines; recomputed chunks are exact and never fetched."""
+        if self.policy != ADAPTIVE:
+            return None
+        fetched = [(self.rank(level), i) for i, level in enumerate(held) if level in self.sizes]
+        if not fetched:
+            return None
+        floor = max(rank for rank, _ in fetched)
+        bandwidth = max(bandwidth or 1.0, 1.0)
+        for rank, level in enumerate(self.levels[:floor]):
+            chunks = [i for r, i in sorted(fetched, key=lambda item: (-item[0], item[1])) if r > rank]
+            rate = bandwidth / self.discounts[level]
+            link, worker = now, max(now, worker_free)
+            for i in chunks:
+                link += self.sizes[level][i] / rate
+                worker = max(worker, link) + speeds.decode_s(level, self.tokens[i] / self.full_tokens)
+            if worker <= self.budget:
+                return Refinement(level, chunks, worker)
+        return None
 
     def insured(self, index: int, level: str, now: float, worker_free: float, bandwidth: float,
                 speeds: SpeedEstimate, budget: float) -> bool:
