@@ -41,6 +41,14 @@ Three guards against a throughput estimate that is wrong for a while:
   be ready in time (a big chunk started just before a drop is what misses deadlines; the client also
   abandons such a chunk mid-way, see client.py).
 
+Refinement (`refine`): the guards leave time unused when the link was faster than they allowed for (a
+tight deadline's plan starts at the cheapest level and ends with a quarter of the deadline to spare).
+Once every chunk is in the cache, the client spends what is left raising the quality floor: the best
+level L such that every fetched chunk worse than L, fetched again at L, is predicted done by the deadline
+less the margin (at the throughput divided by L's discount); the worst chunks first. All or nothing,
+since a context's quality is set by its worst chunks. A refinement costs no deadline: the client gives
+a fetch up as soon as it would end late, and the chunk keeps the version it has.
+
 If no plan meets the deadline, the plan that is ready soonest wins (so the policy never misses a
 deadline the fastest fixed level would meet, up to prediction error: a drop nobody could predict can
 still make it miss, when the fixed level finished before the drop and the adaptive plan, using the
