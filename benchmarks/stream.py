@@ -79,7 +79,7 @@ def fetch_record(report) -> dict:
     final option, the requests given up, and per chunk every decision of the first pass, the ready time its
     plan predicted and the better levels it was fetched at again (refinement)."""
     return {"ready_s": report.ready_s, "complete_s": report.complete_s, "options": report.options(),
-            "refined": [c.refined for c in report.chunks],
+            "refined": [c.refined for c in report.chunks], "refine_stopped": report.refine_stopped,
             "abandoned": sum(len(c.abandoned) for c in report.chunks),
             "planned": [c.planned for c in report.chunks],
             "predicted_ready_s": [round(c.predicted_ready_s, 3) for c in report.chunks]}
@@ -166,6 +166,12 @@ def main() -> int:
         discount = parse_discount(args.discount)
     except ValueError:
         parser.error(f"--discount must be a number >= 1 or 'levels', not {args.discount!r}")
+    for path in [args.markdown, args.compare, *(args.merge or [])]:
+        if path is not None:
+            try:
+                json.loads(path.read_text())["summary"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                parser.error(f"{path} is not a stream.json or a partial result of this script: {exc}")
     if args.markdown:
         print_markdown(json.loads(args.markdown.read_text())["summary"])
         return 0

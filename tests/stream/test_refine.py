@@ -43,7 +43,7 @@ def test_refinement_puts_the_better_chunks_in_place(stream_url, published, tiny,
     low, _ = client.fetch("tiny-doc", slo=30.0, model=tiny[0], refine=False)
     cache, report = client.fetch("tiny-doc", slo=30.0, model=tiny[0])
     n = manifest.n_chunks
-    assert report.met and report.complete_s <= report.ready_s
+    assert report.met and report.complete_s <= report.ready_s and report.refine_stopped == ""
     assert [c.planned[-1] for c in report.chunks] == ["extreme" if i != RECOMPUTED else RECOMPUTE for i in range(n)]
     assert report.options() == ["lossless-ish" if i != RECOMPUTED else RECOMPUTE for i in range(n)]
     assert all(c.refined == ["lossless-ish"] for i, c in enumerate(report.chunks) if i != RECOMPUTED)
@@ -78,6 +78,7 @@ def test_a_refinement_lost_or_corrupted_in_transit_is_never_used(stream_url, pub
     # both failures spent the refinement's attempts: nothing was put in place, the first pass stands
     assert report.options() == ["extreme"] * manifest.n_chunks and not any(c.refined for c in report.chunks)
     assert [fault for _, fault in link.served[manifest.n_chunks:]] == ["corrupt", "lose"]
+    assert report.refine_stopped.startswith("2 refinement fetches failed in transit")
 
 
 def test_a_refinement_that_would_end_late_is_given_up(stream_url, published, low_first_pass, monkeypatch):
@@ -102,6 +103,7 @@ def test_a_refinement_that_would_end_late_is_given_up(stream_url, published, low
     assert asked[-1].endswith("/chunks/lossless-ish/0")  # it was asked for
     assert report.options() == ["extreme"] * n and not report.chunks[0].refined  # given up: chunk 0 kept its version
     assert report.met and report.ready_s <= slo * 0.95 + 0.05
+    assert report.refine_stopped.startswith("lossless-ish/0 given up after") and "would end late" in report.refine_stopped
 
 
 def test_the_cutoff_projects_the_end_from_the_rate_after_the_first_piece():

@@ -224,5 +224,7 @@ def _print_report(report: Any, answers: list[dict]) -> None:
     if refined:
         console.print(f"every chunk was in at {report.complete_s:.3f} s; {refined} fetched again at a better level "
                       "before the deadline (--no-refine: hand over at once)")
+    if report.refine_stopped:
+        console.print(f"refining stopped: {report.refine_stopped}")
     for answer in answers:
         console.print(f"{answer['query']!r} -> {answer['answer']!r} (time to first token {answer['ttft_s']:.3f} s)")

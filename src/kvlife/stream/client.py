@@ -73,6 +73,7 @@ class FetchReport:
     ready_s: float = 0.0  # when the cache was handed over (after any refinement)
     met: bool = False
     complete_s: float = 0.0  # when every chunk was first in the cache (before refinement)
+    refine_stopped: str = ""  # why refining ended early: a fetch given up, or failures in transit ("" otherwise)
     setup_s: float = 0.0  # manifest and header
     bytes: int = 0
     chunks: list[ChunkRecord] = field(default_factory=list)
@@ -187,8 +188,8 @@ class StreamClient:
                     held.append(item[0])
                     handoff.put(item)
                 if refine:
-                    self._refine(held, manifest, planner, speeds, link, backlog, clock, started, handoff, stop,
-                                 max_attempts, tokens, abort_at)
+                    report.refine_stopped = self._refine(held, manifest, planner, speeds, link, backlog, clock, started,
+                                                         handoff, stop, max_attempts, tokens, abort_at)
                 handoff.put(_DONE)
             except BaseException as exc:  # noqa: BLE001 - handed to the worker, which raises it
                 handoff.put(exc)
@@ -264,16 +265,17 @@ class StreamClient:
 
     def _refine(self, held: list[str], manifest: Manifest, planner: Planner, speeds: SpeedEstimate,
                 link: ThroughputEstimate, backlog: _Backlog, clock, started: float, handoff: queue.Queue,
-                stop: threading.Event, max_attempts: int, tokens: list[int], abort_at: float | None) -> None:
+                stop: threading.Event, max_attempts: int, tokens: list[int], abort_at: float | None) -> str:
         """Fetch the worst chunks again at a better level while the planner predicts it done by the deadline
         (`Planner.refine`), handing each to the worker; a fetch that would end after the deadline less the
-        margin is given up at once (the chunk keeps what it has), and so is refining."""
-        failures = 0
+        margin is given up at once (the chunk keeps what it has), and so is refining. Returns why refining
+        stopped early ("" when the planner saw nothing more that fits)."""
+        failures: list[str] = []
         while not stop.is_set():
             now = clock()
             plan = planner.refine(held, now, backlog.free_at(now), link.predict(), speeds)
             if plan is None:
-                return
+                return ""
             i, level = plan.chunks[0], plan.level
             decode_s = speeds.decode_s(level, tokens[i] / max(tokens))
             cutoff = _Cutoff(manifest.size(level, i), started + planner.budget - decode_s)
@@ -285,16 +287,17 @@ class StreamClient:
                     raise TransportError(f"chunk {level}/{i}: {len(data)} bytes that fail the manifest's SHA-256")
             except Abandoned as exc:  # it would end late: the time left is not enough for it
                 link.add(exc.received, exc.seconds)
-                return
+                return f"{level}/{i} given up after {exc.received} bytes, {exc.seconds:.3f} s: it would end late"
             except TransportError as exc:  # lost or corrupt (or the abort time passed): never used
-                failures += 1
-                if failures >= max_attempts or isinstance(exc, DeadlinePassed):
-                    return
+                failures.append(str(exc))
+                if len(failures) >= max_attempts or isinstance(exc, DeadlinePassed):
+                    return f"{len(failures)} refinement fetches failed in transit; the last: {exc}"
                 continue
             link.add(len(data), time.perf_counter() - fetch_started)
             backlog.add(decode_s)
             held[i] = level
             handoff.put((i, level, data))
+        return ""
 
     def _next_chunk(self, i: int, manifest: Manifest, planner: Planner, speeds: SpeedEstimate,
                     link: ThroughputEstimate, backlog: _Backlog, clock, record: ChunkRecord, max_attempts: int,
