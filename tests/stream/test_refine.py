@@ -48,6 +48,10 @@ def test_refinement_puts_the_better_chunks_in_place(stream_url, published, tiny,
     assert report.options() == ["lossless-ish" if i != RECOMPUTED else RECOMPUTE for i in range(n)]
     assert all(c.refined == ["lossless-ish"] for i, c in enumerate(report.chunks) if i != RECOMPUTED)
     assert report.chunks[RECOMPUTED].refined == []
+    for i, c in enumerate(report.chunks):  # both versions' bytes are counted
+        if i != RECOMPUTED:
+            assert c.bytes == manifest.size("extreme", i) + manifest.size("lossless-ish", i)
+    assert report.bytes > sum(manifest.size("lossless-ish", i) for i in range(n) if i != RECOMPUTED)
     for i in range(n):  # chunks held in the cache's tensors (before the recomputed one) and still pending alike
         start, stop = i * CHUNK, min((i + 1) * CHUNK, len(manifest.token_ids))
         expected = slices(best if i != RECOMPUTED else low, start, stop)  # the recomputed chunk is left as it was

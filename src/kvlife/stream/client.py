@@ -189,7 +189,7 @@ class StreamClient:
                     handoff.put(item)
                 if refine:
                     report.refine_stopped = self._refine(held, manifest, planner, speeds, link, backlog, clock, started,
-                                                         handoff, stop, max_attempts, tokens, abort_at)
+                                                         handoff, stop, max_attempts, tokens, abort_at, report.chunks)
                 handoff.put(_DONE)
             except BaseException as exc:  # noqa: BLE001 - handed to the worker, which raises it
                 handoff.put(exc)
@@ -265,7 +265,8 @@ class StreamClient:
 
     def _refine(self, held: list[str], manifest: Manifest, planner: Planner, speeds: SpeedEstimate,
                 link: ThroughputEstimate, backlog: _Backlog, clock, started: float, handoff: queue.Queue,
-                stop: threading.Event, max_attempts: int, tokens: list[int], abort_at: float | None) -> str:
+                stop: threading.Event, max_attempts: int, tokens: list[int], abort_at: float | None,
+                records: list[ChunkRecord]) -> str:
         """Fetch the worst chunks again at a better level while the planner predicts it done by the deadline
         (`Planner.refine`), handing each to the worker; a fetch that would end after the deadline less the
         margin is given up at once (the chunk keeps what it has), and so is refining. Returns why refining
@@ -287,13 +288,18 @@ class StreamClient:
                     raise TransportError(f"chunk {level}/{i}: {len(data)} bytes that fail the manifest's SHA-256")
             except Abandoned as exc:  # it would end late: the time left is not enough for it
                 link.add(exc.received, exc.seconds)
+                records[i].bytes += exc.received
+                records[i].fetch_s += exc.seconds
                 return f"{level}/{i} given up after {exc.received} bytes, {exc.seconds:.3f} s: it would end late"
             except TransportError as exc:  # lost or corrupt (or the abort time passed): never used
                 failures.append(str(exc))
                 if len(failures) >= max_attempts or isinstance(exc, DeadlinePassed):
                     return f"{len(failures)} refinement fetches failed in transit; the last: {exc}"
                 continue
-            link.add(len(data), time.perf_counter() - fetch_started)
+            elapsed = time.perf_counter() - fetch_started
+            link.add(len(data), elapsed)
+            records[i].bytes += len(data)  # the chunk's bytes and fetch time count both of its versions
+            records[i].fetch_s += elapsed
             backlog.add(decode_s)
             held[i] = level
             handoff.put((i, level, data))
