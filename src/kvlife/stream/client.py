@@ -263,6 +263,15 @@ class StreamClient:
             self.speeds = SpeedEstimate(fp16_chunk, recompute_tokens_s=RECOMPUTE_FLOPS_PRIOR / (2 * params))
         return self.speeds
 
+    def _get_chunk(self, manifest: Manifest, level: str, i: int, deadline: float | None, give_up: Any) -> bytes:
+        """Chunk i at `level`, its bytes checked against the manifest's SHA-256: bytes that fail it raise
+        `TransportError` (as a chunk lost in transit does), so they are never used."""
+        data = self.transport.get(f"/v1/contexts/{manifest.context_id}/chunks/{level}/{i}", deadline=deadline,
+                                  give_up=give_up)
+        if hashlib.sha256(data).hexdigest() != manifest.chunks[level][i].sha256:
+            raise TransportError(f"chunk {level}/{i}: {len(data)} bytes that fail the manifest's SHA-256")
+        return data
+
     def _refine(self, held: list[str], manifest: Manifest, planner: Planner, speeds: SpeedEstimate,
                 link: ThroughputEstimate, backlog: _Backlog, clock, started: float, handoff: queue.Queue,
                 stop: threading.Event, max_attempts: int, tokens: list[int], abort_at: float | None,
@@ -282,10 +291,7 @@ class StreamClient:
             cutoff = _Cutoff(manifest.size(level, i), started + planner.budget - decode_s)
             fetch_started = time.perf_counter()
             try:
-                data = self.transport.get(f"/v1/contexts/{manifest.context_id}/chunks/{level}/{i}",
-                                          deadline=abort_at, give_up=cutoff)
-                if hashlib.sha256(data).hexdigest() != manifest.chunks[level][i].sha256:
-                    raise TransportError(f"chunk {level}/{i}: {len(data)} bytes that fail the manifest's SHA-256")
+                data = self._get_chunk(manifest, level, i, abort_at, cutoff)
             except Abandoned as exc:  # it would end late: the time left is not enough for it
                 link.add(exc.received, exc.seconds)
                 records[i].bytes += exc.received
@@ -325,13 +331,10 @@ class StreamClient:
             fetch_started = time.perf_counter()
             attempts += 1
             try:
-                path = f"/v1/contexts/{manifest.context_id}/chunks/{level}/{i}"
                 give_up = None if len(record.abandoned) >= 3 else \
                     _Abandonment(i, level, manifest, planner, speeds, backlog, clock, bandwidth, tokens,
                                  fetch_started, probe=not link.samples)
-                data = self.transport.get(path, deadline=abort_at, give_up=give_up)
-                if hashlib.sha256(data).hexdigest() != manifest.chunks[level][i].sha256:
-                    raise TransportError(f"chunk {level}/{i}: {len(data)} bytes that fail the manifest's SHA-256")
+                data = self._get_chunk(manifest, level, i, abort_at, give_up)
             except DeadlinePassed:
                 raise FetchAborted(f"gave up at chunk {i}: the abort time passed") from None
             except Abandoned as exc:  # the link is not what the choice assumed: what arrived is a throughput sample
