@@ -47,7 +47,6 @@ class CacheBuilder:
             self.device, self.dtype = torch.device("cpu"), None
         self.cache = KVCache(windows)
         self.pending: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in header.layers]
-        self.pending_chunks: list[int] = []  # the chunk of each pending entry (the same in every layer)
         self.tokens = 0  # context tokens in the cache or pending
 
     def _decode(self, index: int, part: bytes, crc: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
@@ -76,39 +75,29 @@ class CacheBuilder:
             if layer is not None:
                 self.pending[li].append(layer)
                 added = max(added, layer[0].shape[-2])
-        self.pending_chunks.append(index)
         self.tokens += added
 
     def replace_encoded(self, index: int, part: bytes, crc: int) -> None:
-        """Decode chunk `index` again (another level of the same context) and put it in place of the K/V the
+        """Decode chunk `index` again (another level of the same context) and write its K/V over the ones the
         cache holds for it (chunks recomputed on top of the old version keep theirs); StreamError if it is
-        corrupt or the chunk is not in the cache yet. Nothing changes on an error."""
+        corrupt or the chunk is not in the cache yet, and then nothing changes. Pending chunks are joined into
+        the cache first: the client refines only once every chunk is in, so this is the concatenation
+        `finish` would do, done once."""
         start = index * self.header.chunk_tokens
         if start >= self.tokens:
             raise StreamError(f"chunk {index} cannot be replaced: it is not in the cache ({self.tokens} tokens held)")
         layers = self._decode(index, part, crc)
-        if index in self.pending_chunks:
-            k = self.pending_chunks.index(index)
-            for li, layer in enumerate(layers):
-                if layer is not None:
-                    if self.pending[li][k][0].shape != layer[0].shape:
-                        raise StreamError(f"chunk {index}: the new version holds other tokens than the old")
-            for li, layer in enumerate(layers):
-                if layer is not None:
-                    self.pending[li][k] = layer
-            return
+        self._materialize()
         for cache_layer, layer in zip(self.cache.layers, layers):
             if layer is not None:
-                keys, _, positions = layer
-                end = start + keys.shape[-2]
-                if not torch.equal(cache_layer.positions[:, start:end], positions.expand_as(cache_layer.positions[:, start:end])):
+                held = cache_layer.positions[:, start:start + layer[0].shape[-2]]
+                if held.shape != layer[2].shape or not torch.equal(held, layer[2]):
                     raise StreamError(f"chunk {index}: the new version holds other tokens than the old")
         for cache_layer, layer in zip(self.cache.layers, layers):
             if layer is not None:
                 keys, values, _ = layer
-                end = start + keys.shape[-2]
-                cache_layer.keys[..., start:end, :] = keys
-                cache_layer.values[..., start:end, :] = values
+                cache_layer.keys[..., start:start + keys.shape[-2], :] = keys
+                cache_layer.values[..., start:start + keys.shape[-2], :] = values
 
     def _materialize(self) -> None:
         for layer, parts in zip(self.cache.layers, self.pending):
@@ -125,7 +114,6 @@ class CacheBuilder:
                 layer.lazy_initialization(keys, values)
             layer.store(keys, values, positions)
             parts.clear()
-        self.pending_chunks.clear()
         for layer in self.cache.layers:
             layer.next_position = self.tokens
 
