@@ -152,6 +152,13 @@ class Planner:
         if decision.option != RECOMPUTE:
             self.current = decision.option
 
+    def _fetched(self, level: str, j: int, link: float, worker: float, rate: float,
+                 speeds: SpeedEstimate) -> tuple[float, float]:
+        """(link, worker) free times after chunk j is fetched at `level` at `rate` (the link busy for its bytes)
+        and then decoded (the worker starts it once it has arrived and the worker is free)."""
+        link += self.sizes[level][j] / rate
+        return link, max(worker, link) + speeds.decode_s(level, self.tokens[j] / self.full_tokens)
+
     def ready_time(self, index: int, level: str | None, recompute: int, now: float, worker_free: float,
                    bandwidth: float, speeds: SpeedEstimate, tail_level: str | None = None,
                    first_bandwidth: float | None = None) -> float:
@@ -167,8 +174,7 @@ class Planner:
             else:
                 fetched = tail_level if tail_level is not None and k > recompute else level
                 rate = first_bandwidth if first_bandwidth is not None and k == recompute else bandwidth
-                link += self.sizes[fetched][j] / rate
-                worker = max(worker, link) + speeds.decode_s(fetched, self.tokens[j] / self.full_tokens)
+                link, worker = self._fetched(fetched, j, link, worker, rate, speeds)
             prefix += self.tokens[j]
         return worker
 
@@ -184,18 +190,19 @@ class Planner:
         refines; recomputed chunks are exact and never fetched."""
         if self.policy != ADAPTIVE:
             return None
-        fetched = [(self.rank(level), i) for i, level in enumerate(held) if level in self.sizes]
+        # fetched chunks, worst first, then in order
+        fetched = sorted(((self.rank(level), i) for i, level in enumerate(held) if level in self.sizes),
+                         key=lambda item: (-item[0], item[1]))
         if not fetched:
             return None
-        floor = max(rank for rank, _ in fetched)
+        floor = fetched[0][0]
         bandwidth = max(bandwidth or 1.0, 1.0)
         for rank, level in enumerate(self.levels[:floor]):
-            chunks = [i for r, i in sorted(fetched, key=lambda item: (-item[0], item[1])) if r > rank]
+            chunks = [i for r, i in fetched if r > rank]
             rate = bandwidth / self.discounts[level]
             link, worker = now, max(now, worker_free)
             for i in chunks:
-                link += self.sizes[level][i] / rate
-                worker = max(worker, link) + speeds.decode_s(level, self.tokens[i] / self.full_tokens)
+                link, worker = self._fetched(level, i, link, worker, rate, speeds)
             if worker <= self.budget:
                 return Refinement(level, chunks, worker)
         return None
