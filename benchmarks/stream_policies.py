@@ -58,16 +58,34 @@ def publish_samples(client: StreamClient, tasks: list[str], samples: int) -> lis
     return ids
 
 
-def parse_setting(text: str) -> tuple[float | None, float, float, bool]:
-    """DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]] (the step-up margin defaults to the planner's, 0.1;
-    REFINE 1 or 0, default 1: the client's refinement of the worst chunks with the time left)."""
-    discount, drop, *rest = text.split(",")
-    if len(rest) > 2:
-        raise ValueError(f"too many fields in {text!r}")
-    if len(rest) == 2 and rest[1] not in ("0", "1"):
-        raise ValueError(f"REFINE is 0 or 1 in {text!r}")
-    step_up = float(rest[0]) if rest else STEP_UP_MARGIN
-    return parse_discount(discount), float(drop), step_up, rest[1:] != ["0"]
+POSITIONAL = ["discount", "drop", "step_up", "refine"]
+KEYED = [*POSITIONAL, "refine_discount", "lift"]
+
+
+def parse_setting(text: str) -> dict:
+    """DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]][,KEY=VALUE...] as `StreamClient.fetch` keywords. The
+    step-up margin defaults to the planner's, 0.1; REFINE is 1 (the default: the client's refinement of the
+    worst chunks with the time left) or 0. Keyed fields (any of discount, drop, step_up, refine,
+    refine_discount, lift) follow: refine_discount is a discount (a number or levels), lift is 0 or 1."""
+    fields: dict[str, str] = {}
+    for k, part in enumerate(text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep:
+            if fields.keys() - set(POSITIONAL) or k >= len(POSITIONAL):
+                raise ValueError(f"too many positional fields in {text!r}")
+            key, value = POSITIONAL[k], part
+        if key not in KEYED or key in fields:
+            raise ValueError(f"unknown or repeated field {key!r} in {text!r}")
+        fields[key] = value
+    if "discount" not in fields or "drop" not in fields:
+        raise ValueError(f"DISCOUNT and DROP_FACTOR are needed in {text!r}")
+    for flag in ("refine", "lift"):
+        if fields.get(flag, "0") not in ("0", "1"):
+            raise ValueError(f"{flag} is 0 or 1 in {text!r}")
+    return {"discount": parse_discount(fields["discount"]), "drop_factor": float(fields["drop"]),
+            "step_up_margin": float(fields.get("step_up", STEP_UP_MARGIN)), "refine": fields.get("refine", "1") == "1",
+            "refine_discount": parse_discount(fields["refine_discount"]) if "refine_discount" in fields else None,
+            "lift": fields.get("lift", "0") == "1"}
 
 
 def main() -> int:
@@ -75,8 +93,9 @@ def main() -> int:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--samples", type=int, default=3, help="samples per task")
     parser.add_argument("--settings", default=";".join(SETTINGS),
-                        help="planner settings 'DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]]' separated by ';' "
-                             "(DISCOUNT: a number or levels; REFINE: 1, the default, or 0)")
+                        help="planner settings 'DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]][,KEY=VALUE...]' separated "
+                             "by ';' (DISCOUNT: a number or levels; REFINE: 1, the default, or 0; keys: "
+                             "refine_discount=D, lift=0|1)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     settings = args.settings.split(";")
@@ -84,8 +103,8 @@ def main() -> int:
         try:
             parse_setting(setting)
         except ValueError:
-            parser.error(f"bad setting {setting!r}: use DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]], "
-                         "e.g. levels,2 or 1.3,2 or levels,2,0 or levels,2,0.1,0")
+            parser.error(f"bad setting {setting!r}: use DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]][,KEY=VALUE...], "
+                         "e.g. levels,2 or 1.3,2 or levels,2,0 or levels,2,0.1,0 or levels,2,refine_discount=1,lift=1")
 
     root = tempfile.mkdtemp(prefix="kvlife-stream-policies-")
     server, url = start_server(root)
@@ -110,13 +129,12 @@ def main() -> int:
             print(f"fixed levels on {trace} done", flush=True)
         runs = []
         for setting in settings:
-            discount, drop, step_up, refine = parse_setting(setting)
+            options = parse_setting(setting)
             for trace, deadlines in SHAPED:
                 for slo in deadlines:
                     for context_id in ids:
                         client.set_trace(trace)
-                        _, report = client.fetch(context_id, slo, discount=discount, drop_factor=drop,
-                                                 step_up_margin=step_up, refine=refine)
+                        _, report = client.fetch(context_id, slo, **options)
                         runs.append({"setting": setting, "trace": trace, "slo": slo, "sample": context_id,
                                      **fetch_record(report)})
             print(f"setting {setting} done", flush=True)
