@@ -89,6 +89,7 @@ def compare_rows(path: Path) -> dict:
     """The adaptive rows of another run's stream.json, with the settings they were made with."""
     other = json.loads(path.read_text())
     return {"drop_factor": other.get("drop_factor", 1.0), "discount": other.get("discount", "1"),
+            "refine_discount": other.get("refine_discount", "as discount"),
             "machine": other["machine"], "adaptive": [r for r in other["summary"] if r["policy"] == "adaptive"]}
 
 
@@ -155,6 +156,8 @@ def main() -> int:
     parser.add_argument("--discount", default="levels",
                         help="the adaptive planner's throughput discount: a number >= 1 (1: off) or 'levels' (each "
                              "level's size step, the client's default)")
+    parser.add_argument("--refine-discount", default="1",
+                        help="the same for the adaptive client's refinement (the client's default, 1: off)")
     parser.add_argument("--compare", type=Path, default=None,
                         help="a stream.json of another run (e.g. --drop-factor 1) whose adaptive rows to include")
     parser.add_argument("--markdown", type=Path, default=None,
@@ -164,8 +167,10 @@ def main() -> int:
     args = parser.parse_args()
     try:
         discount = parse_discount(args.discount)
+        refine_discount = parse_discount(args.refine_discount)
     except ValueError:
-        parser.error(f"--discount must be a number >= 1 or 'levels', not {args.discount!r}")
+        parser.error(f"--discount and --refine-discount are numbers >= 1 or 'levels', not {args.discount!r}, "
+                     f"{args.refine_discount!r}")
     for path in [args.markdown, args.compare, *(args.merge or [])]:
         if path is not None:
             try:
@@ -229,7 +234,7 @@ def main() -> int:
                     for slo in deadlines:
                         client.set_trace(trace)
                         cache, report = client.fetch(context_id, slo, model=model, drop_factor=args.drop_factor,
-                                                     discount=discount)
+                                                     discount=discount, refine_discount=refine_discount)
                         runs.append({"trace": trace, "policy": "adaptive", "slo": slo, **fetch_record(report),
                                      **score(cache, report.options())})
                         print(f"  {trace} slo {slo:g}: ready {report.ready_s:.2f} s "
@@ -245,7 +250,8 @@ def main() -> int:
     result = {
         "model": models.DEFAULT_MODEL, "machine": machine(), "torch_threads": 1,
         "tasks": args.tasks.split(","), "samples_per_task": args.samples, "queries_per_sample": args.queries,
-        "chunk_tokens": 256, "drop_factor": args.drop_factor, "discount": args.discount, "traces": [{"trace": t, "deadlines": d} for t, d in TRACES],
+        "chunk_tokens": 256, "drop_factor": args.drop_factor, "discount": args.discount,
+        "refine_discount": args.refine_discount, "traces": [{"trace": t, "deadlines": d} for t, d in TRACES],
         "recompute_tokens_s": None if client.speeds is None else round(1.0 / client.speeds.per_token_s, 1),
         "notes": ("Server and client on loopback; the server's send rate follows the trace (kvlife.stream.shaper). "
                   "Fixed policies ignore the deadline, so one fetch per trace and level serves every deadline; a "

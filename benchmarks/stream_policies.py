@@ -30,7 +30,7 @@ from foundation import machine  # noqa: E402
 
 from kvlife.stream import StreamClient, publish  # noqa: E402
 from kvlife.stream.client import FetchAborted  # noqa: E402
-from kvlife.stream.planner import STEP_UP_MARGIN, parse_discount  # noqa: E402
+from kvlife.stream.planner import REFINE_DISCOUNT, STEP_UP_MARGIN, parse_discount  # noqa: E402
 from stream import TASKS, TRACES, context_id_for, fetch_record, load_model_and_weights, start_server  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "stream-policies.json"
@@ -59,14 +59,16 @@ def publish_samples(client: StreamClient, tasks: list[str], samples: int) -> lis
 
 
 POSITIONAL = ["discount", "drop", "step_up", "refine"]
-KEYED = [*POSITIONAL, "refine_discount", "lift"]
+KEYED = [*POSITIONAL, "refine_discount"]
 
 
 def parse_setting(text: str) -> dict:
     """DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]][,KEY=VALUE...] as `StreamClient.fetch` keywords. The
     step-up margin defaults to the planner's, 0.1; REFINE is 1 (the default: the client's refinement of the
     worst chunks with the time left) or 0. Keyed fields (any of discount, drop, step_up, refine,
-    refine_discount, lift) follow: refine_discount is a discount (a number or levels), lift is 0 or 1."""
+    refine_discount) follow: refine_discount is a discount (a number or levels; the client's default, 1, when
+    absent). Results/stream-policies-lift.json was measured at c007976 with a field lift=0|1, a planner
+    option that is gone (plans counted fetching worse earlier chunks again: it left floors lower)."""
     fields: dict[str, str] = {}
     for k, part in enumerate(text.split(",")):
         key, sep, value = part.partition("=")
@@ -79,13 +81,12 @@ def parse_setting(text: str) -> dict:
         fields[key] = value
     if "discount" not in fields or "drop" not in fields:
         raise ValueError(f"DISCOUNT and DROP_FACTOR are needed in {text!r}")
-    for flag in ("refine", "lift"):
-        if fields.get(flag, "0") not in ("0", "1"):
-            raise ValueError(f"{flag} is 0 or 1 in {text!r}")
+    if fields.get("refine", "1") not in ("0", "1"):
+        raise ValueError(f"REFINE is 0 or 1 in {text!r}")
     return {"discount": parse_discount(fields["discount"]), "drop_factor": float(fields["drop"]),
             "step_up_margin": float(fields.get("step_up", STEP_UP_MARGIN)), "refine": fields.get("refine", "1") == "1",
-            "refine_discount": parse_discount(fields["refine_discount"]) if "refine_discount" in fields else None,
-            "lift": fields.get("lift", "0") == "1"}
+            "refine_discount": parse_discount(fields["refine_discount"]) if "refine_discount" in fields
+            else REFINE_DISCOUNT}
 
 
 def main() -> int:
@@ -95,7 +96,7 @@ def main() -> int:
     parser.add_argument("--settings", default=";".join(SETTINGS),
                         help="planner settings 'DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]][,KEY=VALUE...]' separated "
                              "by ';' (DISCOUNT: a number or levels; REFINE: 1, the default, or 0; keys: "
-                             "refine_discount=D, lift=0|1)")
+                             "refine_discount=D)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     settings = args.settings.split(";")
@@ -104,7 +105,7 @@ def main() -> int:
             parse_setting(setting)
         except ValueError:
             parser.error(f"bad setting {setting!r}: use DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]][,KEY=VALUE...], "
-                         "e.g. levels,2 or 1.3,2 or levels,2,0 or levels,2,0.1,0 or levels,2,refine_discount=1,lift=1")
+                         "e.g. levels,2 or 1.3,2 or levels,2,0 or levels,2,0.1,0 or levels,2,refine_discount=levels")
 
     root = tempfile.mkdtemp(prefix="kvlife-stream-policies-")
     server, url = start_server(root)

@@ -241,32 +241,3 @@ def test_refinement_can_plan_at_its_own_discount():
     with pytest.raises(StreamError, match="refinement's throughput discount"):
         Planner(sizes, [TOKENS] * N, 1.0, refine_discount=0.5)
 
-
-def test_lift_counts_fetching_worse_earlier_chunks_again():
-    sizes = {level: [size] * N for level, size in LEVELS.items()}
-    s = speeds()
-
-    def plan(lift, held):
-        p = Planner(sizes, [TOKENS] * N, 1.0, margin=0.0, drop_factor=1.0, step_up_margin=0.0, lift=lift)
-        p.held[:len(held)] = held
-        return p.choose(len(held), 0.4, 0.4, 10e6, s)
-
-    # 0.6 s left at 10 MB/s: the 5 remaining chunks at high take 0.26 s; with the 5 extreme chunks fetched
-    # again at high, 0.53 s, still in time; at lossless-ish the rest alone takes 0.84 s
-    assert plan(False, ["extreme"] * 5).option == "high"
-    decision = plan(True, ["extreme"] * 5)
-    assert decision.option == "high"
-    assert decision.predicted_ready_s == pytest.approx(0.4 + N * LEVELS["high"] / 10e6 + 0.01)
-    # a 0.7 s deadline, 8 extreme chunks in: the 2 remaining at high fit alone (0.11 s of the 0.3 s left), not
-    # with the 8 again (0.53 s), nor at balanced (0.49 s): with lift the plan stays at the floor's level
-    held = ["extreme"] * 8
-    p = Planner(sizes, [TOKENS] * N, 0.7, margin=0.0, drop_factor=1.0, step_up_margin=0.0, lift=True)
-    p.held[:8] = held
-    assert p.choose(8, 0.4, 0.4, 10e6, s).option == "extreme"
-    q = Planner(sizes, [TOKENS] * N, 0.7, margin=0.0, drop_factor=1.0, step_up_margin=0.0)
-    q.held[:8] = held
-    assert q.choose(8, 0.4, 0.4, 10e6, s).option == "high"
-    # recomputed chunks and those already at the level are not fetched again: balanced (the 2 remaining and
-    # the 2 extreme ones, 0.17 s) fits; high (the 2 and 7 again, 0.48 s) does not
-    p.held[:8] = [RECOMPUTE, "extreme", "extreme", *["balanced"] * 5]
-    assert p.choose(8, 0.4, 0.4, 10e6, s).option == "balanced"

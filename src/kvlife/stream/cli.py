@@ -39,6 +39,9 @@ def add_parser(subparsers) -> None:
     fetch.add_argument("--discount", default="levels",
                        help="plan a level at the predicted throughput divided by this: a number >= 1 for every "
                             "level (1: none), or 'levels' (default): by each level's size step over the next cheaper one")
+    fetch.add_argument("--refine-discount", default="1",
+                       help="the same for refinement (default 1: none, as a refinement that would end late is given "
+                            "up; 'levels' as for the plans)")
     fetch.add_argument("--no-refine", action="store_true",
                        help="hand the cache over as soon as every chunk is in; by default the time left before the "
                             "deadline goes to fetching the worst chunks again at a better level")
@@ -145,13 +148,13 @@ def run_link(args: argparse.Namespace) -> int:
     return 0
 
 
-def _discount(text: str) -> float | None:
+def _discount(text: str, flag: str = "--discount") -> float | None:
     from kvlife.stream.planner import parse_discount
 
     try:
         return parse_discount(text)
     except ValueError:
-        raise KvlifeError(f"--discount must be a number >= 1 or 'levels', not {text!r}") from None
+        raise KvlifeError(f"{flag} must be a number >= 1 or 'levels', not {text!r}") from None
 
 
 def run_fetch(args: argparse.Namespace) -> int:
@@ -160,6 +163,9 @@ def run_fetch(args: argparse.Namespace) -> int:
     if args.attempts < 1 or not 0 <= args.margin < 1 or not args.drop_factor >= 1:
         raise KvlifeError("--attempts must be >= 1, --margin in [0, 1) and --drop-factor >= 1")
     discount = _discount(args.discount)
+    tuning = {"margin": args.margin, "max_attempts": args.attempts, "drop_factor": args.drop_factor,
+              "discount": discount, "refine": not args.no_refine,
+              "refine_discount": _discount(args.refine_discount, "--refine-discount")}
     if args.no_model and (args.ask or args.policy == "recompute"):
         raise KvlifeError("--ask and --policy recompute need the model; drop --no-model")
     client = _client(args)
@@ -175,14 +181,10 @@ def run_fetch(args: argparse.Namespace) -> int:
         from kvlife.stream.sessions import fetch_into
 
         session = Session(model, tokenizer, "dense", mode="multi-request")
-        report = fetch_into(session, client, args.context_id, args.slo, args.policy, margin=args.margin,
-                            max_attempts=args.attempts, drop_factor=args.drop_factor, discount=discount,
-                            refine=not args.no_refine)
+        report = fetch_into(session, client, args.context_id, args.slo, args.policy, **tuning)
         cache = session.cache
     else:
-        cache, report = client.fetch(args.context_id, args.slo, model=model, policy=args.policy, margin=args.margin,
-                                     max_attempts=args.attempts, drop_factor=args.drop_factor, discount=discount,
-                                     refine=not args.no_refine)
+        cache, report = client.fetch(args.context_id, args.slo, model=model, policy=args.policy, **tuning)
     if args.out is not None:
         from kvlife.store.keys import model_fingerprint
 

@@ -35,7 +35,7 @@ from kvlife.stream.context import (
     check_context_id,
 )
 from kvlife.stream.estimate import SpeedEstimate, ThroughputEstimate
-from kvlife.stream.planner import ADAPTIVE, DISCOUNT, STEP_UP_MARGIN, Planner
+from kvlife.stream.planner import ADAPTIVE, DISCOUNT, REFINE_DISCOUNT, STEP_UP_MARGIN, Planner
 from kvlife.stream.recompute import CacheBuilder
 from kvlife.stream.transport import Abandoned, DeadlinePassed, HttpTransport, TransportError
 
@@ -124,8 +124,7 @@ class StreamClient:
               max_attempts: int = 2, levels: list[str] | None = None,
               abort_after_s: float | None = None, drop_factor: float = 2.0,
               discount: float = DISCOUNT, step_up_margin: float = STEP_UP_MARGIN,
-              refine: bool = True, refine_discount: float | None = None,
-              lift: bool = False) -> tuple[Any, FetchReport]:
+              refine: bool = True, refine_discount: float | None = REFINE_DISCOUNT) -> tuple[Any, FetchReport]:
         """The context's KVCache, ready as close to `slo` seconds as the link allows, and what happened.
 
         `model`: needed to recompute chunks (and checked against the context's model fingerprint);
@@ -137,7 +136,8 @@ class StreamClient:
         `step_up_margin`: the further fraction of `slo` a move to a better level needs (`Planner`).
         `refine`: once every chunk is in the cache, spend the time left before the deadline fetching the
         worst chunks again at a better level (`Planner.refine`; adaptive policy only); `refine_discount`: its
-        throughput discount (None: `discount`); `lift`: plans count fetching worse earlier chunks again (`Planner`)."""
+        throughput discount (default 1: none, since a refinement that would end late is given up; None: as
+        `discount`)."""
         from kvlife.codec.format import parse_header
 
         started = time.perf_counter()
@@ -161,8 +161,7 @@ class StreamClient:
         tokens = [len(manifest.chunk_ids(i)) for i in range(n)]
         planner = Planner({lv: [manifest.size(lv, i) for i in range(n)] for lv in usable}, tokens, slo, policy,
                           margin, allow_recompute=model is not None, drop_factor=drop_factor,
-                          discount=discount, step_up_margin=step_up_margin, refine_discount=refine_discount,
-                          lift=lift)
+                          discount=discount, step_up_margin=step_up_margin, refine_discount=refine_discount)
         speeds = self._speeds(header, model)
         # the manifest and header are small: their rate says little about a chunk's (the round trips dominate),
         # so it is only the prior for the first chunk, whose own transfer then corrects it (`_Abandonment`)
@@ -180,7 +179,7 @@ class StreamClient:
         def fetcher() -> None:
             abort_at = None if abort_after_s is None else started + abort_after_s
             try:
-                held = planner.held  # each chunk's option once it is in: the planner's plans and refinement use it
+                held = []
                 for i in range(n):
                     if stop.is_set():
                         return
@@ -188,7 +187,7 @@ class StreamClient:
                         raise FetchAborted(f"gave up after {abort_after_s:g} s at chunk {i} of {n}")
                     item = self._next_chunk(i, manifest, planner, speeds, link, backlog, clock, report.chunks[i],
                                             max_attempts, model is not None, tokens, abort_at)
-                    held[i] = item[0]
+                    held.append(item[0])
                     handoff.put(item)
                 if refine:
                     report.refine_stopped = self._refine(held, manifest, planner, speeds, link, backlog, clock, started,

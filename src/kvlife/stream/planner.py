@@ -68,6 +68,7 @@ from kvlife.stream.estimate import SpeedEstimate
 
 ADAPTIVE = "adaptive"
 DISCOUNT: float | None = None  # the client's default: each level's own step (module docstring)
+REFINE_DISCOUNT: float | None = 1.0  # the client's default for refinement: none (module docstring)
 STEP_UP_MARGIN = 0.1  # of the deadline: the further room a move to a better level needs (hysteresis)
 
 
@@ -111,7 +112,7 @@ class Planner:
     def __init__(self, sizes: dict[str, Sequence[int]], chunk_tokens: Sequence[int], slo: float,
                  policy: str = ADAPTIVE, margin: float = 0.05, allow_recompute: bool = True,
                  drop_factor: float = 2.0, step_up_margin: float = STEP_UP_MARGIN, discount: float | None = 1.0,
-                 refine_discount: float | None = None, lift: bool = False) -> None:
+                 refine_discount: float | None = None) -> None:
         """`sizes`: level -> bytes of each chunk, levels best quality first; `chunk_tokens`: tokens of each
         chunk; `slo`: seconds for the whole context; `margin`: fraction of `slo` kept in reserve;
         `drop_factor`: the bandwidth drop a fetch must survive (`insured`; 1 turns the check off);
@@ -119,8 +120,7 @@ class Planner:
         in reserve before the plan moves up to it (hysteresis: see `commit`); `discount`: a plan at a level is made at
         the predicted throughput divided by this (>= 1), or, if None, by that level's size over the next
         cheaper level's (its step; see the module's docstring); `refine_discount`: the same for refinement
-        (None: as `discount`); `lift`: a plan at a level better than chunks already fetched counts the time to
-        fetch those chunks again at that level (see `choose`)."""
+        (None: as `discount`)."""
         self.levels = list(sizes)
         self.sizes = {level: list(values) for level, values in sizes.items()}
         self.tokens = list(chunk_tokens)
@@ -141,8 +141,6 @@ class Planner:
             raise StreamError(f"the refinement's throughput discount must be >= 1, not {refine_discount}")
         self.discounts = self._discounts(discount)
         self.refine_discounts = self.discounts if refine_discount is None else self._discounts(refine_discount)
-        self.lift = lift
-        self.held: list[str | None] = [None] * len(self.tokens)  # each chunk's option once it is in (the client's)
         self.full_tokens = max(self.tokens) if self.tokens else 1
         self.current: str | None = None  # the level the plan is fetching at (set by `commit`)
 
@@ -171,11 +169,11 @@ class Planner:
 
     def ready_time(self, index: int, level: str | None, recompute: int, now: float, worker_free: float,
                    bandwidth: float, speeds: SpeedEstimate, tail_level: str | None = None,
-                   first_bandwidth: float | None = None, lift: Sequence[int] = ()) -> float:
+                   first_bandwidth: float | None = None) -> float:
         """Predicted time the context is ready if chunks index.. are: the first `recompute` recomputed,
         the others fetched at `level` (after the first fetched one at `tail_level`, if given; the first
         fetched one at `first_bandwidth`, if given; fetches start at `now`; the worker is free at
-        `worker_free`), and then the chunks `lift` (fetched before) are fetched again at `level`."""
+        `worker_free`)."""
         link, worker = now, max(now, worker_free)
         prefix = sum(self.tokens[:index])
         for k, j in enumerate(range(index, len(self.tokens))):
@@ -186,8 +184,6 @@ class Planner:
                 rate = first_bandwidth if first_bandwidth is not None and k == recompute else bandwidth
                 link, worker = self._fetched(fetched, j, link, worker, rate, speeds)
             prefix += self.tokens[j]
-        for j in lift:
-            link, worker = self._fetched(level, j, link, worker, bandwidth, speeds)
         return worker
 
     def refine(self, held: Sequence[str], now: float, worker_free: float, bandwidth: float | None,
@@ -246,13 +242,11 @@ class Planner:
         counts = _candidate_counts(rest) if self.allow_recompute else [0]
         current = self.levels.index(self.current) if self.current in self.levels else 0  # 0: no level yet
         step_up_budget = budget - self.slo * self.step_up_margin
-        earlier = [(self.rank(lv), j) for j, lv in enumerate(self.held[:index]) if lv in self.sizes] if self.lift else []
         soonest: Decision | None = None
         for count in counts:
             for rank, level in enumerate(self.levels):
                 rate = bandwidth / self.discounts[level]
-                lift = [j for r, j in earlier if r > rank]
-                ready = self.ready_time(index, level, count, now, worker_free, rate, speeds, lift=lift)
+                ready = self.ready_time(index, level, count, now, worker_free, rate, speeds)
                 # moving above the level being fetched needs more room: a throughput estimate that wobbles
                 # around a level's threshold would otherwise alternate levels chunk by chunk, and a mix of
                 # levels is worse than the lower level's uniform quality whenever the next dip lands lower
