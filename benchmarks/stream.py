@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -246,6 +247,7 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(10)
+        shutil.rmtree(root, ignore_errors=True)  # the published contexts: tens of MB per sample
     table = summarize(samples_out, all_levels)
     result = {
         "model": models.DEFAULT_MODEL, "machine": machine(), "torch_threads": 1,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -143,6 +144,7 @@ def main() -> int:
         client.set_trace(None)
         server.terminate()
         server.wait(10)
+        shutil.rmtree(root, ignore_errors=True)  # the published contexts: tens of MB per sample
     table = summarize(runs, fixed, levels, settings, ids)
     result = {"model": "qwen2.5-coder-0.5b", "machine": machine(), "torch_threads": 1, "tasks": args.tasks.split(","),
               "samples_per_task": args.samples, "levels": levels, "settings": settings,
