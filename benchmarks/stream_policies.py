@@ -60,15 +60,15 @@ def publish_samples(client: StreamClient, tasks: list[str], samples: int) -> lis
 
 
 POSITIONAL = ["discount", "drop", "step_up", "refine"]
-KEYED = [*POSITIONAL, "refine_discount"]
+KEYED = [*POSITIONAL, "refine_discount", "window"]
 
 
 def parse_setting(text: str) -> dict:
     """DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]][,KEY=VALUE...] as `StreamClient.fetch` keywords. The
     step-up margin defaults to the planner's, 0.1; REFINE is 1 (the default: the client's refinement of the
     worst chunks with the time left) or 0. Keyed fields (any of discount, drop, step_up, refine,
-    refine_discount) follow: refine_discount is a discount (a number or levels; the client's default, 1, when
-    absent). Results/stream-policies-lift.json was measured at c007976 with a field lift=0|1, a planner
+    refine_discount, window) follow: refine_discount is a discount (a number or levels; the client's default,
+    1, when absent); window the throughput estimate's samples (default 3). Results/stream-policies-lift.json was measured at c007976 with a field lift=0|1, a planner
     option that is gone (plans counted fetching worse earlier chunks again: it left floors lower)."""
     fields: dict[str, str] = {}
     for k, part in enumerate(text.split(",")):
@@ -87,7 +87,7 @@ def parse_setting(text: str) -> dict:
     return {"discount": parse_discount(fields["discount"]), "drop_factor": float(fields["drop"]),
             "step_up_margin": float(fields.get("step_up", STEP_UP_MARGIN)), "refine": fields.get("refine", "1") == "1",
             "refine_discount": parse_discount(fields["refine_discount"]) if "refine_discount" in fields
-            else REFINE_DISCOUNT}
+            else REFINE_DISCOUNT, "throughput_window": int(fields.get("window", "3"))}
 
 
 def main() -> int:
@@ -97,7 +97,7 @@ def main() -> int:
     parser.add_argument("--settings", default=";".join(SETTINGS),
                         help="planner settings 'DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]][,KEY=VALUE...]' separated "
                              "by ';' (DISCOUNT: a number or levels; REFINE: 1, the default, or 0; keys: "
-                             "refine_discount=D)")
+                             "refine_discount=D, window=N)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     settings = args.settings.split(";")

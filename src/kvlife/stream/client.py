@@ -124,7 +124,8 @@ class StreamClient:
               max_attempts: int = 2, levels: list[str] | None = None,
               abort_after_s: float | None = None, drop_factor: float = 2.0,
               discount: float = DISCOUNT, step_up_margin: float = STEP_UP_MARGIN,
-              refine: bool = True, refine_discount: float | None = REFINE_DISCOUNT) -> tuple[Any, FetchReport]:
+              refine: bool = True, refine_discount: float | None = REFINE_DISCOUNT,
+              throughput_window: int = 3) -> tuple[Any, FetchReport]:
         """The context's KVCache, ready as close to `slo` seconds as the link allows, and what happened.
 
         `model`: needed to recompute chunks (and checked against the context's model fingerprint);
@@ -137,7 +138,8 @@ class StreamClient:
         `refine`: once every chunk is in the cache, spend the time left before the deadline fetching the
         worst chunks again at a better level (`Planner.refine`; adaptive policy only); `refine_discount`: its
         throughput discount (default 1: none, since a refinement that would end late is given up; None: as
-        `discount`)."""
+        `discount`). `throughput_window`: the predicted throughput is the harmonic mean of this many last
+        samples, or the last if lower (`ThroughputEstimate`)."""
         from kvlife.codec.format import parse_header
 
         started = time.perf_counter()
@@ -165,7 +167,8 @@ class StreamClient:
         speeds = self._speeds(header, model)
         # the manifest and header are small: their rate says little about a chunk's (the round trips dominate),
         # so it is only the prior for the first chunk, whose own transfer then corrects it (`_Abandonment`)
-        link = ThroughputEstimate(prior_bytes_s=(manifest_bytes + len(header_blob)) / max(setup_s, 1e-6))
+        link = ThroughputEstimate(prior_bytes_s=(manifest_bytes + len(header_blob)) / max(setup_s, 1e-6),
+                                  window=throughput_window)
         report = FetchReport(context_id, policy, slo, len(manifest.token_ids), setup_s=setup_s)
         report.chunks = [ChunkRecord(i, tokens[i]) for i in range(n)]
         builder = CacheBuilder(header, model)

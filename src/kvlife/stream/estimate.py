@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from kvlife.stream.context import StreamError
+
 # fp16 MB/s the codec (format version 2) decodes at, one core (benchmarks/results/codec.json); only their
 # ratios matter once this machine's speed has been measured
 DECODE_PRIOR_BYTES_S = {"lossless-ish": 220e6, "high": 300e6, "balanced": 318e6, "compact": 324e6,
@@ -24,6 +26,8 @@ ATTENTION_KNEE_TOKENS = 5000.0
 
 class ThroughputEstimate:
     def __init__(self, prior_bytes_s: float | None = None, window: int = 3) -> None:
+        if window < 1:
+            raise StreamError(f"the throughput window must be >= 1 sample, not {window}")
         self.samples: deque[float] = deque(maxlen=window)
         self.prior = prior_bytes_s
         self.history: list[tuple[int, float]] = []  # (bytes, seconds) of every sample
