@@ -139,6 +139,17 @@ def test_throughput_believes_drops_at_once_and_rises_slowly():
     assert link.predict() == pytest.approx(1e6)
     link.add(1_000_000, 0.01)  # one spike of 100 MB/s
     assert link.predict() < 5e6
+    # the window: how many samples the harmonic mean spans (1: the last sample alone)
+    last = ThroughputEstimate(window=1)
+    for seconds in (1.0, 0.1, 0.25):
+        last.add(1_000_000, seconds)
+    assert last.predict() == pytest.approx(4e6)
+    wide = ThroughputEstimate(window=2)
+    wide.add(1_000_000, 1.0)
+    wide.add(1_000_000, 0.1)
+    assert wide.predict() == pytest.approx(2 / (1 / 1e6 + 1 / 10e6))
+    with pytest.raises(StreamError, match="window"):
+        ThroughputEstimate(window=0)
 
 
 def test_recompute_estimate_learns_and_grows_with_the_prefix():
