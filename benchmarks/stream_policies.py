@@ -31,6 +31,7 @@ from foundation import machine  # noqa: E402
 
 from kvlife.stream import StreamClient, publish  # noqa: E402
 from kvlife.stream.client import FetchAborted  # noqa: E402
+from kvlife.stream.estimate import THROUGHPUT_WINDOW  # noqa: E402
 from kvlife.stream.planner import REFINE_DISCOUNT, STEP_UP_MARGIN, parse_discount  # noqa: E402
 from stream import TASKS, TRACES, context_id_for, fetch_record, load_model_and_weights, start_server  # noqa: E402
 
@@ -68,8 +69,9 @@ def parse_setting(text: str) -> dict:
     step-up margin defaults to the planner's, 0.1; REFINE is 1 (the default: the client's refinement of the
     worst chunks with the time left) or 0. Keyed fields (any of discount, drop, step_up, refine,
     refine_discount, window) follow: refine_discount is a discount (a number or levels; the client's default,
-    1, when absent); window the throughput estimate's samples (default 3). Results/stream-policies-lift.json was measured at c007976 with a field lift=0|1, a planner
-    option that is gone (plans counted fetching worse earlier chunks again: it left floors lower)."""
+    1, when absent); window the throughput estimate's samples (an integer >= 1, default 3).
+    Results/stream-policies-lift.json was measured at c007976 with a field lift=0|1, a planner option that is
+    gone (plans counted fetching worse earlier chunks again: it left floors lower)."""
     fields: dict[str, str] = {}
     for k, part in enumerate(text.split(",")):
         key, sep, value = part.partition("=")
@@ -84,10 +86,13 @@ def parse_setting(text: str) -> dict:
         raise ValueError(f"DISCOUNT and DROP_FACTOR are needed in {text!r}")
     if fields.get("refine", "1") not in ("0", "1"):
         raise ValueError(f"REFINE is 0 or 1 in {text!r}")
+    window = int(fields.get("window", THROUGHPUT_WINDOW))  # ValueError for text that is not an integer
+    if window < 1:  # checked here, not minutes later when the first fetch is made
+        raise ValueError(f"window must be >= 1 in {text!r}")
     return {"discount": parse_discount(fields["discount"]), "drop_factor": float(fields["drop"]),
             "step_up_margin": float(fields.get("step_up", STEP_UP_MARGIN)), "refine": fields.get("refine", "1") == "1",
             "refine_discount": parse_discount(fields["refine_discount"]) if "refine_discount" in fields
-            else REFINE_DISCOUNT, "throughput_window": int(fields.get("window", "3"))}
+            else REFINE_DISCOUNT, "throughput_window": window}
 
 
 def main() -> int:

@@ -34,7 +34,7 @@ from kvlife.stream.context import (
     bundle_parts,
     check_context_id,
 )
-from kvlife.stream.estimate import SpeedEstimate, ThroughputEstimate
+from kvlife.stream.estimate import THROUGHPUT_WINDOW, SpeedEstimate, ThroughputEstimate
 from kvlife.stream.planner import ADAPTIVE, DISCOUNT, REFINE_DISCOUNT, STEP_UP_MARGIN, Planner
 from kvlife.stream.recompute import CacheBuilder
 from kvlife.stream.transport import Abandoned, DeadlinePassed, HttpTransport, TransportError
@@ -125,7 +125,7 @@ class StreamClient:
               abort_after_s: float | None = None, drop_factor: float = 2.0,
               discount: float = DISCOUNT, step_up_margin: float = STEP_UP_MARGIN,
               refine: bool = True, refine_discount: float | None = REFINE_DISCOUNT,
-              throughput_window: int = 3) -> tuple[Any, FetchReport]:
+              throughput_window: int = THROUGHPUT_WINDOW) -> tuple[Any, FetchReport]:
         """The context's KVCache, ready as close to `slo` seconds as the link allows, and what happened.
 
         `model`: needed to recompute chunks (and checked against the context's model fingerprint);

@@ -137,19 +137,19 @@ class Planner:
             raise StreamError(f"unknown policy {policy!r}: adaptive, recompute or a level ({', '.join(self.levels)})")
         if not slo > 0:
             raise StreamError(f"the deadline (slo) must be > 0 seconds, not {slo}")
-        if discount is not None and not discount >= 1:
-            raise StreamError(f"the throughput discount must be >= 1, not {discount}")
         self.slo, self.policy, self.margin, self.allow_recompute = slo, policy, margin, allow_recompute
         self.budget = slo * (1.0 - margin)  # a plan meets the deadline if it is ready by this
         self.drop_factor, self.step_up_margin = drop_factor, step_up_margin
-        if refine_discount is not None and not refine_discount >= 1:
-            raise StreamError(f"the refinement's throughput discount must be >= 1, not {refine_discount}")
-        self.discounts = self._discounts(discount)
-        self.refine_discounts = self.discounts if refine_discount is None else self._discounts(refine_discount)
+        self.discounts = self._discounts(discount, "the throughput discount")
+        self.refine_discounts = self.discounts if refine_discount is None else \
+            self._discounts(refine_discount, "the refinement's throughput discount")
         self.full_tokens = max(self.tokens) if self.tokens else 1
         self.current: str | None = None  # the level the plan is fetching at (set by `commit`)
 
-    def _discounts(self, discount: float | None) -> dict[str, float]:
+    def _discounts(self, discount: float | None, name: str) -> dict[str, float]:
+        """Each level's discount: `discount` (>= 1, else StreamError naming it `name`) or, if None, its step."""
+        if discount is not None and not discount >= 1:
+            raise StreamError(f"{name} must be >= 1, not {discount}")
         if discount is None:  # each level's step over the next cheaper one; none for the cheapest
             totals = [sum(self.sizes[level]) for level in self.levels]
             steps = [max(1.0, size / cheaper) if cheaper > 0 else 1.0 for size, cheaper in zip(totals, totals[1:])]
@@ -196,7 +196,7 @@ class Planner:
         """Once every chunk has been fetched or recomputed once (`held`: each chunk's level or "recompute"),
         the time left before the deadline can raise the quality floor: the best level L such that every
         fetched chunk worse than L, fetched again at L (worst first, at the throughput divided by L's
-        discount), is predicted decoded by the deadline less the margin; None if no level better than the
+        refinement discount, `refine_discount`), is predicted decoded by the deadline less the margin; None if no level better than the
         worst held one fits. All or nothing: a context's quality is set by its worst chunks, so fetching
         some of them again only spends time (the client gives a fetch up as soon as it would end late,
         keeping the chunk it replaces, so a refinement never costs the deadline). Only the adaptive policy
