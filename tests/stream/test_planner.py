@@ -246,7 +246,7 @@ def test_refinement_can_plan_at_its_own_discount():
     own = Planner(sizes, [TOKENS] * N, 1.0, margin=0.0, discount=1.5, refine_discount=1.0)
     assert own.refine(held, 0.3, 0.3, 10e6, s).level == "high"
     assert own.discounts["high"] == 1.5 and own.refine_discounts["high"] == 1.0
-    # the level steps for refinement (None: as the plans)
+    # None: refinement uses the plans' discounts
     steps = Planner(sizes, [TOKENS] * N, 1.0, margin=0.0, discount=1.0, refine_discount=None)
     assert steps.refine_discounts == steps.discounts
     with pytest.raises(StreamError, match="refinement's throughput discount"):
