@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from foundation import machine  # noqa: E402
 
 from kvlife.stream import StreamClient, publish  # noqa: E402
-from kvlife.stream.client import FetchAborted  # noqa: E402
+from kvlife.stream import client as client_module  # noqa: E402
+from kvlife.stream.client import DETECT_S, FetchAborted  # noqa: E402
 from kvlife.stream.estimate import THROUGHPUT_WINDOW  # noqa: E402
 from kvlife.stream.planner import REFINE_DISCOUNT, STEP_UP_MARGIN, parse_discount  # noqa: E402
 from stream import TASKS, TRACES, context_id_for, fetch_record, load_model_and_weights, start_server  # noqa: E402
@@ -61,15 +62,17 @@ def publish_samples(client: StreamClient, tasks: list[str], samples: int) -> lis
 
 
 POSITIONAL = ["discount", "drop", "step_up", "refine"]
-KEYED = [*POSITIONAL, "refine_discount", "window"]
+KEYED = [*POSITIONAL, "refine_discount", "window", "detect"]
 
 
 def parse_setting(text: str) -> dict:
     """DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]][,KEY=VALUE...] as `StreamClient.fetch` keywords. The
     step-up margin defaults to the planner's, 0.1; REFINE is 1 (the default: the client's refinement of the
     worst chunks with the time left) or 0. Keyed fields (any of discount, drop, step_up, refine,
-    refine_discount, window) follow: refine_discount is a discount (a number or levels; the client's default,
-    1, when absent); window the throughput estimate's samples (an integer >= 1, default 3).
+    refine_discount, window, detect) follow: refine_discount is a discount (a number or levels; the client's
+    default, 1, when absent); window the throughput estimate's samples (an integer >= 1, default 3); detect the
+    seconds of the recent rate a chunk in flight is judged by (`client.DETECT_S`, 0.05; not a fetch keyword:
+    `main` sets the module's constant for the setting's fetches).
     Results/stream-policies-lift.json was measured at c007976 with a field lift=0|1, a planner option that is
     gone (plans counted fetching worse earlier chunks again: it left floors lower)."""
     fields: dict[str, str] = {}
@@ -89,10 +92,13 @@ def parse_setting(text: str) -> dict:
     window = int(fields.get("window", THROUGHPUT_WINDOW))  # ValueError for text that is not an integer
     if window < 1:  # checked here, not minutes later when the first fetch is made
         raise ValueError(f"window must be >= 1 in {text!r}")
+    detect = float(fields.get("detect", DETECT_S))
+    if not 0.0 < detect <= 1.0:
+        raise ValueError(f"detect must be in (0, 1] seconds in {text!r}")
     return {"discount": parse_discount(fields["discount"]), "drop_factor": float(fields["drop"]),
             "step_up_margin": float(fields.get("step_up", STEP_UP_MARGIN)), "refine": fields.get("refine", "1") == "1",
             "refine_discount": parse_discount(fields["refine_discount"]) if "refine_discount" in fields
-            else REFINE_DISCOUNT, "throughput_window": window}
+            else REFINE_DISCOUNT, "throughput_window": window, "detect_s": detect}
 
 
 def main() -> int:
@@ -102,7 +108,7 @@ def main() -> int:
     parser.add_argument("--settings", default=";".join(SETTINGS),
                         help="planner settings 'DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]][,KEY=VALUE...]' separated "
                              "by ';' (DISCOUNT: a number or levels; REFINE: 1, the default, or 0; keys: "
-                             "refine_discount=D, window=N)")
+                             "refine_discount=D, window=N, detect=SECONDS)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     settings = args.settings.split(";")
@@ -137,6 +143,7 @@ def main() -> int:
         runs = []
         for setting in settings:
             options = parse_setting(setting)
+            client_module.DETECT_S = options.pop("detect_s")
             for trace, deadlines in SHAPED:
                 for slo in deadlines:
                     for context_id in ids:
@@ -146,6 +153,7 @@ def main() -> int:
                                      **fetch_record(report)})
             print(f"setting {setting} done", flush=True)
     finally:
+        client_module.DETECT_S = DETECT_S
         client.set_trace(None)
         server.terminate()
         server.wait(10)

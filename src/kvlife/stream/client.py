@@ -375,7 +375,8 @@ _DONE = object()  # the fetcher's last item: no more chunks or refinements
 
 
 PROBE_BYTES = 64 << 10  # how much of the first chunk arrives before its own rate is trusted over the prior
-RECENT_S = 0.15  # the window of a chunk's recent rate (long enough to span a few pieces at 1 Mbit/s)
+RECENT_S = 0.15  # the window of a chunk's recent rate, its sample (long enough to span a few pieces at 1 Mbit/s)
+DETECT_S = 0.05  # the window of the rate a chunk in flight is judged by: a drop shows two pieces after it at 8 Mbit/s
 GIVE_UP_GAIN = 0.02  # of the deadline: what giving up a late chunk must gain when no plan meets the deadline
 
 
@@ -387,7 +388,7 @@ class _Abandonment:
       at the rate its body arrives) replaces the prior: if the planner, at that rate, would choose another
       option (better or worse), the chunk is given up.
     - Any chunk: once it is projected to take more than twice its predicted time (what is left at the rate
-      of its last `RECENT_S` seconds: a drop shows at once, not only after the average has sunk), the whole
+      of its last `DETECT_S` seconds: a drop shows at once, not only after the average has sunk), the whole
       plan is made again at that rate, twice: keeping this chunk (the link busy until the rest of it has
       come, the next chunks planned after it) and giving it up (this chunk planned again with the rest).
       The chunk is given up if only giving it up meets the deadline; if both do, if giving it up lets the
@@ -435,19 +436,26 @@ class _Abandonment:
                 self.next_rate = rate
                 return True
             return False
-        since, before = self.arrivals[0]
-        if since == 0.0:  # the window starts at the request: measure from the first piece (its wait is latency)
-            if len(self.arrivals) < 3:
-                return False
-            since, before = self.arrivals[1]
-        if seconds < RECENT_S or seconds - self.checked < 0.05:
+        if seconds - self.checked < DETECT_S / 2:
             return False
+        # the rate since the last piece at least DETECT_S ago; never from the request (the first piece's wait is
+        # latency), so nothing is judged before DETECT_S after the first piece
+        start = None
+        for since, before in self.arrivals:
+            if since > 0.0 and seconds - since >= DETECT_S:
+                start = (since, before)
+        if start is None:
+            return False
+        since, before = start
         rate = max((received - before) / max(seconds - since, 1e-6), 1.0)
         if seconds + (self.size - received) / rate < max(2 * self.expected, 0.05):
             return False
         self.checked = seconds
         if self._give_up(received, rate):
-            self.next_rate = rate
+            # the window may still hold pieces from before a drop: believe its last two intervals if slower
+            (t0, b0), (t1, b1) = self.arrivals[-min(3, len(self.arrivals))], self.arrivals[-1]
+            last = (b1 - b0) / (t1 - t0) if t1 > t0 > 0.0 else rate
+            self.next_rate = max(min(rate, last), 1.0)
             return True
         return False
 
