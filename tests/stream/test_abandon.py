@@ -147,3 +147,16 @@ def test_a_chunk_that_slowed_down_reports_its_recent_rate():
     got, seconds = slowed.recent_rate()
     assert got / seconds == pytest.approx(125_000, rel=0.01)
 
+
+
+def test_an_8x_drop_is_judged_by_the_last_pieces_and_believed_after_the_give_up():
+    # high (500 KB) predicted at 8 MB/s; after 4 pieces the link falls to 1 MB/s (16 KB every 16 ms).
+    # Finishing it and fetching 7 at extreme would be ready at ~1.85 s, giving it up (8 at extreme) at
+    # ~1.69 s: by 1.75 s only giving up meets. The judging window (DETECT_S, 0.05 s) sees the new rate
+    # within a few pieces, where a 0.15 s window judged nothing before 0.15 s; the rate believed after it
+    # is the last pieces' (1 MB/s), not the window's mix of both rates (which planned the next try too high)
+    clock = Clock()
+    drop = rule("high", 8e6, 1.75, probe=False, clock=clock)
+    at = feed(drop, [(16_000, 0.002)] * 4 + [(16_000, 0.016)] * 20, clock)
+    assert at is not None and at < 0.1
+    assert drop.next_rate == pytest.approx(1e6, rel=0.01)
