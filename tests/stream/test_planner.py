@@ -216,8 +216,11 @@ def test_refinement_raises_the_whole_floor_to_the_best_level_that_fits():
 def test_refinement_is_all_or_nothing_and_never_touches_recomputed_chunks():
     p = planner(slo=1.0)
     s = speeds()
-    # 0.2 s left at 10 MB/s: raising all ten extreme chunks to balanced needs 0.41 s; none is fetched
-    assert p.refine(["extreme"] * N, 0.8, 0.8, 10e6, s) is None
+    # 0.2 s left at 10 MB/s: raising all ten extreme chunks to balanced needs 0.41 s; the floor stays, and
+    # only the first chunk, whose level weighs most, is fetched again (at lossless-ish: 0.177 s with no discount)
+    plan = p.refine(["extreme"] * N, 0.8, 0.8, 10e6, s)
+    assert plan.level == "lossless-ish" and plan.chunks == [0]
+    assert p.refine(["lossless-ish", *["extreme"] * (N - 1)], 0.8, 0.8, 10e6, s) is None
     # the same time raises two of them when the others are already better
     held = [RECOMPUTE, "extreme", "extreme", *["high"] * (N - 3)]
     plan = p.refine(held, 0.8, 0.8, 10e6, s)
@@ -252,3 +255,20 @@ def test_refinement_can_plan_at_its_own_discount():
     with pytest.raises(StreamError, match="refinement's throughput discount"):
         Planner(sizes, [TOKENS] * N, 1.0, refine_discount=0.5)
 
+
+
+def test_refinement_lifts_the_first_chunk_first():
+    p = planner(slo=1.0)
+    s = speeds()
+    # the first chunk goes first in a whole-floor lift (a refinement cut short has lifted it)
+    held = ["balanced", "extreme", "extreme", *["high"] * (N - 3)]
+    plan = p.refine(held, 0.3, 0.3, 10e6, s)
+    assert plan.level == "high" and plan.chunks == [0, 1, 2]
+    # when no floor fits, the first chunk alone, at the plans' discounts: with the level steps, lossless-ish
+    # (3.2x high's bytes) needs 0.53 s at 10 MB/s, high 0.07 s (at 10 MB/s / 1.29): 0.2 s left
+    sizes = {level: [size] * N for level, size in LEVELS.items()}
+    steps = Planner(sizes, [TOKENS] * N, 1.0, margin=0.0, discount=None, refine_discount=1.0)
+    plan = steps.refine(["extreme"] * N, 0.8, 0.8, 10e6, s)
+    assert plan.level == "high" and plan.chunks == [0]
+    # a recomputed first chunk is exact: nothing to lift
+    assert steps.refine([RECOMPUTE, *["extreme"] * (N - 1)], 0.8, 0.8, 10e6, s) is None
