@@ -148,7 +148,6 @@ def test_a_chunk_that_slowed_down_reports_its_recent_rate():
     assert got / seconds == pytest.approx(125_000, rel=0.01)
 
 
-
 def test_an_8x_drop_is_judged_by_the_last_pieces_and_believed_after_the_give_up():
     # high (500 KB) predicted at 8 MB/s; after 4 pieces the link falls to 1 MB/s (16 KB every 16 ms).
     # Finishing it and fetching 7 at extreme would be ready at ~1.85 s, giving it up (8 at extreme) at

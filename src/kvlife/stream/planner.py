@@ -200,9 +200,9 @@ class Planner:
                speeds: SpeedEstimate) -> Refinement | None:
         """Once every chunk has been fetched or recomputed once (`held`: each chunk's level or "recompute"),
         the time left before the deadline can raise the quality floor: the best level L such that every
-        fetched chunk worse than L, fetched again at L (worst first, at the throughput divided by L's
-        refinement discount, `refine_discount`), is predicted decoded by the deadline less the margin; the
-        first chunk first, then the worst. All or nothing: a context's quality is set by its worst chunks, so
+        fetched chunk worse than L, fetched again at L (the first chunk first, then the worst, at the
+        throughput divided by L's refinement discount, `refine_discount`), is predicted decoded by the
+        deadline less the margin. All or nothing: a context's quality is set by its worst chunks, so
         fetching some of them again only spends time (the client gives a fetch up as soon as it would end
         late, keeping the chunk it replaces, so a refinement never costs the deadline). The exception is the
         first chunk, whose level weighs most (module docstring): if no whole floor fits, it alone at the best
@@ -229,7 +229,7 @@ class Planner:
             done = ready(level, chunks, bandwidth / self.refine_discounts[level])
             if done <= self.budget:
                 return Refinement(level, chunks, done)
-        # no whole floor fits: the first chunk alone, whose level weighs most (below), at the plans' discounts (a
+        # no whole floor fits: the first chunk alone, whose level weighs most (module docstring), at the plans' discounts (a
         # level that buys little quality for many bytes needs that much more room)
         if held and held[0] in self.sizes:
             for level in self.levels[:self.rank(held[0])]:
