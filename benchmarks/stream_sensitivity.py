@@ -70,7 +70,11 @@ def main() -> int:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--samples", type=int, default=3, help="samples per task")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--table", type=Path, help="run nothing: print the table of this stream-sensitivity.json")
     args = parser.parse_args()
+    if args.table is not None:
+        print_table(json.loads(args.table.read_text())["samples"])
+        return 0
     import torch
 
     from kvlife.bench.tasks import get_task
@@ -131,13 +135,14 @@ def print_table(rows: list[dict]) -> None:
     width = max(len(name) for name in names) + 2
     print("KL from lossless-ish, per sample (columns) and configuration (rows); 'one extreme chunk' is the")
     print("largest and the median over positions 1.. of one chunk at extreme among high ones")
-    print(" " * width + "".join(f"{row['sample'][:14]:>16}" for row in rows) + f"{'median':>10}")
+    labels = [f"{row['sample'].split('-')[0][:10]}-{row['sample'].rsplit('-', 1)[-1]}" for row in rows]
+    print(" " * width + "".join(f"{label:>14}" for label in labels) + f"{'median':>10}")
     for name in names:
         values = [row["results"][name]["kl"] for row in rows]
-        print(f"{name:<{width}}" + "".join(f"{v:>16.4f}" for v in values) + f"{statistics.median(values):>10.4f}")
+        print(f"{name:<{width}}" + "".join(f"{v:>14.4f}" for v in values) + f"{statistics.median(values):>10.4f}")
     for label, pick in (("one extreme chunk: max of 1..", max), ("one extreme chunk: median 1..", statistics.median)):
         values = [pick([row["results"][f"extreme at {j}"]["kl"] for j in range(1, row["chunks"])]) for row in rows]
-        print(f"{label:<{width}}" + "".join(f"{v:>16.4f}" for v in values) + f"{statistics.median(values):>10.4f}")
+        print(f"{label:<{width}}" + "".join(f"{v:>14.4f}" for v in values) + f"{statistics.median(values):>10.4f}")
 
 
 if __name__ == "__main__":
