@@ -126,16 +126,8 @@ def evaluate(model, tokenizer, task, sample, cache, ids, queries: int, dense: di
         result = session.ask(turn.query, max_new_tokens=sample.max_new_tokens, score_reference=False)
         scores.append(task.score(result.prediction, turn.answer))
         ttfts.append(result.ttft_s)
-    logprobs, targets = [], []
-    for turn in sample.turns:
-        query, reference = session.format.query_ids(turn.query), session.format.reference_ids(turn.answer)
-        session.cache.rollback(session.context_checkpoint)
-        logits = session.forward(query + reference[:-1], phase="extend", all_logits=True)[len(query) - 1:]
-        logprobs.append(torch.log_softmax(logits.float(), dim=-1))
-        targets.extend(reference)
-        session.cache.rollback(session.context_checkpoint)
-    logprobs = torch.cat(logprobs)
-    token_nll = -logprobs[torch.arange(len(targets)), torch.tensor(targets)]
+    logprobs, targets = reference_logprobs(session, sample)
+    token_nll = -logprobs[torch.arange(len(targets)), targets]
     out = {"accuracy": statistics.mean(scores), "nll": float(token_nll.mean()), "first_token_s": ttfts[0],
            "reference_tokens": len(targets), "token_nll": [round(float(x), 5) for x in token_nll]}
     if dense is None:
@@ -145,6 +137,22 @@ def evaluate(model, tokenizer, task, sample, cache, ids, queries: int, dense: di
         ref = dense["_logprobs"]
         out["kl"] = float((ref.exp() * (ref - logprobs)).sum(-1).mean())
     return out
+
+
+def reference_logprobs(session, sample) -> tuple:
+    """Next-token log-probabilities over every turn's reference answer (teacher-forced on the session's
+    context, rolled back after each turn), and the reference tokens."""
+    import torch
+
+    logprobs, targets = [], []
+    for turn in sample.turns:
+        query, reference = session.format.query_ids(turn.query), session.format.reference_ids(turn.answer)
+        session.cache.rollback(session.context_checkpoint)
+        logits = session.forward(query + reference[:-1], phase="extend", all_logits=True)[len(query) - 1:]
+        logprobs.append(torch.log_softmax(logits.float(), dim=-1))
+        targets.extend(reference)
+        session.cache.rollback(session.context_checkpoint)
+    return torch.cat(logprobs), torch.tensor(targets)
 
 
 def main() -> int:

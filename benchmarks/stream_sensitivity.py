@@ -32,26 +32,11 @@ from kvlife.codec.format import parse_header  # noqa: E402
 from kvlife.stream import StreamClient  # noqa: E402
 from kvlife.stream.recompute import CacheBuilder  # noqa: E402
 from kvlife.stream.sessions import attach  # noqa: E402
-from stream import TASKS, context_id_for, load_model_and_weights, start_server  # noqa: E402
+from stream import TASKS, context_id_for, load_model_and_weights, reference_logprobs, start_server  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "stream-sensitivity.json"
 REFERENCE = "lossless-ish"
 LOW = ["compact", "aggressive", "extreme"]
-
-
-def reference_logprobs(session, sample):
-    """Next-token log-probabilities over every turn's reference answer (teacher-forced), and the targets."""
-    import torch
-
-    logprobs, targets = [], []
-    for turn in sample.turns:
-        query, reference = session.format.query_ids(turn.query), session.format.reference_ids(turn.answer)
-        session.cache.rollback(session.context_checkpoint)
-        logits = session.forward(query + reference[:-1], phase="extend", all_logits=True)[len(query) - 1:]
-        logprobs.append(torch.log_softmax(logits.float(), dim=-1))
-        targets.extend(reference)
-        session.cache.rollback(session.context_checkpoint)
-    return torch.cat(logprobs), torch.tensor(targets)
 
 
 def configurations(levels: list[str], n: int) -> dict[str, list[str]]:
