@@ -256,7 +256,6 @@ def test_refinement_can_plan_at_its_own_discount():
         Planner(sizes, [TOKENS] * N, 1.0, refine_discount=0.5)
 
 
-
 def test_refinement_lifts_the_first_chunk_first():
     p = planner(slo=1.0)
     s = speeds()

@@ -440,10 +440,8 @@ class _Abandonment:
             return False
         # the rate since the last piece at least DETECT_S ago; never from the request (the first piece's wait is
         # latency), so nothing is judged before DETECT_S after the first piece
-        start = None
-        for since, before in self.arrivals:
-            if since > 0.0 and seconds - since >= DETECT_S:
-                start = (since, before)
+        start = next(((since, before) for since, before in reversed(self.arrivals)
+                      if since > 0.0 and seconds - since >= DETECT_S), None)
         if start is None:
             return False
         since, before = start
