@@ -43,12 +43,13 @@ SHAPED = [(trace, deadlines) for trace, deadlines in TRACES if "1mbit" not in tr
 SETTINGS = ["1,2", "1.2,2", "1.3,2", "levels,2", "levels,1"]
 
 
-def publish_samples(client: StreamClient, tasks: list[str], samples: int) -> list[str]:
+def publish_samples(client: StreamClient, tasks: list[str], samples: int, loaded: tuple | None = None) -> list[str]:
+    """Prefill and publish the samples; `loaded`: `load_model_and_weights()`'s result, if the caller has it."""
     from kvlife import models
     from kvlife.bench.tasks import get_task
     from kvlife.session import Session
 
-    model, tokenizer, weights = load_model_and_weights()
+    model, tokenizer, weights = loaded if loaded is not None else load_model_and_weights()
     ids = []
     for task_name in tasks:
         for sample in get_task(task_name).samples("default", n=samples):

@@ -71,8 +71,9 @@ def main() -> int:
     client = StreamClient(url)
     rows = []
     try:
-        publish_samples(client, args.tasks.split(","), args.samples)
-        model, tokenizer, _ = load_model_and_weights()
+        loaded = load_model_and_weights()
+        publish_samples(client, args.tasks.split(","), args.samples, loaded)
+        model, tokenizer, _ = loaded
         for task_name in args.tasks.split(","):
             for sample in get_task(task_name).samples("default", n=args.samples):
                 context_id = context_id_for(task_name, sample)
