@@ -162,9 +162,9 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=2, help="queries scored per sample")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--drop-factor", type=float, default=2.0, help="the adaptive planner's insurance (1: off)")
-    parser.add_argument("--discount", default="levels",
-                        help="the adaptive planner's throughput discount: a number >= 1 (1: off) or 'levels' (each "
-                             "level's size step, the client's default)")
+    parser.add_argument("--discount", default="wide",
+                        help="the adaptive planner's throughput discount: a number >= 1 (1: off), 'levels' (each "
+                             "level's size step) or 'wide' (the steps of 2x or more only, the client's default)")
     parser.add_argument("--refine-discount", default="1",
                         help="the same for the adaptive client's refinement (the client's default, 1: off)")
     parser.add_argument("--compare", type=Path, default=None,
@@ -178,7 +178,7 @@ def main() -> int:
         discount = parse_discount(args.discount)
         refine_discount = parse_discount(args.refine_discount)
     except ValueError:
-        parser.error(f"--discount and --refine-discount are numbers >= 1 or 'levels', not {args.discount!r}, "
+        parser.error(f"--discount and --refine-discount are numbers >= 1, 'levels' or 'wide', not {args.discount!r}, "
                      f"{args.refine_discount!r}")
     for path in [args.markdown, args.compare, *(args.merge or [])]:
         if path is not None:

@@ -61,8 +61,10 @@ def test_the_first_chunk_moves_down_when_its_own_rate_falls_short(monkeypatch):
 def test_the_probe_keeps_a_chunk_its_rate_confirms_and_judges_once(monkeypatch):
     monkeypatch.setattr("kvlife.stream.client.time.perf_counter", lambda: PROBE_BYTES / 4e6)
     first = rule("high", 4e6, 4.0, probe=True)
+    assert first.planner.current is None  # chosen on the prior: not held yet
     assert not first(PROBE_BYTES, PROBE_BYTES / 4e6)
     assert first.next_rate is None
+    assert first.planner.current == "high"  # confirmed by the chunk's own rate: held from here
     # judged once: later pieces are judged only by the drop rule (which sees nothing wrong at this rate)
     assert not first(2 * PROBE_BYTES, 2 * PROBE_BYTES / 4e6)
     # without the probe (a chunk after the first) the same bytes at a rate that would change the plan do not

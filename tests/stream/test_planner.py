@@ -4,7 +4,7 @@ import pytest
 
 from kvlife.stream.context import RECOMPUTE, StreamError
 from kvlife.stream.estimate import SpeedEstimate, ThroughputEstimate
-from kvlife.stream.planner import Planner
+from kvlife.stream.planner import Planner, parse_discount
 
 # 10 chunks of 256 tokens; sizes per chunk as on Qwen2.5-Coder-0.5B (bytes: ~8.5, 2.7, 2.1, 1.1 bits/element)
 LEVELS = {"lossless-ish": 1_670_000, "high": 527_000, "balanced": 408_000, "extreme": 222_000}
@@ -120,6 +120,27 @@ def test_plans_are_made_at_the_discounted_throughput():
         Planner(sizes, [TOKENS] * N, 1.0, discount=0.5)
 
 
+def test_the_wide_discount_keeps_only_the_wide_steps():
+    """"wide": a level whose bytes are at least twice the next cheaper level's (lossless-ish, 3.2x high) is
+    discounted by that step, the lossy levels (1.3x and 1.8x here) not at all; "levels": every step."""
+    sizes = {level: [size] * N for level, size in LEVELS.items()}
+    wide = Planner(sizes, [TOKENS] * N, 1.0, margin=0.0, drop_factor=1.0, discount="wide")
+    assert wide.discounts == pytest.approx({"lossless-ish": 1_670_000 / 527_000, "high": 1.0, "balanced": 1.0,
+                                            "extreme": 1.0})
+    steps = Planner(sizes, [TOKENS] * N, 1.0, margin=0.0, drop_factor=1.0, discount=None)
+    assert steps.discounts["high"] == pytest.approx(527_000 / 408_000)
+    # at 6 MB/s high takes 0.89 s: on time as predicted, not at the rate over its 1.3x step (nor balanced over
+    # its 1.8x step: 1.25 s)
+    assert wide.choose(0, 0.0, 0.0, 6e6, speeds()).option == "high"
+    assert steps.choose(0, 0.0, 0.0, 6e6, speeds()).option == "extreme"
+    # lossless-ish keeps its room: 0.17 s at 100 MB/s is 0.53 s at the rate over its step; 0.4 s at 40 MB/s is not
+    assert wide.choose(0, 0.0, 0.0, 100e6, speeds()).option == "lossless-ish"
+    assert wide.choose(0, 0.0, 0.0, 40e6, speeds()).option == "high"
+    assert parse_discount("wide") == "wide" and parse_discount("levels") is None and parse_discount("1.5") == 1.5
+    with pytest.raises(StreamError, match="discount must be >= 1"):
+        Planner(sizes, [TOKENS] * N, 1.0, discount="steps")
+
+
 def test_fixed_policies_and_bad_input():
     assert planner(1.0, "balanced").choose(0, 0.0, 0.0, 1.0, speeds()).option == "balanced"
     assert planner(1.0, RECOMPUTE).choose(3, 0.0, 0.0, 1e9, speeds()).option == RECOMPUTE
@@ -189,6 +210,11 @@ def test_the_plan_moves_up_only_with_room_to_spare():
     assert recompute.option == RECOMPUTE
     p.commit(recompute)
     assert p.current == "high"
+    # a level chosen on a prior rate alone (no chunk measured yet) holds nothing back
+    prior = planner(1.0)
+    prior.commit(prior.choose(5, 0.12, 0.12, 1e6, s), measured=False)
+    assert prior.current is None
+    assert prior.choose(5, 0.12, 0.12, 10e6, s).option == "lossless-ish"
 
 
 def test_the_prior_gives_way_to_the_first_measurement():

@@ -36,9 +36,10 @@ def add_parser(subparsers) -> None:
     fetch.add_argument("--attempts", type=int, default=2, help="fetches of a chunk before it is recomputed")
     fetch.add_argument("--drop-factor", type=float, default=2.0,
                        help="bandwidth drop a fetched chunk must survive (1: plan on the estimate alone)")
-    fetch.add_argument("--discount", default="levels",
+    fetch.add_argument("--discount", default="wide",
                        help="plan a level at the predicted throughput divided by this: a number >= 1 for every "
-                            "level (1: none), or 'levels' (default): by each level's size step over the next cheaper one")
+                            "level (1: none), 'levels': by each level's size step over the next cheaper one, or 'wide' "
+                            "(default): by the steps of 2x or more only (lossless-ish over high)")
     fetch.add_argument("--refine-discount", default="1",
                        help="the same for refinement (default 1: none, as a refinement that would end late is given "
                             "up; 'levels' as for the plans)")
@@ -148,13 +149,13 @@ def run_link(args: argparse.Namespace) -> int:
     return 0
 
 
-def _discount(text: str, flag: str = "--discount") -> float | None:
+def _discount(text: str, flag: str = "--discount") -> float | str | None:
     from kvlife.stream.planner import parse_discount
 
     try:
         return parse_discount(text)
     except ValueError:
-        raise KvlifeError(f"{flag} must be a number >= 1 or 'levels', not {text!r}") from None
+        raise KvlifeError(f"{flag} must be a number >= 1, 'levels' or 'wide', not {text!r}") from None
 
 
 def run_fetch(args: argparse.Namespace) -> int:

@@ -123,7 +123,7 @@ class StreamClient:
     def fetch(self, context_id: str, slo: float, model: Any = None, policy: str = ADAPTIVE, margin: float = 0.05,
               max_attempts: int = 2, levels: list[str] | None = None,
               abort_after_s: float | None = None, drop_factor: float = 2.0,
-              discount: float = DISCOUNT, step_up_margin: float = STEP_UP_MARGIN,
+              discount: float | str | None = DISCOUNT, step_up_margin: float = STEP_UP_MARGIN,
               refine: bool = True, refine_discount: float | None = REFINE_DISCOUNT,
               throughput_window: int = THROUGHPUT_WINDOW) -> tuple[Any, FetchReport]:
         """The context's KVCache, ready as close to `slo` seconds as the link allows, and what happened.
@@ -326,7 +326,7 @@ class StreamClient:
             decision = planner.choose(i, clock(), backlog.free_at(clock()), bandwidth, speeds)
             if attempts >= max_attempts and can_recompute:
                 decision.option = RECOMPUTE
-            planner.commit(decision)
+            planner.commit(decision, measured=bool(link.samples))  # a level chosen on the prior holds nothing back
             record.planned.append(decision.option)
             record.predicted_bandwidth, record.predicted_ready_s = bandwidth, decision.predicted_ready_s
             if decision.option == RECOMPUTE:
@@ -432,9 +432,11 @@ class _Abandonment:
             latency = max(0.0, time.perf_counter() - self.fetch_started - seconds)
             rate = self.size / (latency + self.size * max(seconds, 1e-6) / received)
             now = self.clock()
-            if self.planner.choose(self.i, now, self.backlog.free_at(now), rate, self.speeds).option != self.level:
+            decision = self.planner.choose(self.i, now, self.backlog.free_at(now), rate, self.speeds)
+            if decision.option != self.level:
                 self.next_rate = rate
                 return True
+            self.planner.commit(decision)  # the level holds from here, measured
             return False
         if seconds - self.checked < DETECT_S / 2:
             return False

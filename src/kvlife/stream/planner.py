@@ -78,16 +78,20 @@ from kvlife.stream.context import RECOMPUTE, StreamError
 from kvlife.stream.estimate import SpeedEstimate
 
 ADAPTIVE = "adaptive"
-DISCOUNT: float | None = None  # the client's default: each level's own step (module docstring)
+LEVELS, WIDE = "levels", "wide"  # discounts by the levels' steps: every level's, or only the wide steps'
+WIDE_STEP = 2.0  # a level whose bytes are at least this many times the next cheaper level's has a wide step
+DISCOUNT: float | str | None = WIDE  # the client's default: the wide steps only (module docstring)
 REFINE_DISCOUNT: float | None = 1.0  # the client's default for refinement: none (module docstring)
 STEP_UP_MARGIN = 0.1  # of the deadline: the further room a move to a better level needs (hysteresis)
 
 
-def parse_discount(text: str) -> float | None:
-    """A discount as the command line writes it: "levels" (None: each level's step) or a number >= 1;
-    ValueError otherwise."""
-    if text == "levels":
+def parse_discount(text: str) -> float | str | None:
+    """A discount as the command line writes it: "levels" (None: each level's step), "wide" (the steps of
+    at least `WIDE_STEP` only) or a number >= 1; ValueError otherwise."""
+    if text == LEVELS:
         return None
+    if text == WIDE:
+        return WIDE
     value = float(text)  # ValueError for text that is not a number
     if not value >= 1:
         raise ValueError(f"discount {text!r} is below 1")
@@ -122,8 +126,8 @@ def _candidate_counts(rest: int) -> list[int]:
 class Planner:
     def __init__(self, sizes: dict[str, Sequence[int]], chunk_tokens: Sequence[int], slo: float,
                  policy: str = ADAPTIVE, margin: float = 0.05, allow_recompute: bool = True,
-                 drop_factor: float = 2.0, step_up_margin: float = STEP_UP_MARGIN, discount: float | None = 1.0,
-                 refine_discount: float | None = None) -> None:
+                 drop_factor: float = 2.0, step_up_margin: float = STEP_UP_MARGIN, discount: float | str | None = 1.0,
+                 refine_discount: float | str | None = None) -> None:
         """`sizes`: level -> bytes of each chunk, levels best quality first; `chunk_tokens`: tokens of each
         chunk; `slo`: seconds for the whole context; `margin`: fraction of `slo` kept in reserve;
         `drop_factor`: the bandwidth drop a fetch must survive (`insured`; 1 turns the check off);
@@ -152,23 +156,30 @@ class Planner:
         self.full_tokens = max(self.tokens) if self.tokens else 1
         self.current: str | None = None  # the level the plan is fetching at (set by `commit`)
 
-    def _discounts(self, discount: float | None, name: str) -> dict[str, float]:
-        """Each level's discount: `discount` (>= 1, else StreamError naming it `name`) or, if None, its step."""
-        if discount is not None and not discount >= 1:
-            raise StreamError(f"{name} must be >= 1, not {discount}")
-        if discount is None:  # each level's step over the next cheaper one; none for the cheapest
+    def _discounts(self, discount: float | str | None, name: str) -> dict[str, float]:
+        """Each level's discount: `discount` (>= 1, else StreamError naming it `name`), or, if None, its step,
+        or, if "wide", its step where that is at least `WIDE_STEP` and none elsewhere."""
+        if discount in (None, WIDE):  # each level's step over the next cheaper one; none for the cheapest
             totals = [sum(self.sizes[level]) for level in self.levels]
             steps = [max(1.0, size / cheaper) if cheaper > 0 else 1.0 for size, cheaper in zip(totals, totals[1:])]
+            if discount == WIDE:
+                steps = [step if step >= WIDE_STEP else 1.0 for step in steps]
             return dict(zip(self.levels, [*steps, 1.0]))
-        return dict.fromkeys(self.levels, discount)
+        if not isinstance(discount, (int, float)) or not discount >= 1:
+            raise StreamError(f"{name} must be >= 1, {LEVELS!r} or {WIDE!r}, not {discount!r}")
+        return dict.fromkeys(self.levels, float(discount))
 
     def rank(self, level: str) -> int:
         """A level's place in the quality order (0: the best)."""
         return self.levels.index(level)
 
-    def commit(self, decision: Decision) -> None:
-        """The client acted on `decision`: later choices move up from its level only with room to spare."""
-        if decision.option != RECOMPUTE:
+    def commit(self, decision: Decision, measured: bool = True) -> None:
+        """The client acted on `decision`: later choices move up from its level only with room to spare. Not
+        if the decision was made on a prior rate alone (`measured` False: before any chunk's throughput was
+        measured), which the first measurement replaces: holding a plan at a level chosen that way kept the
+        first chunk's probe from moving up (a `constant:32mbit` link measured at 3.8 MB/s after a prior of
+        2.3 MB/s: `aggressive`, not `compact`)."""
+        if decision.option != RECOMPUTE and measured:
             self.current = decision.option
 
     def _fetched(self, level: str, j: int, link: float, worker: float, rate: float,
