@@ -85,7 +85,7 @@ def test_the_planner_settings_reach_the_planner(stream_url, published, monkeypat
     StreamClient(stream_url).fetch("tiny-doc", slo=30.0, discount=1.3, drop_factor=1.5, step_up_margin=0.0)
     assert made[-1]["discount"] == 1.3 and made[-1]["drop_factor"] == 1.5 and made[-1]["step_up_margin"] == 0.0
     StreamClient(stream_url).fetch("tiny-doc", slo=30.0)
-    assert made[-1]["discount"] is None and made[-1]["step_up_margin"] == 0.1  # the defaults: level steps, 10%
+    assert made[-1]["discount"] == "wide" and made[-1]["step_up_margin"] == 0.1  # the defaults: wide steps, 10%
 
 
 def test_recompute_policy_equals_one_dense_prefill(stream_url, published, tiny):
