@@ -20,23 +20,27 @@ fallback: its chunks are exact, but it costs compute); the current chunk is then
 else fetched at L.
 
 Three guards against a throughput estimate that is wrong for a while:
-- Discount (`discount`; the client's default is None, "each level's step"): a plan at level L is made
-  at the predicted throughput divided by L's step, the factor by which L's bytes exceed the next cheaper
-  level's (1.2-1.3 between the codec's lossy levels, 3.2 from `high` to `lossless-ish`; 1 for the
-  cheapest). So a level is taken only if the plan would still be on time should the link deliver that
-  much less than predicted: an estimate wrong by one level's worth never makes the policy pick one level
-  too high, and a level that buys little quality for many bytes (lossless-ish) needs that much more
-  room. A number instead applies one discount to every level (1: none), as RobustMPC's discount by the
-  recent prediction error does. Measured by benchmarks/stream_policies.py (results/stream-policies.json:
-  9 samples, the three shaped traces): on the 8x step drop with a 1 s deadline, 5 of 9 fetches missed
-  with no discount, 2 with 1.3 or with the level steps (a chunk in flight at the drop leaves no plan that
-  meets; since the client judges a chunk in flight by its last 0.05 s, none with any of these settings,
-  results/stream-policies-relax.json); the level steps stopped plans from starting at lossless-ish on that trace at 2 s (which ended
-  in extreme chunks after the drop). The price: lossless-ish is not taken where it would fit with a few
-  percent to spare, and tight deadlines start lower (docs/streaming.md).
+- Discount (`discount`; the client's default is "wide"): a plan at level L is made at the predicted
+  throughput divided by L's discount. "wide": L's step, the factor by which L's bytes exceed the next
+  cheaper level's, where that step is at least `WIDE_STEP` (2), and none elsewhere. With the codec's
+  levels only lossless-ish (3.2x high's bytes, for little quality) is discounted: it needs room for its
+  whole step, which kept plans from starting at lossless-ish on a 64 Mbit/s link that drops to 8 at
+  0.4 s (with no discount, the 2 s deadline ended in extreme chunks: results/stream-policies-relax.json).
+  The lossy levels, 1.2-1.3x apart, are planned at the predicted rate, because an estimate that is too
+  low costs more quality than one that is too high: a discounted plan starts a level low and moves up
+  as measurements allow, leaving the worst chunks first; an optimistic one starts high and moves down,
+  leaving the best first, and results/stream-sensitivity.json has a better first chunk buying about a
+  level for the rest and a worse one costing more than its bytes. Deadlines stay safe through the
+  insurance below, re-planning before every chunk and abandonment (client.py). None ("levels", the
+  default until results/stream.json of this version) discounts every level by its step; a number gives
+  one discount to every level (1: none), as RobustMPC's discount by the recent prediction error does.
+  On `constant:32mbit` with a 0.75 s deadline, "levels" started the 8-chunk contexts at extreme (ppl
+  +11.4%), "wide" at compact (+5.9%, as fixed compact's +6.1%); results/stream-policies-wide.json
+  compares the two model-free (docs/streaming.md).
 - Hysteresis (`step_up_margin`, 10% of `slo`): once the client `commit`s to a level, a better level is
   taken only if its plan is ready that much before the deadline (moving down is never held back). An
-  estimate that wobbles around a level's threshold would otherwise alternate levels chunk by chunk.
+  estimate that wobbles around a level's threshold would otherwise alternate levels chunk by chunk. A
+  level chosen on the prior rate alone (before any chunk was measured) is not held.
 - Insurance (`drop_factor`, 2): a chunk fetched at L must survive a bandwidth drop by `drop_factor`
   while it is in flight: this chunk at the lower rate and then the rest at the fastest level must still
   be ready in time (a big chunk started just before a drop is what misses deadlines; the client also
