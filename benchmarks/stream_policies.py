@@ -111,7 +111,18 @@ def main() -> int:
                              "by ';' (DISCOUNT: a number or levels; REFINE: 1, the default, or 0; keys: "
                              "refine_discount=D, window=N, detect=SECONDS)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--table", type=Path, default=None,
+                        help="print the table of a results file again, from its runs, and run nothing")
     args = parser.parse_args()
+    if args.table is not None:
+        try:
+            result = json.loads(args.table.read_text())
+            fixed, settings = result["fixed"], result["settings"]
+            ids = list(next(iter(fixed.values())))
+            print_table(summarize(result["runs"], fixed, result["levels"], settings, ids), settings)
+        except (OSError, ValueError, KeyError, StopIteration) as exc:
+            parser.error(f"cannot read a stream_policies result from {args.table}: {exc!r}")
+        return 0
     settings = args.settings.split(";")
     for setting in settings:
         try:
@@ -193,14 +204,15 @@ def summarize(runs: list[dict], fixed: dict, levels: list[str], settings: list[s
                     "level_ok": None if best is None else sum(max(rk) <= levels.index(best) for rk in ranks),
                     "mean_rank": statistics.mean(statistics.mean(rk) for rk in ranks),
                     "best_rank": None if best is None else levels.index(best),
+                    "first_rank": statistics.mean(rk[0] for rk in ranks),  # the first chunk weighs most (stream_sensitivity.py)
                     "median_ready_s": statistics.median(r["ready_s"] for r in group),
                 })
     return rows
 
 
 def print_table(rows: list[dict], settings: list[str]) -> None:
-    print(f"{'trace':24} {'slo':>4} {'best fixed':12} " + " ".join(f"{s:>22}" for s in settings))
-    print(f"{'':24} {'':>4} {'':12} " + " ".join(f"{'miss lvl_ok rank':>22}" for _ in settings))
+    print(f"{'trace':24} {'slo':>4} {'best fixed':12} " + " ".join(f"{s:>28}" for s in settings))
+    print(f"{'':24} {'':>4} {'':12} " + " ".join(f"{'miss lvl_ok rank first':>28}" for _ in settings))
     keys = []
     for r in rows:
         if (r["trace"], r["slo"]) not in keys:
@@ -212,8 +224,9 @@ def print_table(rows: list[dict], settings: list[str]) -> None:
         cells = []
         for s in settings:
             r = group[s]
+            first_rank = f" {r['first_rank']:.1f}" if "first_rank" in r else "    -"
             cells.append(f"{r['misses']}/{r['fixed_fewest_misses']} {r['level_ok'] if r['level_ok'] is not None else '-'}"
-                         f"/{r['fetches']} {r['mean_rank']:.1f}".rjust(22))
+                         f"/{r['fetches']} {r['mean_rank']:.1f} {first_rank}".rjust(28))
         print(f"{trace:24} {slo:4g} {best:12} " + " ".join(cells))
 
 
