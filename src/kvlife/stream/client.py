@@ -124,7 +124,7 @@ class StreamClient:
               max_attempts: int = 2, levels: list[str] | None = None,
               abort_after_s: float | None = None, drop_factor: float = 2.0,
               discount: float | str | None = DISCOUNT, step_up_margin: float = STEP_UP_MARGIN,
-              refine: bool = True, refine_discount: float | None = REFINE_DISCOUNT,
+              refine: bool = True, refine_discount: float | str | None = REFINE_DISCOUNT,
               throughput_window: int = THROUGHPUT_WINDOW) -> tuple[Any, FetchReport]:
         """The context's KVCache, ready as close to `slo` seconds as the link allows, and what happened.
 
@@ -133,7 +133,8 @@ class StreamClient:
         `levels`: restrict the levels the adaptive policy may use. `abort_after_s`: give up (raise
         `FetchAborted`) once the fetch has taken that long (benchmarks bound hopeless fixed policies).
         `drop_factor`: the bandwidth drop a fetched chunk must survive (`Planner.insured`; 1: off).
-        `discount`: the adaptive plans assume the predicted throughput divided by this (1: as predicted).
+        `discount`: the adaptive plans assume the predicted throughput divided by this (1: as predicted; "wide",
+        the default: each level's size step where it is 2x or more; None: every level's step; `Planner`).
         `step_up_margin`: the further fraction of `slo` a move to a better level needs (`Planner`).
         `refine`: once every chunk is in the cache, spend the time left before the deadline fetching the
         worst chunks again at a better level (`Planner.refine`; adaptive policy only); `refine_discount`: its
@@ -386,7 +387,8 @@ class _Abandonment:
     - The first chunk (`probe`: no chunk measured yet) is chosen on the prior rate. Once `PROBE_BYTES` of
       it have arrived, the rate it would average over the whole chunk (its request latency plus its size
       at the rate its body arrives) replaces the prior: if the planner, at that rate, would choose another
-      option (better or worse), the chunk is given up.
+      option (better or worse), the chunk is given up; otherwise its level is committed (held by the
+      planner's hysteresis from then on; a level chosen on the prior alone is not).
     - Any chunk: once it is projected to take more than twice its predicted time (what is left at the rate
       of its last `DETECT_S` seconds: a drop shows at once, not only after the average has sunk), the whole
       plan is made again at that rate, twice: keeping this chunk (the link busy until the rest of it has
