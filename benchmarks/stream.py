@@ -176,10 +176,12 @@ def main() -> int:
     args = parser.parse_args()
     try:
         discount = parse_discount(args.discount)
+    except ValueError as exc:
+        parser.error(f"--discount {exc}")
+    try:
         refine_discount = parse_discount(args.refine_discount)
-    except ValueError:
-        parser.error(f"--discount and --refine-discount are numbers >= 1, 'levels' or 'wide', not {args.discount!r}, "
-                     f"{args.refine_discount!r}")
+    except ValueError as exc:
+        parser.error(f"--refine-discount {exc}")
     for path in [args.markdown, args.compare, *(args.merge or [])]:
         if path is not None:
             try:

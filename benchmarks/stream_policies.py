@@ -108,7 +108,7 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=3, help="samples per task")
     parser.add_argument("--settings", default=";".join(SETTINGS),
                         help="planner settings 'DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]][,KEY=VALUE...]' separated "
-                             "by ';' (DISCOUNT: a number or levels; REFINE: 1, the default, or 0; keys: "
+                             "by ';' (DISCOUNT: a number, levels or wide; REFINE: 1, the default, or 0; keys: "
                              "refine_discount=D, window=N, detect=SECONDS)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--table", type=Path, default=None,
@@ -224,9 +224,8 @@ def print_table(rows: list[dict], settings: list[str]) -> None:
         cells = []
         for s in settings:
             r = group[s]
-            first_rank = f" {r['first_rank']:.1f}" if "first_rank" in r else "    -"
             cells.append(f"{r['misses']}/{r['fixed_fewest_misses']} {r['level_ok'] if r['level_ok'] is not None else '-'}"
-                         f"/{r['fetches']} {r['mean_rank']:.1f} {first_rank}".rjust(28))
+                         f"/{r['fetches']} {r['mean_rank']:.1f}  {r['first_rank']:.1f}".rjust(28))
         print(f"{trace:24} {slo:4g} {best:12} " + " ".join(cells))
 
 

@@ -154,8 +154,8 @@ def _discount(text: str, flag: str = "--discount") -> float | str | None:
 
     try:
         return parse_discount(text)
-    except ValueError:
-        raise KvlifeError(f"{flag} must be a number >= 1, 'levels' or 'wide', not {text!r}") from None
+    except ValueError as exc:
+        raise KvlifeError(f"{flag} {exc}") from None
 
 
 def run_fetch(args: argparse.Namespace) -> int:

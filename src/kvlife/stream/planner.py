@@ -91,14 +91,18 @@ STEP_UP_MARGIN = 0.1  # of the deadline: the further room a move to a better lev
 
 def parse_discount(text: str) -> float | str | None:
     """A discount as the command line writes it: "levels" (None: each level's step), "wide" (the steps of
-    at least `WIDE_STEP` only) or a number >= 1; ValueError otherwise."""
+    at least `WIDE_STEP` only) or a number >= 1; otherwise ValueError, whose message callers prefix with the
+    flag's name."""
     if text == LEVELS:
         return None
     if text == WIDE:
         return WIDE
-    value = float(text)  # ValueError for text that is not a number
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
     if not value >= 1:
-        raise ValueError(f"discount {text!r} is below 1")
+        raise ValueError(f"must be a number >= 1, {LEVELS!r} or {WIDE!r}, not {text!r}")
     return value
 
 
