@@ -5,7 +5,7 @@ every fixed level, with no quality evaluation (so minutes, not an hour; benchmar
 
 It publishes `--samples` contexts per task of benchmarks/stream.py (the model is loaded once, to prefill
 and encode them), then, over the shaped traces of benchmarks/stream.py except the 1 Mbit/s drop (which
-needs recomputing, so the model in the client), fetches each context at every fixed level (one fetch per
+needs recomputing, so the model in the client; `--traces` names others), fetches each context at every fixed level (one fetch per
 trace and level serves every deadline) and once per deadline with each planner setting. The client has
 no model: nothing is recomputed, every chunk is fetched and decoded. Per (trace, deadline, setting): the
 deadline misses, and the chosen levels against the best fixed level that met the deadline on every
@@ -110,6 +110,9 @@ def main() -> int:
                         help="planner settings 'DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]][,KEY=VALUE...]' separated "
                              "by ';' (DISCOUNT: a number, levels or wide; REFINE: 1, the default, or 0; keys: "
                              "refine_discount=D, window=N, detect=SECONDS)")
+    parser.add_argument("--traces", default=None,
+                        help="the traces and deadlines, 'TRACE@SECONDS[,SECONDS...]' separated by ';' (default: "
+                             "benchmarks/stream.py's shaped traces), e.g. 'walk:24mbit,seed=2@1,2;walk:24mbit,seed=3@1,2'")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--table", type=Path, default=None,
                         help="print the table of a results file again, from its runs, and run nothing")
@@ -119,10 +122,15 @@ def main() -> int:
             result = json.loads(args.table.read_text())
             fixed, settings = result["fixed"], result["settings"]
             ids = list(next(iter(fixed.values())))
-            print_table(summarize(result["runs"], fixed, result["levels"], settings, ids), settings)
+            traces = [(t["trace"], t["deadlines"]) for t in result["traces"]]
+            print_table(summarize(result["runs"], fixed, result["levels"], settings, ids, traces), settings)
         except (OSError, ValueError, KeyError, StopIteration) as exc:
             parser.error(f"cannot read a stream_policies result from {args.table}: {exc!r}")
         return 0
+    try:
+        shaped = SHAPED if args.traces is None else parse_traces(args.traces)
+    except ValueError as exc:
+        parser.error(f"--traces: {exc}")
     settings = args.settings.split(";")
     for setting in settings:
         try:
@@ -139,7 +147,7 @@ def main() -> int:
         ids = publish_samples(client, args.tasks.split(","), args.samples)
         levels = client.manifest(ids[0]).levels
         fixed: dict[str, dict[str, dict[str, float | None]]] = {}
-        for trace, deadlines in SHAPED:
+        for trace, deadlines in shaped:
             fixed[trace] = {}
             for context_id in ids:
                 fixed[trace][context_id] = {}
@@ -156,7 +164,7 @@ def main() -> int:
         for setting in settings:
             options = parse_setting(setting)
             client_module.DETECT_S = options.pop("detect_s")
-            for trace, deadlines in SHAPED:
+            for trace, deadlines in shaped:
                 for slo in deadlines:
                     for context_id in ids:
                         client.set_trace(trace)
@@ -170,10 +178,10 @@ def main() -> int:
         server.terminate()
         server.wait(10)
         shutil.rmtree(root, ignore_errors=True)  # the published contexts: tens of MB per sample
-    table = summarize(runs, fixed, levels, settings, ids)
+    table = summarize(runs, fixed, levels, settings, ids, shaped)
     result = {"model": "qwen2.5-coder-0.5b", "machine": machine(), "torch_threads": 1, "tasks": args.tasks.split(","),
               "samples_per_task": args.samples, "levels": levels, "settings": settings,
-              "traces": [{"trace": t, "deadlines": d} for t, d in SHAPED], "wall_s": time.perf_counter() - started,
+              "traces": [{"trace": t, "deadlines": d} for t, d in shaped], "wall_s": time.perf_counter() - started,
               "notes": ("Server and client on loopback, the server's send rate following the trace; the client has no "
                         "model (nothing recomputed). Run under the project's CPU lock. level_ok is a proxy for quality "
                         "(every chunk at the best fixed level meeting the deadline on every sample, or better)."),
@@ -184,9 +192,33 @@ def main() -> int:
     return 0
 
 
-def summarize(runs: list[dict], fixed: dict, levels: list[str], settings: list[str], ids: list[str]) -> list[dict]:
+def parse_traces(text: str) -> list[tuple[str, list[float]]]:
+    """'TRACE@SECONDS[,SECONDS...]' separated by ';' as (trace, deadlines), each trace checked by its parser."""
+    from kvlife.stream.trace import TraceError, parse_trace
+
+    out = []
+    for part in text.split(";"):
+        trace, sep, deadlines = part.partition("@")
+        if not sep:
+            raise ValueError(f"{part!r} has no '@' before its deadlines, e.g. walk:24mbit,seed=2@1,2")
+        try:
+            parse_trace(trace)
+        except TraceError as exc:
+            raise ValueError(str(exc)) from None
+        try:
+            seconds = [float(d) for d in deadlines.split(",")]
+        except ValueError:
+            raise ValueError(f"deadlines in {part!r} must be numbers of seconds") from None
+        if not seconds or min(seconds) <= 0:
+            raise ValueError(f"deadlines in {part!r} must be > 0")
+        out.append((trace, seconds))
+    return out
+
+
+def summarize(runs: list[dict], fixed: dict, levels: list[str], settings: list[str], ids: list[str],
+              traces: list[tuple[str, list[float]]]) -> list[dict]:
     rows = []
-    for trace, deadlines in SHAPED:
+    for trace, deadlines in traces:
         for slo in deadlines:
             def met(level: str, slo: float = slo, trace: str = trace) -> list[bool]:
                 return [fixed[trace][c][level] is not None and fixed[trace][c][level] <= slo for c in ids]
