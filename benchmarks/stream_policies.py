@@ -178,14 +178,15 @@ def main() -> int:
         server.terminate()
         server.wait(10)
         shutil.rmtree(root, ignore_errors=True)  # the published contexts: tens of MB per sample
-    table = summarize(runs, fixed, levels, settings, ids, shaped)
     result = {"model": "qwen2.5-coder-0.5b", "machine": machine(), "torch_threads": 1, "tasks": args.tasks.split(","),
               "samples_per_task": args.samples, "levels": levels, "settings": settings,
               "traces": [{"trace": t, "deadlines": d} for t, d in shaped], "wall_s": time.perf_counter() - started,
               "notes": ("Server and client on loopback, the server's send rate following the trace; the client has no "
                         "model (nothing recomputed). Run under the project's CPU lock. level_ok is a proxy for quality "
                         "(every chunk at the best fixed level meeting the deadline on every sample, or better)."),
-              "summary": table, "fixed": fixed, "runs": runs}
+              "fixed": fixed, "runs": runs}
+    args.out.write_text(json.dumps(result, indent=1))  # the runs are kept even if the summary below fails
+    result["summary"] = table = summarize(runs, fixed, levels, settings, ids, shaped)
     args.out.write_text(json.dumps(result, indent=1))
     print_table(table, settings)
     print(f"wrote {args.out}")
@@ -217,28 +218,32 @@ def parse_traces(text: str) -> list[tuple[str, list[float]]]:
 
 def summarize(runs: list[dict], fixed: dict, levels: list[str], settings: list[str], ids: list[str],
               traces: list[tuple[str, list[float]]]) -> list[dict]:
+    """Per (trace, deadline, setting) the row described in the module docstring; with more than one trace, also
+    per deadline that several traces have, over those N traces (trace "all N"): the fixed levels then must meet it on every
+    sample of every such trace, as a level chosen before the link is known must."""
     rows = []
-    for trace, deadlines in traces:
-        for slo in deadlines:
-            def met(level: str, slo: float = slo, trace: str = trace) -> list[bool]:
-                return [fixed[trace][c][level] is not None and fixed[trace][c][level] <= slo for c in ids]
+    pooled = [(f"all {len(names)}", slo, names) for slo in sorted({slo for _, d in traces for slo in d})
+              if len(names := [t for t, d in traces if slo in d]) > 1]
+    for label, slo, names in [(t, slo, [t]) for t, deadlines in traces for slo in deadlines] + pooled:
+        def met(level: str, slo: float = slo, names: list[str] = names) -> list[bool]:
+            return [fixed[t][c][level] is not None and fixed[t][c][level] <= slo for t in names for c in ids]
 
-            meeting = [level for level in levels if all(met(level))]
-            fewest = min(len(ids) - sum(met(level)) for level in levels)
-            best = meeting[0] if meeting else None
-            for setting in settings:
-                group = [r for r in runs if r["setting"] == setting and r["trace"] == trace and r["slo"] == slo]
-                ranks = [[levels.index(o) for o in r["options"]] for r in group]
-                rows.append({
-                    "trace": trace, "slo": slo, "setting": setting,
-                    "misses": sum(r["ready_s"] > slo for r in group), "fixed_fewest_misses": fewest,
-                    "fetches": len(group), "best_meeting": best,
-                    "level_ok": None if best is None else sum(max(rk) <= levels.index(best) for rk in ranks),
-                    "mean_rank": statistics.mean(statistics.mean(rk) for rk in ranks),
-                    "best_rank": None if best is None else levels.index(best),
-                    "first_rank": statistics.mean(rk[0] for rk in ranks),  # the first chunk weighs most (stream_sensitivity.py)
-                    "median_ready_s": statistics.median(r["ready_s"] for r in group),
-                })
+        meeting = [level for level in levels if all(met(level))]
+        fewest = min(len(ids) * len(names) - sum(met(level)) for level in levels)
+        best = meeting[0] if meeting else None
+        for setting in settings:
+            group = [r for r in runs if r["setting"] == setting and r["trace"] in names and r["slo"] == slo]
+            ranks = [[levels.index(o) for o in r["options"]] for r in group]
+            rows.append({
+                "trace": label, "slo": slo, "setting": setting,
+                "misses": sum(r["ready_s"] > slo for r in group), "fixed_fewest_misses": fewest,
+                "fetches": len(group), "best_meeting": best,
+                "level_ok": None if best is None else sum(max(rk) <= levels.index(best) for rk in ranks),
+                "mean_rank": statistics.mean(statistics.mean(rk) for rk in ranks),
+                "best_rank": None if best is None else levels.index(best),
+                "first_rank": statistics.mean(rk[0] for rk in ranks),  # the first chunk weighs most (stream_sensitivity.py)
+                "median_ready_s": statistics.median(r["ready_s"] for r in group),
+            })
     return rows
 
 
