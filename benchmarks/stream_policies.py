@@ -63,7 +63,7 @@ def publish_samples(client: StreamClient, tasks: list[str], samples: int, loaded
 
 
 POSITIONAL = ["discount", "drop", "step_up", "refine"]
-KEYED = [*POSITIONAL, "refine_discount", "window", "detect"]
+KEYED = [*POSITIONAL, "refine_discount", "window", "detect", "first_lift"]
 
 
 def parse_setting(text: str) -> dict:
@@ -73,7 +73,8 @@ def parse_setting(text: str) -> dict:
     refine_discount, window, detect) follow: refine_discount is a discount (a number or levels; the client's
     default, 1, when absent); window the throughput estimate's samples (an integer >= 1, default 3); detect the
     seconds of the recent rate a chunk in flight is judged by (`client.DETECT_S`, 0.05; not a fetch keyword:
-    `main` sets the module's constant for the setting's fetches).
+    `main` sets the module's constant for the setting's fetches); first_lift 1 or 0 (the default): the first
+    chunk a level above its plan's where the plan still meets (`Planner`, an experiment).
     Results/stream-policies-lift.json was measured at c007976 with a field lift=0|1, a planner option that is
     gone (plans counted fetching worse earlier chunks again: it left floors lower)."""
     fields: dict[str, str] = {}
@@ -90,6 +91,8 @@ def parse_setting(text: str) -> dict:
         raise ValueError(f"DISCOUNT and DROP_FACTOR are needed in {text!r}")
     if fields.get("refine", "1") not in ("0", "1"):
         raise ValueError(f"REFINE is 0 or 1 in {text!r}")
+    if fields.get("first_lift", "0") not in ("0", "1"):
+        raise ValueError(f"first_lift is 0 or 1 in {text!r}")
     window = int(fields.get("window", THROUGHPUT_WINDOW))  # ValueError for text that is not an integer
     if window < 1:  # checked here, not minutes later when the first fetch is made
         raise ValueError(f"window must be >= 1 in {text!r}")
@@ -99,7 +102,8 @@ def parse_setting(text: str) -> dict:
     return {"discount": parse_discount(fields["discount"]), "drop_factor": float(fields["drop"]),
             "step_up_margin": float(fields.get("step_up", STEP_UP_MARGIN)), "refine": fields.get("refine", "1") == "1",
             "refine_discount": parse_discount(fields["refine_discount"]) if "refine_discount" in fields
-            else REFINE_DISCOUNT, "throughput_window": window, "detect_s": detect}
+            else REFINE_DISCOUNT, "throughput_window": window, "detect_s": detect,
+            "first_lift": fields.get("first_lift", "0") == "1"}
 
 
 def main() -> int:
@@ -109,7 +113,7 @@ def main() -> int:
     parser.add_argument("--settings", default=";".join(SETTINGS),
                         help="planner settings 'DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]][,KEY=VALUE...]' separated "
                              "by ';' (DISCOUNT: a number, levels or wide; REFINE: 1, the default, or 0; keys: "
-                             "refine_discount=D, window=N, detect=SECONDS)")
+                             "refine_discount=D, window=N, detect=SECONDS, first_lift=0|1)")
     parser.add_argument("--traces", default=None,
                         help="the traces and deadlines, 'TRACE@SECONDS[,SECONDS...]' separated by ';' (default: "
                              "benchmarks/stream.py's shaped traces), e.g. 'walk:24mbit,seed=2@1,2;walk:24mbit,seed=3@1,2'")

@@ -297,3 +297,23 @@ def test_refinement_lifts_the_first_chunk_first():
     assert plan.level == "high" and plan.chunks == [0]
     # a recomputed first chunk is exact: nothing to lift
     assert steps.refine([RECOMPUTE, *["extreme"] * (N - 1)], 0.8, 0.8, 10e6, s) is None
+
+
+def test_first_lift_fetches_the_first_chunk_a_level_up_only_where_the_plan_still_meets():
+    def lifted(slo, bandwidth, index=0):
+        sizes = {level: [size] * N for level, size in LEVELS.items()}
+        p = Planner(sizes, [TOKENS] * N, slo, "adaptive", 0.0, True, 1.0, first_lift=True)
+        return p.choose(index, 0.0, 0.0, bandwidth, speeds())
+
+    # 10 MB/s, 1 s: the plan is high (0.53 s); lossless-ish first (0.17 s) and high after (0.47 s) fits
+    decision = lifted(1.0, 10e6)
+    assert (decision.option, decision.plan_level, decision.meets) == ("lossless-ish", "high", True)
+    assert decision.predicted_ready_s == pytest.approx(LEVELS["lossless-ish"] / 10e6 + 9 * LEVELS["high"] / 10e6
+                                                       + 0.01, rel=1e-6)
+    # 5 MB/s, 0.83 s: balanced fits (0.83 s) but high first would end at 0.85 s: no lift
+    decision = lifted(0.83, 5e6)
+    assert (decision.option, decision.plan_level) == ("balanced", "balanced")
+    assert planner(0.83).choose(0, 0.0, 0.0, 5e6, speeds()).option == "balanced"
+    # only the first chunk, and off by default
+    assert lifted(1.0, 10e6, index=1).option == "high"
+    assert planner(1.0).choose(0, 0.0, 0.0, 10e6, speeds()).option == "high"

@@ -125,7 +125,7 @@ class StreamClient:
               abort_after_s: float | None = None, drop_factor: float = 2.0,
               discount: float | str | None = DISCOUNT, step_up_margin: float = STEP_UP_MARGIN,
               refine: bool = True, refine_discount: float | str | None = REFINE_DISCOUNT,
-              throughput_window: int = THROUGHPUT_WINDOW) -> tuple[Any, FetchReport]:
+              throughput_window: int = THROUGHPUT_WINDOW, first_lift: bool = False) -> tuple[Any, FetchReport]:
         """The context's KVCache, ready as close to `slo` seconds as the link allows, and what happened.
 
         `model`: needed to recompute chunks (and checked against the context's model fingerprint);
@@ -140,7 +140,8 @@ class StreamClient:
         worst chunks again at a better level (`Planner.refine`; adaptive policy only); `refine_discount`: its
         throughput discount (default 1: none, since a refinement that would end late is given up; None: as
         `discount`). `throughput_window`: the predicted throughput is the harmonic mean of this many last
-        samples, or the last if lower (`ThroughputEstimate`)."""
+        samples, or the last if lower (`ThroughputEstimate`). `first_lift`: an experiment, off by default:
+        the first chunk one level above its plan's where the plan still meets (`Planner`)."""
         from kvlife.codec.format import parse_header
 
         started = time.perf_counter()
@@ -164,7 +165,8 @@ class StreamClient:
         tokens = [len(manifest.chunk_ids(i)) for i in range(n)]
         planner = Planner({lv: [manifest.size(lv, i) for i in range(n)] for lv in usable}, tokens, slo, policy,
                           margin, allow_recompute=model is not None, drop_factor=drop_factor,
-                          discount=discount, step_up_margin=step_up_margin, refine_discount=refine_discount)
+                          discount=discount, step_up_margin=step_up_margin, refine_discount=refine_discount,
+                          first_lift=first_lift)
         speeds = self._speeds(header, model)
         # the manifest and header are small: their rate says little about a chunk's (the round trips dominate),
         # so it is only the prior for the first chunk, whose own transfer then corrects it (`_Abandonment`)

@@ -135,7 +135,7 @@ class Planner:
     def __init__(self, sizes: dict[str, Sequence[int]], chunk_tokens: Sequence[int], slo: float,
                  policy: str = ADAPTIVE, margin: float = 0.05, allow_recompute: bool = True,
                  drop_factor: float = 2.0, step_up_margin: float = STEP_UP_MARGIN, discount: float | str | None = 1.0,
-                 refine_discount: float | str | None = None) -> None:
+                 refine_discount: float | str | None = None, first_lift: bool = False) -> None:
         """`sizes`: level -> bytes of each chunk, levels best quality first; `chunk_tokens`: tokens of each
         chunk; `slo`: seconds for the whole context; `margin`: fraction of `slo` kept in reserve;
         `drop_factor`: the bandwidth drop a fetch must survive (`insured`; 1 turns the check off);
@@ -143,7 +143,8 @@ class Planner:
         in reserve before the plan moves up to it (hysteresis: see `commit`); `discount`: a plan at a level is made at
         the predicted throughput divided by this (>= 1), or, if None, by that level's size over the next
         cheaper level's (its step; see the module's docstring); `refine_discount`: the same for refinement
-        (None: as `discount`)."""
+        (None: as `discount`); `first_lift`: fetch the first chunk one level above its plan's level where
+        that plan still meets the deadline (an experiment, off by default: `choose`)."""
         self.levels = list(sizes)
         self.sizes = {level: list(values) for level, values in sizes.items()}
         self.tokens = list(chunk_tokens)
@@ -161,6 +162,7 @@ class Planner:
         self.discounts = self._discounts(discount, "the throughput discount")
         self.refine_discounts = self.discounts if refine_discount is None else \
             self._discounts(refine_discount, "the refinement's throughput discount")
+        self.first_lift = first_lift
         self.full_tokens = max(self.tokens) if self.tokens else 1
         self.current: str | None = None  # the level the plan is fetching at (set by `commit`)
 
@@ -258,6 +260,21 @@ class Planner:
                     return Refinement(level, [0], done)
         return None
 
+    def _lift_first(self, decision: Decision, now: float, worker_free: float, bandwidth: float,
+                    speeds: SpeedEstimate, limit: float) -> Decision:
+        """With `first_lift`: the first chunk one level above `decision`'s plan level, the rest at that level,
+        if that is predicted ready by `limit` and insured; else `decision`. The first chunk's level weighs
+        most (module docstring), and refinement can lift it only with time left at the end."""
+        level = decision.plan_level
+        assert level is not None
+        better = self.levels[self.rank(level) - 1]
+        first_rate, rate = bandwidth / self.discounts[better], bandwidth / self.discounts[level]
+        ready = self.ready_time(0, better, 0, now, worker_free, rate, speeds, tail_level=level,
+                                first_bandwidth=first_rate)
+        if ready <= limit and self.insured(0, better, now, worker_free, first_rate, speeds, limit):
+            return Decision(better, ready, level, 0, True)
+        return decision
+
     def insured(self, index: int, level: str, now: float, worker_free: float, bandwidth: float,
                 speeds: SpeedEstimate, budget: float) -> bool:
         """Fetching chunk `index` at `level` leaves a way out if the link drops by `drop_factor` while this
@@ -298,6 +315,8 @@ class Planner:
                                                                        speeds, limit))
                 decision = Decision(RECOMPUTE if count else level, ready, level, count, meets)
                 if decision.meets:
+                    if self.first_lift and index == 0 and count == 0 and rank > 0:
+                        return self._lift_first(decision, now, worker_free, bandwidth, speeds, limit)
                     return decision
                 if soonest is None or ready < soonest.predicted_ready_s:
                     soonest = decision
