@@ -91,7 +91,7 @@ def compare_rows(path: Path) -> dict:
     """The adaptive rows of another run's stream.json, with the settings they were made with."""
     other = json.loads(path.read_text())
     return {"drop_factor": other.get("drop_factor", 1.0), "discount": other.get("discount", "1"),
-            "refine_discount": other.get("refine_discount", "as discount"),
+            "refine_discount": other.get("refine_discount", "as discount"), "first_lift": other.get("first_lift", False),
             "machine": other["machine"], "adaptive": [r for r in other["summary"] if r["policy"] == "adaptive"]}
 
 
@@ -169,6 +169,8 @@ def main() -> int:
                              "level's size step) or 'wide' (the steps of 2x or more only, the client's default)")
     parser.add_argument("--refine-discount", default="1",
                         help="the same for the adaptive client's refinement (the client's default, 1: off)")
+    parser.add_argument("--first-lift", action="store_true",
+                        help="the adaptive planner's first_lift experiment: the first chunk a level above its plan's")
     parser.add_argument("--compare", type=Path, default=None,
                         help="a stream.json of another run (e.g. --drop-factor 1) whose adaptive rows to include")
     parser.add_argument("--markdown", type=Path, default=None,
@@ -248,7 +250,8 @@ def main() -> int:
                     for slo in deadlines:
                         client.set_trace(trace)
                         cache, report = client.fetch(context_id, slo, model=model, drop_factor=args.drop_factor,
-                                                     discount=discount, refine_discount=refine_discount)
+                                                     discount=discount, refine_discount=refine_discount,
+                                                     first_lift=args.first_lift)
                         runs.append({"trace": trace, "policy": "adaptive", "slo": slo, **fetch_record(report),
                                      **score(cache, report.options())})
                         print(f"  {trace} slo {slo:g}: ready {report.ready_s:.2f} s "
@@ -265,7 +268,7 @@ def main() -> int:
         "model": models.DEFAULT_MODEL, "machine": machine(), "torch_threads": 1,
         "tasks": args.tasks.split(","), "samples_per_task": args.samples, "queries_per_sample": args.queries,
         "chunk_tokens": 256, "drop_factor": args.drop_factor, "discount": args.discount,
-        "refine_discount": args.refine_discount, "traces": [{"trace": t, "deadlines": d} for t, d in TRACES],
+        "refine_discount": args.refine_discount, "first_lift": args.first_lift, "traces": [{"trace": t, "deadlines": d} for t, d in TRACES],
         "recompute_tokens_s": None if client.speeds is None else round(1.0 / client.speeds.per_token_s, 1),
         "notes": NOTES,
         "samples": samples_out,
