@@ -91,7 +91,8 @@ def compare_rows(path: Path) -> dict:
     """The adaptive rows of another run's stream.json, with the settings they were made with."""
     other = json.loads(path.read_text())
     return {"drop_factor": other.get("drop_factor", 1.0), "discount": other.get("discount", "1"),
-            "refine_discount": other.get("refine_discount", "as discount"), "first_lift": other.get("first_lift", False),
+            "refine_discount": other.get("refine_discount", "as discount"),
+            "first_lift": other.get("first_lift", False),
             "machine": other["machine"], "adaptive": [r for r in other["summary"] if r["policy"] == "adaptive"]}
 
 
@@ -129,8 +130,8 @@ def evaluate(model, tokenizer, task, sample, cache, ids, queries: int, dense: di
         ttfts.append(result.ttft_s)
     logprobs, targets = reference_logprobs(session, sample)
     token_nll = -logprobs[torch.arange(len(targets)), targets]
-    out = {"accuracy": statistics.mean(scores), "scores": scores, "nll": float(token_nll.mean()), "first_token_s": ttfts[0],
-           "reference_tokens": len(targets), "token_nll": [round(float(x), 5) for x in token_nll]}
+    out = {"accuracy": statistics.mean(scores), "scores": scores, "nll": float(token_nll.mean()),
+           "first_token_s": ttfts[0], "reference_tokens": len(targets), "token_nll": [round(float(x), 5) for x in token_nll]}
     if dense is None:
         out["_logprobs"] = logprobs
         out["kl"] = 0.0
@@ -268,7 +269,8 @@ def main() -> int:
         "model": models.DEFAULT_MODEL, "machine": machine(), "torch_threads": 1,
         "tasks": args.tasks.split(","), "samples_per_task": args.samples, "queries_per_sample": args.queries,
         "chunk_tokens": 256, "drop_factor": args.drop_factor, "discount": args.discount,
-        "refine_discount": args.refine_discount, "first_lift": args.first_lift, "traces": [{"trace": t, "deadlines": d} for t, d in TRACES],
+        "refine_discount": args.refine_discount, "first_lift": args.first_lift,
+        "traces": [{"trace": t, "deadlines": d} for t, d in TRACES],
         "recompute_tokens_s": None if client.speeds is None else round(1.0 / client.speeds.per_token_s, 1),
         "notes": NOTES,
         "samples": samples_out,
@@ -294,15 +296,14 @@ NOTES = ("Server and client on loopback; the server's send rate follows the trac
          "task per process, merged with --merge.")
 
 
-def ppl_change(runs: list[dict], dense: list[dict], picks: list | None = None) -> float:
-    """Mean over samples of exp(mean reference NLL - that of the dense cache) - 1 (`picks`: token indices
-    per sample, a bootstrap draw; None: every token)."""
+def ppl_change(runs: list[dict], dense: list[dict]) -> float:
+    """Mean over samples of exp(mean reference NLL - that of the dense cache) - 1."""
     import numpy as np
 
     changes = []
-    for k, (run, base) in enumerate(zip(runs, dense, strict=True)):
+    for run, base in zip(runs, dense, strict=True):
         tokens = np.asarray(run["token_nll"]) - np.asarray(base["token_nll"])
-        changes.append(math.exp(float(tokens.mean() if picks is None else tokens[picks[k]].mean())) - 1)
+        changes.append(math.exp(float(tokens.mean())) - 1)
     return statistics.mean(changes)
 
 
@@ -398,15 +399,16 @@ def summarize(samples: list[dict], levels: list[str]) -> list[dict]:
                               "kl": statistics.mean(kl)})
             fixed = [r for r in group if r["policy"] in levels]
             fastest = min(fixed, key=lambda r: (r["miss_rate"], r["ttft_s"] or math.inf))
-            meeting = [r["policy"] for r in fixed if r["miss_rate"] == 0]
+            meeting_rows = [r for r in fixed if r["miss_rate"] == 0]
+            meeting = [r["policy"] for r in meeting_rows]
             adaptive = group[0]
             target = {"fewest_misses_fixed": fastest["policy"], "misses_ok": adaptive["miss_rate"] <= fastest["miss_rate"],
                       "meeting_fixed": meeting, "best_meeting": None, "quality_ok": None}
             if meeting:
-                best = max((r for r in fixed if r["policy"] in meeting), key=lambda r: (r["accuracy"], -r["ppl_change"]))
+                best = max(meeting_rows, key=lambda r: (r["accuracy"], -r["ppl_change"]))
                 target.update(quality_test("adaptive", meeting, picked, dense))
                 target["best_meeting"] = best["policy"]
-                target["kl_ok"] = adaptive["kl"] <= min(r["kl"] for r in fixed if r["policy"] in meeting)
+                target["kl_ok"] = adaptive["kl"] <= min(r["kl"] for r in meeting_rows)
                 top = quality_test(meeting[0], meeting, picked, dense)
                 target["top_check"] = {"level": meeting[0], **{key: top[key] for key in
                                                                ("accuracy_strict_ok", "accuracy_ok", "ppl_ok")}}

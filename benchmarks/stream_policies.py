@@ -5,10 +5,10 @@ every fixed level, with no quality evaluation (so minutes, not an hour; benchmar
 
 It publishes `--samples` contexts per task of benchmarks/stream.py (the model is loaded once, to prefill
 and encode them), then, over the shaped traces of benchmarks/stream.py except the 1 Mbit/s drop (which
-needs recomputing, so the model in the client; `--traces` names others), fetches each context at every fixed level (one fetch per
-trace and level serves every deadline) and once per deadline with each planner setting. The client has
-no model: nothing is recomputed, every chunk is fetched and decoded. Per (trace, deadline, setting): the
-deadline misses, and the chosen levels against the best fixed level that met the deadline on every
+needs recomputing, so the model in the client; `--traces` names others), fetches each context at every
+fixed level (one fetch per trace and level serves every deadline) and once per deadline with each planner
+setting. The client has no model: nothing is recomputed, every chunk is fetched and decoded. Per
+(trace, deadline, setting): the deadline misses, and the chosen levels against the best fixed level that met the deadline on every
 sample: `level_ok` counts the fetches whose every chunk is at that level or better, `mean_rank` is the
 mean level rank of the chunks (0 = lossless-ish) beside that level's rank. The level check is a proxy for
 quality, stricter than stream.py's test (a chunk one level lower fails it). Writes
@@ -222,9 +222,9 @@ def parse_traces(text: str) -> list[tuple[str, list[float]]]:
 
 def summarize(runs: list[dict], fixed: dict, levels: list[str], settings: list[str], ids: list[str],
               traces: list[tuple[str, list[float]]]) -> list[dict]:
-    """Per (trace, deadline, setting) the row described in the module docstring; with more than one trace, also
-    per deadline that several traces have, over those N traces (trace "all N"): the fixed levels then must meet it on every
-    sample of every such trace, as a level chosen before the link is known must."""
+    """Per (trace, deadline, setting) the row described in the module docstring; also, per deadline that
+    several traces have, one over those N traces (trace "all N"): the fixed levels then must meet it on
+    every sample of every such trace, as a level chosen before the link is known must."""
     rows = []
     pooled = [(f"all {len(names)}", slo, names) for slo in sorted({slo for _, d in traces for slo in d})
               if len(names := [t for t, d in traces if slo in d]) > 1]
