@@ -129,3 +129,31 @@ def test_cli_bench_with_data_fails_in_one_line(tmp_path, capsys):
     assert cli.main(["bench", "--data", str(tmp_path / "nope"), "--tasks", "kv", "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("kvlife: error:") and "\n" not in err
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("scbench_kv.jsonl", b"\xff\xfe" + bytes(range(256)) * 4, "not UTF-8"),
+    ("scbench_kv.jsonl", json.dumps({"id": 1, "context": "c", "multi_turns": [1, 2]}).encode(), "multi_turns"),
+    ("scbench_kv.jsonl", json.dumps({"id": 1, "context": "c", "multi_turns": []}).encode(), "multi_turns"),
+    ("scbench_kv.jsonl", b"", "empty"),
+    ("scbench_kv.jsonl", b"\n  \n", "empty"),
+    ("scbench_kv.parquet", b"PAR1" + bytes(range(256)) + b"PAR1", "not a readable parquet"),
+])
+def test_bad_data_files_are_one_line_errors(tmp_path, name, content, message):
+    if name.endswith(".parquet"):
+        pytest.importorskip("pyarrow.parquet", reason="pyarrow not installed (parquet is optional)")
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(TaskError, match=message) as info:
+        data.load_samples(get_task("kv"), str(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe" + bytes(range(256)), b""])
+def test_cli_bench_with_bad_data_exits_2_in_one_line(tmp_path, capsys, content):
+    from kvlife import cli
+
+    (tmp_path / "scbench_kv.jsonl").write_bytes(content)
+    assert cli.main(["bench", "--data", str(tmp_path), "--model", "tiny-missing", "--no-progress",
+                     "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kvlife: error:") and "\n" not in err

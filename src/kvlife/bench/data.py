@@ -52,13 +52,21 @@ MAX_NEW_TOKENS = {"kv": 64, "prefix_suffix": 64, "multihop": 48, "math_find": 16
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise TaskError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise TaskError(f"cannot read {path}: {exc.strerror or exc}") from None
+    for number, line in enumerate(raw.splitlines(), 1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TaskError(f"{path}:{number} is not UTF-8 text (byte {exc.start}); "
+                            "is this SCBench's JSONL?") from None
+        if text.strip():
+            try:
+                rows.append(json.loads(text))
+            except json.JSONDecodeError as exc:
+                raise TaskError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
     return rows
 
 
@@ -68,7 +76,13 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
     except ImportError:
         raise TaskError(f"{path} is parquet, which needs pyarrow: `pip install pyarrow` "
                         "(or convert the file to JSONL)") from None
-    return pq.read_table(path).to_pylist()
+    import pyarrow as pa
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TaskError(f"{path} is not a readable parquet file ({first})") from None
 
 
 def data_files(data_dir: Path, task: str) -> list[Path]:
@@ -96,10 +110,15 @@ def read_rows(data: str, task: str) -> list[dict[str, Any]]:
     rows = []
     for path in files:
         rows += _read_parquet(path) if path.suffix == ".parquet" else _read_jsonl(path)
+    if not rows:
+        raise TaskError(f"no rows for task {task} in {', '.join(map(str, files))}: the file is empty")
     for index, row in enumerate(rows):
         if not isinstance(row, dict) or "context" not in row or not isinstance(row.get("multi_turns"), list):
             raise TaskError(f"{files[0].parent}: row {index} of {task} lacks `context` or `multi_turns`; "
                             "is this SCBench's format?")
+        if not row["multi_turns"] or not all(isinstance(turn, dict) for turn in row["multi_turns"]):
+            raise TaskError(f"{files[0].parent}: row {index} of {task}: `multi_turns` must be a non-empty list of "
+                            '{"input": ..., "answer": ...} objects; is this SCBench\'s format?')
     return rows
 
 
