@@ -33,6 +33,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         tasks = [t for t in tasks if t in TASK_FILES and data_files(Path(args.data), t)] or tasks
     modes = ["multi-turn", "multi-request"] if args.mode == "both" else [args.mode]
+    _check_sizes(args, tasks)
     console = _console()
     store = None
     if args.store:
@@ -54,7 +55,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              samples=args.samples, profile=args.profile, seed=args.seed, own_answers=args.own_answers,
                              recompress=args.recompress, max_turns=args.max_turns, prompt_format=args.format,
                              data=args.data, max_length=args.max_length, backend=args.backend,
-                             base_url=args.base_url if args.backend == "openai" else None)
+                             base_url=args.base_url if args.backend == "openai" else None, dtype=args.dtype,
+                             context_tokens=args.context_tokens)
         backend = None
         if args.backend == "openai":
             backend = make_backend(config, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
@@ -67,6 +69,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print_tables(summary, console)
         console.print(f"results: {run_dir}")
     return 0
+
+
+def _check_sizes(args: argparse.Namespace, tasks: list[str]) -> None:
+    """Refuse a bad --dtype or --context-tokens before any model is loaded."""
+    from kvlife.models import DTYPES, context_window, resolve_dtype
+
+    if args.dtype not in DTYPES:
+        raise KvlifeError(f"unknown --dtype {args.dtype!r}; valid: {', '.join(DTYPES)}")
+    if args.backend == "local":
+        resolve_dtype(args.dtype)
+    if args.context_tokens is None:
+        return
+    if args.context_tokens <= 0:
+        raise KvlifeError(f"--context-tokens must be a positive number of tokens, got {args.context_tokens}")
+    if args.data:
+        raise KvlifeError("--context-tokens sizes generated tasks; with --data use --max-length")
+    window = context_window(args.model) if args.backend == "local" and args.model else None
+    if args.backend == "local" and not args.model:
+        from kvlife.models import DEFAULT_MODEL
+
+        window = context_window(DEFAULT_MODEL)
+    if window is not None:
+        from kvlife.bench.tasks import get_task
+
+        room = max(get_task(name).room_tokens() for name in tasks)
+        if args.context_tokens + room > window:
+            raise KvlifeError(f"--context-tokens {args.context_tokens} does not fit the model's {window}-token window "
+                              f"with {room} tokens left for the queries and answers; use at most {window - room}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -165,7 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--mode", default="multi-turn", choices=["multi-turn", "multi-request", "both"])
     bench.add_argument("--method", default="dense", help="recipe spec, e.g. 'dense', 'streamingllm(n_local=256)'")
     bench.add_argument("--samples", type=int, default=None, help="samples per task (default: the profile's)")
-    bench.add_argument("--profile", default="default", help="task sizes: default | scbench")
+    bench.add_argument("--profile", default="default", help="task sizes: default | long | scbench")
+    bench.add_argument("--context-tokens", type=int, default=None, metavar="N",
+                       help="set every task's context length to about N tokens (any profile)")
+    bench.add_argument("--dtype", default="auto", metavar="auto|float32|bfloat16",
+                       help="the local model's dtype; auto: bfloat16 on CUDA or a CPU with native bf16, else float32")
     bench.add_argument("--out", default=None, help="run directory (default results/<run-id>; reruns resume)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--own-answers", action="store_true", help="multi-turn: feed back the model's own answers")
@@ -193,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="openai: retries of a failed request (connection errors, timeouts, 429, 5xx), backoff 0.5 s x 2^n")
     bench.set_defaults(func=cmd_bench)
 
-    serve = sub.add_parser("serve", help="serve a KV chunk store over HTTP (for --store http://...)",
-                           description="An HTTP chunk store: put/get/exists/stats, bearer tokens, one directory per tenant.")
+    serve = sub.add_parser("serve", help="serve KV chunks and streamed contexts over HTTP (--store http://..., fetch)",
+                           description="An HTTP chunk store: put/get/exists/stats, streamed contexts, bearer tokens, "
+                                       "one directory per tenant, optionally a send rate shaped by a bandwidth trace.")
     from kvlife.store.serve_args import add_arguments as add_serve_arguments
 
     add_serve_arguments(serve)
@@ -235,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"] or argv[:2] == ["stream", "serve"]:
+        # a chunk server needs neither torch nor a model: its own parser, not the whole CLI's imports
+        from kvlife.store.server import main as serve_main
+
+        return serve_main(argv[1:] if argv[0] == "serve" else argv[2:], stream_alias=argv[0] == "stream")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -221,17 +221,63 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load(name_or_dir: str, device: str | None = None, dtype: Any = None):
-    """Load (model, tokenizer) in float32 on CPU or bfloat16 on CUDA, with kvlife's attention."""
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bfloat16 natively (AVX512_BF16 or AMX), read from the CPU itself.
+
+    torch asks cpuinfo; where that private helper is missing, the kernel's flags are read instead.
+    Without native support bfloat16 matmuls are emulated and run slower than float32.
+    """
     import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(probe) for probe in probes):
+        return any(bool(probe()) for probe in probes)
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_dtype(dtype: Any = "auto", device: str | None = None):
+    """The torch dtype for `dtype` ("auto", "float32", "bfloat16" or a torch dtype) on `device`.
+
+    "auto" is bfloat16 on CUDA and on a CPU with native bfloat16 (AVX512_BF16 or AMX), float32
+    elsewhere.
+    """
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ModelError(f"dtype {dtype} is not supported; use float32 or bfloat16")
+        return dtype
+    name = "auto" if dtype is None else str(dtype)
+    if name not in DTYPES:
+        raise ModelError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+    if name == "auto":
+        device = device or default_device()
+        native = device.startswith("cuda") or (device == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if native else torch.float32
+    return getattr(torch, name)
+
+
+def dtype_name(dtype: Any) -> str:
+    """"float32" for torch.float32 (the name store keys and results record)."""
+    return str(dtype).replace("torch.", "")
+
+
+def load(name_or_dir: str, device: str | None = None, dtype: Any = "auto"):
+    """Load (model, tokenizer) with kvlife's attention, in `dtype` (see `resolve_dtype`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kvlife.attention import KVLIFE_ATTENTION, register
 
     path = resolve(name_or_dir)
     device = device or default_device()
-    if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = resolve_dtype(dtype, device)
     register()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -240,6 +286,19 @@ def load(name_or_dir: str, device: str | None = None, dtype: Any = None):
         raise ModelError(f"cannot load a model from {path}: {str(exc).splitlines()[0]}") from None
     model.to(device).eval()
     return model, tokenizer
+
+
+def context_window(name_or_dir: str) -> int | None:
+    """The model's context window in tokens (registry, else config.json's max_position_embeddings)."""
+    path = Path(name_or_dir).expanduser()
+    if not path.is_dir() and name_or_dir in REGISTRY:
+        return REGISTRY[name_or_dir].context_length
+    config = (path if path.is_dir() else hf_dir(name_or_dir)) / "config.json"
+    try:
+        value = json.loads(config.read_text()).get("max_position_embeddings")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return int(value) if isinstance(value, int) else None
 
 
 def model_name(name_or_dir: str) -> str:
@@ -253,3 +312,26 @@ def listing() -> list[dict[str, Any]]:
         rows.append({"name": spec.name, "pulled": is_pulled(spec.name), "default": spec.name == DEFAULT_MODEL,
                      "description": spec.description, "path": str(hf_dir(spec.name))})
     return rows
+
+
+def model_fingerprint(model: Any) -> str:
+    """A short hash of a model's config and a sample of its weights (cached on the model): what store keys,
+    saved caches and streamed contexts record to refuse another model's cache."""
+    cached = getattr(model, "_kvlife_fingerprint", None)
+    if cached:
+        return cached
+    import torch
+
+    config = {k: v for k, v in model.config.to_dict().items()
+              if not k.startswith("_") and k not in ("transformers_version", "name_or_path")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    params = list(model.parameters())
+    for tensor in (params[0], params[len(params) // 2], params[-1]):
+        sample = tensor.detach().flatten()[:4096].to("cpu", torch.float32).contiguous()
+        digest.update(sample.numpy().tobytes())
+    fingerprint = digest.hexdigest()[:32]
+    try:
+        model._kvlife_fingerprint = fingerprint
+    except AttributeError:
+        pass
+    return fingerprint

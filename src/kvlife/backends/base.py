@@ -72,7 +72,7 @@ class LocalBackend:
         from kvlife import models
 
         if self.model is None:
-            self.model, self.tokenizer = models.load(config.model)
+            self.model, self.tokenizer = models.load(config.model, dtype=config.dtype)
         if config.max_length:
             from kvlife.bench.data import truncate_middle
 

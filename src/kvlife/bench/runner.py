@@ -18,6 +18,7 @@ from typing import Any
 
 from kvlife.bench.tasks import Sample, get_task
 from kvlife.errors import ResultsError
+from kvlife.models import dtype_name, resolve_dtype
 from kvlife.recipe import parse
 
 RESULTS_ROOT = Path("results")
@@ -40,6 +41,8 @@ class BenchConfig:
     max_length: int | None = None  # cut longer contexts to this many tokens, from the middle
     backend: str = "local"  # "local" (kvlife's Session) or "openai" (a server at base_url)
     base_url: str | None = None  # the OpenAI-compatible server's URL, for backend "openai"
+    dtype: str = "auto"  # the local model's dtype: auto | float32 | bfloat16 (resolved before the run starts)
+    context_tokens: int | None = None  # set every task's context length (tokens) instead of its profile's
     extra: dict[str, Any] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
@@ -51,6 +54,9 @@ class BenchConfig:
                 # only when set, so that runs made before these options keep their identity
                 **({"data": self.data} if self.data else {}),
                 **({"max_length": self.max_length} if self.max_length else {}),
+                # float32 runs keep the identity they had before the option existed
+                **({"dtype": self.dtype} if self.dtype != "float32" and self.backend == "local" else {}),
+                **({"context_tokens": self.context_tokens} if self.context_tokens else {}),
                 **({"backend": self.backend, "base_url": self.base_url} if self.backend != "local" else {})}
 
     def run_id(self) -> str:
@@ -89,7 +95,8 @@ def prepare_out(out: Path, config: BenchConfig) -> None:
             raise ResultsError(f"{out} holds a different run (its config.json differs); use another --out directory")
         return
     payload = {"identity": config.identity(), "run_id": out.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "versions": versions(), **config.extra}
+               "versions": versions(), **({"dtype": config.dtype} if config.backend == "local" else {}),
+               **config.extra}
     tmp = config_path.with_name("config.json.tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     tmp.replace(config_path)
@@ -149,6 +156,7 @@ def run_sample(session, task, sample: Sample, max_turns: int | None) -> list[dic
             "cache_bytes": result.cache_bytes,
             "cache_tokens": round(result.cache_tokens, 1) if result.cache_tokens is not None else None,
             "reference_nll": round(result.reference_nll, 5) if result.reference_nll is not None else None,
+            **({"dtype": session.dtype} if getattr(session, "dtype", None) else {}),
         })
         rows[-1].update(result.stats.get("row", {}))  # a backend's own fields (a server's cached tokens, ...)
         if index == 0 and getattr(session, "store", None) is not None:
@@ -179,6 +187,8 @@ def run(config: BenchConfig, out: Path | None = None, model=None, tokenizer=None
     `backend`: what computes the turns (kvlife.backends); default: the one `config.backend` names."""
     recipe = parse(config.method)  # fail on a bad spec, task or model before writing anything
     config.method = recipe.spec
+    if config.backend == "local":  # the dtype the run computes in, recorded resolved ("auto" is not a dtype)
+        config.dtype = dtype_name(next(model.parameters()).dtype if model is not None else resolve_dtype(config.dtype))
     tasks = [get_task(name) for name in config.tasks]
     backend = backend or make_backend(config, model, tokenizer, store)
     if config.data:
@@ -187,7 +197,7 @@ def run(config: BenchConfig, out: Path | None = None, model=None, tokenizer=None
         all_samples = [(task, sample) for task in tasks for sample in load_samples(task, config.data, config.samples)]
     else:
         all_samples = [(task, sample) for task in tasks
-                       for sample in task.samples(config.profile, config.samples, config.seed)]
+                       for sample in task.samples(config.profile, config.samples, config.seed, config.context_tokens)]
     out = Path(out) if out else RESULTS_ROOT / config.run_id()
     predictions = out / "predictions.jsonl"
     done = sample_done(read_rows(predictions))

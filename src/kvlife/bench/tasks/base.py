@@ -40,13 +40,31 @@ class Task:
     differs_from_scbench: ClassVar[str] = ""
     profiles: ClassVar[dict[str, dict[str, Any]]] = {}
 
-    def settings(self, profile: str) -> dict[str, Any]:
+    def settings(self, profile: str, context_tokens: int | None = None) -> dict[str, Any]:
+        """A profile's generator settings; `context_tokens` resizes its context to about that many tokens."""
         if profile not in self.profiles:
             raise TaskError(f"task {self.name} has no profile {profile!r}; profiles: {', '.join(self.profiles)}")
-        return dict(self.profiles[profile])
+        settings = dict(self.profiles[profile])
+        if context_tokens is not None:
+            if context_tokens <= 0:
+                raise TaskError(f"context length must be a positive number of tokens, got {context_tokens}")
+            settings = self.resize(settings, context_tokens)
+        return settings
 
-    def samples(self, profile: str = "default", n: int | None = None, seed: int = 0) -> list[Sample]:
-        settings = self.settings(profile)
+    def resize(self, settings: dict[str, Any], tokens: int) -> dict[str, Any]:
+        """`settings` changed so that the context is about `tokens` tokens long. Most tasks hide their
+        needles in filler whose length is `context_tokens`; tasks sized otherwise override this."""
+        return {**settings, "context_tokens": tokens}
+
+    def room_tokens(self) -> int:
+        """Tokens a sample needs beyond its context (queries, fed-back answers, generated tokens): a
+        generous estimate, used to refuse a context that would not fit the model's window."""
+        sample = self.samples("default", 1)[0]
+        return 64 + sum(len(t.query) // 2 + len(t.answer) // 2 + sample.max_new_tokens for t in sample.turns)
+
+    def samples(self, profile: str = "default", n: int | None = None, seed: int = 0,
+                context_tokens: int | None = None) -> list[Sample]:
+        settings = self.settings(profile, context_tokens)
         count = settings.pop("samples", 8) if n is None else n
         settings.pop("samples", None)
         out = []
@@ -105,8 +123,12 @@ def chars_for_tokens(tokens: int) -> int:
 
 
 TASKS: dict[str, Callable[[], Task]] = {}
+LONG_CONTEXT_TOKENS = 8192  # the `long` profile: the default profile's needles in an 8K-token context
 
 
 def register(cls):
+    """Register a task; it gains a `long` profile (its default resized to 8K tokens) unless it has one."""
+    if "long" not in cls.profiles and "default" in cls.profiles:
+        cls.profiles = {**cls.profiles, "long": cls().resize(dict(cls.profiles["default"]), LONG_CONTEXT_TOKENS)}
     TASKS[cls.name] = cls
     return cls
