@@ -5,7 +5,7 @@ every fixed codec level and against always recomputing, over real throttled link
 
 For each task sample (the default model, default task profile, multi-request) it prefills the context
 once (dense), encodes its cache at every level (with a channel-weights profile measured on a held-out
-text, as benchmarks/codec.py) and uploads it to a `kvlife stream serve` process on loopback. Then, for
+text, as benchmarks/codec.py) and uploads it to a `kvlife stream serve` process (`kvlife serve`) on loopback. Then, for
 each bandwidth trace, the server's link is restarted on the trace and the client fetches the context:
 once per fixed level (a fixed policy ignores the deadline, so one fetch serves every deadline; a fetch
 still running at 1.25 x the largest deadline is cut off and counted as a miss), once per deadline with
@@ -41,10 +41,8 @@ from foundation import machine  # noqa: E402
 from kvlife import models  # noqa: E402
 from kvlife.bench.tasks import get_task  # noqa: E402
 from kvlife.session import Session  # noqa: E402
-from kvlife.stream import RECOMPUTE, StreamClient, publish  # noqa: E402
-from kvlife.stream.client import FetchAborted  # noqa: E402
-from kvlife.stream.planner import parse_discount  # noqa: E402
-from kvlife.stream.sessions import attach  # noqa: E402
+from kvlife.stream import RECOMPUTE, FetchAborted, FetchConfig, StreamClient, publish  # noqa: E402
+from kvlife.stream.config import parse_discount  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "stream.json"
 CALIBRATION_TEXT = Path("/usr/share/common-licenses/LGPL-2.1")
@@ -92,7 +90,6 @@ def compare_rows(path: Path) -> dict:
     other = json.loads(path.read_text())
     return {"drop_factor": other.get("drop_factor", 1.0), "discount": other.get("discount", "1"),
             "refine_discount": other.get("refine_discount", "as discount"),
-            "first_lift": other.get("first_lift", False),
             "machine": other["machine"], "adaptive": [r for r in other["summary"] if r["policy"] == "adaptive"]}
 
 
@@ -102,8 +99,8 @@ def start_server(root: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "kvlife.stream.server", "--root", root, "--port", str(port)],
-                               stdout=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "-m", "kvlife.cli", "stream", "serve", "--root", root,
+                                "--port", str(port)], stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):
         try:
@@ -122,7 +119,7 @@ def evaluate(model, tokenizer, task, sample, cache, ids, queries: int, dense: di
     import torch
 
     session = Session(model, tokenizer, "dense", mode="multi-request")
-    attach(session, cache, ids)
+    session.attach(cache, ids)
     scores, ttfts = [], []
     for turn in sample.turns[:queries]:
         result = session.ask(turn.query, max_new_tokens=sample.max_new_tokens, score_reference=False)
@@ -166,12 +163,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--drop-factor", type=float, default=2.0, help="the adaptive planner's insurance (1: off)")
     parser.add_argument("--discount", default="wide",
-                        help="the adaptive planner's throughput discount: a number >= 1 (1: off), 'levels' (each "
-                             "level's size step) or 'wide' (the steps of 2x or more only, the client's default)")
+                        help="the adaptive planner's throughput discount: a number >= 1 (1: off) or 'wide' (each "
+                             "level's size step where it is 2x or more, the client's default)")
     parser.add_argument("--refine-discount", default="1",
                         help="the same for the adaptive client's refinement (the client's default, 1: off)")
-    parser.add_argument("--first-lift", action="store_true",
-                        help="the adaptive planner's first_lift experiment: the first chunk a level above its plan's")
     parser.add_argument("--compare", type=Path, default=None,
                         help="a stream.json of another run (e.g. --drop-factor 1) whose adaptive rows to include")
     parser.add_argument("--markdown", type=Path, default=None,
@@ -199,6 +194,7 @@ def main() -> int:
         return 0
     if args.merge:
         return merge(args.merge, args.out, args.compare)
+    config = FetchConfig(drop_factor=args.drop_factor, discount=discount, refine_discount=refine_discount)
 
     model, tokenizer, weights = load_model_and_weights()
     root = tempfile.mkdtemp(prefix="kvlife-stream-bench-")
@@ -243,16 +239,14 @@ def main() -> int:
                         client.set_trace(trace)
                         try:
                             _, report = client.fetch(context_id, max(deadlines), model=model, policy=level,
-                                                     abort_after_s=1.25 * max(deadlines))
+                                                     config=FetchConfig(abort_after_s=1.25 * max(deadlines)))
                             ready = report.ready_s
                         except FetchAborted:
                             ready = None
                         runs.append({"trace": trace, "policy": level, "ready_s": ready, **quality[(level,) * manifest.n_chunks]})
                     for slo in deadlines:
                         client.set_trace(trace)
-                        cache, report = client.fetch(context_id, slo, model=model, drop_factor=args.drop_factor,
-                                                     discount=discount, refine_discount=refine_discount,
-                                                     first_lift=args.first_lift)
+                        cache, report = client.fetch(context_id, slo, model=model, config=config)
                         runs.append({"trace": trace, "policy": "adaptive", "slo": slo, **fetch_record(report),
                                      **score(cache, report.options())})
                         print(f"  {trace} slo {slo:g}: ready {report.ready_s:.2f} s "
@@ -269,7 +263,7 @@ def main() -> int:
         "model": models.DEFAULT_MODEL, "machine": machine(), "torch_threads": 1,
         "tasks": args.tasks.split(","), "samples_per_task": args.samples, "queries_per_sample": args.queries,
         "chunk_tokens": 256, "drop_factor": args.drop_factor, "discount": args.discount,
-        "refine_discount": args.refine_discount, "first_lift": args.first_lift,
+        "refine_discount": args.refine_discount,
         "traces": [{"trace": t, "deadlines": d} for t, d in TRACES],
         "recompute_tokens_s": None if client.speeds is None else round(1.0 / client.speeds.per_token_s, 1),
         "notes": NOTES,

@@ -21,6 +21,7 @@ import argparse
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,18 +30,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from foundation import machine  # noqa: E402
 
-from kvlife.stream import StreamClient, publish  # noqa: E402
-from kvlife.stream import client as client_module  # noqa: E402
-from kvlife.stream.client import DETECT_S, FetchAborted  # noqa: E402
-from kvlife.stream.estimate import THROUGHPUT_WINDOW  # noqa: E402
-from kvlife.stream.planner import REFINE_DISCOUNT, STEP_UP_MARGIN, parse_discount  # noqa: E402
+from kvlife.errors import KvlifeError  # noqa: E402
+from kvlife.stream import FetchAborted, FetchConfig, StreamClient, publish  # noqa: E402
+from kvlife.stream.config import parse_discount  # noqa: E402
 from stream import TASKS, TRACES, context_id_for, fetch_record, load_model_and_weights, start_server  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "stream-policies.json"
 SHAPED = [(trace, deadlines) for trace, deadlines in TRACES if "1mbit" not in trace]
-# (discount, drop factor): no discount (the planner before the discount), a uniform one, the level steps
-# (the client's default), the level steps without the insurance
-SETTINGS = ["1,2", "1.2,2", "1.3,2", "levels,2", "levels,1"]
+# (discount, drop factor): no discount, a uniform one, the wide steps (the client's default), the wide steps
+# without the insurance
+SETTINGS = ["1,2", "1.3,2", "wide,2", "wide,1"]
+SCHEMA = "stream-policies/1"
 
 
 def publish_samples(client: StreamClient, tasks: list[str], samples: int, loaded: tuple | None = None) -> list[str]:
@@ -63,20 +63,18 @@ def publish_samples(client: StreamClient, tasks: list[str], samples: int, loaded
 
 
 POSITIONAL = ["discount", "drop", "step_up", "refine"]
-KEYED = [*POSITIONAL, "refine_discount", "window", "detect", "first_lift"]
+KEYED = [*POSITIONAL, "refine_discount", "window", "detect"]
+FIELDS = {"discount": "discount", "drop": "drop_factor", "step_up": "step_up_margin", "refine": "refine",
+          "refine_discount": "refine_discount", "window": "throughput_window", "detect": "detect_s"}
 
 
-def parse_setting(text: str) -> dict:
-    """DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]][,KEY=VALUE...] as `StreamClient.fetch` keywords. The
-    step-up margin defaults to the planner's, 0.1; REFINE is 1 (the default: the client's refinement of the
-    worst chunks with the time left) or 0. Keyed fields (any of discount, drop, step_up, refine,
-    refine_discount, window, detect) follow: refine_discount is a discount (a number or levels; the client's
-    default, 1, when absent); window the throughput estimate's samples (an integer >= 1, default 3); detect the
-    seconds of the recent rate a chunk in flight is judged by (`client.DETECT_S`, 0.05; not a fetch keyword:
-    `main` sets the module's constant for the setting's fetches); first_lift 1 or 0 (the default): the first
-    chunk a level above its plan's where the plan still meets (`Planner`, an experiment).
-    Results/stream-policies-lift.json was measured at c007976 with a field lift=0|1, a planner option that is
-    gone (plans counted fetching worse earlier chunks again: it left floors lower)."""
+def parse_setting(text: str) -> FetchConfig:
+    """DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]][,KEY=VALUE...] as a FetchConfig; fields left out keep
+    FetchConfig's defaults. REFINE is 1 (refine the worst chunks with the time left) or 0. Keyed fields (any
+    of discount, drop, step_up, refine, refine_discount, window, detect) follow: refine_discount a discount (a
+    number or wide); window the throughput estimate's samples (an integer >= 1); detect the seconds of the
+    recent rate a chunk in flight is judged by. ValueError (or StreamError) names what is wrong. Settings
+    of options that have left the code (levels, lift, first_lift) are in the archived results' own files."""
     fields: dict[str, str] = {}
     for k, part in enumerate(text.split(",")):
         key, sep, value = part.partition("=")
@@ -91,19 +89,9 @@ def parse_setting(text: str) -> dict:
         raise ValueError(f"DISCOUNT and DROP_FACTOR are needed in {text!r}")
     if fields.get("refine", "1") not in ("0", "1"):
         raise ValueError(f"REFINE is 0 or 1 in {text!r}")
-    if fields.get("first_lift", "0") not in ("0", "1"):
-        raise ValueError(f"first_lift is 0 or 1 in {text!r}")
-    window = int(fields.get("window", THROUGHPUT_WINDOW))  # ValueError for text that is not an integer
-    if window < 1:  # checked here, not minutes later when the first fetch is made
-        raise ValueError(f"window must be >= 1 in {text!r}")
-    detect = float(fields.get("detect", DETECT_S))
-    if not 0.0 < detect <= 1.0:
-        raise ValueError(f"detect must be in (0, 1] seconds in {text!r}")
-    return {"discount": parse_discount(fields["discount"]), "drop_factor": float(fields["drop"]),
-            "step_up_margin": float(fields.get("step_up", STEP_UP_MARGIN)), "refine": fields.get("refine", "1") == "1",
-            "refine_discount": parse_discount(fields["refine_discount"]) if "refine_discount" in fields
-            else REFINE_DISCOUNT, "throughput_window": window, "detect_s": detect,
-            "first_lift": fields.get("first_lift", "0") == "1"}
+    parse = {"discount": parse_discount, "refine_discount": parse_discount, "refine": lambda v: v == "1",
+             "window": int, "drop": float, "step_up": float, "detect": float}
+    return FetchConfig(**{FIELDS[key]: parse[key](value) for key, value in fields.items()})  # checked up front
 
 
 def main() -> int:
@@ -112,8 +100,8 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=3, help="samples per task")
     parser.add_argument("--settings", default=";".join(SETTINGS),
                         help="planner settings 'DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]][,KEY=VALUE...]' separated "
-                             "by ';' (DISCOUNT: a number, levels or wide; REFINE: 1, the default, or 0; keys: "
-                             "refine_discount=D, window=N, detect=SECONDS, first_lift=0|1)")
+                             "by ';' (DISCOUNT: a number or wide; REFINE: 1, the default, or 0; keys: "
+                             "refine_discount=D, window=N, detect=SECONDS)")
     parser.add_argument("--traces", default=None,
                         help="the traces and deadlines, 'TRACE@SECONDS[,SECONDS...]' separated by ';' (default: "
                              "benchmarks/stream.py's shaped traces), e.g. 'walk:24mbit,seed=2@1,2;walk:24mbit,seed=3@1,2'")
@@ -139,9 +127,9 @@ def main() -> int:
     for setting in settings:
         try:
             parse_setting(setting)
-        except ValueError:
-            parser.error(f"bad setting {setting!r}: use DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]][,KEY=VALUE...], "
-                         "e.g. levels,2 or 1.3,2 or levels,2,0 or levels,2,0.1,0 or levels,2,refine_discount=levels")
+        except (ValueError, KvlifeError) as exc:
+            parser.error(f"bad setting {setting!r} ({exc}): use DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]]"
+                         "[,KEY=VALUE...], e.g. wide,2 or 1.3,2 or wide,2,0 or wide,2,0.1,0 or wide,2,refine_discount=wide")
 
     root = tempfile.mkdtemp(prefix="kvlife-stream-policies-")
     server, url = start_server(root)
@@ -159,30 +147,29 @@ def main() -> int:
                     client.set_trace(trace)
                     try:
                         _, report = client.fetch(context_id, max(deadlines), policy=level,
-                                                 abort_after_s=1.25 * max(deadlines))
+                                                 config=FetchConfig(abort_after_s=1.25 * max(deadlines)))
                         fixed[trace][context_id][level] = report.ready_s
                     except FetchAborted:
                         fixed[trace][context_id][level] = None
             print(f"fixed levels on {trace} done", flush=True)
         runs = []
         for setting in settings:
-            options = parse_setting(setting)
-            client_module.DETECT_S = options.pop("detect_s")
+            config = parse_setting(setting)
             for trace, deadlines in shaped:
                 for slo in deadlines:
                     for context_id in ids:
                         client.set_trace(trace)
-                        _, report = client.fetch(context_id, slo, **options)
+                        _, report = client.fetch(context_id, slo, config=config)
                         runs.append({"setting": setting, "trace": trace, "slo": slo, "sample": context_id,
                                      **fetch_record(report)})
             print(f"setting {setting} done", flush=True)
     finally:
-        client_module.DETECT_S = DETECT_S
         client.set_trace(None)
         server.terminate()
         server.wait(10)
         shutil.rmtree(root, ignore_errors=True)  # the published contexts: tens of MB per sample
-    result = {"model": "qwen2.5-coder-0.5b", "machine": machine(), "torch_threads": 1, "tasks": args.tasks.split(","),
+    result = {"schema": SCHEMA, "commit": commit(), "command": " ".join(["benchmarks/stream_policies.py", *sys.argv[1:]]),
+              "model": "qwen2.5-coder-0.5b", "machine": machine(), "torch_threads": 1, "tasks": args.tasks.split(","),
               "samples_per_task": args.samples, "levels": levels, "settings": settings,
               "traces": [{"trace": t, "deadlines": d} for t, d in shaped], "wall_s": time.perf_counter() - started,
               "notes": ("Server and client on loopback, the server's send rate following the trace; the client has no "
@@ -195,6 +182,19 @@ def main() -> int:
     print_table(table, settings)
     print(f"wrote {args.out}")
     return 0
+
+
+def commit() -> str | None:
+    """The code measured: HEAD's short hash, "+dirty" if the working tree differs (None outside git)."""
+    root = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "../src"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def parse_traces(text: str) -> list[tuple[str, list[float]]]:

@@ -31,7 +31,6 @@ from stream_policies import publish_samples  # noqa: E402
 from kvlife.codec.format import parse_header  # noqa: E402
 from kvlife.stream import StreamClient  # noqa: E402
 from kvlife.stream.recompute import CacheBuilder  # noqa: E402
-from kvlife.stream.sessions import attach  # noqa: E402
 from stream import TASKS, context_id_for, load_model_and_weights, reference_logprobs, start_server  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "stream-sensitivity.json"
@@ -78,16 +77,16 @@ def main() -> int:
             for sample in get_task(task_name).samples("default", n=args.samples):
                 context_id = context_id_for(task_name, sample)
                 manifest = client.manifest(context_id)
-                header = parse_header(client.transport.get(f"/v1/contexts/{context_id}/header"), header_only=True)
-                parts = {level: [client.transport.get(f"/v1/contexts/{context_id}/chunks/{level}/{i}")
-                                 for i in range(manifest.n_chunks)] for level in manifest.levels}
+                header = parse_header(client.header(manifest), header_only=True)
+                parts = {level: [client.chunk(manifest, level, i) for i in range(manifest.n_chunks)]
+                         for level in manifest.levels}
 
                 def score(options, manifest=manifest, header=header, parts=parts, sample=sample):
                     builder = CacheBuilder(header, model)
                     for i, level in enumerate(options):
                         builder.add_encoded(i, parts[level][i], manifest.chunks[level][i].crc32)
                     session = Session(model, tokenizer, "dense", mode="multi-request")
-                    attach(session, builder.finish(), manifest.token_ids)
+                    session.attach(builder.finish(), manifest.token_ids)
                     return reference_logprobs(session, sample)
 
                 ref, targets = score([REFERENCE] * manifest.n_chunks)

@@ -192,9 +192,11 @@ class Session:
 
     def _prefill(self, ids: list[int], compress: bool):
         """The first prefill of a context: through the store when one is given."""
-        if self.store is not None:
-            return self.store.prefill(self, ids, compress)
-        return self.forward(ids, phase="prefill", compress=compress)
+        if self.store is None:
+            return self.forward(ids, phase="prefill", compress=compress)
+        logits, stats = self.store.prefill(self, ids, compress)
+        self.last_stats = {**self.last_stats, **stats}
+        return logits
 
     def new_cache(self) -> KVCache:
         return KVCache.for_model(self.model)
@@ -312,7 +314,7 @@ class Session:
         """Save the context cache (the state after prefill) to a safetensors file."""
         if self.cache is None:
             raise KvlifeError("nothing to save: call prefill(context) first")
-        from kvlife.store.keys import model_fingerprint
+        from kvlife.models import model_fingerprint
 
         meta = {"recipe": self.recipe.spec, "context_ids": self.context_ids,
                 "model_fingerprint": model_fingerprint(self.model), **(metadata or {})}
@@ -328,17 +330,22 @@ class Session:
         if metadata.get("recipe", self.recipe.spec) != self.recipe.spec:
             raise KvlifeError(f"{path} was saved with recipe {metadata.get('recipe')!r}, this session uses "
                               f"{self.recipe.spec!r}; load it with the same recipe")
-        from kvlife.store.keys import model_fingerprint
+        from kvlife.models import model_fingerprint
 
         if metadata.get("model_fingerprint", model_fingerprint(self.model)) != model_fingerprint(self.model):
             raise KvlifeError(f"{path} was saved from another model (or other weights); load it with that model")
         expected = KVCache.for_model(self.model)
         if len(meta_cache.layers) != len(expected.layers):
             raise KvlifeError(f"{path} holds {len(meta_cache.layers)} layers, the model has {len(expected.layers)}")
-        self.cache = meta_cache
-        self.context_ids = list(metadata.get("context_ids", []))
+        self.attach(meta_cache, metadata.get("context_ids", []))
+        return metadata
+
+    def attach(self, cache: KVCache, context_ids: list[int]) -> None:
+        """Make `cache`, the cache of `context_ids`, this session's context: ask() continues on it as after
+        `load` (multi-request cuts back to it after each query; multi-turn appends turn 1's query to it)."""
+        self.cache = cache
+        self.context_ids = list(context_ids)
         self.raw_context_ids = self.context_ids
         self.turn, self.pending_answer, self.prefill_result = 0, None, None
-        self.context_checkpoint = self.cache.checkpoint()
+        self.context_checkpoint = cache.checkpoint()
         self.loaded = True
-        return metadata

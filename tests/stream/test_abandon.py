@@ -2,29 +2,41 @@
 
 import pytest
 
-from kvlife.stream.client import PROBE_BYTES, _Abandonment, _Backlog
+from kvlife.store.envelope import HEADER
+from kvlife.stream.abandon import Abandonment
+from kvlife.stream.config import FetchConfig
 from kvlife.stream.estimate import SpeedEstimate
+from kvlife.stream.fetch import Fetch
 from kvlife.stream.planner import Planner
 
 LEVELS = {"high": 500_000, "balanced": 400_000, "extreme": 200_000}
 N, TOKENS = 8, 256
 
 
+PROBE_BYTES = FetchConfig().probe_bytes
+
+
 class Sizes:
-    """What `_Abandonment` reads of a manifest: each chunk's size at each level."""
+    """What `Abandonment` reads of a manifest: each chunk's size at each level."""
 
     def size(self, level, index):
         return LEVELS[level]
 
 
+def wire(level):
+    """What arrives of a chunk: its bytes in their envelope."""
+    return LEVELS[level] + HEADER.size
+
+
 def rule(level, bandwidth, slo, probe, fetch_started=0.0, allow_recompute=False, recompute_s=1.0, clock=lambda: 0.0):
-    planner = Planner({lv: [size] * N for lv, size in LEVELS.items()}, [TOKENS] * N, slo, margin=0.0,
-                      allow_recompute=allow_recompute, drop_factor=1.0)
+    config = FetchConfig(margin=0.0, drop_factor=1.0, discount=1.0)
+    planner = Planner({lv: [size] * N for lv, size in LEVELS.items()}, [TOKENS] * N, slo,
+                      allow_recompute=allow_recompute, config=config)
     speeds = SpeedEstimate(fp16_chunk_bytes=3e6, recompute_tokens_s=TOKENS / recompute_s, attention_knee=1e18)
     for lv in LEVELS:
         speeds.add_decode(lv, 0.001)
-    return _Abandonment(0, level, Sizes(), planner, speeds, _Backlog(), clock, bandwidth, [TOKENS] * N,
-                        fetch_started, probe)
+    fetch = Fetch(Sizes(), planner, speeds, config, clock=clock)
+    return Abandonment(fetch, 0, level, bandwidth, fetch_started, probe)
 
 
 def feed(rule, pieces, clock=None):
@@ -43,28 +55,28 @@ def feed(rule, pieces, clock=None):
 def test_the_first_chunk_moves_up_when_its_own_rate_beats_the_prior(monkeypatch):
     # the prior (0.5 MB/s) chose extreme for 8 chunks in 4 s (high would need 8 s); the body arrives at
     # 4 MB/s after a 10 ms request: ~4 MB/s for the whole chunk, at which high fits (1 s)
-    monkeypatch.setattr("kvlife.stream.client.time.perf_counter", lambda: 0.010 + PROBE_BYTES / 4e6)
+    monkeypatch.setattr("kvlife.stream.abandon.time.perf_counter", lambda: 0.010 + PROBE_BYTES / 4e6)
     first = rule("extreme", 0.5e6, 4.0, probe=True)
     assert not first(PROBE_BYTES // 2, PROBE_BYTES / 2 / 4e6)  # too little to judge
     assert first(PROBE_BYTES, PROBE_BYTES / 4e6)
-    assert first.next_rate == pytest.approx(200_000 / (0.010 + 200_000 / 4e6))
+    assert first.next_rate == pytest.approx(wire("extreme") / (0.010 + wire("extreme") / 4e6))
 
 
 def test_the_first_chunk_moves_down_when_its_own_rate_falls_short(monkeypatch):
     # the prior (4 MB/s) chose high; the body arrives at 0.5 MB/s: extreme is what fits
-    monkeypatch.setattr("kvlife.stream.client.time.perf_counter", lambda: PROBE_BYTES / 0.5e6)
+    monkeypatch.setattr("kvlife.stream.abandon.time.perf_counter", lambda: PROBE_BYTES / 0.5e6)
     first = rule("high", 4e6, 4.0, probe=True)
     assert first(PROBE_BYTES, PROBE_BYTES / 0.5e6)
     assert first.next_rate == pytest.approx(0.5e6)
 
 
 def test_the_probe_keeps_a_chunk_its_rate_confirms_and_judges_once(monkeypatch):
-    monkeypatch.setattr("kvlife.stream.client.time.perf_counter", lambda: PROBE_BYTES / 4e6)
+    monkeypatch.setattr("kvlife.stream.abandon.time.perf_counter", lambda: PROBE_BYTES / 4e6)
     first = rule("high", 4e6, 4.0, probe=True)
-    assert first.planner.current is None  # chosen on the prior: not held yet
+    assert first.fetch.planner.current is None  # chosen on the prior: not held yet
     assert not first(PROBE_BYTES, PROBE_BYTES / 4e6)
     assert first.next_rate is None
-    assert first.planner.current == "high"  # confirmed by the chunk's own rate: held from here
+    assert first.fetch.planner.current == "high"  # confirmed by the chunk's own rate: held from here
     # judged once: later pieces are judged only by the drop rule (which sees nothing wrong at this rate)
     assert not first(2 * PROBE_BYTES, 2 * PROBE_BYTES / 4e6)
     # without the probe (a chunk after the first) the same bytes at a rate that would change the plan do not
@@ -153,7 +165,7 @@ def test_a_chunk_that_slowed_down_reports_its_recent_rate():
 def test_an_8x_drop_is_judged_by_the_last_pieces_and_believed_after_the_give_up():
     # high (500 KB) predicted at 8 MB/s; after 4 pieces the link falls to 1 MB/s (16 KB every 16 ms).
     # Finishing it and fetching 7 at extreme would be ready at ~1.85 s, giving it up (8 at extreme) at
-    # ~1.69 s: by 1.75 s only giving up meets. The judging window (DETECT_S, 0.05 s) sees the new rate
+    # ~1.69 s: by 1.75 s only giving up meets. The judging window (detect_s, 0.05 s) sees the new rate
     # within a few pieces, where a 0.15 s window judged nothing before 0.15 s; the rate believed after it
     # is the last pieces' (1 MB/s), not the window's mix of both rates (which planned the next try too high)
     clock = Clock()

@@ -1,31 +1,29 @@
 """Fetching over a real loopback server: levels, recompute, chunks lost or corrupted in transit, throttling."""
 
-import hashlib
-import json
-import struct
-
 import httpx
 import pytest
 import torch
 from tests.stream.conftest import CHUNK
 
 from kvlife.cache import cache_kwarg
-from kvlife.stream import RECOMPUTE, StreamClient, StreamError, fetch_into
-from kvlife.stream.context import build_context, bundle_parts
+from kvlife.store.envelope import seal_chunk
+from kvlife.stream import RECOMPUTE, FetchConfig, StreamClient, StreamError, fetch_into
+from kvlife.stream.context import build_context
 from kvlife.stream.transport import TransportError
 
 
 class FaultyLink:
     """Wraps the HTTP transport: corrupts or loses chosen chunks' responses (`faults`: index -> list of
-    "corrupt" / "lose", one per fetch of that chunk, consumed in order)."""
+    "corrupt" / "lose", one per fetch of that chunk, consumed in order; `manifest` names the chunks' keys)."""
 
-    def __init__(self, inner, faults):
+    def __init__(self, inner, faults, manifest):
         self.inner, self.faults, self.served = inner, {k: list(v) for k, v in faults.items()}, []
+        self.index = {manifest.chunk_key(level, i): i for level in manifest.levels for i in range(manifest.n_chunks)}
 
     def get(self, path, timeout_s=None, deadline=None, give_up=None):
         data = self.inner.get(path, timeout_s)
-        if "/chunks/" in path:
-            index = int(path.rsplit("/", 1)[1])
+        index = self.index.get(path.rsplit("/", 1)[1])
+        if index is not None:
             fault = self.faults.get(index, []).pop(0) if self.faults.get(index) else None
             self.served.append((path, fault))
             if fault == "lose":
@@ -78,14 +76,15 @@ def test_the_planner_settings_reach_the_planner(stream_url, published, monkeypat
 
     class Recording(client_module.Planner):
         def __init__(self, *args, **kwargs):
-            made.append(kwargs)
+            made.append(kwargs["config"])
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(client_module, "Planner", Recording)
-    StreamClient(stream_url).fetch("tiny-doc", slo=30.0, discount=1.3, drop_factor=1.5, step_up_margin=0.0)
-    assert made[-1]["discount"] == 1.3 and made[-1]["drop_factor"] == 1.5 and made[-1]["step_up_margin"] == 0.0
+    config = FetchConfig(discount=1.3, drop_factor=1.5, step_up_margin=0.0)
+    StreamClient(stream_url).fetch("tiny-doc", slo=30.0, config=config)
+    assert made[-1] is config
     StreamClient(stream_url).fetch("tiny-doc", slo=30.0)
-    assert made[-1]["discount"] == "wide" and made[-1]["step_up_margin"] == 0.1  # the defaults: wide steps, 10%
+    assert made[-1].discount == "wide" and made[-1].step_up_margin == 0.1  # the defaults: wide steps, 10%
 
 
 def test_recompute_policy_equals_one_dense_prefill(stream_url, published, tiny):
@@ -98,7 +97,7 @@ def test_recompute_policy_equals_one_dense_prefill(stream_url, published, tiny):
 def test_corrupted_chunk_is_fetched_again_never_used(stream_url, published, tiny):
     session, manifest = published
     clean, _ = StreamClient(stream_url).fetch("tiny-doc", slo=30.0, policy="balanced")
-    link = FaultyLink(StreamClient(stream_url).transport, {3: ["corrupt"], 5: ["lose"]})
+    link = FaultyLink(StreamClient(stream_url).transport, {3: ["corrupt"], 5: ["lose"]}, manifest)
     cache, report = StreamClient(link).fetch("tiny-doc", slo=30.0, model=tiny[0], policy="balanced")
     assert report.options() == ["balanced"] * manifest.n_chunks
     assert "SHA-256" in report.chunks[3].failures[0] and "injected" in report.chunks[5].failures[0]
@@ -113,8 +112,9 @@ def test_chunk_lost_every_time_is_recomputed_on_the_decoded_prefix(stream_url, p
 
     session, manifest = published
     lost = 4
-    link = FaultyLink(StreamClient(stream_url).transport, {lost: ["lose", "corrupt"]})
-    cache, report = StreamClient(link).fetch("tiny-doc", slo=30.0, model=tiny[0], policy="balanced", max_attempts=2)
+    link = FaultyLink(StreamClient(stream_url).transport, {lost: ["lose", "corrupt"]}, manifest)
+    cache, report = StreamClient(link).fetch("tiny-doc", slo=30.0, model=tiny[0], policy="balanced",
+                                             config=FetchConfig(max_attempts=2))
     assert report.chunks[lost].option == RECOMPUTE and len(report.chunks[lost].failures) == 2
     assert all(c.option == "balanced" for i, c in enumerate(report.chunks) if i != lost)
     # reference: transformers' own sdpa attention and DynamicCache, prefilled with the same decoded prefix
@@ -136,9 +136,9 @@ def test_chunk_lost_every_time_is_recomputed_on_the_decoded_prefix(stream_url, p
 
 
 def test_without_a_model_a_lost_chunk_fails_the_fetch(stream_url, published):
-    link = FaultyLink(StreamClient(stream_url).transport, {2: ["lose", "lose"]})
+    link = FaultyLink(StreamClient(stream_url).transport, {2: ["lose", "lose"]}, published[1])
     with pytest.raises(StreamError, match="no model to recompute"):
-        StreamClient(link).fetch("tiny-doc", slo=30.0, policy="high", max_attempts=2)
+        StreamClient(link).fetch("tiny-doc", slo=30.0, policy="high", config=FetchConfig(max_attempts=2))
 
 
 def test_the_link_really_is_throttled(stream_url, published):
@@ -157,8 +157,9 @@ def test_the_link_really_is_throttled(stream_url, published):
 
 
 def test_a_chunk_slowed_by_a_drop_is_abandoned_for_a_cheaper_option(stream_url, published):
-    from kvlife.stream.client import _Abandonment, _Backlog
+    from kvlife.stream.abandon import Abandonment
     from kvlife.stream.estimate import SpeedEstimate
+    from kvlife.stream.fetch import Fetch
     from kvlife.stream.planner import Planner
     from kvlife.stream.transport import Abandoned
 
@@ -166,10 +167,10 @@ def test_a_chunk_slowed_by_a_drop_is_abandoned_for_a_cheaper_option(stream_url, 
     n = manifest.n_chunks
     sizes = {lv: [manifest.size(lv, i) for i in range(n)] for lv in manifest.levels}
     planner = Planner(sizes, [CHUNK] * n, slo=1.0, allow_recompute=False)
-    speeds = SpeedEstimate(fp16_chunk_bytes=1e5)
+
     def rule():
-        return _Abandonment(1, "lossless-ish", manifest, planner, speeds, _Backlog(), lambda: 0.1, 2e6,
-                            [CHUNK] * n, fetch_started=0.0, probe=False)
+        fetch = Fetch(manifest, planner, SpeedEstimate(fp16_chunk_bytes=1e5), clock=lambda: 0.1)
+        return Abandonment(fetch, 1, "lossless-ish", 2e6, fetch_started=0.0, probe=False)
 
     size = manifest.size("lossless-ish", 1)
     assert not rule()(size // 4, 0.004)  # on time (predicted 9 ms)
@@ -182,7 +183,8 @@ def test_a_chunk_slowed_by_a_drop_is_abandoned_for_a_cheaper_option(stream_url, 
     client.set_trace("constant:400kbit")
     try:
         with pytest.raises(Abandoned) as caught:
-            client.transport.get("/v1/contexts/tiny-doc/chunks/lossless-ish/1", give_up=lambda got, s: got >= 4096)
+            client.transport.get(f"/v1/chunks/{manifest.chunk_key('lossless-ish', 1)}",
+                                 give_up=lambda got, s: got >= 4096)
     finally:
         client.set_trace(None)
     assert 4096 <= caught.value.received < size and caught.value.seconds >= 4096 / 50_000 * 0.9
@@ -195,7 +197,7 @@ def test_an_abort_time_bounds_a_hopeless_fetch(stream_url, published):
     client.set_trace("constant:200kbit")
     try:
         with pytest.raises(FetchAborted):
-            client.fetch("tiny-doc", slo=0.2, policy="lossless-ish", abort_after_s=0.3)
+            client.fetch("tiny-doc", slo=0.2, policy="lossless-ish", config=FetchConfig(abort_after_s=0.3))
     finally:
         client.set_trace(None)
 
@@ -209,23 +211,41 @@ def test_wrong_model_and_missing_context_are_clear_errors(stream_url, published)
         StreamClient(stream_url).fetch("absent", slo=5.0)
 
 
-def test_uploads_are_checked_before_they_are_stored(stream_url, published):
+def test_a_context_is_listed_only_once_its_chunks_are_stored(stream_url, published):
     session, _ = published
     context = build_context(session.cache, session.context_ids, "checked", "fp", ["balanced"], chunk_tokens=CHUNK)
-    parts = bundle_parts(context)
-    bad = list(parts)
-    bad[-2] = bad[-2][:-1] + bytes([bad[-2][-1] ^ 1])
-    response = httpx.put(f"{stream_url}/v1/contexts/checked", content=b"".join(bad))
-    assert response.status_code == 400 and "SHA-256" in response.json()["error"]
-    response = httpx.put(f"{stream_url}/v1/contexts/checked", content=b"".join(parts)[:-10])
-    assert response.status_code == 400
+    manifest, payloads = context.manifest, context.payloads()
+    body = {"manifest": manifest.to_json(), "chunks": list(payloads)}
+    response = httpx.put(f"{stream_url}/v1/contexts/checked", json=body)
+    assert response.status_code == 409 and "upload them first" in response.json()["error"]
+    key, part = next(iter(payloads.items()))
+    bad = bytearray(seal_chunk(key, part))
+    bad[-1] ^= 1
+    response = httpx.put(f"{stream_url}/v1/chunks/{key}", content=bytes(bad))
+    assert response.status_code == 400 and "checksum" in response.json()["error"]
     assert "checked" not in httpx.get(f"{stream_url}/v1/contexts").json()["contexts"]
-    manifest = json.loads(parts[1])
-    manifest["context_id"] = "other"
-    blob = json.dumps(manifest).encode()
-    response = httpx.put(f"{stream_url}/v1/contexts/checked", content=struct.pack("<I", len(blob)) + blob)
-    assert response.status_code == 400 and "names context" in response.json()["error"]
-    assert hashlib.sha256(parts[2]).hexdigest() == manifest["header_sha256"]
+    client = StreamClient(stream_url)
+    client.put(context)
+    assert "checked" in client.contexts()
+    assert client.manifest("checked") == manifest
+    assert client.header(manifest) == context.header
+    assert client.chunk(manifest, "balanced", 1) == context.chunks["balanced"][1]
+    response = httpx.delete(f"{stream_url}/v1/contexts/checked")  # its chunks go with it
+    assert response.json()["chunks_deleted"] == len(payloads) and "checked" not in client.contexts()
+    assert httpx.get(f"{stream_url}/v1/chunks/{key}").status_code == 404
+
+
+def test_a_streamed_context_is_store_chunks_under_one_namespace_per_level(published):
+    _, manifest = published
+    from kvlife.store import chunk_keys
+
+    for level in manifest.levels:
+        namespace = manifest.namespace(level)
+        assert namespace.encoding == f"kvlife:{level}" and namespace.chunk_size == manifest.chunk_tokens
+        keys = chunk_keys(manifest.token_ids, namespace, tail=True)
+        assert [manifest.chunk_key(level, i) for i in range(manifest.n_chunks)] == keys
+        assert chunk_keys(manifest.token_ids, namespace) == keys[:len(manifest.token_ids) // CHUNK]
+    assert len(set(manifest.keys())) == 1 + len(manifest.levels) * manifest.n_chunks
 
 
 def test_a_session_asks_on_a_streamed_context(stream_url, published, tiny):

@@ -56,7 +56,7 @@ def test_fetch_over_a_tc_rate_limited_namespace_pair(tmp_path):
     python = sys.executable
     script = SETUP + f"""
 ip netns exec srv tc qdisc add dev vs root tbf rate 4mbit burst 16kb latency 200ms
-ip netns exec srv {python} -m kvlife.stream.server --root {root} --host 10.77.0.1 --port 8766 &
+ip netns exec srv {python} -m kvlife.cli stream serve --root {root} --host 10.77.0.1 --port 8766 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null' EXIT
 for i in $(seq 100); do

@@ -2,18 +2,21 @@
 
 import pytest
 
+from kvlife.stream.config import FetchConfig, parse_discount
 from kvlife.stream.context import RECOMPUTE, StreamError
 from kvlife.stream.estimate import SpeedEstimate, ThroughputEstimate
-from kvlife.stream.planner import Planner, parse_discount
+from kvlife.stream.planner import Planner
 
 # 10 chunks of 256 tokens; sizes per chunk as on Qwen2.5-Coder-0.5B (bytes: ~8.5, 2.7, 2.1, 1.1 bits/element)
 LEVELS = {"lossless-ish": 1_670_000, "high": 527_000, "balanced": 408_000, "extreme": 222_000}
 N, TOKENS = 10, 256
 
 
-def planner(slo, policy="adaptive", margin=0.0, allow_recompute=True, drop_factor=1.0):
+def planner(slo, policy="adaptive", margin=0.0, allow_recompute=True, drop_factor=1.0, **knobs):
+    """A planner over LEVELS' sizes; `knobs`: other FetchConfig fields (the discounts default to none here)."""
     sizes = {level: [size] * N for level, size in LEVELS.items()}
-    return Planner(sizes, [TOKENS] * N, slo, policy, margin, allow_recompute, drop_factor)
+    config = FetchConfig(**{"margin": margin, "drop_factor": drop_factor, "discount": 1.0, **knobs})
+    return Planner(sizes, [TOKENS] * N, slo, policy, allow_recompute, config)
 
 
 def speeds(decode_s=0.01, recompute_s=1.0):
@@ -107,38 +110,37 @@ def test_a_fetch_must_survive_a_bandwidth_drop():
 def test_plans_are_made_at_the_discounted_throughput():
     """A discount of 2 plans as if the link gave half the predicted rate: at 10 MB/s and 1 s, high (0.53 s
     at 10 MB/s, 1.05 s at 5 MB/s) gives way to balanced (0.82 s at 5 MB/s)."""
-    sizes = {level: [size] * N for level, size in LEVELS.items()}
-    discounted = Planner(sizes, [TOKENS] * N, 1.0, margin=0.0, drop_factor=1.0, discount=2.0)
+    discounted = planner(1.0, discount=2.0)
     assert planner(1.0).choose(0, 0.0, 0.0, 10e6, speeds()).option == "high"
     assert discounted.choose(0, 0.0, 0.0, 10e6, speeds()).option == "balanced"
     # the same plan at twice the rate: a discount only scales the prediction
     assert discounted.choose(0, 0.0, 0.0, 20e6, speeds()).option == "high"
     # a fixed level ignores it
-    fixed = Planner(sizes, [TOKENS] * N, 1.0, "high", margin=0.0, drop_factor=1.0, discount=2.0)
-    assert fixed.choose(0, 0.0, 0.0, 10e6, speeds()).option == "high"
-    with pytest.raises(StreamError, match="discount must be >= 1"):
-        Planner(sizes, [TOKENS] * N, 1.0, discount=0.5)
+    assert planner(1.0, "high", discount=2.0).choose(0, 0.0, 0.0, 10e6, speeds()).option == "high"
+    with pytest.raises(StreamError, match="discount must be a number >= 1"):
+        FetchConfig(discount=0.5)
 
 
 def test_the_wide_discount_keeps_only_the_wide_steps():
     """"wide": a level whose bytes are at least twice the next cheaper level's (lossless-ish, 3.2x high) is
-    discounted by that step, the lossy levels (1.3x and 1.8x here) not at all; "levels": every step."""
-    sizes = {level: [size] * N for level, size in LEVELS.items()}
-    wide = Planner(sizes, [TOKENS] * N, 1.0, margin=0.0, drop_factor=1.0, discount="wide")
+    discounted by that step, the lossy levels (1.3x and 1.8x here) not at all; a number: every level alike."""
+    wide = planner(1.0, discount="wide")
     assert wide.discounts == pytest.approx({"lossless-ish": 1_670_000 / 527_000, "high": 1.0, "balanced": 1.0,
                                             "extreme": 1.0})
-    steps = Planner(sizes, [TOKENS] * N, 1.0, margin=0.0, drop_factor=1.0, discount=None)
-    assert steps.discounts["high"] == pytest.approx(527_000 / 408_000)
-    # at 6 MB/s high takes 0.89 s: on time as predicted, not at the rate over its 1.3x step (nor balanced over
-    # its 1.8x step: 1.25 s)
+    uniform = planner(1.0, discount=1.3)
+    assert set(uniform.discounts.values()) == {1.3}
+    # at 6 MB/s high takes 0.89 s: on time as predicted, not at the rate over a 1.3x discount (1.15 s)
     assert wide.choose(0, 0.0, 0.0, 6e6, speeds()).option == "high"
-    assert steps.choose(0, 0.0, 0.0, 6e6, speeds()).option == "extreme"
+    assert uniform.choose(0, 0.0, 0.0, 6e6, speeds()).option == "balanced"
     # lossless-ish keeps its room: 0.17 s at 100 MB/s is 0.53 s at the rate over its step; 0.4 s at 40 MB/s is not
     assert wide.choose(0, 0.0, 0.0, 100e6, speeds()).option == "lossless-ish"
     assert wide.choose(0, 0.0, 0.0, 40e6, speeds()).option == "high"
-    assert parse_discount("wide") == "wide" and parse_discount("levels") is None and parse_discount("1.5") == 1.5
-    with pytest.raises(StreamError, match="discount must be >= 1"):
-        Planner(sizes, [TOKENS] * N, 1.0, discount="steps")
+    assert parse_discount("wide") == "wide" and parse_discount("1.5") == 1.5
+    for bad in ("levels", "0.5", "steps"):
+        with pytest.raises(ValueError, match="must be a number >= 1 or 'wide'"):
+            parse_discount(bad)
+    with pytest.raises(StreamError, match="discount must be a number >= 1 or 'wide'"):
+        FetchConfig(discount="steps")
 
 
 def test_fixed_policies_and_bad_input():
@@ -259,27 +261,23 @@ def test_refinement_is_all_or_nothing_and_never_touches_recomputed_chunks():
 
 
 def test_refinement_plans_at_the_discounted_throughput():
-    sizes = {level: [size] * N for level, size in LEVELS.items()}
     s = speeds()
     held = ["extreme"] * N
     # all ten at high: 0.527 s at 10 MB/s, 0.79 s at 10 MB/s / 1.5
-    assert Planner(sizes, [TOKENS] * N, 1.0, margin=0.0, discount=1.0).refine(held, 0.3, 0.3, 10e6, s).level == "high"
-    assert Planner(sizes, [TOKENS] * N, 1.0, margin=0.0, discount=1.5).refine(held, 0.3, 0.3, 10e6, s).level == "balanced"
+    assert planner(1.0, refine_discount=1.0).refine(held, 0.3, 0.3, 10e6, s).level == "high"
+    assert planner(1.0, refine_discount=1.5).refine(held, 0.3, 0.3, 10e6, s).level == "balanced"
 
 
 def test_refinement_can_plan_at_its_own_discount():
-    sizes = {level: [size] * N for level, size in LEVELS.items()}
     s = speeds()
     held = ["extreme"] * N
     # the plans discounted by 1.5, refinement not: all ten at high fits in 0.7 s at the predicted 10 MB/s
-    own = Planner(sizes, [TOKENS] * N, 1.0, margin=0.0, discount=1.5, refine_discount=1.0)
+    own = planner(1.0, discount=1.5, refine_discount=1.0)
     assert own.refine(held, 0.3, 0.3, 10e6, s).level == "high"
     assert own.discounts["high"] == 1.5 and own.refine_discounts["high"] == 1.0
-    # None: refinement uses the plans' discounts
-    steps = Planner(sizes, [TOKENS] * N, 1.0, margin=0.0, discount=1.0, refine_discount=None)
-    assert steps.refine_discounts == steps.discounts
-    with pytest.raises(StreamError, match="refinement's throughput discount"):
-        Planner(sizes, [TOKENS] * N, 1.0, refine_discount=0.5)
+    assert planner(1.0, refine_discount="wide").refine_discounts == planner(1.0, discount="wide").discounts
+    with pytest.raises(StreamError, match="refine_discount must be a number >= 1"):
+        FetchConfig(refine_discount=0.5)
 
 
 def test_refinement_lifts_the_first_chunk_first():
@@ -289,31 +287,10 @@ def test_refinement_lifts_the_first_chunk_first():
     held = ["balanced", "extreme", "extreme", *["high"] * (N - 3)]
     plan = p.refine(held, 0.3, 0.3, 10e6, s)
     assert plan.level == "high" and plan.chunks == [0, 1, 2]
-    # when no floor fits, the first chunk alone, at the plans' discounts: with the level steps, lossless-ish
-    # (3.2x high's bytes) needs 0.53 s at 10 MB/s, high 0.07 s (at 10 MB/s / 1.29): 0.2 s left
-    sizes = {level: [size] * N for level, size in LEVELS.items()}
-    steps = Planner(sizes, [TOKENS] * N, 1.0, margin=0.0, discount=None, refine_discount=1.0)
+    # when no floor fits, the first chunk alone, at the plans' discounts: at 10 MB/s / 1.29, lossless-ish needs
+    # 0.22 s, high 0.07 s: 0.2 s left
+    steps = planner(1.0, discount=527_000 / 408_000, refine_discount=1.0)
     plan = steps.refine(["extreme"] * N, 0.8, 0.8, 10e6, s)
     assert plan.level == "high" and plan.chunks == [0]
     # a recomputed first chunk is exact: nothing to lift
     assert steps.refine([RECOMPUTE, *["extreme"] * (N - 1)], 0.8, 0.8, 10e6, s) is None
-
-
-def test_first_lift_fetches_the_first_chunk_a_level_up_only_where_the_plan_still_meets():
-    def lifted(slo, bandwidth, index=0):
-        sizes = {level: [size] * N for level, size in LEVELS.items()}
-        p = Planner(sizes, [TOKENS] * N, slo, "adaptive", 0.0, True, 1.0, first_lift=True)
-        return p.choose(index, 0.0, 0.0, bandwidth, speeds())
-
-    # 10 MB/s, 1 s: the plan is high (0.53 s); lossless-ish first (0.17 s) and high after (0.47 s) fits
-    decision = lifted(1.0, 10e6)
-    assert (decision.option, decision.plan_level, decision.meets) == ("lossless-ish", "high", True)
-    assert decision.predicted_ready_s == pytest.approx(LEVELS["lossless-ish"] / 10e6 + 9 * LEVELS["high"] / 10e6
-                                                       + 0.01, rel=1e-6)
-    # 5 MB/s, 0.83 s: balanced fits (0.83 s) but high first would end at 0.85 s: no lift
-    decision = lifted(0.83, 5e6)
-    assert (decision.option, decision.plan_level) == ("balanced", "balanced")
-    assert planner(0.83).choose(0, 0.0, 0.0, 5e6, speeds()).option == "balanced"
-    # only the first chunk, and off by default
-    assert lifted(1.0, 10e6, index=1).option == "high"
-    assert planner(1.0).choose(0, 0.0, 0.0, 10e6, speeds()).option == "high"

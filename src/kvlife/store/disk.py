@@ -86,23 +86,10 @@ class DiskBackend(Backend):
     def put_parts(self, key: str, parts: Sequence[bytes]) -> None:
         """Write the concatenation of `parts` as chunk `key`, atomically."""
         path = self.path(key)
-        tmp = path.with_name(f".{key[:16]}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         size = sum(len(p) for p in parts)
         try:
-            path.parent.mkdir(exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                for part in parts:
-                    view = memoryview(part)
-                    while view:
-                        view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            write_atomic(path, parts)
         except OSError as exc:
-            _unlink(tmp)
             full = " (disk full)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
             raise StoreUnavailable(f"{self.name}: cannot write a chunk{full}: {exc.strerror or exc}") from None
         with self.lock:
@@ -130,6 +117,29 @@ class DiskBackend(Backend):
     def stats(self) -> dict[str, Any]:
         files, total = self._scan()
         return {"chunks": len(files), "bytes": total, "max_bytes": self.max_bytes, "evictions": self.evictions}
+
+
+def write_atomic(path: Path, parts: Sequence[bytes]) -> None:
+    """Write the concatenation of `parts` to `path` so that readers see no file or the whole one: a temporary
+    file in the same directory, fsynced, renamed over `path`, the directory fsynced. Raises OSError (and
+    leaves no temporary file) if any step fails."""
+    tmp = path.with_name(f".{path.name[:16]}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        _unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
 
 
 def _unlink(path: Path) -> bool:

@@ -19,8 +19,13 @@ HEADER = struct.Struct("<8s32sQ32s")
 
 def seal_chunk(key: str, payload: bytes) -> bytes:
     """The envelope of `payload` stored under `key`."""
+    return envelope_header(key, payload) + payload
+
+
+def envelope_header(key: str, payload: bytes) -> bytes:
+    """The envelope's header alone (an upload sends it, then the payload, without joining them)."""
     check_key(key)
-    return HEADER.pack(MAGIC, bytes.fromhex(key), len(payload), hashlib.sha256(payload).digest()) + payload
+    return HEADER.pack(MAGIC, bytes.fromhex(key), len(payload), hashlib.sha256(payload).digest())
 
 
 def check_header(key: str, blob: bytes | memoryview) -> tuple[int, bytes]:

@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
+from kvlife.models import model_fingerprint
 from kvlife.store.chunks import concat_layers, decode_chunk, encode_chunk, slice_layers
-from kvlife.store.keys import Namespace, chunk_keys, model_fingerprint
+from kvlife.store.keys import DENSE_PREFILL, Namespace, chunk_keys
 from kvlife.store.tiers import KVStore, open_store
 
 log = logging.getLogger("kvlife.store")
-STORED_RECIPE = "dense-prefill"
 
 
 def reuse_blocker(recipe: Any, compress: bool, cache: Any) -> str | None:
@@ -62,7 +62,7 @@ class PrefixStore:
     def _namespace(self, model: Any) -> Namespace:
         if self.namespace is None:
             dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-            self.namespace = Namespace(model_fingerprint(model), dtype, STORED_RECIPE, self.store.encoding,
+            self.namespace = Namespace(model_fingerprint(model), dtype, DENSE_PREFILL, self.store.encoding,
                                        self.store.chunk_size, self.salt)
             if self.store.encoding.startswith("kvlife:"):
                 from kvlife.codec import rope_from_config
@@ -71,29 +71,23 @@ class PrefixStore:
         return self.namespace
 
     @torch.no_grad()
-    def prefill(self, session: Any, ids: list[int], compress: bool) -> torch.Tensor:
-        """Fill `session.cache` (empty) with the prefill of `ids`; returns the logits of the last token."""
+    def prefill(self, session: Any, ids: list[int], compress: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Fill `session.cache` (empty) with the prefill of `ids`, the longest stored prefix loaded and the
+        rest run through the model; returns the logits of the last token and the figures for the turn's
+        stats (none when the store was not used)."""
         blocker = reuse_blocker(session.recipe, compress, session.cache)
         if blocker is not None:
             if blocker not in self.noted:
                 self.noted.add(blocker)
                 log.info("kvlife store: not used for recipe %s: %s", session.recipe.spec, blocker)
             self.last = {"store_hit_tokens": 0, "store_skipped": blocker}
-            return session.forward(ids, phase="prefill", compress=compress)
+            return session.forward(ids, phase="prefill", compress=compress), {}
         size = self.store.chunk_size
         keys = chunk_keys(ids, self._namespace(session.model))
         started = time.perf_counter()
         payloads = self.store.fetch_prefix(keys[: (len(ids) - 1) // size])
         fetched = time.perf_counter()
-        hit = 0
-        if payloads:
-            try:
-                layers = concat_layers([decode_chunk(p) for p in payloads])
-                self._fill(session.cache, layers, session.device)
-                hit = len(payloads)
-            except Exception as exc:  # a chunk that decodes to the wrong shapes: recompute, never serve it
-                log.warning("kvlife store: stored prefix does not fit this model (%s); recomputing", exc)
-                session.cache = session.new_cache()
+        hit = self._load(session.cache, payloads, session.device)
         loaded = time.perf_counter()
         logits = session.forward(ids[hit * size:], phase="prefill", compress=False)
         computed = time.perf_counter()
@@ -107,18 +101,29 @@ class PrefixStore:
         self.last = {"store_hit_tokens": hit * size, "store_fetch_s": round(fetched - started, 5),
                      "store_load_s": round(loaded - fetched, 5), "store_prefill_s": round(computed - loaded, 5),
                      "store_put_s": round(time.perf_counter() - computed, 5), "store_put_bytes": put_bytes}
-        session.last_stats = {**session.last_stats, **self.last}
-        return logits
+        return logits, self.last
 
     @staticmethod
-    def _fill(cache: Any, layers: list, device: torch.device) -> None:
-        if len(layers) != len(cache.layers):
-            raise ValueError(f"{len(layers)} stored layers, the model has {len(cache.layers)}")
-        for layer, (keys, values, positions) in zip(cache.layers, layers):
-            keys, values = keys.to(device), values.to(device)
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values, layer.positions = keys, values, positions.to(device, torch.long)
-            layer.next_position = int(positions.shape[-1])
+    def _load(cache: Any, payloads: list[bytes], device: torch.device) -> int:
+        """Put the decoded `payloads` into the empty `cache`; returns how many chunks it holds. Chunks that do not
+        fit this model leave the cache as it was (through its own rollback) and count as misses."""
+        if not payloads:
+            return 0
+        empty = cache.checkpoint()
+        try:
+            layers = concat_layers([decode_chunk(p) for p in payloads])
+            if len(layers) != len(cache.layers):
+                raise ValueError(f"{len(layers)} stored layers, the model has {len(cache.layers)}")
+            for layer, (keys, values, positions) in zip(cache.layers, layers):
+                keys, values = keys.to(device), values.to(device)
+                layer.lazy_initialization(keys, values)
+                layer.keys, layer.values, layer.positions = keys, values, positions.to(device, torch.long)
+                layer.next_position = int(positions.shape[-1])
+        except Exception as exc:  # a chunk that decodes to the wrong shapes: recompute, never serve it
+            log.warning("kvlife store: stored prefix does not fit this model (%s); recomputing", exc)
+            cache.rollback(empty)
+            return 0
+        return len(payloads)
 
     def _put_new(self, cache: Any, keys: list[str], hit: int, n_tokens: int) -> int:
         if hit >= len(keys):

@@ -1,12 +1,14 @@
 """`kvlife fetch` and `kvlife stream serve|put|ls|link`: streamed contexts from the command line.
 
-    kvlife stream serve --root /srv/kvstream --trace step:40mbit,4mbit,1.5 [--token T]
+    kvlife stream serve --root /srv/kvstream --trace step:40mbit,4mbit,1.5 [--token T]   # = kvlife serve
     kvlife stream put http://127.0.0.1:8766 --context-id doc-1 --text doc.txt [--levels high,balanced]
     kvlife fetch http://127.0.0.1:8766 --context-id doc-1 --slo 2 [--ask "Who wrote it?"] [--out c.safetensors]
     kvlife stream link http://127.0.0.1:8766 --trace constant:8mbit      # restart the server's trace
     kvlife stream ls http://127.0.0.1:8766
 
-The main CLI calls `add_parser(subparsers)`; errors a user can cause are `KvlifeError`s (one line, exit 2).
+`kvlife stream serve` is `kvlife serve` (kvlife.store.server) with its directory as --root, port 8766 and,
+without a token, open to every request. The main CLI calls `add_parser(subparsers)`; errors a user can
+cause are `KvlifeError`s (one line, exit 2).
 """
 
 from __future__ import annotations
@@ -17,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from kvlife.errors import KvlifeError
+from kvlife.store.serve_args import add_arguments as add_serve_arguments
 
 
 def add_parser(subparsers) -> None:
     """Register `fetch` and `stream` on the main CLI's subparsers."""
-    from kvlife.stream.serve_args import add_arguments as add_serve_arguments
-
     fetch = subparsers.add_parser("fetch", help="stream a context's KV cache by a deadline (adaptive levels)",
-                                  description="Fetch a context's KV from `kvlife stream serve`, choosing per chunk "
+                                  description="Fetch a context's KV from `kvlife serve`, choosing per chunk "
                                               "the best codec level that meets the deadline, or recomputing.")
     fetch.add_argument("url", help="server, e.g. http://127.0.0.1:8766")
     fetch.add_argument("--context-id", required=True)
@@ -38,11 +39,11 @@ def add_parser(subparsers) -> None:
                        help="bandwidth drop a fetched chunk must survive (1: plan on the estimate alone)")
     fetch.add_argument("--discount", default="wide",
                        help="plan a level at the predicted throughput divided by this: a number >= 1 for every "
-                            "level (1: none), 'levels': by each level's size step over the next cheaper one, or 'wide' "
-                            "(default): by the steps of 2x or more only (lossless-ish over high)")
+                            "level (1: none), or 'wide' (default): by the level's size step over the next cheaper "
+                            "level where that is 2x or more (lossless-ish over high)")
     fetch.add_argument("--refine-discount", default="1",
                        help="the same for refinement (default 1: none, as a refinement that would end late is given "
-                            "up; 'levels' as for the plans)")
+                            "up)")
     fetch.add_argument("--no-refine", action="store_true",
                        help="hand the cache over as soon as every chunk is in; by default the time left before the "
                             "deadline goes to fetching the worst chunks again at a better level")
@@ -55,8 +56,9 @@ def add_parser(subparsers) -> None:
 
     stream = subparsers.add_parser("stream", help="serve, store and inspect streamed contexts (see `kvlife fetch`)")
     actions = stream.add_subparsers(dest="stream_action", required=True)
-    serve = actions.add_parser("serve", help="serve contexts over HTTP, optionally throttled by a bandwidth trace")
-    add_serve_arguments(serve)
+    serve = actions.add_parser("serve", help="`kvlife serve` for streamed contexts: --root DIR, port 8766, open "
+                                             "without a token, optionally throttled by a bandwidth trace")
+    add_serve_arguments(serve, stream=True)
     serve.set_defaults(func=run_serve)
 
     put = actions.add_parser("put", help="prefill a text, encode its KV at several levels, upload it")
@@ -98,7 +100,7 @@ def _load_model(name: str | None):
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from kvlife.stream.server import serve
+    from kvlife.store.server import serve
 
     return serve(args)
 
@@ -133,7 +135,7 @@ def run_put(args: argparse.Namespace) -> int:
 
 
 def run_ls(args: argparse.Namespace) -> int:
-    print("\n".join(_client(args).transport.request_json("GET", "/v1/contexts")["contexts"]))
+    print("\n".join(_client(args).contexts()))
     return 0
 
 
@@ -149,8 +151,8 @@ def run_link(args: argparse.Namespace) -> int:
     return 0
 
 
-def _discount(text: str, flag: str = "--discount") -> float | str | None:
-    from kvlife.stream.planner import parse_discount
+def _discount(text: str, flag: str = "--discount") -> float | str:
+    from kvlife.stream.config import parse_discount
 
     try:
         return parse_discount(text)
@@ -158,15 +160,20 @@ def _discount(text: str, flag: str = "--discount") -> float | str | None:
         raise KvlifeError(f"{flag} {exc}") from None
 
 
+def _config(args: argparse.Namespace) -> Any:
+    from kvlife.stream.config import FetchConfig
+
+    if args.attempts < 1 or not 0 <= args.margin < 1 or not args.drop_factor >= 1:
+        raise KvlifeError("--attempts must be >= 1, --margin in [0, 1) and --drop-factor >= 1")
+    return FetchConfig(margin=args.margin, max_attempts=args.attempts, drop_factor=args.drop_factor,
+                       discount=_discount(args.discount), refine=not args.no_refine,
+                       refine_discount=_discount(args.refine_discount, "--refine-discount"))
+
+
 def run_fetch(args: argparse.Namespace) -> int:
     if not args.slo > 0:
         raise KvlifeError(f"--slo must be > 0 seconds, not {args.slo}")
-    if args.attempts < 1 or not 0 <= args.margin < 1 or not args.drop_factor >= 1:
-        raise KvlifeError("--attempts must be >= 1, --margin in [0, 1) and --drop-factor >= 1")
-    discount = _discount(args.discount)
-    tuning = {"margin": args.margin, "max_attempts": args.attempts, "drop_factor": args.drop_factor,
-              "discount": discount, "refine": not args.no_refine,
-              "refine_discount": _discount(args.refine_discount, "--refine-discount")}
+    config = _config(args)
     if args.no_model and (args.ask or args.policy == "recompute"):
         raise KvlifeError("--ask and --policy recompute need the model; drop --no-model")
     client = _client(args)
@@ -182,20 +189,12 @@ def run_fetch(args: argparse.Namespace) -> int:
         from kvlife.stream.sessions import fetch_into
 
         session = Session(model, tokenizer, "dense", mode="multi-request")
-        report = fetch_into(session, client, args.context_id, args.slo, args.policy, **tuning)
+        report = fetch_into(session, client, args.context_id, args.slo, args.policy, config=config)
         cache = session.cache
     else:
-        cache, report = client.fetch(args.context_id, args.slo, model=model, policy=args.policy, **tuning)
+        cache, report = client.fetch(args.context_id, args.slo, model=model, policy=args.policy, config=config)
     if args.out is not None:
-        from kvlife.store.keys import model_fingerprint
-
-        meta = {"recipe": "dense", "context_ids": manifest.token_ids, "stream": report.options()}
-        if model is not None:
-            meta["model_fingerprint"] = model_fingerprint(model)
-        try:
-            cache.save(args.out, meta)
-        except OSError as exc:
-            raise KvlifeError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+        _save(cache, args.out, manifest, report, model)
     answers = []
     for query in args.ask:
         turn = session.ask(query, max_new_tokens=args.max_new_tokens)
@@ -205,6 +204,19 @@ def run_fetch(args: argparse.Namespace) -> int:
     else:
         _print_report(report, answers)
     return 0
+
+
+def _save(cache: Any, out: Path, manifest: Any, report: Any, model: Any) -> None:
+    """The fetched cache as `Session.load` reads it."""
+    from kvlife.models import model_fingerprint
+
+    meta = {"recipe": "dense", "context_ids": manifest.token_ids, "stream": report.options()}
+    if model is not None:
+        meta["model_fingerprint"] = model_fingerprint(model)
+    try:
+        cache.save(out, meta)
+    except OSError as exc:
+        raise KvlifeError(f"cannot write {out}: {exc.strerror or exc}") from None
 
 
 def _print_report(report: Any, answers: list[dict]) -> None:

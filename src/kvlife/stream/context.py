@@ -1,31 +1,33 @@
 """A streamable context: one KV cache encoded at several codec levels, chunk by chunk, with its token ids.
 
-    manifest.json   what the client plans with: token ids, chunk tokens, per level and chunk the byte
-                    size, SHA-256 and CRC-32, the model fingerprint, the header's SHA-256
-    header          the codec header shared by every level (`encode_levels` gives all levels one
-                    header but for the chunk table; the manifest carries each level's table)
-    LEVEL/I         chunk I of the stream at LEVEL (tokens I*C .. (I+1)*C-1 of every layer)
+A streamed context is store chunks plus a manifest. Chunk I at LEVEL is the codec's part for tokens
+I*C .. (I+1)*C-1 of every layer, stored under its key in the store namespace of that level
+(`Manifest.namespace`: encoding "kvlife:LEVEL", the codec header's SHA-256 as the salt, since a part
+decodes only with its header); the header, shared by every level but for the chunk table, is stored
+under its own SHA-256. The manifest is what the client plans with: token ids, chunk tokens, per level
+and chunk the byte size, SHA-256 and CRC-32, the model fingerprint, the header's SHA-256.
 
 Any mix of levels decodes (CacheGen's per-chunk choice), and any chunk can instead be recomputed from
-its token ids on top of the chunks before it. The client checks every chunk's SHA-256 (and the codec
-its CRC-32) before using it.
+its token ids on top of the chunks before it. The client checks every chunk's envelope and SHA-256
+(and the codec its CRC-32) before using it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvlife.codec import LEVELS, encode_levels
+from kvlife.codec.format import chunk_bytes, parse_header
 from kvlife.errors import KvlifeError
+from kvlife.store.contexts import CONTEXT_ID
+from kvlife.store.keys import DENSE_PREFILL, Namespace, chunk_keys
 
 CONTEXT_FORMAT = "kvlife-stream/1"
 RECOMPUTE = "recompute"
-CONTEXT_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-MAX_MANIFEST_BYTES = 64 << 20
 
 
 class StreamError(KvlifeError):
@@ -34,7 +36,8 @@ class StreamError(KvlifeError):
 
 def check_context_id(context_id: str) -> str:
     if not isinstance(context_id, str) or not CONTEXT_ID.match(context_id):
-        raise StreamError(f"invalid context id {context_id!r}: 1-128 letters, digits, '.', '_', '-' (not starting with '.')")
+        raise StreamError(f"invalid context id {context_id!r}: 1-128 letters, digits, '.', '_', '-' "
+                          "(not starting with '.')")
     return context_id
 
 
@@ -58,6 +61,7 @@ class Manifest:
     model: str = ""
     dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
+    _keys: dict[str, list[str]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def n_chunks(self) -> int:
@@ -68,6 +72,25 @@ class Manifest:
 
     def size(self, level: str, index: int) -> int:
         return self.chunks[level][index].bytes
+
+    def namespace(self, level: str) -> Namespace:
+        """The store namespace of the context's chunks at `level`."""
+        return Namespace(self.model_fingerprint, self.dtype, DENSE_PREFILL, f"kvlife:{level}", self.chunk_tokens,
+                         salt=f"stream-header:{self.header_sha256}")
+
+    def chunk_key(self, level: str, index: int) -> str:
+        if level not in self._keys:
+            self._keys[level] = chunk_keys(self.token_ids, self.namespace(level), tail=True)
+        return self._keys[level][index]
+
+    @property
+    def header_key(self) -> str:
+        """The header is stored under its own SHA-256."""
+        return self.header_sha256
+
+    def keys(self) -> list[str]:
+        """Every store key the context names: the header's, then each level's chunks in order."""
+        return [self.header_key, *(self.chunk_key(level, i) for level in self.levels for i in range(self.n_chunks))]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -80,9 +103,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: Any) -> Manifest:
-        """Validate a manifest read from disk or the network; raises StreamError naming what is wrong."""
-        from kvlife.codec import LEVELS
-
+        """Validate a manifest read from the network; raises StreamError naming what is wrong."""
         if not isinstance(data, dict) or data.get("format") != CONTEXT_FORMAT:
             raise StreamError(f"not a {CONTEXT_FORMAT} manifest")
         try:
@@ -110,11 +131,16 @@ class Manifest:
 
 @dataclass
 class StreamContext:
-    """Everything the server holds for one context."""
+    """A context ready to upload: its manifest, header and every level's chunk parts."""
 
     manifest: Manifest
     header: bytes
     chunks: dict[str, list[bytes]]  # level -> chunk bytes
+
+    def payloads(self) -> dict[str, bytes]:
+        """Store key -> payload: the header and every level's chunks (`Manifest.keys` order)."""
+        parts = [part for level in self.manifest.levels for part in self.chunks[level]]
+        return dict(zip(self.manifest.keys(), [self.header, *parts], strict=True))
 
 
 def build_context(
@@ -129,9 +155,6 @@ def build_context(
     model: str = "",
 ) -> StreamContext:
     """Encode a context's cache (a dense prefill of exactly `token_ids`) at every level in `levels`."""
-    from kvlife.codec import LEVELS, encode_levels
-    from kvlife.codec.format import chunk_bytes, parse_header
-
     check_context_id(context_id)
     levels = list(levels or LEVELS)
     unknown = [level for level in levels if level not in LEVELS]
@@ -156,16 +179,3 @@ def build_context(
                         hashlib.sha256(header_blob).hexdigest(), len(header_blob), model_fingerprint, model, dtype)
     return StreamContext(manifest, header_blob, chunks)
 
-
-# ---- the upload bundle: u32 manifest length | manifest JSON | header | chunks (levels in order, index) ----
-
-def bundle_parts(context: StreamContext) -> list[bytes]:
-    """The pieces of one upload, in order (the server checks each against the manifest)."""
-    import json
-    import struct
-
-    manifest = json.dumps(context.manifest.to_json(), separators=(",", ":")).encode()
-    parts = [struct.pack("<I", len(manifest)), manifest, context.header]
-    for level in context.manifest.levels:
-        parts.extend(context.chunks[level])
-    return parts

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from kvlife.stream.config import FetchConfig
 from kvlife.stream.context import StreamError
 
 # fp16 MB/s the codec (format version 2) decodes at, one core (benchmarks/results/codec.json); only their
@@ -24,11 +25,8 @@ DECODE_PRIOR_BYTES_S = {"lossless-ish": 220e6, "high": 300e6, "balanced": 318e6,
 ATTENTION_KNEE_TOKENS = 5000.0
 
 
-THROUGHPUT_WINDOW = 3  # samples whose harmonic mean predicts the next fetch's throughput (`ThroughputEstimate`)
-
-
 class ThroughputEstimate:
-    def __init__(self, prior_bytes_s: float | None = None, window: int = THROUGHPUT_WINDOW) -> None:
+    def __init__(self, prior_bytes_s: float | None = None, window: int = FetchConfig.throughput_window) -> None:
         if window < 1:
             raise StreamError(f"the throughput window must be >= 1 sample, not {window}")
         self.samples: deque[float] = deque(maxlen=window)

@@ -18,19 +18,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from kvlife.codec import rope_from_config
 from kvlife.errors import KvlifeError
-from kvlife.stream.client import FetchReport, StreamClient
+from kvlife.models import model_fingerprint
+from kvlife.store.prefix import reuse_blocker
+from kvlife.stream.client import StreamClient
+from kvlife.stream.config import FetchConfig
 from kvlife.stream.context import Manifest, StreamContext, build_context
+from kvlife.stream.fetch import FetchReport
 from kvlife.stream.planner import ADAPTIVE
 
 
 def context_of(session: Any, context_id: str, levels: Sequence[str] | None = None, chunk_tokens: int = 256,
                weights: Any = None, model_name: str = "") -> StreamContext:
     """The streamable form of a session's context cache (multi-request mode, after `prefill`)."""
-    from kvlife.codec import rope_from_config
-    from kvlife.store.keys import model_fingerprint
-    from kvlife.store.prefix import reuse_blocker
-
     if session.cache is None or session.mode != "multi-request" or session.prefill_result is None:
         raise KvlifeError("publish a Session in multi-request mode after prefill(context)")
     blocker = reuse_blocker(session.recipe, session.recipe.compress is not None, session.cache)
@@ -44,7 +45,7 @@ def context_of(session: Any, context_id: str, levels: Sequence[str] | None = Non
 
 def publish(session: Any, url: str | StreamClient, context_id: str, levels: Sequence[str] | None = None,
             chunk_tokens: int = 256, weights: Any = None, token: str | None = None, model_name: str = "") -> Manifest:
-    """Encode the session's context at `levels` (default all) and upload it to `kvlife stream serve`."""
+    """Encode the session's context at `levels` (default all) and upload it to `kvlife serve`."""
     context = context_of(session, context_id, levels, chunk_tokens, weights, model_name)
     client = url if isinstance(url, StreamClient) else StreamClient(url, token)
     client.put(context)
@@ -52,25 +53,13 @@ def publish(session: Any, url: str | StreamClient, context_id: str, levels: Sequ
 
 
 def fetch_into(session: Any, url: str | StreamClient, context_id: str, slo: float, policy: str = ADAPTIVE,
-               token: str | None = None, **options: Any) -> FetchReport:
-    """Stream a context's cache into `session` by `slo` seconds; `ask()` then continues on it (as after
-    `Session.load`). `options` go to `StreamClient.fetch` (margin, max_attempts, levels)."""
-    from kvlife.store.prefix import reuse_blocker
-
+               token: str | None = None, config: FetchConfig | None = None) -> FetchReport:
+    """Stream a context's cache into `session` by `slo` seconds (`Session.attach`); `ask()` then continues on
+    it, as after `Session.load`. `config`: the fetch's knobs (`StreamClient.fetch`)."""
     blocker = reuse_blocker(session.recipe, session.recipe.compress is not None, session.new_cache())
     if blocker is not None:
         raise KvlifeError(f"a streamed context is a dense prefill; this session cannot use it: {blocker}")
     client = url if isinstance(url, StreamClient) else StreamClient(url, token)
-    cache, report = client.fetch(context_id, slo, model=session.model, policy=policy, **options)
-    attach(session, cache, client.last_manifest.token_ids)
+    cache, report = client.fetch(context_id, slo, model=session.model, policy=policy, config=config)
+    session.attach(cache, client.last_manifest.token_ids)
     return report
-
-
-def attach(session: Any, cache: Any, token_ids: Sequence[int]) -> None:
-    """Make `cache` (the cache of `token_ids`) the session's context, as `Session.load` does."""
-    session.cache = cache
-    session.context_ids = list(token_ids)
-    session.raw_context_ids = session.context_ids
-    session.turn, session.pending_answer, session.prefill_result = 0, None, None
-    session.context_checkpoint = cache.checkpoint()
-    session.loaded = True

@@ -1,8 +1,9 @@
-"""The client's side of the wire: HTTP requests to `kvlife stream serve` (httpx, one keep-alive pool).
+"""The streaming client's side of the wire: HTTP requests to `kvlife serve` (httpx, one keep-alive pool).
 
 `get` returns a whole body or raises `TransportError` (unreachable, timed out, cut short, an error
-status): the caller decides whether to fetch again or recompute. Anything with a `get(path,
-timeout_s)` method can stand in for it (the tests wrap it to lose and corrupt chunks in transit).
+status), and can be given up as the body arrives (`give_up`, the abandonment rules): the caller decides
+whether to fetch again or recompute. Anything with its `get`, `put` and `request_json` can stand in for
+it (the tests wrap it to lose and corrupt chunks in transit).
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import httpx
+
+from kvlife.store.serve_args import STREAM_TOKEN_ENV
 from kvlife.stream.context import StreamError
 
-TOKEN_ENV = "KVLIFE_STREAM_TOKEN"
+TOKEN_ENV = STREAM_TOKEN_ENV
 
 
 class TransportError(StreamError):
@@ -39,14 +43,11 @@ class Abandoned(TransportError):
 
 class HttpTransport:
     def __init__(self, url: str, token: str | None = None, timeout_s: float = 30.0) -> None:
-        import httpx
-
         if not url.startswith(("http://", "https://")):
             raise StreamError(f"bad server URL {url!r}: expected http://HOST:PORT")
         self.url = url.rstrip("/")
         token = token or os.environ.get(TOKEN_ENV)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._httpx = httpx
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
 
     def _fail(self, method: str, path: str, response: Any) -> TransportError:
@@ -63,7 +64,7 @@ class HttpTransport:
         """The body of GET `path`. `deadline` (a `time.perf_counter()` value): drop the connection and raise
         `DeadlinePassed` if the body is not complete by then. `give_up(bytes so far, seconds so far)`: asked
         as the body arrives; True drops the connection and raises `Abandoned` (with what had arrived)."""
-        timeout = self._httpx.Timeout(timeout_s) if timeout_s else None
+        timeout = httpx.Timeout(timeout_s) if timeout_s else None
         try:
             with self.client.stream("GET", path, **({"timeout": timeout} if timeout else {})) as response:
                 if response.status_code != 200:
@@ -83,16 +84,16 @@ class HttpTransport:
                 if expected is not None and int(expected) != len(body):
                     raise TransportError(f"GET {path}: {len(body)} of {expected} bytes")
                 return body
-        except self._httpx.ConnectError as exc:
-            raise TransportError(f"cannot reach {self.url} (is `kvlife stream serve` running there?): {exc}") from None
-        except self._httpx.HTTPError as exc:
+        except httpx.ConnectError as exc:
+            raise TransportError(f"cannot reach {self.url} (is `kvlife serve` running there?): {exc}") from None
+        except httpx.HTTPError as exc:
             raise TransportError(f"GET {self.url}{path}: {type(exc).__name__}: {exc}") from None
 
     def put(self, path: str, parts: Sequence[bytes]) -> dict:
         try:
             response = self.client.put(path, content=iter(parts), timeout=None,
                                        headers={"Content-Type": "application/octet-stream"})
-        except self._httpx.HTTPError as exc:
+        except httpx.HTTPError as exc:
             raise TransportError(f"PUT {self.url}{path}: {type(exc).__name__}: {exc}") from None
         if response.status_code >= 300:
             raise self._fail("PUT", path, response)
@@ -101,7 +102,7 @@ class HttpTransport:
     def request_json(self, method: str, path: str, body: Any = None) -> dict:
         try:
             response = self.client.request(method, path, json=body)
-        except self._httpx.HTTPError as exc:
+        except httpx.HTTPError as exc:
             raise TransportError(f"{method} {self.url}{path}: {type(exc).__name__}: {exc}") from None
         if response.status_code >= 300:
             raise self._fail(method, path, response)

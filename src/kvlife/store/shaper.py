@@ -28,7 +28,9 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from kvlife.stream.trace import Trace
+from kvlife.store.trace import Trace
+
+UNSHAPED_PIECE_BYTES = 1 << 20
 
 
 class Shaper:
@@ -65,12 +67,15 @@ class Shaper:
         self.busy_until = self.trace.time_at(start, n_bytes)
         return max(0.0, self.busy_until - now - self.burst_s)
 
-    async def write(self, write: Callable, data: bytes | memoryview) -> None:
-        """`await write(piece)` for each piece of `data`, each after its turn on the link."""
+    async def write(self, write: Callable, data: bytes | memoryview, continuing: bool = False) -> None:
+        """`await write(piece)` for each piece of `data`, each after its turn on the link. `continuing`: `data`
+        follows earlier bytes of the same object (a server that reads a file in parts passes True after the first).
+        Unshaped, the pieces are large: nothing is paced, and small writes only cost time."""
         view = memoryview(data)
-        for offset in range(0, len(view), self.piece_bytes):
-            piece = view[offset:offset + self.piece_bytes]
-            wait = self.reserve(len(piece), continuing=offset > 0)
+        size = self.piece_bytes if self.trace is not None else UNSHAPED_PIECE_BYTES
+        for offset in range(0, len(view), size):
+            piece = view[offset:offset + size]
+            wait = self.reserve(len(piece), continuing=continuing or offset > 0)
             if wait > 0:
                 await asyncio.sleep(wait)
             await write(bytes(piece))

@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from kvlife.stream.shaper import Shaper
-from kvlife.stream.trace import TraceError, parse_rate, parse_trace
+from kvlife.store.shaper import Shaper
+from kvlife.store.trace import TraceError, parse_rate, parse_trace
 
 
 def test_rates_are_tc_style_bits():
