@@ -4,10 +4,12 @@ from kvlife.errors import SpecError
 from kvlife.recipe import parse
 
 
-def test_dense_and_empty_are_the_empty_recipe():
-    for spec in ("dense", "", None, "dense+dense"):
+def test_dense_and_none_are_the_empty_recipe():
+    for spec in ("dense", None, " dense "):
         recipe = parse(spec)
         assert recipe.is_dense and recipe.spec == "dense"
+    recipe = parse("dense+streamingllm")  # the dense prefill, then a compress method
+    assert recipe.prefill is None and recipe.compress.name == "streamingllm"
 
 
 def test_parameters_are_parsed_and_typed():
@@ -31,6 +33,11 @@ def test_parameters_are_parsed_and_typed():
     ("streamingllm(n_local=abc)", "must be a number"),
     ("streamingllm+", "empty method"),
     ("Stream-LLM", "cannot parse"),
+    ("snapkv(ratio=0.5,ratio=0.3)", "parameter 'ratio' is given twice"),
+    ("streamingllm(n_sink=4, n_sink=4)", "given twice"),
+    ("dense+dense", "two prefill methods"),
+    ("", "empty method spec"),
+    ("  ", "empty method spec"),
 ])
 def test_bad_specs_give_one_line_errors(spec, message):
     with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:

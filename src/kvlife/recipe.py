@@ -2,7 +2,8 @@
 
 Grammar: `method ('+' method)*`, `method := name ['(' key=value (',' key=value)* ')']`; values
 are ints, floats, booleans (true/false), `none`, or bare strings. `dense` alone means no method
-at any stage.
+at any stage (it is the dense prefill, so it takes the prefill stage's one place). A parameter is
+given at most once, and an empty spec is an error (a recipe of no methods is `dense`).
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def parse_method(text: str) -> Method:
             if key not in fields:
                 valid = ", ".join(fields) or "none"
                 raise SpecError(f"{name}: unknown parameter {key!r}; valid: {valid}")
+            if key in kwargs:
+                raise SpecError(f"{name}: parameter {key!r} is given twice; give each parameter once")
             value = _value(raw)
             default = fields[key].default
             if isinstance(default, bool) and not isinstance(value, bool):
@@ -113,21 +116,24 @@ def parse(spec: str | Recipe | None) -> Recipe:
     """Parse a recipe spec; raises SpecError with a one-line message on any problem."""
     if isinstance(spec, Recipe):
         return spec
-    if spec is None or not spec.strip():
+    if spec is None:
         return Recipe()
+    if not spec.strip():
+        raise SpecError("empty method spec; give a recipe such as 'dense' or 'snapkv(ratio=0.25)'")
     recipe = Recipe()
+    held: dict[str, str] = {}  # stage -> the method holding it (dense holds the prefill stage, unstored)
     for part in _split_top(spec, "+"):
         if not part.strip():
             raise SpecError(f"empty method in spec {spec!r}")
         method = parse_method(part)
-        if method.name == "dense":
-            continue
         if method.stage not in STAGES:
             raise SpecError(f"{method.name}: unknown stage {method.stage}")
-        if getattr(recipe, method.stage) is not None:
+        if method.stage in held:
             raise SpecError(
-                f"two {method.stage} methods in {spec!r} ({getattr(recipe, method.stage).name}, {method.name}); "
+                f"two {method.stage} methods in {spec!r} ({held[method.stage]}, {method.name}); "
                 "a recipe holds one method per stage"
             )
-        setattr(recipe, method.stage, method)
+        held[method.stage] = method.name
+        if method.name != "dense":
+            setattr(recipe, method.stage, method)
     return recipe
