@@ -114,10 +114,14 @@ class KVStore:
     # ---- writes ----------------------------------------------------------------------------------
 
     def put(self, key: str, payload: bytes) -> int:
-        """Seal and store one chunk payload in every live tier; returns the sealed size."""
+        """Seal and store one chunk payload in every live tier; returns the sealed size if some tier took
+        it, else 0 (every tier down: nothing was stored, so nothing is counted)."""
         blob = seal_chunk(key, payload)
+        stored = False
         for index in self._live():
-            self._guard(index, lambda t=self.tiers[index]: t.put(key, blob), None)
+            stored |= self._guard(index, lambda t=self.tiers[index]: t.put(key, blob) or True, False)
+        if not stored:
+            return 0
         self.counters["put_chunks"] += 1
         self.counters["put_bytes"] += len(blob)
         return len(blob)
