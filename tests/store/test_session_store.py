@@ -126,3 +126,36 @@ def test_session_save_load(model, tmp_path, mode):
         session(model, spec="streamingllm(n_sink=2,n_local=20)").load(tmp_path / "ctx.safetensors")
     with pytest.raises(Exception, match="another model"):
         session(tiny_model("qwen2", seed=3)).load(tmp_path / "ctx.safetensors")
+
+
+@pytest.mark.parametrize("mode", ["multi-request", "multi-turn"])
+def test_attach_hands_a_cache_to_a_session_as_load_does(model, mode):
+    source = session(model)
+    source.prefill(CONTEXT)
+    attached = session(model, mode=mode)
+    attached.attach(source.cache, source.context_ids)
+    assert attached.loaded and attached.turn == 0 and attached.context_ids == source.context_ids
+    assert attached.cache is source.cache and attached.prefill_result is None
+    fresh = session(model, mode=mode)
+    fresh.prefill(CONTEXT)
+    for _ in range(2):
+        assert attached.ask("what jumps?", max_new_tokens=6).output_ids == fresh.ask("what jumps?", max_new_tokens=6).output_ids
+
+
+def test_stored_chunks_that_do_not_fit_the_model_are_recomputed(model, caplog):
+    from kvlife.store.chunks import encode_chunk
+    from kvlife.store.keys import chunk_keys
+
+    store = open_store("memory", chunk_size=16)
+    probe = session(model, store)
+    ids = probe.format.context_ids(CONTEXT)
+    keys = chunk_keys(ids, probe.store._namespace(model))
+    one_layer = [(torch.zeros(1, 2, 16, 8), torch.zeros(1, 2, 16, 8), torch.arange(16).expand(2, 16))]
+    for k in keys:  # a chunk under the right key that holds one layer: it decodes, but not into this model
+        store.put(k, encode_chunk(one_layer))
+    with caplog.at_level(logging.WARNING, logger="kvlife.store"):
+        probe.prefill(CONTEXT)
+    assert probe.store.last["store_hit_tokens"] == 0 and "does not fit this model" in caplog.text
+    fresh = session(model)
+    fresh.prefill(CONTEXT)
+    torch.testing.assert_close(query_logits(probe), query_logits(fresh), rtol=0, atol=0)
