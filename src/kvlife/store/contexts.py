@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlife.store.base import StoreError
-from kvlife.store.disk import _unlink, write_atomic
+from kvlife.store.disk import remove_file, write_atomic
 
 CONTEXT_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
@@ -60,6 +60,6 @@ class ContextEntries:
         entry = self.get(context_id)
         if entry is None:
             return None
-        _unlink(self.path(context_id))
+        remove_file(self.path(context_id))
         still_named = {key for other in self.ids() for key in (self.get(other) or {}).get("chunks", [])}
         return [key for key in entry["chunks"] if key not in still_named]

@@ -52,7 +52,7 @@ class DiskBackend(Backend):
                     continue
                 if entry.name.endswith(".tmp"):
                     if clean and now - info.st_mtime > STALE_TMP_S:
-                        _unlink(Path(entry.path))
+                        remove_file(Path(entry.path))
                     continue
                 if entry.name.endswith(SUFFIX):
                     files.append((info.st_mtime, info.st_size, Path(entry.path)))
@@ -106,13 +106,13 @@ class DiskBackend(Backend):
             for _, size, path in files:
                 if total <= target:
                     break
-                if _unlink(path):
+                if remove_file(path):
                     total -= size
                     self.evictions += 1
             self.bytes_held = total
 
     def delete(self, key: str) -> None:
-        _unlink(self.path(key))
+        remove_file(self.path(key))
 
     def stats(self) -> dict[str, Any]:
         files, total = self._scan()
@@ -137,12 +137,13 @@ def write_atomic(path: Path, parts: Sequence[bytes]) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except OSError:
-        _unlink(tmp)
+        remove_file(tmp)
         raise
     _fsync_dir(path.parent)
 
 
-def _unlink(path: Path) -> bool:
+def remove_file(path: Path) -> bool:
+    """Remove `path` if it is there; True if it was removed."""
     try:
         path.unlink()
         return True

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from kvlife.codec import rope_from_config
 from kvlife.models import model_fingerprint
 from kvlife.store.chunks import concat_layers, decode_chunk, encode_chunk, slice_layers
 from kvlife.store.keys import DENSE_PREFILL, Namespace, chunk_keys
@@ -65,8 +66,6 @@ class PrefixStore:
             self.namespace = Namespace(model_fingerprint(model), dtype, DENSE_PREFILL, self.store.encoding,
                                        self.store.chunk_size, self.salt)
             if self.store.encoding.startswith("kvlife:"):
-                from kvlife.codec import rope_from_config
-
                 self.rope = rope_from_config(model.config)
         return self.namespace
 

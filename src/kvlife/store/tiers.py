@@ -20,7 +20,11 @@ from urllib.parse import parse_qs, urlparse
 
 from kvlife.store.base import Backend, ChunkCorrupt, StoreError, StoreUnavailable
 from kvlife.store.chunks import check_encoding
+from kvlife.store.disk import DiskBackend
 from kvlife.store.envelope import open_chunk, seal_chunk
+from kvlife.store.memory import MemoryBackend
+from kvlife.store.redis_backend import RedisBackend
+from kvlife.store.remote import RemoteBackend
 
 log = logging.getLogger("kvlife.store")
 
@@ -158,23 +162,15 @@ def open_tier(spec: str) -> Backend:
     url = urlparse(spec)
     query = {k: v[-1] for k, v in parse_qs(url.query).items()}
     if spec.startswith("memory"):
-        from kvlife.store.memory import MemoryBackend
-
         return MemoryBackend(_size(query.get("max_bytes", "2g")))
     if url.scheme == "redis" or url.scheme == "rediss":
-        from kvlife.store.redis_backend import RedisBackend
-
         ttl = int(query.pop("ttl", 24 * 3600))
         rest = "&".join(f"{k}={v}" for k, v in query.items())
         base = spec.split("?", 1)[0] + (f"?{rest}" if rest else "")
         return RedisBackend(base, ttl_s=ttl)
     if url.scheme in ("http", "https"):
-        from kvlife.store.remote import RemoteBackend
-
         return RemoteBackend(f"{url.scheme}://{url.netloc}{url.path}", token=query.get("token"))
     if url.scheme == "disk" or spec.startswith("disk:") or url.scheme in ("", "file"):
-        from kvlife.store.disk import DiskBackend
-
         path = spec.split("?", 1)[0]
         for prefix in ("disk://", "disk:", "file://"):
             if path.startswith(prefix):

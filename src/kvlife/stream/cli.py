@@ -18,8 +18,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
+from kvlife import models
 from kvlife.errors import KvlifeError
 from kvlife.store.serve_args import add_arguments as add_serve_arguments
+
+# the parser is built for every kvlife command: what imports torch (the client, sessions, the codec) or
+# aiohttp (the server) is imported by the command that runs
 
 
 def add_parser(subparsers) -> None:
@@ -94,8 +101,6 @@ def _client(args: argparse.Namespace):
 
 
 def _load_model(name: str | None):
-    from kvlife import models
-
     return models.load(name or models.DEFAULT_MODEL)
 
 
@@ -106,7 +111,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_put(args: argparse.Namespace) -> int:
-    from kvlife import models
     from kvlife.session import Session
     from kvlife.stream.sessions import context_of
 
@@ -208,11 +212,9 @@ def run_fetch(args: argparse.Namespace) -> int:
 
 def _save(cache: Any, out: Path, manifest: Any, report: Any, model: Any) -> None:
     """The fetched cache as `Session.load` reads it."""
-    from kvlife.models import model_fingerprint
-
     meta = {"recipe": "dense", "context_ids": manifest.token_ids, "stream": report.options()}
     if model is not None:
-        meta["model_fingerprint"] = model_fingerprint(model)
+        meta["model_fingerprint"] = models.model_fingerprint(model)
     try:
         cache.save(out, meta)
     except OSError as exc:
@@ -220,9 +222,6 @@ def _save(cache: Any, out: Path, manifest: Any, report: Any, model: Any) -> None
 
 
 def _print_report(report: Any, answers: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"{report.context_id}: {report.tokens} tokens, policy {report.policy}, slo {report.slo:g} s")
     for column in ("chunk", "option", "bytes", "fetch s", "MB/s", "work s", "ready at s", "failures"):
         table.add_column(column, justify="left" if column in ("option", "failures") else "right")

@@ -16,6 +16,7 @@ import torch
 
 from kvlife.attention import StepContext
 from kvlife.cache import KVCache, cache_kwarg
+from kvlife.codec import CodecError, decode_chunk_part
 from kvlife.stream.context import StreamError
 
 
@@ -50,8 +51,6 @@ class CacheBuilder:
         self.tokens = 0  # context tokens in the cache or pending
 
     def _decode(self, index: int, part: bytes, crc: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
-        from kvlife.codec import CodecError, decode_chunk_part
-
         try:
             layers = decode_chunk_part(self.header, index, part, crc)
         except CodecError as exc:
