@@ -6,20 +6,18 @@ writer sleeps until then before handing the piece to the socket, i.e. a piece le
 following the trace would have finished serializing it. Responses therefore share the link as they
 would share a real one, and an object of any size arrives no earlier than size / rate after it was
 asked for (so a client measures the trace's rate even on small objects). `burst_s` > 0 lets pieces
-leave that much earlier. Time starts at the shaper's creation or at `reset()` (the benchmark resets
-it before each run, so every run sees the trace from t = 0).
+leave that much earlier. Time starts at the shaper's creation or at `reset()` (the streaming benchmark
+resets it before each run, so every run sees the trace from t = 0). Without a trace nothing is paced.
 
 Pieces are small (`piece_bytes`, 16 KiB by default) so that the rate the client sees is smooth at
 the granularity of a chunk; the kernel's socket buffer adds at most its size to what is in flight.
 
 A real link is work-conserving: while it has bytes queued it never idles. The writer's sleeps wake
-late (about a millisecond per sleep here, against 4 ms per 16 KiB piece at 32 Mbit/s), so a piece
-booked from the moment it is handed over would lose that lateness on every piece: the link measured
-26% below its trace (23.6 Mbit/s for 32) before this was credited. Within one object, a gap of up to
-`catch_up_s` after the link's last booking therefore counts as the link still busy (the writer's
-lateness, not idle time): the piece is booked from `busy_until` and leaves at once. A longer gap, or
-any gap before an object's first piece (the client's request in between), is idle time, so an object
-still arrives no earlier than size / rate after it was asked for.
+late (about a millisecond per sleep, against 4 ms per 16 KiB piece at 32 Mbit/s), so within one
+object a gap of up to `catch_up_s` after the link's last booking counts as the link still busy (the
+writer's lateness, not idle time): the piece is booked from `busy_until` and leaves at once. A longer
+gap, or any gap before an object's first piece (the client's request in between), is idle time, so an
+object still arrives no earlier than size / rate after it was asked for.
 """
 
 from __future__ import annotations
@@ -69,8 +67,8 @@ class Shaper:
 
     async def write(self, write: Callable, data: bytes | memoryview, continuing: bool = False) -> None:
         """`await write(piece)` for each piece of `data`, each after its turn on the link. `continuing`: `data`
-        follows earlier bytes of the same object (a server that reads a file in parts passes True after the first).
-        Unshaped, the pieces are large: nothing is paced, and small writes only cost time."""
+        follows earlier bytes of the same object (a server that reads a file in parts passes True after its
+        first part). Unshaped, the pieces are large: nothing is paced, and small writes only cost time."""
         view = memoryview(data)
         size = self.piece_bytes if self.trace is not None else UNSHAPED_PIECE_BYTES
         for offset in range(0, len(view), size):
