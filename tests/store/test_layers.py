@@ -9,7 +9,8 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "kvlife"
 FORBIDDEN = {
-    "store": ("kvlife.stream", "kvlife.session", "kvlife.bench", "kvlife.methods", "kvlife.backends", "kvlife.cli"),
+    "store": ("kvlife.stream", "kvlife.session", "kvlife.bench", "kvlife.methods", "kvlife.backends",
+              "kvlife.cli"),
     "stream": ("kvlife.bench", "kvlife.methods", "kvlife.backends", "kvlife.cli"),
 }
 ONLY_FROM = {"stream": {"kvlife.session": {"cli"}}}  # an outside module only these may import
@@ -18,7 +19,8 @@ ONLY_FROM = {"stream": {"kvlife.session": {"cli"}}}  # an outside module only th
 def layer_ranks(package: str) -> dict[str, int]:
     """Module name -> its row in the README's layer table (0: the top)."""
     rows = [line for line in (SRC / package / "README.md").read_text().splitlines() if line.startswith("| `")]
-    return {name: rank for rank, row in enumerate(rows) for name in re.findall(r"`(\w+)\.py`", row.split("|")[1])}
+    cells = [row.split("|")[1] for row in rows]
+    return {name: rank for rank, cell in enumerate(cells) for name in re.findall(r"`(\w+)\.py`", cell)}
 
 
 def imported(path: Path) -> set[str]:

@@ -104,7 +104,8 @@ def test_contexts_are_listed_once_their_chunks_are_stored_and_per_tenant(server_
     url = f"{server_url}/v1/contexts/doc.1"
     httpx.put(f"{server_url}/v1/chunks/{k1}", content=seal_chunk(k1, b"one"), headers=auth("alice"))
     response = httpx.put(url, json=body, headers=auth("alice"))
-    assert response.status_code == 409 and "1 of the context's 2 chunks are not stored" in response.json()["error"]
+    assert response.status_code == 409
+    assert "1 of the context's 2 chunks are not stored" in response.json()["error"]
     httpx.put(f"{server_url}/v1/chunks/{k2}", content=seal_chunk(k2, b"two"), headers=auth("alice"))
     assert httpx.put(url, json=body, headers=auth("alice")).status_code == 201
     assert "doc.1" in httpx.get(f"{server_url}/v1/contexts", headers=auth("alice")).json()["contexts"]
@@ -165,8 +166,8 @@ import sys
 import kvlife.store.server as server
 server.web.run_app = lambda *args, **kwargs: print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
 from kvlife.cli import main
-for argv in (["serve", "--store", {str(tmp_path)!r}, "--token", "t"], ["stream", "serve", "--root", {str(tmp_path)!r}]):
-    main(argv)
+main(["serve", "--store", {str(tmp_path)!r}, "--token", "t"])
+main(["stream", "serve", "--root", {str(tmp_path)!r}])
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -177,7 +178,7 @@ for argv in (["serve", "--store", {str(tmp_path)!r}, "--token", "t"], ["stream",
     (["serve", "--store", "{tmp}", "--token", ""], "--token is empty"),
     (["serve", "--store", "{tmp}", "--tenant", "a= "], "bad tenant"),
     (["serve", "--store", "{tmp}", "--token", "t", "--trace", "constant:-3mbit"], "must be > 0"),
-    (["serve", "--store", "{tmp}", "--token", "t", "--piece-bytes", "100"], "--piece-bytes must be at least 512"),
+    (["serve", "--store", "{tmp}", "--token", "t", "--piece-bytes", "100"], "--piece-bytes must be at least"),
     (["stream", "serve", "--root", "{tmp}", "--token", " "], "--token is empty"),
 ])
 def test_serve_refuses_bad_options_in_one_line(argv, message, tmp_path, capsys):

@@ -139,7 +139,8 @@ def test_attach_hands_a_cache_to_a_session_as_load_does(model, mode):
     fresh = session(model, mode=mode)
     fresh.prefill(CONTEXT)
     for _ in range(2):
-        assert attached.ask("what jumps?", max_new_tokens=6).output_ids == fresh.ask("what jumps?", max_new_tokens=6).output_ids
+        expected = fresh.ask("what jumps?", max_new_tokens=6).output_ids
+        assert attached.ask("what jumps?", max_new_tokens=6).output_ids == expected
 
 
 def test_stored_chunks_that_do_not_fit_the_model_are_recomputed(model, caplog):

@@ -56,7 +56,8 @@ class ContextEntries:
         write_atomic(self.path(context_id), [body])
 
     def delete(self, context_id: str) -> list[str] | None:
-        """Drop a context; returns the keys it named that no other context of the tenant names (None if absent)."""
+        """Drop a context; returns the keys it named that no other context of the tenant names (None: no
+        such context)."""
         entry = self.get(context_id)
         if entry is None:
             return None

@@ -10,7 +10,7 @@ Endpoints (all but /v1/health need `Authorization: Bearer TOKEN`; the token name
     GET    /v1/chunks/{key}               the chunk, streamed from its file; 404 if absent
     DELETE /v1/chunks/{key}
     GET    /v1/contexts                   {"contexts": [id, ...]}
-    PUT    /v1/contexts/{id}              {"manifest": {...}, "chunks": [key, ...]}; 409 until every chunk is stored
+    PUT    /v1/contexts/{id}              {"manifest": {...}, "chunks": [key, ...]}; 409 until they are stored
     GET    /v1/contexts/{id}/manifest     the manifest (JSON)
     DELETE /v1/contexts/{id}              the context, and its chunks that no other context names
     GET    /v1/link                       the link: trace, trace time, bytes sent
@@ -199,7 +199,8 @@ class ChunkServer:
         tenant = self.tenant(request)
         key = self.chunk_key(request)
         if request.content_length is not None and request.content_length > self.max_chunk_bytes:
-            raise Refused(413, f"chunk of {request.content_length} bytes exceeds the limit of {self.max_chunk_bytes}")
+            raise Refused(413, f"chunk of {request.content_length} bytes exceeds the limit of "
+                               f"{self.max_chunk_bytes}")
         parts, size, digest, header = [], 0, hashlib.sha256(), b""
         async for piece in request.content.iter_chunked(READ_PIECE):
             size += len(piece)
@@ -218,7 +219,8 @@ class ChunkServer:
         if size - HEADER.size != length or digest.digest() != expected:
             raise Refused(400, "chunk body is truncated or fails its checksum")
         try:
-            await asyncio.get_running_loop().run_in_executor(None, tenant.chunks.put_parts, key, [header, *parts])
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, tenant.chunks.put_parts, key, [header, *parts])
         except StoreUnavailable as exc:
             raise Refused(507, str(exc)) from None
         return web.json_response({"stored": size}, status=201)
@@ -237,17 +239,20 @@ class ChunkServer:
     async def put_context(self, request: web.Request) -> web.Response:
         tenant = self.tenant(request)
         context_id = self.context_id(request)
-        body = await read_json(request, MAX_CONTEXT_BYTES, '{"manifest": {...}, "chunks": ["<64 hex>", ...]}')
-        keys = body.get("chunks") if isinstance(body, dict) else None
-        if not isinstance(body, dict) or not isinstance(body.get("manifest"), dict) or not isinstance(keys, list):
-            raise Refused(400, 'expected {"manifest": {...}, "chunks": ["<64 hex>", ...]}')
+        expected = '{"manifest": {...}, "chunks": ["<64 hex>", ...]}'
+        body = await read_json(request, MAX_CONTEXT_BYTES, expected)
+        if not isinstance(body, dict) or not isinstance(body.get("manifest"), dict):
+            raise Refused(400, f"expected {expected}")
+        keys = body.get("chunks")
+        if not isinstance(keys, list):
+            raise Refused(400, f"expected {expected}")
         if not all(isinstance(k, str) and KEY_PATTERN.match(k) for k in keys):
             raise Refused(400, "every chunk key must be 64 lowercase hex digits")
         held = await asyncio.get_running_loop().run_in_executor(None, tenant.chunks.exists_many, keys)
         missing = len(held) - sum(held)
         if missing:
-            raise Refused(409, f"{missing} of the context's {len(keys)} chunks are not stored: upload them first "
-                               "(PUT /v1/chunks/KEY)")
+            raise Refused(409, f"{missing} of the context's {len(keys)} chunks are not stored: upload them "
+                               "first (PUT /v1/chunks/KEY)")
         try:
             tenant.contexts.put(context_id, body["manifest"], keys)
         except OSError as exc:
@@ -288,9 +293,10 @@ class ChunkServer:
     async def link(self, request: web.Request) -> web.Response:
         self.tenant(request)
         if request.method == "POST":
-            body = await read_json(request, MAX_JSON_BYTES, '{"trace": "constant:40mbit"} (or null: unshaped)')
+            expected = '{"trace": "constant:40mbit"} (or null: unshaped)'
+            body = await read_json(request, MAX_JSON_BYTES, expected)
             if not isinstance(body, dict) or not isinstance(body.get("trace"), (str, type(None))):
-                raise Refused(400, 'expected {"trace": "constant:40mbit"} (or null: unshaped)')
+                raise Refused(400, f"expected {expected}")
             try:
                 trace = parse_trace(body["trace"]) if body.get("trace") else None
             except KvlifeError as exc:
@@ -343,7 +349,7 @@ class RedactTokens(logging.Filter):
 
 
 def log_redacted(tokens: list[str]) -> None:
-    """Send the process's log records to stderr through `RedactTokens` (and filter any handler already set)."""
+    """Send the process's log records to stderr through `RedactTokens` (and filter every handler set)."""
     redact = RedactTokens(tokens)
     root = logging.getLogger()
     for handler in root.handlers:
@@ -360,7 +366,8 @@ def parse_tokens(tokens: list[str], tenants: list[str], stream_alias: bool = Fal
     if stream_alias and not tokens and os.environ.get(STREAM_TOKEN_ENV):
         tokens = [os.environ[STREAM_TOKEN_ENV]]
     if any(not token.strip() for token in tokens):
-        raise StoreError("--token is empty: no request could authenticate with it; give a token or leave it out")
+        raise StoreError("--token is empty: no request could authenticate with it; give a token or leave "
+                         "it out")
     out = {token: DEFAULT_TENANT for token in tokens}
     env = [item for item in os.environ.get(TOKENS_ENV, "").split(",") if item.strip()]
     for item in [*tenants, *env]:
@@ -375,8 +382,9 @@ def parse_tokens(tokens: list[str], tenants: list[str], stream_alias: bool = Fal
 
 def serve(args: argparse.Namespace) -> int:
     tokens = parse_tokens(args.token, args.tenant, args.stream_alias)
-    server = ChunkServer(Path(args.store).expanduser(), tokens, int(args.max_bytes), int(args.max_chunk_bytes),
-                         args.trace, args.piece_bytes, open_access=args.stream_alias and not tokens)
+    server = ChunkServer(Path(args.store).expanduser(), tokens, int(args.max_bytes),
+                         int(args.max_chunk_bytes), args.trace, args.piece_bytes,
+                         open_access=args.stream_alias and not tokens)
     log_redacted(list(tokens))
     name = "kvlife stream serve" if args.stream_alias else "kvlife serve"
     access = "open: no token" if server.open_access else f"{len(set(tokens.values()))} tenant(s)"
@@ -389,7 +397,7 @@ def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None, stream_alias: bool = False) -> int:
     """`kvlife serve` (or, with `stream_alias`, `kvlife stream serve`) from its own arguments."""
     prog = "kvlife stream serve" if stream_alias else "kvlife serve"
-    parser = argparse.ArgumentParser(prog=prog, description="Serve kvlife chunks and streamed contexts over HTTP.")
+    parser = argparse.ArgumentParser(prog=prog, description="KV chunks and streamed contexts over HTTP.")
     add_arguments(parser, stream=stream_alias)
     try:
         return serve(parser.parse_args(argv))

@@ -66,9 +66,9 @@ class Shaper:
         return max(0.0, self.busy_until - now - self.burst_s)
 
     async def write(self, write: Callable, data: bytes | memoryview, continuing: bool = False) -> None:
-        """`await write(piece)` for each piece of `data`, each after its turn on the link. `continuing`: `data`
-        follows earlier bytes of the same object (a server that reads a file in parts passes True after its
-        first part). Unshaped, the pieces are large: nothing is paced, and small writes only cost time."""
+        """`await write(piece)` for each piece of `data`, each after its turn on the link. `continuing`:
+        `data` follows earlier bytes of the same object (a server that reads a file in parts passes True after
+        its first part). Unshaped, the pieces are large: nothing is paced, and small writes only cost time."""
         view = memoryview(data)
         size = self.piece_bytes if self.trace is not None else UNSHAPED_PIECE_BYTES
         for offset in range(0, len(view), size):

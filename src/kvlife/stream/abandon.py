@@ -38,12 +38,14 @@ class Abandonment:
 
     def __init__(self, fetch: Any, index: int, level: str, bandwidth: float | None, fetch_started: float,
                  probe: bool) -> None:
-        self.fetch, self.index, self.level, self.fetch_started, self.probe = fetch, index, level, fetch_started, probe
+        self.fetch, self.index, self.level, self.probe = fetch, index, level, probe
+        self.fetch_started = fetch_started
         self.config = fetch.config
         self.size = fetch.manifest.size(level, index) + HEADER.size  # what arrives: the chunk in its envelope
         self.expected = self.size / max(bandwidth or 1.0, 1.0)
         self.checked = 0.0
-        self.arrivals: deque[tuple[float, int]] = deque([(0.0, 0)])  # (seconds, bytes received) of recent pieces
+        # (seconds, bytes received) of the recent pieces
+        self.arrivals: deque[tuple[float, int]] = deque([(0.0, 0)])
         self.next_rate: float | None = None
 
     def recent_rate(self) -> tuple[int, float] | None:

@@ -38,7 +38,7 @@ EXISTS_BATCH = 4096  # keys per POST /v1/exists
 
 class StreamClient:
     def __init__(self, url: str | Any, token: str | None = None, timeout_s: float = 30.0) -> None:
-        """`url`: the server, or a transport (anything with HttpTransport's `get`, `put` and `request_json`)."""
+        """`url`: the server, or a transport (with `HttpTransport`'s `get`, `put` and `request_json`)."""
         self.transport = HttpTransport(url, token, timeout_s) if isinstance(url, str) else url
         warm_up()  # the codec's kernels load now (once per process, ~0.3 s), not inside a fetch's deadline
         self.speeds: SpeedEstimate | None = None  # kept across fetches: this machine's speeds
@@ -54,8 +54,8 @@ class StreamClient:
             data = self.transport.get(f"/v1/contexts/{check_context_id(context_id)}/manifest")
         except TransportError as exc:
             if exc.status == 404:
-                raise StreamError(f"the server has no context {context_id!r} (store it with `kvlife stream put`)") \
-                    from None
+                raise StreamError(f"the server has no context {context_id!r} "
+                                  "(store it with `kvlife stream put`)") from None
             raise
         try:
             return Manifest.from_json(json.loads(data)), len(data)
@@ -66,12 +66,13 @@ class StreamClient:
         return self.transport.request_json("GET", "/v1/contexts")["contexts"]
 
     def put(self, context: StreamContext) -> dict:
-        """Upload the chunks the server does not hold yet (the header and every level's), then the manifest."""
+        """Upload the chunks the server does not hold yet (the header, every level's), then the manifest."""
         payloads = context.payloads()
         keys = list(payloads)
         held: list[bool] = []
         for start in range(0, len(keys), EXISTS_BATCH):
-            held += self.transport.request_json("POST", "/v1/exists", {"keys": keys[start:start + EXISTS_BATCH]})["exists"]
+            batch = {"keys": keys[start:start + EXISTS_BATCH]}
+            held += self.transport.request_json("POST", "/v1/exists", batch)["exists"]
         for key, present in zip(keys, held, strict=True):
             if not present:
                 self.transport.put(f"/v1/chunks/{key}", [envelope_header(key, payloads[key]), payloads[key]])
@@ -105,8 +106,8 @@ class StreamClient:
             raise StreamError(f"the header of {manifest.context_id!r} does not match its manifest") from None
         except TransportError as exc:
             if exc.status == 404:
-                raise StreamError(f"the server holds no header for {manifest.context_id!r}: store the context "
-                                  "again (`kvlife stream put`)") from None
+                raise StreamError(f"the server holds no header for {manifest.context_id!r}: store the "
+                                  "context again (`kvlife stream put`)") from None
             raise
 
     # ---- the fetch ---------------------------------------------------------------------------------
@@ -126,20 +127,22 @@ class StreamClient:
         setup_s = time.perf_counter() - started
         header = parse_header(header_blob, header_only=True)
         if model is not None and model_fingerprint(model) != manifest.model_fingerprint:
-            raise StreamError(f"context {context_id!r} was encoded from another model ({manifest.model or 'unnamed'}); "
-                              "fetch it with that model")
+            raise StreamError(f"context {context_id!r} was encoded from another model "
+                              f"({manifest.model or 'unnamed'}); fetch it with that model")
         if policy == RECOMPUTE and model is None:
             raise StreamError("policy 'recompute' needs the model")
         n = manifest.n_chunks
         tokens = [len(manifest.chunk_ids(i)) for i in range(n)]
         usable = [lv for lv in manifest.levels if config.levels is None or lv in config.levels]
-        planner = Planner({lv: [manifest.size(lv, i) for i in range(n)] for lv in usable}, tokens, slo, policy,
-                          allow_recompute=model is not None, config=config)
+        sizes = {lv: [manifest.size(lv, i) for i in range(n)] for lv in usable}
+        planner = Planner(sizes, tokens, slo, policy, allow_recompute=model is not None, config=config)
         setup_bytes = manifest_bytes + len(header_blob) + HEADER.size
-        # the manifest and header are small: their rate says little about a chunk's (the round trips dominate),
-        # so it is only the prior for the first chunk, whose own transfer then corrects it (`Abandonment`)
-        link = ThroughputEstimate(prior_bytes_s=setup_bytes / max(setup_s, 1e-6), window=config.throughput_window)
-        report = FetchReport(context_id, policy, slo, len(manifest.token_ids), setup_s=setup_s, bytes=setup_bytes)
+        # the manifest and header are small: their rate says little about a chunk's (the round trips
+        # dominate), so it is only the prior for the first chunk, whose own transfer corrects it (the probe)
+        prior = setup_bytes / max(setup_s, 1e-6)
+        link = ThroughputEstimate(prior_bytes_s=prior, window=config.throughput_window)
+        report = FetchReport(context_id, policy, slo, len(manifest.token_ids), setup_s=setup_s,
+                             bytes=setup_bytes)
         report.chunks = [ChunkRecord(i, tokens[i]) for i in range(n)]
         fetch = Fetch(manifest, planner, self._speeds(header, model), config, source=self,
                       builder=CacheBuilder(header, model), report=report, link=link, started=started)

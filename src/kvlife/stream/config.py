@@ -47,13 +47,13 @@ class FetchConfig:
     levels            the levels the adaptive policy may use (None: the context's)
     abort_after_s     give the fetch up (FetchAborted) once it has taken this long (benchmarks bound hopeless
                       fixed policies)
-    refine            spend the time left before the deadline fetching the worst chunks again at a better level
+    refine            spend the time left before the deadline fetching the worst chunks again, better
     throughput_window samples whose harmonic mean (or the last, if lower) predicts the throughput
     detect_s          the window of the rate a chunk in flight is judged by (abandonment)
-    recent_s          the window of a chunk's recent rate, its throughput sample when the link slowed during it
+    recent_s          the window of a chunk's recent rate: its sample when the link slowed during it
     probe_bytes       bytes of the first chunk after which its own rate replaces the prior
     give_up_gain      of the deadline: what giving up a late chunk must gain when no plan meets the deadline
-    max_abandons      chunk fetches given up because the link slowed, after which a chunk is fetched to the end
+    max_abandons      give-ups of one chunk (the link slowed), after which it is fetched to the end
     """
 
     margin: float = 0.05

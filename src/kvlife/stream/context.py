@@ -75,8 +75,8 @@ class Manifest:
 
     def namespace(self, level: str) -> Namespace:
         """The store namespace of the context's chunks at `level`."""
-        return Namespace(self.model_fingerprint, self.dtype, DENSE_PREFILL, f"kvlife:{level}", self.chunk_tokens,
-                         salt=f"stream-header:{self.header_sha256}")
+        return Namespace(self.model_fingerprint, self.dtype, DENSE_PREFILL, f"kvlife:{level}",
+                         self.chunk_tokens, salt=f"stream-header:{self.header_sha256}")
 
     def chunk_key(self, level: str, index: int) -> str:
         if level not in self._keys:
@@ -90,7 +90,8 @@ class Manifest:
 
     def keys(self) -> list[str]:
         """Every store key the context names: the header's, then each level's chunks in order."""
-        return [self.header_key, *(self.chunk_key(level, i) for level in self.levels for i in range(self.n_chunks))]
+        chunks = [self.chunk_key(level, i) for level in self.levels for i in range(self.n_chunks)]
+        return [self.header_key, *chunks]
 
     def to_json(self) -> dict[str, Any]:
         return {

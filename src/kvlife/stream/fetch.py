@@ -62,7 +62,7 @@ class FetchReport:
     ready_s: float = 0.0  # when the cache was handed over (after any refinement)
     met: bool = False
     complete_s: float = 0.0  # when every chunk was first in the cache (before refinement)
-    refine_stopped: str = ""  # why refining ended early: a fetch given up, or failures in transit ("" otherwise)
+    refine_stopped: str = ""  # why refining ended early: a fetch given up, failures in transit ("" if not)
     setup_s: float = 0.0  # manifest and header
     bytes: int = 0
     chunks: list[ChunkRecord] = field(default_factory=list)
@@ -178,7 +178,7 @@ class Fetch:
             return item
 
     def work(self, index: int, option: str, data: bytes | None) -> None:
-        """Decode chunk `index` (or, if it fails to decode or is to be recomputed, recompute it) into the cache."""
+        """Decode chunk `index` into the cache (or recompute it: if asked to, or if it fails to decode)."""
         record = self.report.chunks[index]
         self.backlog.begin()
         started = time.perf_counter()
@@ -194,14 +194,15 @@ class Fetch:
         if option == RECOMPUTE:
             prefix = self.builder.tokens
             self.builder.recompute(self.manifest.chunk_ids(index))
-            self.speeds.add_recompute(self.tokens[index], prefix, time.perf_counter() - started, self.fraction(index))
+            seconds = time.perf_counter() - started
+            self.speeds.add_recompute(self.tokens[index], prefix, seconds, self.fraction(index))
         record.option = option
         record.work_s = time.perf_counter() - started
         self.backlog.end()
         record.ready_at_s = self.clock()
 
     def work_refinement(self, index: int, level: str, data: bytes) -> None:
-        """Write chunk `index` fetched again at `level` over the cache's version (kept if it fails to decode)."""
+        """Write chunk `index`, fetched again at `level`, over the cache's version (kept if it fails)."""
         record = self.report.chunks[index]
         self.backlog.begin()
         started = time.perf_counter()
@@ -224,7 +225,8 @@ class Fetch:
                 if self.stop.is_set():
                     return
                 if self.abort_at is not None and time.perf_counter() > self.abort_at:
-                    raise FetchAborted(f"gave up after {self.config.abort_after_s:g} s at chunk {index} of {n}")
+                    limit = self.config.abort_after_s
+                    raise FetchAborted(f"gave up after {limit:g} s at chunk {index} of {n}")
                 option, data = self.next_chunk(index)
                 self.held.append(option)
                 self.handoff.put((option, data))
@@ -243,7 +245,8 @@ class Fetch:
                                            self.speeds)
             if attempts >= self.config.max_attempts and self.planner.allow_recompute:
                 decision.option = RECOMPUTE
-            self.planner.commit(decision, measured=bool(link.samples))  # a level chosen on the prior holds nothing
+            # a level chosen on the prior rate alone holds nothing back
+            self.planner.commit(decision, measured=bool(link.samples))
             record.planned.append(decision.option)
             record.predicted_bandwidth, record.predicted_ready_s = bandwidth, decision.predicted_ready_s
             if decision.option == RECOMPUTE:
@@ -258,7 +261,7 @@ class Fetch:
                 data = self.source.chunk(self.manifest, level, index, self.abort_at, give_up)
             except DeadlinePassed:
                 raise FetchAborted(f"gave up at chunk {index}: the abort time passed") from None
-            except Abandoned as exc:  # the link is not what the choice assumed: what arrived is a throughput sample
+            except Abandoned as exc:  # the link is not what the choice assumed: what arrived is a sample
                 attempts -= 1
                 next_rate = give_up.next_rate if give_up is not None else None
                 link.add(exc.received, exc.seconds if next_rate is None else exc.received / next_rate)
@@ -269,8 +272,9 @@ class Fetch:
             except TransportError as exc:
                 record.failures.append(str(exc))
                 if attempts >= self.config.max_attempts and not self.planner.allow_recompute:
-                    raise StreamError(f"chunk {index} of {self.manifest.context_id!r} failed {attempts} times and "
-                                      f"there is no model to recompute it: {exc}") from None
+                    context_id = self.manifest.context_id
+                    raise StreamError(f"chunk {index} of {context_id!r} failed {attempts} times and there is "
+                                      f"no model to recompute it: {exc}") from None
                 continue
             elapsed = time.perf_counter() - fetch_started
             received = len(data) + HEADER.size
@@ -294,12 +298,14 @@ class Fetch:
         records = self.report.chunks
         while not self.stop.is_set():
             now = self.clock()
-            plan = self.planner.refine(self.held, now, self.backlog.free_at(now), self.link.predict(), self.speeds)
+            free = self.backlog.free_at(now)
+            plan = self.planner.refine(self.held, now, free, self.link.predict(), self.speeds)
             if plan is None:
                 return ""
             index, level = plan.chunks[0], plan.level
             decode_s = self.speeds.decode_s(level, self.fraction(index))
-            cutoff = Cutoff(self.manifest.size(level, index) + HEADER.size, self.started + self.planner.budget - decode_s)
+            end_at = self.started + self.planner.budget - decode_s
+            cutoff = Cutoff(self.manifest.size(level, index) + HEADER.size, end_at)
             fetch_started = time.perf_counter()
             try:
                 data = self.source.chunk(self.manifest, level, index, self.abort_at, cutoff)
@@ -307,7 +313,8 @@ class Fetch:
                 self.link.add(exc.received, exc.seconds)
                 records[index].bytes += exc.received
                 records[index].fetch_s += exc.seconds
-                return f"{level}/{index} given up after {exc.received} bytes, {exc.seconds:.3f} s: it would end late"
+                return (f"{level}/{index} given up after {exc.received} bytes, {exc.seconds:.3f} s: "
+                        "it would end late")
             except TransportError as exc:  # lost or corrupt (or the abort time passed): never used
                 failures.append(str(exc))
                 if len(failures) >= self.config.max_attempts or isinstance(exc, DeadlinePassed):

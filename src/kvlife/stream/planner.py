@@ -54,9 +54,10 @@ def _candidate_counts(rest: int) -> list[int]:
 
 class Planner:
     def __init__(self, sizes: dict[str, Sequence[int]], chunk_tokens: Sequence[int], slo: float,
-                 policy: str = ADAPTIVE, allow_recompute: bool = True, config: FetchConfig | None = None) -> None:
+                 policy: str = ADAPTIVE, allow_recompute: bool = True,
+                 config: FetchConfig | None = None) -> None:
         """`sizes`: level -> bytes of each chunk, levels best quality first; `chunk_tokens`: tokens of each
-        chunk; `slo`: seconds for the whole context; `config`: the margin, discounts, hysteresis and insurance."""
+        chunk; `slo`: seconds for the whole context; `config`: margin, discounts, hysteresis, insurance."""
         config = config or FetchConfig()
         self.levels = list(sizes)
         self.sizes = {level: list(values) for level, values in sizes.items()}

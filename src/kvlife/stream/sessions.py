@@ -39,12 +39,13 @@ def context_of(session: Any, context_id: str, levels: Sequence[str] | None = Non
         raise KvlifeError(f"cannot stream this context: {blocker} (stream dense prefills only)")
     session.cache.rollback(session.context_checkpoint)
     rope = rope_from_config(session.model.config)
-    return build_context(session.cache, session.context_ids, context_id, model_fingerprint(session.model), levels,
-                         chunk_tokens, rope, weights, model_name)
+    return build_context(session.cache, session.context_ids, context_id, model_fingerprint(session.model),
+                         levels, chunk_tokens, rope, weights, model_name)
 
 
 def publish(session: Any, url: str | StreamClient, context_id: str, levels: Sequence[str] | None = None,
-            chunk_tokens: int = 256, weights: Any = None, token: str | None = None, model_name: str = "") -> Manifest:
+            chunk_tokens: int = 256, weights: Any = None, token: str | None = None,
+            model_name: str = "") -> Manifest:
     """Encode the session's context at `levels` (default all) and upload it to `kvlife serve`."""
     context = context_of(session, context_id, levels, chunk_tokens, weights, model_name)
     client = url if isinstance(url, StreamClient) else StreamClient(url, token)
