@@ -55,6 +55,7 @@ class AttnCall:
     softcap: float | None = None
     n_layers: int = 1
     step: StepContext | None = None
+    config: Any = None  # the model's config (for methods that need model facts, e.g. its RoPE)
 
     @property
     def groups(self) -> int:
@@ -226,6 +227,7 @@ def kvlife_attention(
         softcap=softcap,
         n_layers=len(kvlife.cache.layers),
         step=kvlife,
+        config=getattr(module, "config", None),
     )
     recipe = kvlife.recipe
     method = None

@@ -262,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kvlife.methods.prefill.search import add_parser as add_search_patterns
 
     add_search_patterns(sub)
+    from kvlife.methods.compress.duo_search import add_parser as add_search_heads
+
+    add_search_heads(sub)
     from kvlife.stream.cli import add_parser as add_stream
 
     add_stream(sub)

@@ -22,6 +22,7 @@ import torch
 from kvlife.attention import StepContext
 from kvlife.cache import KVCache, cache_kwarg
 from kvlife.errors import KvlifeError
+from kvlife.methods.base import CacheStage
 from kvlife.recipe import Recipe, parse
 
 MODES = ("multi-turn", "multi-request")
@@ -92,6 +93,13 @@ class PromptFormat:
             return self.encode(self.head + context + "\n\n")
         bos = getattr(self.tokenizer, "bos_token_id", None)
         return ([bos] if bos is not None else []) + self.encode(context + "\n\n")
+
+    def head_ids(self) -> list[int]:
+        """The tokens every context starts with (chat template and system prompt, or BOS)."""
+        if self.style == "chat":
+            return self.encode(self.head)
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return [bos] if bos is not None else []
 
     def query_ids(self, query: str) -> list[int]:
         if self.style == "chat":
@@ -166,6 +174,11 @@ class Session:
             self.store = PrefixStore(store, salt=store_salt)
 
     @property
+    def dtype(self) -> str:
+        """The model's dtype as results and store keys name it ("float32", "bfloat16")."""
+        return str(next(self.model.parameters()).dtype).replace("torch.", "")
+
+    @property
     def context_tokens(self) -> int:
         """Tokens of the current context as prefilled (after prompt compression)."""
         return len(self.context_ids)
@@ -188,7 +201,18 @@ class Session:
             kvlife=step,
         )
         self.last_stats = step.stats
+        whole_cache = getattr(self.recipe.compress, "compress_cache", None) if compress else None
+        if whole_cache is not None:  # after the per-layer hooks: e.g. kvzip's reconstruction passes
+            whole_cache(self._cache_stage(ids, phase, step.stats))
         return out.logits[0].float()
+
+    def _cache_stage(self, ids: list[int], phase: str, stats: dict[str, Any]) -> CacheStage:
+        head = self.format.head_ids() if phase == "prefill" else []
+        head_tokens = 0
+        while head_tokens < min(len(ids), len(head)) and ids[head_tokens] == head[head_tokens]:
+            head_tokens += 1
+        return CacheStage(self.model, self.cache, ids, self.format.encode, self.format.query_ids(""),
+                          head_tokens, stats)
 
     def _prefill(self, ids: list[int], compress: bool):
         """The first prefill of a context: through the store when one is given."""
@@ -228,7 +252,7 @@ class Session:
         elapsed = time.perf_counter() - started
         self.context_checkpoint = self.cache.checkpoint()
         self.prefill_result = TurnResult("", [], len(self.context_ids), elapsed, elapsed, None, 0,
-                                         self.cache.bytes(), self._mean_held())
+                                         self.cache.bytes(), self._mean_held(), stats=dict(self.last_stats))
         return self.prefill_result
 
     def _mean_held(self) -> float:

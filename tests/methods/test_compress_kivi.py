@@ -15,14 +15,6 @@ from tiny import ByteTokenizer, tiny_model
 KV_HEADS, HEAD_DIM = 2, 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def dense_layer(n: int, dtype=torch.float32, seed: int = 0) -> KVLayer:
     gen = torch.Generator().manual_seed(seed)
     keys = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=gen)

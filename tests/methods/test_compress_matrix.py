@@ -30,19 +30,34 @@ def evicts(name: str) -> bool:
     return "ratio" in {item.name for item in dataclasses.fields(registry.get(name))}
 
 
-def spec(name: str, full: bool = False) -> str:
-    if not evicts(name):
-        return name
-    return f"{name}(budget=100000)" if full else f"{name}(ratio={RATIO})"
+def needs_split(name: str) -> bool:
+    """Methods that read an offline per-model file (duo_attention's head split)."""
+    return name == "duo_attention"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: thread hand-offs cost far more than the math (50x on a busy 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="module")
+def splits(models, tmp_path_factory):
+    """A head split per tiny model, found by the real `kvlife search-heads` search (small settings)."""
+    from kvlife.methods.compress import head_split
+    from kvlife.methods.compress.duo_search import HeadSearch, search
+
+    folder = tmp_path_factory.mktemp("splits")
+    settings = HeadSearch(samples=1, tokens=150, passkeys=2, queries=1, n_sink=4, n_local=16)
+    for kind, model in models.items():
+        head_split.write(folder / f"{kind}.json", search(model, ByteTokenizer(), kind, settings, log=lambda _: None))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def spec(splits):
+    """spec(name, kind, full=False): the method at RATIO (or a budget above any context)."""
+    def build(name: str, kind: str, full: bool = False) -> str:
+        if not evicts(name):
+            return name
+        args = [f"config={splits / kind}.json"] if needs_split(name) else []
+        args.append("budget=100000" if full else f"ratio={RATIO}")
+        return f"{name}({','.join(args)})"
+    return build
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +94,10 @@ def token_bytes(layer) -> int:
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", COMPRESS)
-def test_full_budget_matches_dense(models, name, kind):
+def test_full_budget_matches_dense(models, spec, name, kind):
     model = models[kind]
     for mode in ("multi-request", "multi-turn"):
-        dense, method = session(model, None, mode), session(model, spec(name, full=True), mode)
+        dense, method = session(model, None, mode), session(model, spec(name, kind, full=True), mode)
         dense.prefill(CONTEXT)
         method.prefill(CONTEXT)
         for query in QUERIES:
@@ -99,9 +114,9 @@ def test_full_budget_matches_dense(models, name, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", COMPRESS)
-def test_storage_positions_and_keys(models, name, kind):
+def test_storage_positions_and_keys(models, spec, name, kind):
     model = models[kind]
-    dense, method = session(model, None), session(model, spec(name))
+    dense, method = session(model, None), session(model, spec(name, kind))
     dense.prefill(CONTEXT)
     method.prefill(CONTEXT)
     n_ctx = len(method.context_ids)
@@ -133,9 +148,9 @@ def test_storage_positions_and_keys(models, name, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", COMPRESS)
-def test_bytes_shrink(models, name, kind):
+def test_bytes_shrink(models, spec, name, kind):
     model = models[kind]
-    dense, method = session(model, None), session(model, spec(name))
+    dense, method = session(model, None), session(model, spec(name, kind))
     dense_result, result = dense.prefill(CONTEXT), method.prefill(CONTEXT)
     assert result.cache_bytes == method.cache.bytes()
     n_ctx = len(method.context_ids)
@@ -153,9 +168,9 @@ def test_bytes_shrink(models, name, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", COMPRESS)
-def test_decoding_continues_at_true_position(models, name, kind):
+def test_decoding_continues_at_true_position(models, spec, name, kind):
     model = models[kind]
-    dense, method = session(model, None), session(model, spec(name))
+    dense, method = session(model, None), session(model, spec(name, kind))
     dense.prefill(CONTEXT)
     method.prefill(CONTEXT)
     n_ctx = len(method.context_ids)
@@ -172,8 +187,8 @@ def test_decoding_continues_at_true_position(models, name, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", COMPRESS)
-def test_multi_request_rollback_is_exact(models, name, kind):
-    method = session(models[kind], spec(name))
+def test_multi_request_rollback_is_exact(models, spec, name, kind):
+    method = session(models[kind], spec(name, kind))
     method.prefill(CONTEXT)
     context = snapshot(method.cache)
     for query in QUERIES:
@@ -182,8 +197,8 @@ def test_multi_request_rollback_is_exact(models, name, kind):
 
 
 @pytest.mark.parametrize("name", COMPRESS)
-def test_multi_turn_with_recompress(models, name):
-    method = session(models["qwen2"], spec(name), mode="multi-turn", recompress=True)
+def test_multi_turn_with_recompress(models, spec, name):
+    method = session(models["qwen2"], spec(name, "qwen2"), mode="multi-turn", recompress=True)
     method.prefill(CONTEXT)
     fed = 0
     for query in QUERIES * 2:

@@ -18,14 +18,6 @@ from tiny import ByteTokenizer, tiny_model
 KV_HEADS, GROUPS, HEAD_DIM, N = 2, 2, 16, 120
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_call(keys: torch.Tensor, queries: torch.Tensor) -> tuple[AttnCall, KVCache]:
     """A layer call whose queries [q_heads, q_len, d] are the newest q_len of keys [kv_heads, n, d]."""
     n, q_len = keys.shape[1], queries.shape[1]

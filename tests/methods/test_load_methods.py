@@ -22,14 +22,6 @@ FULL = {"quest": "quest(budget=100000)", "retrieval_attention": "retrieval_atten
 SPARSE = {"quest": "quest(budget=32,page_size=8)", "retrieval_attention": "retrieval_attention(n_sink=4,window=16,top_k=24)"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models():
     return {kind: tiny_model(kind) for kind in KINDS}

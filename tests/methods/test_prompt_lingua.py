@@ -20,14 +20,6 @@ NEEDLE = "the zebra code is 4711."
 CONTEXT = " ".join(FILLER[:17] + [NEEDLE] + FILLER[17:])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("qwen2")

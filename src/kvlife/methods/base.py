@@ -1,20 +1,22 @@
 """The method interface: one small hook per stage, shared machinery once.
 
 Stages (SCBench's taxonomy): `prompt` (drop context tokens before prefill), `prefill` (attention
-during the first prefill), `compress` (shrink each layer's cache after the first prefill), `load`
-(choose what each decode step attends to). A method is a dataclass whose fields are its
-parameters; `describe()` lists them with defaults for `kvlife methods`.
+during the first prefill), `compress` (shrink each layer's cache after its attention in the first
+prefill, or, for methods that need the model itself, the whole cache once that prefill has ended:
+`CacheCompressMethod`), `load` (choose what each decode step attends to). A method is a dataclass
+whose fields are its parameters; `describe()` lists them with defaults for `kvlife methods`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 
-from kvlife.attention import AttnCall, dense_attention
-from kvlife.cache import KVLayer
+from kvlife.attention import AttnCall, StepContext, dense_attention
+from kvlife.cache import KVLayer, cache_kwarg
 from kvlife.errors import SpecError
 
 STAGES = ("prompt", "prefill", "compress", "load")
@@ -113,6 +115,57 @@ class CompressMethod(Method):
         return None
 
     def compress_layer(self, call: AttnCall, layer: KVLayer) -> None:
+        raise NotImplementedError
+
+    def compress_cache(self, stage: CacheStage) -> None:
+        """Shrink the whole cache once a compressing forward has run through every layer.
+
+        Called by the Session after that forward (after every `compress_layer`). Per-layer methods
+        leave it empty; methods that need the model itself (extra forward passes over the cache,
+        the model's identity) subclass `CacheCompressMethod` and work here.
+        """
+
+
+@dataclasses.dataclass
+class CacheStage:
+    """What `CompressMethod.compress_cache` sees: the model, its cache and the tokens just prefilled."""
+
+    model: Any
+    cache: Any  # kvlife.cache.KVCache, holding `ids` at the positions they were fed at
+    ids: list[int]  # the tokens of that forward: the context (multi-turn: context + query 1)
+    encode: Callable[[str], list[int]]  # text -> token ids, no special tokens added
+    turn_end: list[int]  # what closes a user turn and opens the answer in the prompt format
+    head_tokens: int = 0  # leading `ids` that are the prompt format's head (chat template, system prompt)
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)  # the forward's figures; record costs here
+
+    def forward(self, ids: list[int], recipe: Any) -> None:
+        """Run `ids` through the model on this cache at the next positions, as a "prefill" step of
+        `recipe` (an object with `prefill`, `compress`, `load`: e.g. a scorer as its prefill method).
+        The tokens stay in the cache: take a checkpoint before and roll back after."""
+        model_forward(self.model, self.cache, ids, recipe)
+
+
+@torch.no_grad()
+def model_forward(model: Any, cache: Any, ids: list[int], recipe: Any, phase: str = "prefill",
+                  all_logits: bool = False) -> torch.Tensor:
+    """One forward of `model` over `ids` on `cache` at the true next positions; logits [n or 1, vocab]."""
+    device = next(model.parameters()).device
+    start = cache.next_position
+    positions = torch.arange(start, start + len(ids), device=device)
+    step = StepContext(cache, positions, phase=phase, recipe=recipe)
+    out = model(input_ids=torch.tensor([ids], device=device), position_ids=positions[None],
+                **cache_kwarg(model, cache), use_cache=True, logits_to_keep=0 if all_logits else 1, kvlife=step)
+    return out.logits[0].float()
+
+
+@dataclasses.dataclass
+class CacheCompressMethod(CompressMethod):
+    """A compress method that acts once after the whole prefill (`compress_cache`), not per layer."""
+
+    def compress_layer(self, call: AttnCall, layer: KVLayer) -> None:
+        return  # the per-layer hook runs during the forward; these methods wait for it to end
+
+    def compress_cache(self, stage: CacheStage) -> None:
         raise NotImplementedError
 
 

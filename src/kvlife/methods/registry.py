@@ -7,8 +7,13 @@ from __future__ import annotations
 
 from kvlife.methods.base import Dense, Method
 from kvlife.methods.compress.adakv import AdaKV
+from kvlife.methods.compress.chunkkv import ChunkKV
+from kvlife.methods.compress.duo_attention import DuoAttention
+from kvlife.methods.compress.expected_attention import ExpectedAttention
 from kvlife.methods.compress.h2o import H2O
+from kvlife.methods.compress.keydiff import KeyDiff
 from kvlife.methods.compress.kivi import Kivi
+from kvlife.methods.compress.kvzip import KVzip
 from kvlife.methods.compress.pyramidkv import PyramidKV
 from kvlife.methods.compress.snapkv import SnapKV
 from kvlife.methods.compress.streamingllm import StreamingLLM
@@ -22,7 +27,8 @@ from kvlife.methods.prefill.tri_shape import TriShape
 from kvlife.methods.prompt.lingua import Lingua
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in [Dense, StreamingLLM, SnapKV, PyramidKV, H2O, TOVA, AdaKV, Kivi,
+    cls.name: cls for cls in [Dense, StreamingLLM, SnapKV, PyramidKV, H2O, TOVA, AdaKV, Kivi, KVzip,
+                             ExpectedAttention, KeyDiff, DuoAttention, ChunkKV,
                              Quest, RetrievalAttention, Lingua, AShape, TriShape, MInference, FlexPrefill]
 }
 

@@ -21,8 +21,10 @@ SCORE_ELEMENTS = 1 << 24  # float32 scores per chunk (64 MiB): bounds the memory
 PROTECTED = 2.0  # above any attention probability or mean of them: a protected token always ranks first
 
 
-def attention_mass(call: AttnCall, layer: KVLayer, rows: slice, chunk_rows: int = 512) -> torch.Tensor:
-    """Sum over the query rows `rows` of each query head's attention to every cached key.
+def attention_mass(call: AttnCall, layer: KVLayer, rows: slice, chunk_rows: int = 512,
+                   reduce: str = "sum") -> torch.Tensor:
+    """Sum (or with `reduce="max"` the maximum) over the query rows `rows` of each query head's
+    attention to every cached key.
 
     The softmax runs over the layer's cached keys with the positional mask (causality and the
     sliding window), as the layer's attention saw them. Computed per KV head group and in chunks
@@ -46,7 +48,11 @@ def attention_mass(call: AttnCall, layer: KVLayer, rows: slice, chunk_rows: int 
                 scores = torch.tanh(scores / call.softcap) * call.softcap
             visible = visibility_mask(q_pos[start:stop], k_pos[head:head + 1], call.sliding_window)
             scores = scores.masked_fill(~visible, float("-inf"))
-            mass[heads] += torch.softmax(scores, dim=-1).nan_to_num(0.0).sum(dim=1)
+            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+            if reduce == "max":
+                mass[heads] = torch.maximum(mass[heads], probs.amax(dim=1))
+            else:
+                mass[heads] += probs.sum(dim=1)
     return mass
 
 

@@ -27,9 +27,10 @@ from functools import lru_cache
 from pathlib import Path
 
 from kvlife.errors import SpecError
+from kvlife.methods import config_files
 
 FORMAT = "kvlife-patterns/1"
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = config_files.CONFIG_ROOT
 PATTERNS: dict[str, tuple[str, ...]] = {
     "vertical_slash": ("vertical_size", "slash_size"),
     "block_sparse": ("top_k",),
@@ -66,19 +67,12 @@ class PatternConfig:
 
 
 def shipped() -> list[str]:
-    return sorted(path.stem for path in CONFIG_DIR.glob("*.json"))
+    return config_files.shipped(CONFIG_DIR)
 
 
 def resolve(name_or_path: str) -> Path:
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        return path
-    named = CONFIG_DIR / f"{name_or_path}.json"
-    if "/" not in name_or_path and named.is_file():
-        return named
-    raise SpecError(
-        f"minference: pattern config {name_or_path!r} not found: not a file, and not a shipped config "
-        f"({', '.join(shipped()) or 'none'}); write one with `kvlife search-patterns --model M --out FILE`")
+    return config_files.resolve(name_or_path, CONFIG_DIR, "minference", "pattern config",
+                                "write one with `kvlife search-patterns --model M --out FILE`")
 
 
 def load(name_or_path: str) -> PatternConfig:
@@ -89,10 +83,7 @@ def load(name_or_path: str) -> PatternConfig:
 
 @lru_cache(maxsize=8)
 def _load(path: str, mtime_ns: int) -> PatternConfig:
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SpecError(f"minference: cannot read pattern config {path}: {str(exc).splitlines()[0]}") from None
+    raw = config_files.read_json(path, "minference", "pattern config")
     where = f"pattern config {path}"
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise SpecError(f"minference: {where} is not a kvlife pattern config (expected \"format\": \"{FORMAT}\")")
