@@ -99,22 +99,20 @@ async def read_json(request: web.Request, limit: int, expected: str) -> Any:
 
 class ChunkServer:
     def __init__(self, root: Path, tokens: dict[str, str], max_bytes: int, max_chunk_bytes: int,
-                 trace: str | None = None, piece_bytes: int = 16 << 10, open_access: bool = False) -> None:
-        """`tokens`: token -> tenant. `open_access` (`kvlife stream serve` without a token): every request is
-        the tenant "default"."""
+                 link: Shaper | None = None, open_access: bool = False) -> None:
+        """`tokens`: token -> tenant; `link`: what paces every response body (default: unshaped).
+        `open_access` (`kvlife stream serve` without a token): every request is the tenant "default"."""
         if not tokens and not open_access:
             raise StoreError("kvlife serve needs at least one token: --token TOKEN or --tenant NAME=TOKEN")
         for tenant in tokens.values():
             if not tenant or not all(c.isalnum() or c in "-_." for c in tenant) or tenant.startswith("."):
                 raise StoreError(f"invalid tenant name {tenant!r}: use letters, digits, '-', '_' and '.'")
-        if piece_bytes < 512:
-            raise StoreError("--piece-bytes must be at least 512")
         self.root = root
         self.tokens = tokens
         self.open_access = open_access
         self.max_bytes = max_bytes
         self.max_chunk_bytes = max_chunk_bytes
-        self.shaper = Shaper(parse_trace(trace) if trace else None, piece_bytes=piece_bytes)
+        self.shaper = link or Shaper(None)
         self.tenants: dict[str, Tenant] = {}
 
     # ---- who is asking -----------------------------------------------------------------------------
@@ -382,9 +380,11 @@ def parse_tokens(tokens: list[str], tenants: list[str], stream_alias: bool = Fal
 
 def serve(args: argparse.Namespace) -> int:
     tokens = parse_tokens(args.token, args.tenant, args.stream_alias)
-    server = ChunkServer(Path(args.store).expanduser(), tokens, int(args.max_bytes),
-                         int(args.max_chunk_bytes), args.trace, args.piece_bytes,
-                         open_access=args.stream_alias and not tokens)
+    if args.piece_bytes < 512:
+        raise StoreError("--piece-bytes must be at least 512")
+    link = Shaper(parse_trace(args.trace) if args.trace else None, piece_bytes=args.piece_bytes)
+    server = ChunkServer(Path(args.store).expanduser(), tokens, int(args.max_bytes), int(args.max_chunk_bytes),
+                         link, open_access=args.stream_alias and not tokens)
     log_redacted(list(tokens))
     name = "kvlife stream serve" if args.stream_alias else "kvlife serve"
     access = "open: no token" if server.open_access else f"{len(set(tokens.values()))} tenant(s)"

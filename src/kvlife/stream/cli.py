@@ -31,6 +31,11 @@ from kvlife.store.serve_args import add_arguments as add_serve_arguments
 
 def add_parser(subparsers) -> None:
     """Register `fetch` and `stream` on the main CLI's subparsers."""
+    _add_fetch(subparsers)
+    _add_stream(subparsers)
+
+
+def _add_fetch(subparsers) -> None:
     fetch = subparsers.add_parser("fetch", help="stream a context's KV cache by a deadline (adaptive levels)",
                                   description="Fetch a context's KV from `kvlife serve`, choosing per chunk "
                                               "the best codec level that meets the deadline, or recomputing.")
@@ -61,6 +66,8 @@ def add_parser(subparsers) -> None:
     fetch.add_argument("--json", action="store_true", help="print the report as JSON")
     fetch.set_defaults(func=run_fetch)
 
+
+def _add_stream(subparsers) -> None:
     stream = subparsers.add_parser("stream", help="serve, store and inspect streamed contexts (see `kvlife fetch`)")
     actions = stream.add_subparsers(dest="stream_action", required=True)
     serve = actions.add_parser("serve", help="`kvlife serve` for streamed contexts: --root DIR, port 8766, open "
