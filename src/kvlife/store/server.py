@@ -81,6 +81,13 @@ class Tenant:
     contexts: ContextEntries
 
 
+def _path_part(request: web.Request, name: str, pattern: re.Pattern, what: str, hint: str) -> str:
+    value = request.match_info[name]
+    if not pattern.match(value):
+        raise Refused(400, f"invalid {what} {value[:80]!r}{hint}")
+    return value
+
+
 async def read_json(request: web.Request, limit: int, expected: str) -> Any:
     """The request's JSON body, at most `limit` bytes; `Refused` (400, naming `expected`; 413) otherwise.
     Nesting too deep for the parser is malformed JSON too, not a server error."""
@@ -139,17 +146,11 @@ class ChunkServer:
 
     @staticmethod
     def chunk_key(request: web.Request) -> str:
-        key = request.match_info["key"]
-        if not KEY_PATTERN.match(key):
-            raise Refused(400, f"invalid chunk key {key[:80]!r}: expected 64 lowercase hex digits")
-        return key
+        return _path_part(request, "key", KEY_PATTERN, "chunk key", ": expected 64 lowercase hex digits")
 
     @staticmethod
     def context_id(request: web.Request) -> str:
-        context_id = request.match_info["context_id"]
-        if not CONTEXT_ID.match(context_id):
-            raise Refused(400, f"invalid context id {context_id[:80]!r}")
-        return context_id
+        return _path_part(request, "context_id", CONTEXT_ID, "context id", "")
 
     # ---- chunks ------------------------------------------------------------------------------------
 
