@@ -45,3 +45,29 @@ def test_user_errors_are_one_line(argv, message, stream_url, published, tmp_path
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and err.startswith("kvlife: error:"), err
+
+
+def test_streaming_over_kvlife_serve_with_tenants(published, tmp_path, capsys):
+    """The one server: `kvlife serve` with tokens serves streamed contexts per tenant."""
+    from tests.store.conftest import _stop, free_port, start_server
+
+    from kvlife.stream import StreamClient, publish
+
+    session, manifest = published
+    port = free_port()
+    server = start_server(tmp_path, port)  # tenants alice and bob
+    url = f"http://127.0.0.1:{port}"
+    try:
+        publish(session, StreamClient(url, "token-alice"), "tenant-doc", chunk_tokens=manifest.chunk_tokens)
+        assert main(["stream", "ls", url, "--token", "token-alice"]) == 0
+        assert capsys.readouterr().out.split() == ["tenant-doc"]
+        assert main(["stream", "ls", url, "--token", "token-bob"]) == 0 and capsys.readouterr().out.strip() == ""
+        assert main(["stream", "ls", url]) == 2
+        assert "401" in capsys.readouterr().err
+        argv = ["fetch", url, "--context-id", "tenant-doc", "--slo", "30", "--no-model", "--policy", "high", "--json"]
+        assert main([*argv, "--token", "token-alice"]) == 0
+        assert json.loads(capsys.readouterr().out)["chunks"][0]["option"] == "high"
+        assert main([*argv, "--token", "token-bob"]) == 2
+        assert "no context 'tenant-doc'" in capsys.readouterr().err
+    finally:
+        _stop(server)
