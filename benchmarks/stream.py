@@ -280,7 +280,7 @@ def main() -> int:
 
 
 BOOTSTRAP_DRAWS = 2000
-NOTES = ("Server and client on loopback; the server's send rate follows the trace (kvlife.stream.shaper). Fixed "
+NOTES = ("Server and client on loopback; the server's send rate follows the trace (kvlife.store.shaper). Fixed "
          "policies ignore the deadline, so one fetch per trace and level serves every deadline; a fixed fetch cut off "
          "at 1.25x the largest deadline counts as a miss with no TTFT. Always-recompute uses no link: one run per "
          "sample serves every trace. ppl change is exp(mean reference NLL) over that of the dense cache; the "

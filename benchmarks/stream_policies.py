@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from foundation import machine  # noqa: E402
 
 from kvlife.errors import KvlifeError  # noqa: E402
+from kvlife.store.trace import TraceError, parse_trace  # noqa: E402
 from kvlife.stream import FetchAborted, FetchConfig, StreamClient, publish  # noqa: E402
 from kvlife.stream.config import parse_discount  # noqa: E402
 from stream import TASKS, TRACES, context_id_for, fetch_record, load_model_and_weights, start_server  # noqa: E402
@@ -74,7 +75,8 @@ def parse_setting(text: str) -> FetchConfig:
     of discount, drop, step_up, refine, refine_discount, window, detect) follow: refine_discount a discount (a
     number or wide); window the throughput estimate's samples (an integer >= 1); detect the seconds of the
     recent rate a chunk in flight is judged by. ValueError (or StreamError) names what is wrong. Settings
-    of options that have left the code (levels, lift, first_lift) are in the archived results' own files."""
+    that name options since removed (levels, lift, first_lift) are kept in their results files
+    (benchmarks/results/INDEX.md)."""
     fields: dict[str, str] = {}
     for k, part in enumerate(text.split(",")):
         key, sep, value = part.partition("=")
@@ -209,8 +211,6 @@ def commit() -> str | None:
 
 def parse_traces(text: str) -> list[tuple[str, list[float]]]:
     """'TRACE@SECONDS[,SECONDS...]' separated by ';' as (trace, deadlines), each trace checked by its parser."""
-    from kvlife.stream.trace import TraceError, parse_trace
-
     out = []
     for part in text.split(";"):
         trace, sep, deadlines = part.partition("@")
