@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser, stream: bool = False) -> None
     """`kvlife serve`'s options; with `stream`, `kvlife stream serve`'s: the same server, its directory given
     as --root, port 8766, its token also from $KVLIFE_STREAM_TOKEN, and open to every request without one."""
     if stream:
-        parser.add_argument("--root", dest="store", required=True,
+        parser.add_argument("--root", dest="store", metavar="DIR", required=True,
                             help="directory of the served chunks and contexts (one subdirectory per tenant)")
     else:
         parser.add_argument("--store", required=True,
