@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 
-import httpx
-
 from kvlife import models
+from kvlife.backends.loopback import LoopbackServer
 from kvlife.errors import BackendError, ModelError
 
 BINARY_ENV = "KVLIFE_LLAMA_SERVER"
@@ -65,13 +61,7 @@ def embedded_gguf(name: str) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class LlamaServer:
+class LlamaServer(LoopbackServer):
     """Start llama-server on 127.0.0.1, wait until it is healthy, stop it on exit.
 
     `parallel` slots (each holds one prompt cache), `ctx_size` tokens per slot, `threads` CPU threads.
@@ -79,21 +69,16 @@ class LlamaServer:
     The server's output goes to `log_path` (a temporary file by default).
     """
 
+    name = "llama-server"
+
     def __init__(self, binary: Path, gguf: Path, alias: str, ctx_size: int = 4096, parallel: int = 1,
                  threads: int = 1, cache_prompt: bool = True, extra_args: tuple[str, ...] = (),
                  log_path: Path | None = None, start_timeout_s: float = 180.0) -> None:
+        super().__init__(log_path=log_path, start_timeout_s=start_timeout_s)
         self.binary, self.gguf, self.alias = Path(binary), Path(gguf), alias
         self.ctx_size, self.parallel, self.threads = ctx_size, parallel, threads
         self.cache_prompt = cache_prompt
         self.extra_args = tuple(extra_args)
-        self.log_path = log_path
-        self.start_timeout_s = start_timeout_s
-        self.port = 0
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
 
     def command(self) -> list[str]:
         # -c is the whole context, split over the slots: give each slot ctx_size
@@ -102,50 +87,8 @@ class LlamaServer:
                 "-t", str(self.threads), "--no-webui", "--cache-prompt" if self.cache_prompt else "--no-cache-prompt",
                 *self.extra_args]
 
-    def __enter__(self) -> LlamaServer:
+    def check(self) -> None:
         if not self.binary.is_file():
             raise BackendError(f"no llama-server at {self.binary}; build it with scripts/llama-server.sh")
         if not self.gguf.is_file():
             raise ModelError(f"no GGUF file at {self.gguf}")
-        self.port = free_port()
-        if self.log_path is None:
-            import tempfile
-
-            self.log_path = Path(tempfile.mkstemp(prefix="llama-server-", suffix=".log")[1])
-        log = self.log_path.open("wb")
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + self.start_timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.stop()
-                raise BackendError(f"llama-server exited with status {self.process.returncode} at start: "
-                                   f"{self.log_tail()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise BackendError(f"llama-server did not become healthy within {self.start_timeout_s:.0f} s: {self.log_tail()}")
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-    def log_tail(self, lines: int = 5) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace") if self.log_path else ""
-        except OSError:
-            return ""
-        return " | ".join(text.strip().splitlines()[-lines:])
