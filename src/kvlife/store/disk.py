@@ -2,17 +2,23 @@
 
 A put writes a temporary file in the chunk's directory, fsyncs it, renames it over the final name
 and fsyncs the directory, so readers see either no chunk or a whole one, and a writer killed at
-any point leaves at most a stray `.tmp` file (never read; removed when old). Reads refresh the
-file's mtime, which is the LRU order eviction follows. Several processes may share a directory.
+any point leaves at most a stray `.tmp` file, never read. Temporary files count against the byte
+budget, and eviction (like opening the directory) removes those whose writer is gone: a process of
+this machine that no longer runs (the name holds the writer's host and pid), or older than
+`STALE_TMP_S`. A backend rescans its directory at least every `RESCAN_S` while it writes, so a
+long-running server also sees what other processes left. Reads refresh the file's mtime, which is
+the LRU order eviction follows. Several processes may share a directory.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import socket
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +26,9 @@ from typing import Any
 from kvlife.store.base import Backend, StoreUnavailable, check_key
 
 SUFFIX = ".kvc"
-STALE_TMP_S = 600
+STALE_TMP_S = 600  # a temporary file this old is removed whoever wrote it (e.g. a writer on another host)
+RESCAN_S = 60.0  # a writing backend rescans its directory this often (other processes' files)
+HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"  # names this machine in temporary files
 
 
 class DiskBackend(Backend):
@@ -34,6 +42,7 @@ class DiskBackend(Backend):
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreUnavailable(f"cannot create store directory {self.root}: {exc.strerror or exc}") from None
+        self.scanned_at = 0.0
         self.bytes_held = self._scan(clean=True)[1]
 
     def path(self, key: str) -> Path:
@@ -41,7 +50,10 @@ class DiskBackend(Backend):
         return self.root / key[:2] / (key + SUFFIX)
 
     def _scan(self, clean: bool = False) -> tuple[list[tuple[float, int, Path]], int]:
+        """(chunk files as (mtime, size, path), bytes held by chunks and temporary files); `clean`
+        removes the temporary files whose writer is gone first (they are not counted then)."""
         files, total, now = [], 0, time.time()
+        self.scanned_at = time.monotonic()
         for sub in self.root.iterdir() if self.root.is_dir() else []:
             if not sub.is_dir():
                 continue
@@ -51,8 +63,8 @@ class DiskBackend(Backend):
                 except FileNotFoundError:
                     continue
                 if entry.name.endswith(".tmp"):
-                    if clean and now - info.st_mtime > STALE_TMP_S:
-                        remove_file(Path(entry.path))
+                    if not (clean and _writer_gone(entry.name, now - info.st_mtime) and remove_file(Path(entry.path))):
+                        total += info.st_size  # a write in progress, or a leftover not yet removable
                     continue
                 if entry.name.endswith(SUFFIX):
                     files.append((info.st_mtime, info.st_size, Path(entry.path)))
@@ -95,12 +107,17 @@ class DiskBackend(Backend):
         with self.lock:
             self.bytes_held += size
             over = self.bytes_held > self.max_bytes
-        if over:
-            self._evict()
+        if over or time.monotonic() - self.scanned_at > RESCAN_S:
+            self._evict(only_if_over=not over)
 
-    def _evict(self) -> None:
+    def _evict(self, only_if_over: bool = False) -> None:
+        """Rescan: remove temporary files whose writer is gone, then the least recently used chunks until
+        chunks and temporary files fit in 90% of the budget (`only_if_over`: only if they are over it)."""
         with self.lock:
-            files, total = self._scan()
+            files, total = self._scan(clean=True)
+            if only_if_over and total <= self.max_bytes:
+                self.bytes_held = total
+                return
             files.sort()
             target = int(self.max_bytes * 0.9)
             for _, size, path in files:
@@ -115,6 +132,7 @@ class DiskBackend(Backend):
         remove_file(self.path(key))
 
     def stats(self) -> dict[str, Any]:
+        """Chunks, and bytes held by chunks and temporary files (what the budget counts)."""
         files, total = self._scan()
         return {"chunks": len(files), "bytes": total, "max_bytes": self.max_bytes, "evictions": self.evictions}
 
@@ -123,7 +141,7 @@ def write_atomic(path: Path, parts: Sequence[bytes]) -> None:
     """Write the concatenation of `parts` to `path` so that readers see no file or the whole one: a temporary
     file in the same directory, fsynced, renamed over `path`, the directory fsynced. Raises OSError (and
     leaves no temporary file) if any step fails."""
-    tmp = path.with_name(f".{path.name[:16]}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name[:16]}.{uuid.uuid4().hex[:8]}.{HOST}-{os.getpid()}.tmp")
     try:
         path.parent.mkdir(exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -140,6 +158,23 @@ def write_atomic(path: Path, parts: Sequence[bytes]) -> None:
         remove_file(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _writer_gone(name: str, age_s: float) -> bool:
+    """Whether the temporary file `name` (`.NAME.RANDOM.HOST-PID.tmp`) is a leftover: older than
+    `STALE_TMP_S`, or written by a process of this machine that is no longer running."""
+    if age_s > STALE_TMP_S:
+        return True
+    host, _, pid = name[: -len(".tmp")].rpartition(".")[2].partition("-")
+    if host != HOST or not pid.isdigit():
+        return False  # another machine's writer (or an older name): only its age tells
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        return False  # someone else's running process
+    return False
 
 
 def remove_file(path: Path) -> bool:
