@@ -24,6 +24,7 @@ from kvlife.codec.format import (
     CodecError,
     Header,
     LayerShape,
+    Positions,
     assemble,
     check_shapes,
     chunk_bytes,
@@ -229,7 +230,7 @@ def encode_baseline(
 def _new_header(scheme, dtype, chunk_tokens, shapes, next_position, positions, rope, section) -> Header:
     return Header(
         scheme=scheme, dtype=dtype, chunk_tokens=chunk_tokens, layers=shapes, next_position=next_position,
-        positions=positions, rope_theta=rope.theta if rope else 0.0, rotary_dim=rope.rotary_dim if rope else 0,
+        positions=Positions(shapes, arrays=positions), rope_theta=rope.theta if rope else 0.0, rotary_dim=rope.rotary_dim if rope else 0,
         flags=FLAG_PRE_ROPE if rope else 0, scheme_section=section,
     )
 
@@ -271,11 +272,22 @@ def _decode_chunk_np(blob, header: Header, index: int, means=None, into=None):
         if level_id not in LEVEL_NAMES and level_id != CUSTOM_LEVEL_ID:
             raise CodecError(f"chunk {index} has unknown level id {level_id}")
         means, multipliers = means if means is not None else _means(header)
-        layers, steps = kvlife_scheme.decode_chunk(header, means, part, index, exact, multipliers, into)
-        return layers, LEVEL_NAMES.get(level_id, "custom"), steps
-    if header.scheme == "lmcache":
-        return baselines.decode_chunk_lmcache(header, part, index), None, None
-    return baselines.decode_chunk_raw(header, part, index), None, None
+    try:
+        if header.scheme == "kvlife":
+            layers, steps = kvlife_scheme.decode_chunk(header, means, part, index, exact, multipliers, into)
+            return layers, LEVEL_NAMES.get(level_id, "custom"), steps
+        if header.scheme == "lmcache":
+            return baselines.decode_chunk_lmcache(header, part, index), None, None
+        return baselines.decode_chunk_raw(header, part, index), None, None
+    except MemoryError:
+        raise CodecError(f"not enough memory to decode chunk {index} of this stream") from None
+
+
+def _positions_tensor(positions: np.ndarray) -> torch.Tensor:
+    """A tensor of its own (a header's counting positions are read-only broadcast views)."""
+    if not (positions.flags.writeable and positions.flags.c_contiguous):
+        positions = np.array(positions)
+    return torch.from_numpy(positions)
 
 
 def _to_torch(x: np.ndarray, shape: LayerShape, dtype: str) -> torch.Tensor:
@@ -283,39 +295,80 @@ def _to_torch(x: np.ndarray, shape: LayerShape, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).reshape(shape.batch, shape.kv_heads, tokens, shape.head_dim).to(_DTYPE_TORCH[dtype])
 
 
+def parse(blob: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Header:
+    """A whole stream's verified header, its claims checked against the bytes present.
+
+    Beyond `parse_header`'s checks, every scheme's chunks have a least size for the shapes they claim
+    (kvlife: a step per head and a code per channel; fp16 and int8: every element), so a few bytes
+    cannot claim a cache of gigabytes: what a stream makes a decoder allocate is bounded by its size.
+    """
+    header = parse_header(blob, max_bytes)
+    least = _PREFIX.size * header.n_chunks
+    least += kvlife_scheme.least_bytes(header) if header.scheme == "kvlife" else baselines.least_bytes(header)
+    if sum(header.chunk_lengths) < least:
+        raise CodecError(f"the stream's chunks hold {sum(header.chunk_lengths)} bytes, fewer than the {least} its "
+                         "shapes need at the least: it is truncated or its header is forged")
+    return header
+
+
+def _decode_whole(blob, header: Header) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer (keys, values) float32 [B*H, T, D] of a parsed stream.
+
+    Whole-stream arrays are made only once chunk 0 has decoded (checksum, layout and entropy section
+    verified), so a forged stream fails before the decoder allocates what its header claims.
+    """
+    def empty(s: LayerShape) -> tuple[np.ndarray, np.ndarray]:
+        return tuple(np.zeros((s.heads, 0, s.head_dim), np.float32) for _ in range(2))
+
+    if header.n_chunks == 0:
+        return [empty(s) for s in header.layers]
+    try:
+        if header.scheme != "kvlife":
+            parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in header.layers]
+            for index in range(header.n_chunks):
+                layers, _, _ = _decode_chunk_np(blob, header, index)
+                for li, pair in layers.items():
+                    parts[li].append(pair)
+            return [tuple(np.concatenate([p[k] for p in pieces], axis=1) for k in range(2)) if pieces else empty(s)
+                    for s, pieces in zip(header.layers, parts)]
+        means = _means(header)
+        first, _, _ = _decode_chunk_np(blob, header, 0, means)
+        if header.n_chunks == 1:
+            return [first.get(li) or empty(s) for li, s in enumerate(header.layers)]
+        # later chunks decode straight into whole-layer arrays: no per-chunk pieces to concatenate
+        whole = [tuple(np.empty((s.heads, s.tokens, s.head_dim), np.float32) for _ in range(2)) for s in header.layers]
+        for li, pair in first.items():
+            for k in range(2):
+                whole[li][k][:, : pair[k].shape[1]] = pair[k]
+        for index in range(1, header.n_chunks):
+            _decode_chunk_np(blob, header, index, means, into=whole)
+        return whole
+    except MemoryError:
+        raise CodecError(f"not enough memory to decode this stream (it decodes to {header.elements() * 4 / 2**30:.1f} "
+                         "GiB of float32 K/V); decode it chunk by chunk with decode_chunk") from None
+
+
 def decode_layers(blob: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per layer (keys [B, H, T, D], values, positions [H, T]) in the stream's dtype."""
-    header = parse_header(blob, max_bytes)
-    if header.scheme == "kvlife":
-        # chunks decode straight into whole-layer arrays: no per-chunk pieces to concatenate
-        means = _means(header)
-        whole = [tuple(np.empty((s.heads, s.tokens, s.head_dim), np.float32) for _ in range(2)) for s in header.layers]
-        for index in range(header.n_chunks):
-            _decode_chunk_np(blob, header, index, means, into=whole)
-    else:
-        parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in header.layers]
-        for index in range(header.n_chunks):
-            layers, _, _ = _decode_chunk_np(blob, header, index)
-            for li, pair in layers.items():
-                parts[li].append(pair)
-        whole = []
-        for s, pieces in zip(header.layers, parts):
-            empty = np.zeros((s.heads, 0, s.head_dim), np.float32)
-            whole.append(tuple(np.concatenate([p[k] for p in pieces], axis=1) if pieces else empty for k in range(2)))
-    return [(_to_torch(keys, s, header.dtype), _to_torch(values, s, header.dtype), torch.from_numpy(header.positions[li]))
+    return _layers(blob, parse(blob, max_bytes))
+
+
+def _layers(blob, header: Header) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    whole = _decode_whole(blob, header)
+    return [(_to_torch(keys, s, header.dtype), _to_torch(values, s, header.dtype),
+             _positions_tensor(header.positions[li]))
             for li, (s, (keys, values)) in enumerate(zip(header.layers, whole))]
 
 
 def decode(blob: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> KVCache:
     """Decode a whole stream (any scheme) back into a KVCache with its positions and windows."""
-    header = parse_header(blob, max_bytes)
-    layers = decode_layers(blob, max_bytes)
-    return KVCache.from_tensors(layers, [s.window for s in header.layers], header.next_position)
+    header = parse(blob, max_bytes)
+    return KVCache.from_tensors(_layers(blob, header), [s.window for s in header.layers], header.next_position)
 
 
 def decode_chunk(blob: bytes, index: int, max_bytes: int = DEFAULT_MAX_BYTES) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
     """Decode chunk `index` alone: per layer (keys, values, positions) of its tokens, None where empty."""
-    header = parse_header(blob, max_bytes)
+    header = parse(blob, max_bytes)
     return _chunk_tensors(header, index, _decode_chunk_np(blob, header, index)[0])
 
 
@@ -346,14 +399,14 @@ def _chunk_tensors(header: Header, index: int, layers) -> list[tuple[torch.Tenso
         start, stop = header.chunk_span(index, li)
         keys, values = layers[li]
         out.append((_to_torch(keys, s, header.dtype), _to_torch(values, s, header.dtype),
-                    torch.from_numpy(np.ascontiguousarray(header.positions[li][:, start:stop]))))
+                    _positions_tensor(header.positions[li][:, start:stop])))
     return out
 
 
 def error_bound(blob: bytes, index: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per layer (key bound [B*H], value bound [B*H]): the largest |decoded - original| per element the
     kvlife scheme allows in chunk `index` (or over all chunks), before rounding to the stream dtype."""
-    header = parse_header(blob)
+    header = parse(blob)
     if header.scheme != "kvlife":
         raise CodecError(f"error_bound is defined for the kvlife scheme, not {header.scheme}")
     bounds = [(np.zeros(s.heads), np.zeros(s.heads)) for s in header.layers]
@@ -379,13 +432,13 @@ def error_bound(blob: bytes, index: int | None = None) -> list[tuple[np.ndarray,
 
 def mix(streams: Mapping[str, bytes], choice: Sequence[str]) -> bytes:
     """A stream whose chunk i is chunk i of `streams[choice[i]]` (streams from one `encode_levels`)."""
-    headers = {name: parse_header(blob) for name, blob in streams.items()}
+    headers = {name: parse(blob) for name, blob in streams.items()}
     first = next(iter(headers.values()))
     for name, h in headers.items():
         same = (h.version, h.scheme, h.dtype, h.chunk_tokens, h.layers, h.flags, h.rope_theta, h.rotary_dim, h.scheme_section,
                 h.next_position) == (first.version, first.scheme, first.dtype, first.chunk_tokens, first.layers, first.flags,
                                      first.rope_theta, first.rotary_dim, first.scheme_section, first.next_position)
-        if not same or any((a != b).any() for a, b in zip(h.positions, first.positions)):
+        if not same or h.positions != first.positions:
             raise CodecError(f"stream {name!r} does not share the others' header; encode them with encode_levels")
     if len(choice) != first.n_chunks:
         raise CodecError(f"choice names {len(choice)} chunks, the streams have {first.n_chunks}")
@@ -423,7 +476,7 @@ def warm_up() -> None:
 
 def inspect(blob: bytes) -> dict[str, Any]:
     """What a stream holds: scheme, dtype, shapes, rope, chunk sizes and levels, bits per element."""
-    header = parse_header(blob)
+    header = parse(blob)
     levels = []
     for index in range(header.n_chunks):
         part = chunk_bytes(blob, header, index)

@@ -47,6 +47,22 @@ def unpack_bins(header: Header) -> tuple[list[int], list[int]]:
     return [int(b) for b in bins[:, 0]], [int(b) for b in bins[:, 1]]
 
 
+def least_bytes(header: Header) -> int:
+    """The fewest bytes the payloads of all chunks can take (fp16 and int8: exactly this; int8+zstd: 0)."""
+    total = 0
+    bins = unpack_bins(header) if header.scheme == "lmcache" else None
+    for li, s in enumerate(header.layers):
+        elements = 2 * s.heads * s.tokens * s.head_dim
+        if header.scheme == "fp16":
+            total += 2 * elements
+        elif header.scheme == "int8":
+            total += elements + 4 * s.heads * s.tokens
+        elif bins is not None:  # a float16 scale per (kind, token), a CDF per (kind, channel) and chunk
+            chunks = -(-s.tokens // header.chunk_tokens)
+            total += 4 * s.tokens + chunks * 2 * s.heads * s.head_dim * (bins[0][li] + bins[1][li] + 2)
+    return total
+
+
 def _present(header: Header, index: int):
     for li in range(len(header.layers)):
         start, stop = header.chunk_span(index, li)
@@ -182,6 +198,8 @@ def decode_chunk_lmcache(header: Header, part: memoryview, index: int):
                 x = q * (scales[(li, k)] / limit)[:, None]
                 pair.append(x.reshape(n, s.heads, s.head_dim).transpose(1, 0, 2))
             out[li] = tuple(pair)
+        if not coder.is_empty():
+            raise CodecError(f"chunk {index} entropy section has words left over")
     except CodecError:
         raise
     except Exception as exc:

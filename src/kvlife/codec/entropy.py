@@ -210,6 +210,10 @@ def decode_v1(blob: bytes | memoryview, shapes: list[tuple[np.ndarray, int]]) ->
             for si, where in escape_sites:
                 segments[si][1].reshape(-1)[where] = values[cursor : cursor + where.size]
                 cursor += where.size
+        # the encoder starts from an empty coder, so decoding every symbol must end there; this is also
+        # what refuses a version-2 section read as version 1 (a forged version field)
+        if not coder.is_empty():
+            raise CodecError("entropy-coded section is corrupt: words are left over (or it is not version 1)")
     except CodecError:
         raise
     except Exception as exc:  # constriction raises on words it cannot decode

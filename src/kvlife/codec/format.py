@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,7 +72,7 @@ class Header:
     chunk_tokens: int
     layers: list[LayerShape]
     next_position: int
-    positions: list[np.ndarray]  # per layer [kv_heads, tokens] int64
+    positions: Positions  # per layer [kv_heads, tokens] int64, decompressed on first use
     rope_theta: float = 0.0
     rotary_dim: int = 0
     flags: int = 0
@@ -127,11 +128,66 @@ def check_shapes(layers: list[LayerShape], chunk_tokens: int) -> None:
 
 # ---- positions -------------------------------------------------------------------------------------
 
-def _pack_positions(positions: list[np.ndarray]) -> bytes:
+class Positions(Sequence[np.ndarray]):
+    """Per layer token positions [kv_heads, tokens] int64, kept compact until asked for.
+
+    The stream holds them as one zstd frame: per layer a u8 mode and, for mode 0 (every head holds
+    start, start+1, ...), the i64 start; for mode 1 (explicit), i64 deltas [kv_heads, tokens] along
+    tokens. A parsed header keeps the frame and decompresses it on first use: a header claiming
+    millions of tokens costs nothing until a chunk has been read, and a mode-0 layer is then a
+    read-only broadcast view (8 bytes per token, not per head and token). Compare two by `==`.
+    """
+
+    def __init__(self, layers: list[LayerShape], blob: bytes | None = None,
+                 arrays: list[np.ndarray] | None = None) -> None:
+        self.layers = layers
+        self._blob = blob
+        self._arrays = arrays  # per layer: an array, or the int start of a mode-0 layer
+
+    @classmethod
+    def counting(cls, layers: list[LayerShape], start: int = 0) -> Positions:
+        """Every head of every layer holds start, start+1, ... (no arrays are made)."""
+        return cls(layers, arrays=[start] * len(layers))
+
+    @property
+    def blob(self) -> bytes:
+        """The zstd frame the header stores."""
+        if self._blob is None:
+            self._blob = _pack_positions(self._arrays or [])
+        return self._blob
+
+    def _entries(self) -> list[np.ndarray | int]:
+        if self._arrays is None:
+            self._arrays = _unpack_positions(self._blob or b"", self.layers)
+        return self._arrays
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, index):  # noqa: ANN001 - int or slice, as a list
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        entry = self._entries()[index]
+        if isinstance(entry, np.ndarray):
+            return entry
+        shape = self.layers[index]
+        return np.broadcast_to(np.arange(entry, entry + shape.tokens, dtype=np.int64), (shape.kv_heads, shape.tokens))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Positions):
+            return NotImplemented
+        return self.layers == other.layers and self.blob == other.blob
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _pack_positions(positions: list[np.ndarray | int]) -> bytes:
     """Per layer: mode 0 = every head holds start, start+1, ... (stores start); mode 1 = explicit."""
     out = bytearray()
     for pos in positions:
-        if pos.size and (pos == pos[:1, :1] + np.arange(pos.shape[1])).all():
+        if isinstance(pos, int):
+            out += struct.pack("<Bq", 0, pos)
+        elif pos.size and (pos == pos[:1, :1] + np.arange(pos.shape[1])).all():
             out += struct.pack("<Bq", 0, int(pos[0, 0]))
         elif not pos.size:
             out += struct.pack("<Bq", 0, 0)
@@ -141,13 +197,16 @@ def _pack_positions(positions: list[np.ndarray]) -> bytes:
     return zstandard.ZstdCompressor(level=3).compress(bytes(out))
 
 
-def _unpack_positions(blob: bytes, layers: list[LayerShape]) -> list[np.ndarray]:
+def _unpack_positions(blob: bytes, layers: list[LayerShape]) -> list[np.ndarray | int]:
     limit = sum(9 + 8 * s.kv_heads * s.tokens for s in layers)
     try:
         raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=limit)
     except zstandard.ZstdError as exc:
         raise CodecError(f"the positions section is corrupt: {exc}") from None
-    positions, offset = [], 0
+    except MemoryError:
+        raise CodecError(f"not enough memory for the positions of this stream ({limit / 2**30:.1f} GiB)") from None
+    positions: list[np.ndarray | int] = []
+    offset = 0
     for index, s in enumerate(layers):
         if offset + 1 > len(raw):
             raise CodecError("the positions section is truncated")
@@ -156,9 +215,10 @@ def _unpack_positions(blob: bytes, layers: list[LayerShape]) -> list[np.ndarray]
             if offset + 9 > len(raw):
                 raise CodecError("the positions section is truncated")
             start = struct.unpack_from("<q", raw, offset + 1)[0]
+            if not -(1 << 62) <= start <= (1 << 62):
+                raise CodecError(f"layer {index}: position start {start} is out of range")
             offset += 9
-            row = np.arange(start, start + s.tokens, dtype=np.int64)
-            positions.append(np.broadcast_to(row, (s.kv_heads, s.tokens)).copy())
+            positions.append(start)
         elif mode == 1:
             size = 8 * s.kv_heads * s.tokens
             if offset + 1 + size > len(raw):
@@ -188,7 +248,7 @@ def pack_header(header: Header) -> bytes:
     )
     for s in header.layers:
         out += _LAYER.pack(s.batch, s.kv_heads, s.head_dim, 0, s.tokens, -1 if s.window is None else s.window)
-    positions = _pack_positions(header.positions)
+    positions = header.positions.blob
     out += struct.pack("<I", len(positions)) + positions
     out += struct.pack("<I", len(header.scheme_section)) + header.scheme_section
     for length, crc in zip(header.chunk_lengths, header.chunk_crcs):
@@ -274,7 +334,7 @@ def parse_header(blob: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES, h
             raise CodecError("rotary_dim exceeds head_dim")
     header = Header(
         scheme=SCHEMES[scheme], dtype=DTYPES[dtype], chunk_tokens=chunk_tokens, layers=layers,
-        next_position=next_position, positions=_unpack_positions(pos_blob, layers), rope_theta=rope_theta,
+        next_position=next_position, positions=Positions(layers, blob=pos_blob), rope_theta=rope_theta,
         rotary_dim=rotary_dim, flags=flags, scheme_section=section, chunk_lengths=lengths,
         chunk_crcs=[int(x) for x in table[:, 1]], header_bytes=reader.offset, version=version,
     )

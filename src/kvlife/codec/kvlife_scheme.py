@@ -169,6 +169,16 @@ def _layout(header: Header, index: int, exact_tokens: int):
     return present, plan
 
 
+def least_bytes(header: Header) -> int:
+    """The fewest bytes the payloads of all chunks can take: per chunk and present layer a step per head
+    and kind, two delta flags and a sigma code per channel; per chunk the entropy section's escape count."""
+    total = 4 * header.n_chunks
+    for s in header.layers:
+        chunks = -(-s.tokens // header.chunk_tokens)
+        total += chunks * (2 * s.heads * (4 + s.head_dim) + 2)
+    return total
+
+
 def encode_chunk(
     header: Header, means, steps, layers_np, coded_layers, index: int, exact_tokens: int, delta: str,
     multipliers=None,
@@ -341,7 +351,7 @@ def decode_chunk(header: Header, means, part: memoryview, index: int, exact_toke
             step_at += s.heads
             multiplier = multipliers[2 * li + k] if multipliers is not None else np.ones((s.heads, s.head_dim), np.float32)
             if k == 0 and rope is not None and n:
-                positions = _head_positions(header.positions[li], s.heads)[:, first:stop]
+                positions = _head_positions(header.positions[li][:, first:stop], s.heads)
                 # layers usually share positions: reuse the previous layer's angles
                 if angles is None or angles[0].shape != positions.shape or not np.array_equal(angles[0], positions):
                     angles = (positions, *cos_sin(positions, rope))
