@@ -28,6 +28,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from kvlife.models import DEFAULT_MODEL
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASKS)
+    if not tasks:
+        raise KvlifeError(f"--tasks {args.tasks!r} names no task; give names such as kv,qa_eng (see `kvlife tasks`)")
+    if args.samples is not None and args.samples < 1:
+        raise KvlifeError(f"--samples must be at least 1, got {args.samples}")
     if args.data and not args.tasks and Path(args.data).is_dir():  # the tasks DIR has files for
         from kvlife.bench.data import TASK_FILES, data_files
 
