@@ -528,128 +528,132 @@ def _sealed(key: str, payload: bytes) -> bytes:
 def run_server(scale: int, seed: int, root: Path, tallies: dict[str, Tally]) -> None:
     rng = random.Random(seed)
     store = root / "served"
-    canary = root / "canary.txt"
-    canary.write_text("outside the store")
+    (root / "canary.txt").write_text("outside the store")
     server = Server(store)
     try:
-        key_a = hashlib.sha256(b"alice-chunk").hexdigest()
-        payload_a = rng.randbytes(5000)
-        assert server.request("PUT", f"/v1/chunks/{key_a}", _sealed(key_a, payload_a), tenant="alice")[0] in (200, 201)
-        context = json.dumps({"manifest": {"note": "alice's"}, "chunks": [key_a]}).encode()
+        key = hashlib.sha256(b"alice-chunk").hexdigest()
+        chunk = _sealed(key, rng.randbytes(5000))
+        assert server.request("PUT", f"/v1/chunks/{key}", chunk, tenant="alice")[0] in (200, 201)
+        context = json.dumps({"manifest": {"note": "alice's"}, "chunks": [key]}).encode()
         assert server.request("PUT", "/v1/contexts/alice-ctx", context, tenant="alice")[0] in (200, 201)
-
-        auth = tallies.setdefault("server_auth", Tally())
-        endpoints = [("GET", "/v1/stats", None), ("POST", "/v1/exists", json.dumps({"keys": [key_a]}).encode()),
-                     ("GET", f"/v1/chunks/{key_a}", None), ("PUT", f"/v1/chunks/{key_a}", _sealed(key_a, b"evil")),
-                     ("DELETE", f"/v1/chunks/{key_a}", None), ("GET", "/v1/contexts", None),
-                     ("PUT", "/v1/contexts/evil", context), ("GET", "/v1/contexts/alice-ctx/manifest", None),
-                     ("DELETE", "/v1/contexts/alice-ctx", None), ("GET", "/v1/link", None),
-                     ("POST", "/v1/link", b'{"trace": "constant:1mbit"}')]
-        token = TOKENS["alice"]
-        headers = [{}, {"Authorization": "Bearer"}, {"Authorization": "Bearer "}, {"Authorization": "Bearer wrong"},
-                   {"Authorization": f"Basic {token}"}, {"Authorization": f"Bearer {token[:-1]}"},
-                   {"Authorization": f"Bearer {token}x"}, {"Authorization": f"Bearer {token} {token}"},
-                   {"Authorization": "Bearer " + "A" * 6000}, {"Authorization": f"Token {token}"},
-                   {"Authorization": f"Bearer{token}"}, {"X-Authorization": f"Bearer {token}"}]
-        for _ in range(scale):
-            for method, path, body in endpoints:
-                for header in headers:
-                    _probe(auth, server, method, path, {400, 401, 431}, body=body, headers=header,
-                           bad=set(range(200, 300)), note=f"auth {sorted(header.values())[:1]!s:.40}")
-        # everything alice stored is still hers, unchanged
-        status, data = server.request("GET", f"/v1/chunks/{key_a}", tenant="alice")
-        if status != 200 or data != _sealed(key_a, payload_a):
-            auth.add("wrong_data", note=f"after the auth probes alice's chunk reads {status}, changed={data != _sealed(key_a, payload_a)}")
-
-        tenant = tallies.setdefault("server_tenant", Tally())
-        _probe(tenant, server, "GET", f"/v1/chunks/{key_a}", {404}, tenant="bob", bad={200}, note="bob reads alice's")
-        status, data = server.request("POST", "/v1/exists", json.dumps({"keys": [key_a]}).encode(), tenant="bob")
-        tenant.add("wrong_data" if status == 200 and json.loads(data)["exists"] != [False] else
-                   "clean_error" if status == 200 else "crash", note=f"bob's exists of alice's key: {status} {data[:80]!r}")
-        _probe(tenant, server, "DELETE", f"/v1/chunks/{key_a}", {200, 404}, tenant="bob", note="bob deletes alice's")
-        _probe(tenant, server, "GET", "/v1/contexts/alice-ctx/manifest", {404}, tenant="bob", bad={200})
-        _probe(tenant, server, "DELETE", "/v1/contexts/alice-ctx", {404}, tenant="bob", bad={200})
-        status, data = server.request("GET", "/v1/contexts", tenant="bob")
-        tenant.add("wrong_data" if b"alice-ctx" in data else "clean_error" if status == 200 else "crash",
-                   note=f"bob's context list: {data[:80]!r}")
-        status, data = server.request("GET", "/v1/stats", tenant="bob")
-        tenant.add("wrong_data" if status == 200 and json.loads(data).get("chunks") else "clean_error",
-                   note=f"bob's stats: {data[:120]!r}")
-        status, data = server.request("GET", f"/v1/chunks/{key_a}", tenant="alice")
-        tenant.add("clean_error" if status == 200 and data == _sealed(key_a, payload_a) else "wrong_data",
-                   note=f"alice's chunk after bob's delete: {status}")
-        status, data = server.request("GET", "/v1/contexts/alice-ctx/manifest", tenant="alice")
-        tenant.add("clean_error" if status == 200 and b"alice's" in data else "wrong_data",
-                   note=f"alice's context after bob's delete: {status}")
-        # 8 threads, two tenants, one key: each reads back its own bytes, never the other's
-        from kvlife.store.base import ChunkCorrupt
-        from kvlife.store.envelope import open_chunk
-
-        shared = hashlib.sha256(b"shared-key").hexdigest()
-        lock = threading.Lock()
-
-        def hammer(thread: int) -> None:
-            own = "alice" if thread % 2 else "bob"
-            local = random.Random(seed * 31 + thread)
-            for _ in range(12 * scale):
-                payload = f"{own}:{local.random()}".encode() * 50
-                try:
-                    put = server.request("PUT", f"/v1/chunks/{shared}", _sealed(shared, payload), tenant=own)[0]
-                    status, data = server.request("GET", f"/v1/chunks/{shared}", tenant=own)
-                except OSError as exc:
-                    with lock:
-                        tenant.add("crash", note=f"{own}: {type(exc).__name__}: {exc}")
-                    continue
-                try:
-                    mine = status == 200 and open_chunk(shared, data).startswith(own.encode())
-                except ChunkCorrupt:
-                    mine = False
-                with lock:
-                    if put >= 500 or status >= 500:
-                        tenant.add("crash", note=f"{own}: HTTP {put}/{status}")
-                    elif status == 200 and not mine:
-                        tenant.add("wrong_data", note=f"{own} read another tenant's bytes")
-                    else:
-                        tenant.add("accepted")
-
-        threads = [threading.Thread(target=hammer, args=(i,)) for i in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-
-        traversal = tallies.setdefault("server_traversal", Tally())
-        key_b = hashlib.sha256(b"bob-chunk").hexdigest()
-        server.request("PUT", f"/v1/chunks/{key_b}", _sealed(key_b, b"bob's secret"), tenant="bob")
-        targets = ["../../../canary.txt", "..%2F..%2F..%2Fcanary.txt", "%2e%2e%2f%2e%2e%2fcanary.txt",
-                   f"../bob/{key_b[:2]}/{key_b}.kvc", f"..%2Fbob%2F{key_b[:2]}%2F{key_b}.kvc", "/etc/passwd",
-                   "%2Fetc%2Fpasswd", key_a.upper(), key_a[:63], key_a + "0", key_a + "%00", key_a + "/..",
-                   f"{key_a[:2]}/{key_a}", "." * 64, "%00" * 10, "%C3%A9" * 32, "~root", "..", "%2e%2e"]
-        for _ in range(scale):
-            for target in targets:
-                path = target if target.startswith("/") else f"/v1/chunks/{target}"
-                for method, body in (("GET", None), ("DELETE", None), ("PUT", _sealed(key_a, b"x"))):
-                    _probe(traversal, server, method, path, {400, 404, 405}, body=body, tenant="alice",
-                           bad={200, 201}, note="chunk")
-                if not any(mark in target.lower() for mark in ("..", "/", "%2f", "%2e", "%00")):
-                    continue  # a context id of its own (contexts are the tenant's to name), not a way out
-                context = target.replace(key_a, "ctx")
-                _probe(traversal, server, "GET", f"/v1/contexts/{context}/manifest", {400, 404, 405},
-                       tenant="alice", bad={200}, note="context")
-                _probe(traversal, server, "PUT", f"/v1/contexts/{context}", {400, 404, 405},
-                       body=json.dumps({"manifest": {}, "chunks": []}).encode(), tenant="alice", bad={200, 201},
-                       note="context put")
-        outside = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()
-                         and not p.is_relative_to(store))
-        if outside != ["canary.txt"] or canary.read_text() != "outside the store":
-            traversal.add("wrong_data", note=f"files outside the store changed: {outside}")
-        status, data = server.request("GET", f"/v1/chunks/{key_b}", tenant="bob")
-        if status != 200 or not data.endswith(b"bob's secret"):
-            traversal.add("wrong_data", note=f"bob's chunk after the probes: {status}")
+        _auth_probes(server, tallies.setdefault("server_auth", Tally()), scale, key, chunk, context)
+        _tenant_probes(server, tallies.setdefault("server_tenant", Tally()), scale, seed, key, chunk)
+        _traversal_probes(server, tallies.setdefault("server_traversal", Tally()), scale, root, key)
         for name in ("server_auth", "server_tenant", "server_traversal"):
             tallies[name].max_rss_mb = server.peak_rss_mb()
     finally:
         server.stop()
+
+
+def _check(tally: Tally, ok: bool, note: str) -> None:
+    tally.add("clean_error" if ok else "wrong_data", note=note)
+
+
+def _auth_probes(server: Server, auth: Tally, scale: int, key: str, chunk: bytes, context: bytes) -> None:
+    """Every authenticated endpoint, with every way of not holding a token: 401 (or 400), never 2xx."""
+    endpoints = [("GET", "/v1/stats", None), ("POST", "/v1/exists", json.dumps({"keys": [key]}).encode()),
+                 ("GET", f"/v1/chunks/{key}", None), ("PUT", f"/v1/chunks/{key}", _sealed(key, b"evil")),
+                 ("DELETE", f"/v1/chunks/{key}", None), ("GET", "/v1/contexts", None),
+                 ("PUT", "/v1/contexts/evil", context), ("GET", "/v1/contexts/alice-ctx/manifest", None),
+                 ("DELETE", "/v1/contexts/alice-ctx", None), ("GET", "/v1/link", None),
+                 ("POST", "/v1/link", b'{"trace": "constant:1mbit"}')]
+    token = TOKENS["alice"]
+    headers = [{}, {"Authorization": "Bearer"}, {"Authorization": "Bearer "}, {"Authorization": "Bearer wrong"},
+               {"Authorization": f"Basic {token}"}, {"Authorization": f"Bearer {token[:-1]}"},
+               {"Authorization": f"Bearer {token}x"}, {"Authorization": f"Bearer {token} {token}"},
+               {"Authorization": "Bearer " + "A" * 6000}, {"Authorization": f"Token {token}"},
+               {"Authorization": f"Bearer{token}"}, {"X-Authorization": f"Bearer {token}"}]
+    for _ in range(scale):
+        for method, path, body in endpoints:
+            for header in headers:
+                _probe(auth, server, method, path, {400, 401, 431}, body=body, headers=header,
+                       bad=set(range(200, 300)), note=f"auth {sorted(header.values())[:1]!s:.40}")
+    status, data = server.request("GET", f"/v1/chunks/{key}", tenant="alice")
+    _check(auth, status == 200 and data == chunk, f"alice's chunk after the auth probes: HTTP {status}")
+
+
+def _tenant_probes(server: Server, tenant: Tally, scale: int, seed: int, key: str, chunk: bytes) -> None:
+    """Bob aims at Alice's chunk and context; then 8 threads of both write and read one key at once."""
+    from kvlife.store.base import ChunkCorrupt
+    from kvlife.store.envelope import open_chunk
+
+    _probe(tenant, server, "GET", f"/v1/chunks/{key}", {404}, tenant="bob", bad={200}, note="bob reads alice's")
+    status, data = server.request("POST", "/v1/exists", json.dumps({"keys": [key]}).encode(), tenant="bob")
+    _check(tenant, status == 200 and json.loads(data)["exists"] == [False], f"bob's exists of alice's key: {status}")
+    _probe(tenant, server, "DELETE", f"/v1/chunks/{key}", {200, 404}, tenant="bob", note="bob deletes alice's")
+    _probe(tenant, server, "GET", "/v1/contexts/alice-ctx/manifest", {404}, tenant="bob", bad={200})
+    _probe(tenant, server, "DELETE", "/v1/contexts/alice-ctx", {404}, tenant="bob", bad={200})
+    status, data = server.request("GET", "/v1/contexts", tenant="bob")
+    _check(tenant, status == 200 and b"alice-ctx" not in data, f"bob's context list: {data[:80]!r}")
+    status, data = server.request("GET", "/v1/stats", tenant="bob")
+    _check(tenant, status == 200 and not json.loads(data).get("chunks"), f"bob's stats: {data[:120]!r}")
+    status, data = server.request("GET", f"/v1/chunks/{key}", tenant="alice")
+    _check(tenant, status == 200 and data == chunk, f"alice's chunk after bob's delete: HTTP {status}")
+    status, data = server.request("GET", "/v1/contexts/alice-ctx/manifest", tenant="alice")
+    _check(tenant, status == 200 and b"alice's" in data, f"alice's context after bob's delete: HTTP {status}")
+
+    shared = hashlib.sha256(b"shared-key").hexdigest()
+    lock = threading.Lock()
+
+    def hammer(thread: int) -> None:  # each tenant reads back its own bytes under the key, never the other's
+        own = "alice" if thread % 2 else "bob"
+        local = random.Random(seed * 31 + thread)
+        for _ in range(12 * scale):
+            payload = f"{own}:{local.random()}".encode() * 50
+            try:
+                put = server.request("PUT", f"/v1/chunks/{shared}", _sealed(shared, payload), tenant=own)[0]
+                status, data = server.request("GET", f"/v1/chunks/{shared}", tenant=own)
+            except OSError as exc:
+                with lock:
+                    tenant.add("crash", note=f"{own}: {type(exc).__name__}: {exc}")
+                continue
+            try:
+                mine = status == 200 and open_chunk(shared, data).startswith(own.encode())
+            except ChunkCorrupt:
+                mine = False
+            with lock:
+                if put >= 500 or status >= 500:
+                    tenant.add("crash", note=f"{own}: HTTP {put}/{status}")
+                elif status == 200 and not mine:
+                    tenant.add("wrong_data", note=f"{own} read another tenant's bytes")
+                else:
+                    tenant.add("accepted")
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def _traversal_probes(server: Server, traversal: Tally, scale: int, root: Path, key: str) -> None:
+    """Chunk keys and context ids that try to leave Alice's directory: 400/404, nothing read or written."""
+    key_b = hashlib.sha256(b"bob-chunk").hexdigest()
+    server.request("PUT", f"/v1/chunks/{key_b}", _sealed(key_b, b"bob's secret"), tenant="bob")
+    targets = ["../../../canary.txt", "..%2F..%2F..%2Fcanary.txt", "%2e%2e%2f%2e%2e%2fcanary.txt",
+               f"../bob/{key_b[:2]}/{key_b}.kvc", f"..%2Fbob%2F{key_b[:2]}%2F{key_b}.kvc", "/etc/passwd",
+               "%2Fetc%2Fpasswd", key.upper(), key[:63], key + "0", key + "%00", key + "/..",
+               f"{key[:2]}/{key}", "." * 64, "%00" * 10, "%C3%A9" * 32, "~root", "..", "%2e%2e"]
+    for _ in range(scale):
+        for target in targets:
+            path = target if target.startswith("/") else f"/v1/chunks/{target}"
+            for method, body in (("GET", None), ("DELETE", None), ("PUT", _sealed(key, b"x"))):
+                _probe(traversal, server, method, path, {400, 404, 405}, body=body, tenant="alice",
+                       bad={200, 201}, note="chunk")
+            if not any(mark in target.lower() for mark in ("..", "/", "%2f", "%2e", "%00")):
+                continue  # a context id of its own (contexts are the tenant's to name), not a way out
+            context = target.replace(key, "ctx")
+            _probe(traversal, server, "GET", f"/v1/contexts/{context}/manifest", {400, 404, 405},
+                   tenant="alice", bad={200}, note="context")
+            _probe(traversal, server, "PUT", f"/v1/contexts/{context}", {400, 404, 405},
+                   body=json.dumps({"manifest": {}, "chunks": []}).encode(), tenant="alice", bad={200, 201},
+                   note="context put")
+    outside = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                     if p.is_file() and not p.is_relative_to(server.root))
+    _check(traversal, outside == ["canary.txt"] and (root / "canary.txt").read_text() == "outside the store",
+           f"files outside the store: {outside}")
+    status, data = server.request("GET", f"/v1/chunks/{key_b}", tenant="bob")
+    _check(traversal, status == 200 and data.endswith(b"bob's secret"), f"bob's chunk after the probes: HTTP {status}")
 
 
 # ---- the campaign -------------------------------------------------------------------------------------
