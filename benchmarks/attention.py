@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +43,8 @@ from kvlife import models  # noqa: E402
 from kvlife.attention import AttnCall, StepContext, dense_attention  # noqa: E402
 from kvlife.cache import KVCache, cache_kwarg  # noqa: E402
 from kvlife.methods.base import PrefillMethod  # noqa: E402
+from kvlife.methods.prefill.flex import TILE, flex_inputs, flex_mask, flex_sparse_attention  # noqa: E402
+from kvlife.methods.prefill.kernels import layout_mask, sparse_attention  # noqa: E402
 from kvlife.methods.prefill.search import stdlib_ids  # noqa: E402
 from kvlife.methods.prefill.sparse import density  # noqa: E402
 from kvlife.recipe import parse  # noqa: E402
@@ -61,6 +66,10 @@ LAYER_METHODS = [
 ]
 E2E_METHODS = ["dense", "a_shape", "tri_shape", "minference", "minference(vertical_size=1000,slash_size=3072)",
                f"minference(config={MODEL})", "flexprefill"]
+# flex_attention against the hand-written kernel: pattern -> the method whose layouts are timed
+FLEX_PATTERNS = {"a_shape": "a_shape", "tri_shape": "tri_shape", "vertical_slash": "minference",
+                 "block_sparse": "minference(pattern=block_sparse,top_k=32)"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class _Captured(Exception):
@@ -83,8 +92,6 @@ class Capture(PrefillMethod):
 
 
 def recipe_of(method: PrefillMethod):
-    from types import SimpleNamespace
-
     return SimpleNamespace(prefill=method, load=None, compress=None)
 
 
@@ -167,39 +174,160 @@ def layer_bench(qkv: tuple, lengths: list[int], specs: list[str], repeats: int, 
     return rows_out
 
 
+def masked_reference(query, key, value, layouts, rows: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Float32 masked softmax of query rows `rows` under the layouts' own masks (`layout_mask`):
+    [q_heads, len(rows), d], what a kernel computing exactly that pattern must give."""
+    q_heads, groups = query.shape[0], query.shape[0] // key.shape[0]
+    n = key.shape[1]
+    out = []
+    for head in range(q_heads):
+        mask = layout_mask(layouts[0 if len(layouts) == 1 else head], n, rows)
+        scores = query[head, rows].float() @ key[head // groups].float().T * scaling
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+        out.append(probs @ value[head // groups].float())
+    return torch.stack(out)
+
+
+def flex_row(call: AttnCall, spec: str, dtype: torch.dtype, want: torch.Tensor, sample: torch.Tensor,
+             repeats: int, tile: int) -> dict:
+    """One pattern at one length and dtype: the hand-written kernel and flex_attention on the same layouts."""
+    method = parse(spec).prefill
+    n = call.query.shape[2]
+    started = time.perf_counter()
+    layouts = method.layouts(call)  # the pattern itself, even where the method would attend densely
+    estimate_s = time.perf_counter() - started
+    m = n - method.dense_rows(n)
+    query, key, value = (x[0].to(dtype) for x in (call.query, call.key, call.value))
+    query = query[:, :m]
+    rows = sample[sample < m]
+    exact = masked_reference(query, key, value, layouts, rows, call.scaling)
+
+    def hand():
+        return sparse_attention(query, key, value, layouts, call.scaling)
+
+    def flex():
+        return flex_sparse_attention(query, key, value, layouts, call.scaling, tile=tile)
+
+    hand_s, hand_out = best_time(hand, repeats)
+    first_s, _ = best_time(flex, 1)  # torch.compile's first call for this shape: compiles, then runs
+    flex_s, flex_out = best_time(flex, repeats)
+    build_s, _ = best_time(lambda: flex_inputs(key, value, layouts, m, query.shape[0], tile), 1)
+    mask_exact = bool((flex_mask(layouts, n, query.shape[0], rows, tile)
+                       == torch.stack([layout_mask(lay, n, rows) for lay in layouts])).all())
+    row = {"length": n, "pattern": next(k for k, v in FLEX_PATTERNS.items() if v == spec), "method": spec,
+           "dtype": str(dtype).removeprefix("torch."), "query_rows": m,
+           "density": round(density(layouts, m), 4), "estimate_s": round(estimate_s, 3),
+           "kernel_s": round(hand_s, 3), "flex_s": round(flex_s, 3), "flex_compile_s": round(first_s - flex_s, 1),
+           "flex_block_mask_s": round(build_s, 3), "flex_mask_exact": mask_exact}
+    for name, out in (("kernel", hand_out), ("flex", flex_out)):
+        row[f"{name}_max_abs_error"] = float(f"{float((out.float() - want[:, :m]).abs().max()):.3g}")
+        row[f"{name}_vs_reference"] = float(f"{float((out[:, rows].float() - exact).abs().max()):.3g}")
+    print(f"{n:>6} {row['pattern']:<15} {row['dtype']:<9} kernel {hand_s:7.2f} s  flex {flex_s:7.2f} s "
+          f"(compile {row['flex_compile_s']:5.1f} s, block mask {build_s:.2f} s)  density {row['density']:.3f}  "
+          f"exact {mask_exact} err {row['kernel_vs_reference']:.2g}/{row['flex_vs_reference']:.2g}", flush=True)
+    return row
+
+
+def flex_bench(qkv: tuple, lengths: list[int], dtypes: dict[str, list[int]], repeats: int, tile: int,
+               layer: int, n_layers: int) -> list[dict]:
+    """flex_attention (compiled) against kvlife's kernel on each pattern's layouts of the real layer."""
+    query, key, value, scaling = qkv
+    rows_out = []
+    for n in lengths:
+        q, k, v = query[:, :, :n].contiguous(), key[:, :, :n].contiguous(), value[:, :, :n].contiguous()
+        pos = torch.arange(n)
+        call = AttnCall(layer, q, k, v, pos, pos.expand(k.shape[1], n).clone(), scaling, n_layers=n_layers)
+        sample = torch.randperm(n, generator=torch.Generator().manual_seed(n))[:256].sort().values
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)[0]
+        for name, dtype_lengths in dtypes.items():
+            if n not in dtype_lengths:
+                continue
+            dtype = DTYPES[name]
+            qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+
+            def dense(qd=qd, kd=kd, vd=vd):
+                return F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scaling, enable_gqa=True)
+
+            dense_s = best_time(dense, repeats)[0]
+            rows_n = [flex_row(call, spec, dtype, want, sample, repeats, tile) for spec in FLEX_PATTERNS.values()]
+            dense_s = min(dense_s, best_time(dense, repeats)[0])
+            print(f"{n:>6} dense {name} {dense_s:.2f} s", flush=True)
+            for row in rows_n:
+                row["dense_s"] = round(dense_s, 3)
+                row["kernel_speedup"] = round(dense_s / row["kernel_s"], 2)
+                row["flex_speedup"] = round(dense_s / row["flex_s"], 2)
+                row["faster"] = "flex" if row["flex_s"] < row["kernel_s"] else "kernel"
+            rows_out += rows_n
+    return rows_out
+
+
+class Profiled(PrefillMethod):
+    """A recipe's prefill method (dense attention when it has none) that times its attention calls."""
+
+    name = "profiled"
+
+    def __init__(self, inner: PrefillMethod | None) -> None:
+        self.inner, self.seconds = inner, 0.0
+
+    def attend(self, call: AttnCall) -> torch.Tensor:
+        started = time.perf_counter()
+        out = self.inner.attend(call) if self.inner is not None else dense_attention(call)
+        self.seconds += time.perf_counter() - started
+        return out
+
+
 @torch.no_grad()
-def prefill(model, prompt: torch.Tensor, spec: str) -> tuple[float, torch.Tensor]:
+def prefill(model, prompt: torch.Tensor, spec: str) -> tuple[float, torch.Tensor, dict]:
+    """One prefill of `prompt` with `spec`: (seconds, logits of the last 256 tokens, where the time went)."""
     n = prompt.shape[1]
     cache, positions = KVCache.for_model(model), torch.arange(n)
+    recipe = parse(spec)
+    profiled = Profiled(recipe.prefill)
+    step = StepContext(cache, positions, recipe=SimpleNamespace(prefill=profiled, load=recipe.load,
+                                                                compress=recipe.compress))
     started = time.perf_counter()
     logits = model(input_ids=prompt, position_ids=positions[None], **cache_kwarg(model, cache), use_cache=True,
-                   logits_to_keep=256, kvlife=StepContext(cache, positions, recipe=parse(spec))).logits[0]
-    return time.perf_counter() - started, logits
+                   logits_to_keep=256, kvlife=step).logits[0]
+    elapsed = time.perf_counter() - started
+    # attention_s: every layer's attention, the sparse methods' estimation included; other_s: the rest
+    # (projections, MLPs, norms); estimate_s: the sparse methods' pattern estimation alone.
+    profile = {"attention_s": round(profiled.seconds, 2), "other_s": round(elapsed - profiled.seconds, 2)}
+    sparse = step.stats.get("sparse_prefill")
+    if sparse:
+        profile.update(estimate_s=round(sparse["estimate_s"], 2), sparse_layers=sparse["sparse_layers"],
+                       dense_layers=sparse["dense_layers"])
+    return elapsed, logits, profile
 
 
 @torch.no_grad()
 def e2e_bench(model, ids: list[int], lengths: list[int], specs: list[str]) -> list[dict]:
+    """Per length: dense, each method, dense again (the best of both dense runs is the reference)."""
     prefill(model, torch.tensor([ids[:1024]]), "dense")  # warm-up: the first forward pays one-off costs
     rows_out = []
     for n in lengths:
         prompt = torch.tensor([ids[:n]])
         targets = prompt[0, n - 255:]
-        dense_s, dense_logits = prefill(model, prompt, "dense")
+        dense_s, dense_logits, dense_profile = prefill(model, prompt, "dense")
         dense_nll = float(F.cross_entropy(dense_logits[:-1].float(), targets))
+        print(f"{n:>6} dense prefill {dense_s:.1f} s  {dense_profile}", flush=True)
         rows_n = []
         for spec in specs:
             if spec == "dense":
                 continue
-            elapsed, logits = prefill(model, prompt, spec)
+            elapsed, logits, profile = prefill(model, prompt, spec)
             nll = float(F.cross_entropy(logits[:-1].float(), targets))
             rows_n.append({"length": n, "method": spec, "prefill_s": round(elapsed, 2), "nll_last_255": round(nll, 4),
                            "nll_delta": round(nll - dense_nll, 4),
-                           "last_top1_same": bool(logits[-1].argmax() == dense_logits[-1].argmax())})
-            print(f"{n:>6} {spec:<48} prefill {elapsed:7.1f} s  nll {nll:.4f} (dense {dense_nll:.4f})", flush=True)
-        dense_s = min(dense_s, prefill(model, prompt, "dense")[0])  # dense again after: the best of both
-        print(f"{n:>6} dense prefill {dense_s:.1f} s", flush=True)
+                           "nll_change_pct": round(100 * (nll - dense_nll) / dense_nll, 2),
+                           "last_top1_same": bool(logits[-1].argmax() == dense_logits[-1].argmax()), **profile})
+            print(f"{n:>6} {spec:<48} prefill {elapsed:7.1f} s  nll {nll:.4f} (dense {dense_nll:.4f})  {profile}",
+                  flush=True)
+        again_s, _, again_profile = prefill(model, prompt, "dense")  # dense again after: the best of both
+        print(f"{n:>6} dense prefill again {again_s:.1f} s  {again_profile}", flush=True)
+        if again_s < dense_s:
+            dense_s, dense_profile = again_s, again_profile
         rows_out.append({"length": n, "method": "dense", "prefill_s": round(dense_s, 2),
-                         "nll_last_255": round(dense_nll, 4), "speedup": 1.0})
+                         "nll_last_255": round(dense_nll, 4), "speedup": 1.0, **dense_profile})
         for row in rows_n:
             row["speedup"] = round(dense_s / row["prefill_s"], 2)
         rows_out += rows_n
@@ -214,21 +342,51 @@ def print_tables(result: dict) -> None:
         for r in layer:
             print(f"{r['length']:>6}  {r['method']:<48} {r['dense_s']:>8.2f} {r['sparse_s']:>9.2f} {r['speedup']:>8.2f} "
                   f"{r['density']:>8.3f} {r['recall']:>7.4f} {r['max_abs_error']:>8.3g}")
-    e2e = result.get("end_to_end", [])
-    if e2e:
-        print(f"\n{'tokens':>6}  {'method':<48} {'prefill s':>9} {'speed-up':>8} {'NLL':>7} {'dNLL':>7}")
-        for r in e2e:
+    flex = result.get("flex_attention", {}).get("rows", [])
+    if flex:
+        print(f"\n{'tokens':>6}  {'pattern':<15} {'dtype':<9} {'density':>7} {'dense s':>8} {'kernel s':>9} "
+              f"{'flex s':>7} {'compile s':>9} {'faster':>7} {'exact':>6} {'err kernel/flex vs ref':>23}")
+        for r in flex:
+            errors = f"{r['kernel_vs_reference']:.2g}/{r['flex_vs_reference']:.2g}"
+            print(f"{r['length']:>6}  {r['pattern']:<15} {r['dtype']:<9} {r['density']:>7.3f} {r['dense_s']:>8.2f} "
+                  f"{r['kernel_s']:>9.2f} {r['flex_s']:>7.2f} {r['flex_compile_s']:>9.1f} {r['faster']:>7} "
+                  f"{str(r['flex_mask_exact']):>6} {errors:>23}")
+    runs = result.get("end_to_end", {}).get("runs", [])
+    if runs:
+        print(f"\n{'tokens':>6}  {'method':<48} {'prefill s':>9} {'speed-up':>8} {'NLL':>7} {'dNLL %':>7} "
+              f"{'attn s':>7} {'est. s':>7} {'commit':>10}")
+        rows = sorted(((row, run) for run in runs for row in run["rows"]), key=lambda item: item[0]["length"])
+        for r, run in rows:
+            attention = f"{r['attention_s']:7.1f}" if "attention_s" in r else f"{'':7}"
+            estimate = f"{r['estimate_s']:7.1f}" if "estimate_s" in r else f"{'':7}"
+            change = 100 * r.get("nll_delta", 0.0) / (r["nll_last_255"] - r.get("nll_delta", 0.0))
             print(f"{r['length']:>6}  {r['method']:<48} {r['prefill_s']:>9.1f} {r['speedup']:>8.2f} "
-                  f"{r['nll_last_255']:>7.4f} {r.get('nll_delta', 0.0):>7.4f}")
+                  f"{r['nll_last_255']:>7.4f} {change:>7.2f} {attention} {estimate} {run.get('commit', '?'):>10}")
+
+
+def commit() -> str:
+    """HEAD's short hash, "+dirty" when src/ differs from it: the code measured."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True).stdout.strip()
+    return (git("rev-parse", "--short", "HEAD") or "?") + ("+dirty" if git("status", "--porcelain", "--", "../src") else "")
+
+
+def conditions(dtype: str) -> dict:
+    """What a section was measured on: machine, dtype, commit, load average (1, 5, 15 min) at its start."""
+    return {"machine": machine(), "dtype": dtype, "commit": commit(), "torch": torch.__version__,
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="8192,16384,32768")
+    parser.add_argument("--lengths", default="8192,16384,32768", help="layer benchmark lengths ('' to skip)")
     parser.add_argument("--layer", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--methods", default=";".join(LAYER_METHODS), help="';'-separated recipe specs")
-    parser.add_argument("--e2e", default="8192,16384", help="end-to-end prefill lengths ('' to skip)")
+    parser.add_argument("--flex", default="8192,16384,32768", help="flex_attention comparison lengths ('' to skip)")
+    parser.add_argument("--flex-bf16", default="8192", help="lengths also compared in bfloat16 ('' for none)")
+    parser.add_argument("--tile", type=int, default=TILE, help="flex_attention's tile (query rows = keys)")
+    parser.add_argument("--e2e", default="8192,16384,32768", help="end-to-end prefill lengths ('' to skip)")
     parser.add_argument("--e2e-methods", default=";".join(E2E_METHODS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--table", action="store_true", help="only print the tables of the last results")
@@ -238,23 +396,41 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.lengths.split(",") if x]
+    flex_lengths = [int(x) for x in args.flex.split(",") if x]
     e2e_lengths = [int(x) for x in args.e2e.split(",") if x]
     model, tokenizer = models.load(MODEL)
-    ids = stdlib_ids(tokenizer, max(lengths + e2e_lengths), first=TEXT_FROM)
+    ids = stdlib_ids(tokenizer, max(lengths + flex_lengths + e2e_lengths), first=TEXT_FROM)
     result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     result.update({"machine": machine(), "threads": args.threads, "model": MODEL,
                    "text": f"Python {sys.version.split()[0]} standard library modules from {TEXT_FROM!r} on",
                    "torch": torch.__version__})
+    n_layers = model.config.num_hidden_layers
+    if lengths or flex_lengths:
+        qkv = capture(model, ids[:max(lengths + flex_lengths)], args.layer)
+        shape = {"q_heads": qkv[0].shape[1], "kv_heads": qkv[1].shape[1], "head_dim": qkv[0].shape[-1]}
     if lengths:
-        qkv = capture(model, ids[:max(lengths)], args.layer)
-        result["layer"] = {"layer": args.layer, "shape": {"q_heads": qkv[0].shape[1], "kv_heads": qkv[1].shape[1],
-                                                         "head_dim": qkv[0].shape[-1], "dtype": "float32"},
-                           "recall_rows": 256, "repeats": args.repeats,
+        result["layer"] = {"layer": args.layer, "shape": {**shape, "dtype": "float32"},
+                           "recall_rows": 256, "repeats": args.repeats, **conditions("float32"),
                            "rows": layer_bench(qkv, lengths, args.methods.split(";"), args.repeats, args.layer,
-                                               model.config.num_hidden_layers)}
+                                               n_layers)}
+        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    if flex_lengths:
+        dtypes = {"float32": flex_lengths, "bfloat16": [int(x) for x in args.flex_bf16.split(",") if x]}
+        section = {"layer": args.layer, "shape": shape, "tile": args.tile, "repeats": args.repeats,
+                   "reference_rows": 256, "patterns": FLEX_PATTERNS, **conditions("float32, bfloat16 where listed")}
+        section["rows"] = flex_bench(qkv, flex_lengths, dtypes, args.repeats, args.tile, args.layer, n_layers)
+        section["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+        result["flex_attention"] = section
         RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     if e2e_lengths:
-        result["end_to_end"] = e2e_bench(model, ids, e2e_lengths, args.e2e_methods.split(";"))
+        run = {**conditions(str(next(model.parameters()).dtype).removeprefix("torch.")),
+               "rows": e2e_bench(model, ids, e2e_lengths, args.e2e_methods.split(";"))}
+        run["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+        # A run replaces earlier runs' rows at its lengths; the others stay, with their own commit.
+        runs = result.get("end_to_end", {}).get("runs", [])
+        for old in runs:
+            old["rows"] = [row for row in old["rows"] if row["length"] not in e2e_lengths]
+        result["end_to_end"] = {"runs": [old for old in runs if old["rows"]] + [run]}
         RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print_tables(result)
     print(f"wrote {RESULTS}")

@@ -200,3 +200,11 @@ def test_select_vertical_slash_keeps_budget_and_forced_keys(n):
     assert kernels.flash_fits(Layout(columns=columns, offsets=offsets), torch.device("cpu"), None)
     # The one-view diagonal sums equal the per-row ones.
     torch.testing.assert_close(diagonal_sums(probs), vertical_slash_sums(probs[None])[1][0], atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_do_not_mix_with_other_parts():
+    blocks = torch.zeros(2, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="only blocks"):
+        Layout(columns=torch.arange(3), blocks=blocks)
+    with pytest.raises(ValueError, match="only blocks"):
+        Layout(offsets=torch.arange(64), blocks=blocks)

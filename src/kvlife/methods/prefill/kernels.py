@@ -10,7 +10,8 @@ causality (j <= i):
   b*B+B-1) see keys b*B + offsets. A diagonal ("slash") line at distance o, widened to the query
   block as MInference's kernel does, is the offsets [-o, B-o). With `window` set, the part keeps
   only keys with i - j < window: A-shape's exact sliding window.
-- `blocks`: per query block, a list of key blocks (block-sparse patterns).
+- `blocks`: per query block, a list of key blocks (block-sparse patterns); a layout with blocks
+  holds nothing else (the kernel adds its parts' keys, and only columns and offsets are kept apart).
 
 The fast path (`sparse_attention`) never touches a skipped key. Each part is computed over whole
 query blocks with dense matmuls: a run of at least LONG_RUN consecutive offsets is a strided view
@@ -56,6 +57,8 @@ class Layout:
     block: int = BLOCK
 
     def __post_init__(self) -> None:
+        if self.blocks is not None and (self.columns is not None or self.offsets is not None):
+            raise ValueError("a block-sparse layout holds only blocks, no columns or offsets")
         if self.window is not None and self.offsets is not None:
             low = -(self.window - 1)
             if int(self.offsets[0]) > low or int(self.offsets[-1]) < self.block - 1 or \
