@@ -21,7 +21,10 @@ window.addEventListener("load", () => {
     id: img.closest("figure").id, width: img.naturalWidth, height: img.naturalHeight, shown: img.width}));
   const cells = [...document.querySelectorAll("#scores tbody tr")].map(tr => tr.children.length);
   const runs = document.querySelectorAll("#runs tbody tr").length;
-  document.body.setAttribute("data-rendered", JSON.stringify({figures, cells, runs}));
+  const dense = [...document.querySelectorAll("#vs-dense tbody tr")].map(tr => tr.children.length);
+  const scroll = document.documentElement.scrollWidth - document.documentElement.clientWidth;
+  document.body.setAttribute("data-rendered", JSON.stringify({figures, cells, runs, dense, scroll,
+    width: window.innerWidth}));
 });
 </script>"""
 
@@ -48,7 +51,7 @@ def test_report_renders_table_and_every_plot(tmp_path, runs):
     probe.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
     dom = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-         f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom", probe.as_uri()],
+         "--window-size=1280,900", f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom", probe.as_uri()],
         capture_output=True, text=True, timeout=120).stdout
     found = re.search(r'data-rendered="([^"]*)"', dom)
     assert found, f"the page did not finish loading in chromium: {dom[:300]!r}"
@@ -59,3 +62,36 @@ def test_report_renders_table_and_every_plot(tmp_path, runs):
     # 3 runs x (1 task + average), each row: run, task, n, 2 turns, all, NLL, =dense, KV MiB
     assert rendered["cells"] == [9] * 6
     assert rendered["runs"] == 3
+    # the streamingllm run against its dense sibling: run, task, n, 2 turns, all; and the all-tasks row
+    assert rendered["dense"] == [6, 6]
+    assert rendered["width"] == 1280 and rendered["scroll"] <= 0, "the page scrolls sideways at 1280 px"
+
+
+def _pixels(page: str, plot: str):
+    import base64
+    import io
+
+    import matplotlib.image
+
+    data = re.search(rf"id='plot-{plot}'><img alt='{plot}' src='data:image/png;base64,([^']+)'", page).group(1)
+    image = matplotlib.image.imread(io.BytesIO(base64.b64decode(data)), format="png")[..., :3]
+    return {tuple(int(round(c * 255)) for c in pixel) for pixel in image.reshape(-1, 3)}
+
+
+def test_each_run_keeps_one_colour_in_every_plot(tmp_path, runs):
+    from matplotlib import colormaps
+
+    page = write_html(runs, tmp_path / "report.html").read_text()
+    palette = [tuple(int(round(c * 255)) for c in colour) for colour in colormaps["tab10"].colors[:3]]
+    for plot in ("turns", "modes"):
+        found = _pixels(page, plot)
+        assert all(colour in found for colour in palette), plot  # every run's colour is drawn
+        assert tuple(int(round(c * 255)) for c in colormaps["tab10"].colors[3]) not in found
+
+
+def test_a_turn_averages_only_the_tasks_that_have_it():
+    from kvlife.bench.report import turn_means
+
+    summary = {"tasks": {"kv": {"per_turn": {"1": 1.0, "2": 1.0, "3": 1.0}},
+                         "qa_eng": {"per_turn": {"1": 0.0, "2": 0.5}}}}
+    assert turn_means(summary) == {1: (0.5, 2), 2: (0.75, 2), 3: (1.0, 1)}

@@ -118,8 +118,8 @@ def hide_in_filler(rng: random.Random, needles: list[str], n_chars: int, depths:
 
 
 def chars_for_tokens(tokens: int) -> int:
-    """English filler runs at about 4.6 characters per token for the embedded models' tokenizers."""
-    return int(tokens * 4.6)
+    """English filler runs at about 5 characters per token for the embedded models' tokenizers."""
+    return int(tokens * 5.0)
 
 
 TASKS: dict[str, Callable[[], Task]] = {}

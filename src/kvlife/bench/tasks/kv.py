@@ -31,6 +31,11 @@ class KVRetrieval(Task):
         "scbench": {"samples": 100, "pairs": 2500, "turns": 5, "context_tokens": 0, "dense_json": True},
     }
 
+    def resize(self, settings, tokens):
+        if settings["dense_json"]:  # SCBench's JSON: about 68 tokens per UUID pair
+            return {**settings, "pairs": max(settings["turns"], tokens // 68)}
+        return super().resize(settings, tokens)
+
     def make_sample(self, rng, index, pairs, turns, context_tokens, dense_json):
         keys = [_uuid(rng) for _ in range(pairs)]
         values = [_uuid(rng) for _ in range(pairs)]

@@ -55,6 +55,9 @@ class ManyShot(Task):
         "scbench": {"samples": 54, "categories": 8, "examples": 2400, "turns": 5, "held_out": 5},
     }
 
+    def resize(self, settings, tokens):
+        return {**settings, "examples": max(settings["turns"], tokens // 9)}  # about 9 tokens per example
+
     def make_sample(self, rng, index, categories, examples, turns, held_out):
         chosen = rng.sample(sorted(CATEGORIES), categories)
         labels = dict(zip(chosen, rng.sample(LABELS, categories)))

@@ -29,6 +29,11 @@ class MathFind(Task):
         "scbench": {"samples": 100, "numbers": 20000, "turns": 5, "context_tokens": 0},
     }
 
+    def resize(self, settings, tokens):
+        if not settings["context_tokens"]:  # the list alone (scbench): about 4 tokens per number
+            return {**settings, "numbers": max(2, tokens // 4)}
+        return super().resize(settings, tokens)
+
     def make_sample(self, rng, index, numbers, turns, context_tokens):
         # Distinct values (so each statistic has one answer); the range widens for long lists (the
         # scbench profile's 20,000) and stays 10..999 for short ones, whose samples are unchanged.

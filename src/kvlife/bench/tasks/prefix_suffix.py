@@ -31,6 +31,11 @@ class PrefixSuffix(Task):
         "scbench": {"samples": 100, "codes": 9000, "turns": 5, "length": 40, "context_tokens": 0, "dense_list": True},
     }
 
+    def resize(self, settings, tokens):
+        if settings["dense_list"]:  # SCBench's list: about 31 tokens per 40-character string
+            return {**settings, "codes": max(settings["turns"], tokens * 40 // (31 * settings["length"]))}
+        return super().resize(settings, tokens)
+
     def make_sample(self, rng, index, codes, turns, length, context_tokens, dense_list):
         items = [_code(rng, length) for _ in range(codes)]
         if dense_list:

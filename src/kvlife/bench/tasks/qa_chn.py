@@ -70,6 +70,9 @@ class QAChinese(Task):
         "scbench": {"samples": 35, "persons": 80, "turns": 5, "context_chars": 1500000},
     }
 
+    def resize(self, settings, tokens):
+        return {**settings, "context_chars": int(tokens * 1.5)}  # about 1.5 characters per token
+
     def make_sample(self, rng, index, persons, turns, context_chars):
         taken: set[str] = set()
         facts = []
