@@ -6,11 +6,13 @@ import json
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import flex_attention
 
-from kvlife.attention import AttnCall, dense_attention, reference_attention
+from kvlife.attention import AttnCall, StepContext, dense_attention, reference_attention
 from kvlife.errors import SpecError
 from kvlife.methods import registry
-from kvlife.methods.prefill import kernels, patterns
+from kvlife.methods.prefill import flex, kernels, patterns
+from kvlife.methods.prefill import sparse as sparse_module
 from kvlife.methods.prefill.a_shape import AShape
 from kvlife.methods.prefill.sparse import SparsePrefill, density
 from kvlife.recipe import parse
@@ -78,6 +80,45 @@ def test_fast_path_equals_reference(spec, n, tmp_path):
     assert int(mask.sum()) < 6 * int(causal.sum())  # really sparse
     torch.testing.assert_close(method.attend(call), method.reference(call), **TOL)
     torch.testing.assert_close(method.reference(call), reference_attention(call, mask=mask), **TOL)
+
+
+def with_kernel(spec: str, kernel: str) -> str:
+    return spec.replace(")", f",kernel={kernel})") if "(" in spec else f"{spec}(kernel={kernel})"
+
+
+@pytest.mark.parametrize("spec", [s for specs in SPECS.values() for s in specs])
+def test_flex_kernel_equals_reference(spec, tmp_path, monkeypatch):
+    """kernel=flex (what CUDA runs by default) on every method's layouts, uncompiled here: compiling
+    flex_attention for CPU takes ~30 s per shape (tests/methods/test_prefill_flex.py compiles one)."""
+    monkeypatch.setattr(flex, "_compiled", lambda: flex_attention)
+    method = parse(with_kernel(spec.format(config=config_file(tmp_path)), "flex")).prefill
+    call = random_call(197, heads=6, kv_heads=2, dim=8, seed=5)
+    calls = []
+    monkeypatch.setattr(sparse_module, "flex_sparse_attention",
+                        lambda *args, **kw: calls.append(1) or flex.flex_sparse_attention(*args, **kw))
+    torch.testing.assert_close(method.attend(call), method.reference(call), **TOL)
+    assert calls  # the flex kernel ran
+
+
+def test_auto_kernel_is_flex_on_cuda_only():
+    assert sparse_module.pick_kernel("auto", torch.device("cuda")) == "flex"
+    assert sparse_module.pick_kernel("auto", torch.device("cpu")) == "kvlife"
+    assert sparse_module.pick_kernel("flex", torch.device("cpu")) == "flex"
+    assert sparse_module.pick_kernel("kvlife", torch.device("cuda")) == "kvlife"
+    with pytest.raises(SpecError, match="unknown kernel 'triton'; valid: auto, kvlife, flex"):
+        parse("minference(kernel=triton)")
+
+
+def test_costs_are_recorded_in_the_step_stats():
+    step = StepContext(cache=None, query_positions=torch.arange(200))
+    method = parse("a_shape(n_init=4,n_local=40)").prefill
+    for n in (200, 30):  # a sparse layer, then one too short to be sparse
+        call = random_call(n)
+        call.step = step
+        method.attend(call)
+    figures = step.stats["sparse_prefill"]
+    assert (figures["sparse_layers"], figures["dense_layers"]) == (1, 1)
+    assert figures["estimate_s"] > 0 and figures["attention_s"] > 0
 
 
 def test_tri_shape_last_rows_are_dense():

@@ -27,6 +27,7 @@ class AShape(SparsePrefill):
             The defaults are SCBench's, sized for 100K-token contexts; the default benchmark's ~2K-token
             contexts are shorter than 128 + 3968 (so the prefill stays dense) and need smaller
             values, e.g. a_shape(n_init=64,n_local=512).
+        kernel ("auto"): the attention kernel: kvlife, flex (flex_attention, compiled) or auto (flex on CUDA).
     A layer where the shape keeps more than 60% of the causal query-key pairs attends densely
     (faster on CPU, and exact).
     """

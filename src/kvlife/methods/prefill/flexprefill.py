@@ -44,6 +44,7 @@ class FlexPrefill(SparsePrefill):
         gamma (0.9): share of attention mass the selection must cover (higher: denser, more exact).
         tau (0.1): Jensen-Shannon distance below which a head uses query-aware block selection.
         last_q (64): last query rows read by the estimates.
+        kernel ("auto"): the attention kernel: kvlife, flex (flex_attention, compiled) or auto (flex on CUDA).
     A layer whose selection keeps more than 35% of the causal query-key pairs attends densely.
     """
 

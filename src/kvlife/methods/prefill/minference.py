@@ -46,6 +46,7 @@ class MInference(SparsePrefill):
         slash_size (6096): diagonals kept per head (vertical_slash without a config).
         top_k (100): key blocks kept per query block (block_sparse without a config).
         last_q (64): query rows the vertical-slash estimate reads (the last ones).
+        kernel ("auto"): the attention kernel: kvlife, flex (flex_attention, compiled) or auto (flex on CUDA).
         Sizes are MInference's defaults, meant for 100K+ contexts; on shorter sequences they are
         clamped (a size >= the sequence is dense attention), and a layer whose estimated patterns
         keep more than 35% of the causal query-key pairs attends densely (faster on CPU, and exact).

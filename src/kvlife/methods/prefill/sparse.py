@@ -18,7 +18,9 @@ from typing import ClassVar
 import torch
 
 from kvlife.attention import AttnCall, dense_attention, reference_attention, visibility_mask
+from kvlife.errors import SpecError
 from kvlife.methods.base import PrefillMethod
+from kvlife.methods.prefill.flex import flex_sparse_attention
 from kvlife.methods.prefill.kernels import (
     BLOCK,
     Layout,
@@ -29,16 +31,37 @@ from kvlife.methods.prefill.kernels import (
 )
 
 DENSITY_ROWS = 32  # query rows sampled to estimate a pattern's density
+KERNELS = ("auto", "kvlife", "flex")
+
+
+def pick_kernel(kernel: str, device: torch.device) -> str:
+    """The kernel a sparse layer runs on: `kernel` unless "auto"; then flex_attention, compiled, on
+    CUDA (Triton), and kvlife's own kernel elsewhere: on CPU it measured faster than compiled
+    flex_attention for every pattern at 8K-32K tokens (benchmarks/results/attention.json)."""
+    if kernel != "auto":
+        return kernel
+    return "flex" if device.type == "cuda" else "kvlife"
 
 
 @dataclasses.dataclass
 class SparsePrefill(PrefillMethod):
-    """Base of the sparse prefill methods; subclasses implement `layouts`."""
+    """Base of the sparse prefill methods; subclasses implement `layouts`.
+
+    `kernel` ("auto"), shared by every sparse method: the attention kernel, `kvlife` (kernels.py,
+    plain PyTorch), `flex` (torch's flex_attention, compiled; flex.py) or `auto` (see pick_kernel).
+    """
+
+    kernel: str = "auto"
 
     # Above this share of the causal query-key pairs the sparse kernel is slower than dense attention
     # (on CPU it costs 1.2-3x dense's time per score: least for A-shape's shared layout, most for
     # per-head patterns at 8K), so the layer attends densely (and exactly).
     DENSE_ABOVE: ClassVar[float] = 0.35
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise SpecError(f"{self.name}: unknown kernel {self.kernel!r}; valid: {', '.join(KERNELS)}")
+        super().__post_init__()
 
     def layouts(self, call: AttnCall) -> list[Layout] | None:
         """One layout per query head, or one shared by all heads; None when the pattern is dense."""
@@ -71,7 +94,8 @@ class SparsePrefill(PrefillMethod):
             n = call.query.shape[2]
             sparse_rows = n - min(n, self.dense_rows(n))
             query, key, value = call.query[0], call.key[0], call.value[0]
-            out = sparse_attention(query[:, :sparse_rows], key, value, layouts, call.scaling, call.softcap)
+            kernel = flex_sparse_attention if pick_kernel(self.kernel, query.device) == "flex" else sparse_attention
+            out = kernel(query[:, :sparse_rows], key, value, layouts, call.scaling, call.softcap)
             if sparse_rows < n:
                 last = AttnCall(**{**call.__dict__, "query": call.query[:, :, sparse_rows:],
                                    "q_pos": call.q_pos[sparse_rows:]})

@@ -23,6 +23,7 @@ class TriShape(AShape):
         n_local (3968): sliding window of latest tokens each query sees, itself included; the default
             benchmark's ~2K-token contexts need smaller values, e.g. tri_shape(n_init=64,n_local=512).
         n_last (100): last query rows that attend to every earlier token.
+        kernel ("auto"): the attention kernel: kvlife, flex (flex_attention, compiled) or auto (flex on CUDA).
     """
 
     name: ClassVar[str] = "tri_shape"
