@@ -67,13 +67,13 @@ class DuoAttention(CacheCompressMethod):
     that. Which heads are which is decided offline, once per model.
 
     kvlife's split comes from `kvlife search-heads` (shipped for qwen2.5-coder-0.5b and
-    smollm2-135m in kvlife/configs/duo_heads/): on synthetic multi-passkey retrieval prompts, each
-    KV head alone is made streaming for the question and answer tokens (seeing the first `n_sink`
-    and last `n_local` context tokens) and scored by the KL divergence of the model's answer
-    distributions from dense ones. DuoAttention itself learns a gate per head by gradient descent
-    on a similar passkey objective; this is the gradient-free proxy of the same question (how
-    much do the outputs change when this head streams). The cache is cut after the prefill (the
-    whole-cache stage), so the context's own prefill is dense, as in kvlife's other methods.
+    smollm2-135m in kvlife/configs/duo_heads/). DuoAttention learns a gate per KV head mixing its
+    full and its streaming attention by gradient descent on synthetic passkey retrieval; the search
+    takes the first step of that: on multi-passkey haystacks, the gradient of the answer's NLL with
+    respect to each head's gate at the all-dense start (the first-order change of the answer when
+    that head alone streams), averaged in absolute value over the questions. The cache is cut after
+    the prefill (the whole-cache stage), so the context's own prefill is dense, as in kvlife's other
+    methods.
 
     Parameters:
         config (None): the head split: a shipped split's name (the model's, e.g.

@@ -1,15 +1,21 @@
 """Offline head split for DuoAttention: `kvlife search-heads --model M --out FILE`.
 
-DuoAttention (Xiao et al., 2024) learns a gate per KV head by gradient descent on synthetic
-passkey retrieval; kvlife answers the same question without gradients, by measuring it. Each
-calibration sample is a multi-passkey haystack: Python standard-library source (from module `m`
-on, so not the text `search-patterns` reads) with `passkeys` sentences "The pass key of NAME is
-KEY." at random lines, and questions asking for some of the keys. The context is prefilled
-densely once; then, for every KV head of every full-attention layer in turn, the question and
-its teacher-forced answer are run with that head alone streaming (seeing only the first `n_sink`
-and the last `n_local` context tokens, as duo_attention's cache will let it) and every other head
-dense. A head's score is the mean KL divergence of the answer tokens' next-token distributions
-from the all-dense ones: a head whose loss of the middle moves the answers is a retrieval head.
+DuoAttention (Xiao et al., 2024) gives every KV head a gate alpha that mixes its full attention
+with a streaming one (the first `n_sink` and the last `n_local` tokens), and learns the gates by
+gradient descent on synthetic passkey retrieval; heads whose gate stays high are retrieval heads.
+kvlife takes the first step of that optimisation, on the loss that matters here: the gradient of
+the answer's negative log-likelihood with respect to every gate at the all-dense start, which is
+the first-order change of the answer's NLL when that head alone streams,
+<dNLL/d(output of the head), streaming output - full output>, summed over the question and
+answer tokens. One forward and one backward per question score every head at once. A head's
+score is the mean of its |gradient| over the questions: large where losing the middle of the
+context moves the answer.
+
+Calibration samples are multi-passkey haystacks (DuoAttention's multi_passkey10): Python
+standard-library source (from module `m` on, so not the text `search-patterns` reads) with
+`passkeys` sentences "The pass key of NAME is KEY." at random lines, and questions asking for some
+of the keys, in the model's chat format. The context is prefilled densely (as kvlife prefills);
+the question and answer are then run with the gates, as they will attend to duo_attention's cache.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from typing import Any
 
 import torch
 
-from kvlife.attention import AttnCall, dense_attention, reference_attention
-from kvlife.cache import KVCache
+from kvlife.attention import AttnCall, StepContext, dense_attention, reference_attention
+from kvlife.cache import KVCache, cache_kwarg
 from kvlife.errors import SpecError
 from kvlife.methods.base import model_forward
 from kvlife.methods.compress import head_split
@@ -89,64 +95,85 @@ def prompt_ids(tokenizer: Any, context: str, question: str) -> tuple[list[int], 
     return ([bos] if bos is not None else []) + encode(context + "\n\n"), encode(question + "\n")
 
 
-class StreamOneHead:
-    """Dense attention, except that one KV head of one layer sees only the sinks, the last `n_local`
-    context tokens and the new tokens (as a streaming head of duo_attention's cache would)."""
+class GatedStreaming:
+    """A prefill method for the question and answer: each full-attention layer's output is
+    `full + gate * (streaming - full)` per KV head, with gates [kv_heads] at 0 (dense) whose
+    gradient is DuoAttention's gate gradient. Streaming sees the sinks, the last `n_local` context
+    tokens and the new tokens, as a streaming head of duo_attention's cache would."""
 
-    name = "stream_one_head"
+    name = "gated_streaming"
 
-    def __init__(self, layer: int, head: int, n_context: int, n_sink: int, n_local: int) -> None:
-        self.layer, self.head, self.n_context, self.n_sink, self.n_local = layer, head, n_context, n_sink, n_local
+    def __init__(self, gates: dict[int, torch.Tensor], n_context: int, n_sink: int, n_local: int) -> None:
+        self.gates, self.n_context, self.n_sink, self.n_local = gates, n_context, n_sink, n_local
 
     def attend(self, call: AttnCall) -> torch.Tensor:
-        if call.layer_idx != self.layer:
-            return dense_attention(call)
-        visible = torch.ones_like(call.k_pos, dtype=torch.bool)
-        k_pos = call.k_pos[self.head]
-        visible[self.head] = (k_pos < self.n_sink) | (k_pos >= self.n_context - self.n_local)
-        return reference_attention(call, visible[:, None, :].expand(-1, call.query.shape[2], -1))
+        full = dense_attention(call)
+        gate = self.gates.get(call.layer_idx)
+        if gate is None:
+            return full
+        visible = (call.k_pos < self.n_sink) | (call.k_pos >= self.n_context - self.n_local)
+        streaming = reference_attention(call, visible[:, None, :].expand(-1, call.query.shape[2], -1))
+        return full + gate.repeat_interleave(call.groups)[None, :, None, None] * (streaming - full)
 
 
-@torch.no_grad()
+def gate_gradients(model: Any, context_ids: list[int], question_ids: list[int], answer_ids: list[int],
+                   full: list[int], kv_heads: int, search: HeadSearch) -> torch.Tensor:
+    """d(answer NLL)/d(gate) [layers, kv_heads] for one question (rows of sliding layers stay 0)."""
+    cache = KVCache.for_model(model)
+    model_forward(model, cache, context_ids, None)
+    weight = next(model.parameters())
+    gates = {layer: torch.zeros(kv_heads, dtype=weight.dtype, device=weight.device, requires_grad=True)
+             for layer in full}
+    recipe = SimpleNamespace(prefill=GatedStreaming(gates, len(context_ids), search.n_sink, search.n_local),
+                             compress=None, load=None)
+    ids, device = question_ids + answer_ids, weight.device
+    positions = torch.arange(len(context_ids), len(context_ids) + len(ids), device=device)
+    step = StepContext(cache, positions, phase="prefill", recipe=recipe)
+    logits = model(input_ids=torch.tensor([ids], device=device), position_ids=positions[None],
+                   **cache_kwarg(model, cache), use_cache=True, logits_to_keep=len(answer_ids) + 1,
+                   kvlife=step).logits[0, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(answer_ids, device=device))
+    nll.backward()
+    grads = torch.zeros(len(cache.layers), kv_heads, dtype=torch.float64)
+    for layer, gate in gates.items():
+        grads[layer] = gate.grad.double()
+    return grads
+
+
 def search(model: Any, tokenizer: Any, model_name: str, search: HeadSearch | None = None, log=print) -> dict:
     """Score every KV head of every full-attention layer; returns the split dict (see head_split.py)."""
     search = search or HeadSearch()
     if search.samples < 1 or search.queries < 1 or search.passkeys < search.queries:
         raise SpecError("search-heads: need --samples >= 1 and 1 <= --queries <= --passkeys")
     started = time.perf_counter()
-    cache = KVCache.for_model(model)
+    layers = KVCache.for_model(model).layers
     kv_heads = model.config.get_text_config().num_key_value_heads
-    full = [i for i, layer in enumerate(cache.layers) if not layer.is_sliding]
-    totals = torch.zeros(len(cache.layers), kv_heads, dtype=torch.float64)
+    full = [i for i, layer in enumerate(layers) if not layer.is_sliding]
+    totals = torch.zeros(len(layers), kv_heads, dtype=torch.float64)
     answers = 0
-    for index in range(search.samples):
-        context, asked = haystack(tokenizer, search, index)
-        for question, answer in asked:
-            context_ids, question_ids = prompt_ids(tokenizer, context, question)
-            answer_ids = list(tokenizer.encode(answer, add_special_tokens=False))
-            cache = KVCache.for_model(model)
-            model_forward(model, cache, context_ids, None)
-            start = cache.checkpoint()
-            ids, rows = question_ids + answer_ids, slice(len(question_ids) - 1, -1)
-            dense = torch.log_softmax(model_forward(model, cache, ids, None, all_logits=True)[rows], dim=-1)
-            for layer in full:
-                for head in range(kv_heads):
-                    cache.rollback(start)
-                    streaming = StreamOneHead(layer, head, len(context_ids), search.n_sink, search.n_local)
-                    recipe = SimpleNamespace(prefill=streaming, compress=None, load=None)
-                    logits = model_forward(model, cache, ids, recipe, all_logits=True)[rows]
-                    moved = torch.log_softmax(logits, dim=-1)
-                    totals[layer, head] += float((dense.exp() * (dense - moved)).sum(-1).mean())
-            answers += 1
-        log(f"sample {index + 1}/{search.samples}: {len(context_ids)} context tokens, "
-            f"{time.perf_counter() - started:.0f} s")
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    for param in trainable:  # only the gates need gradients
+        param.requires_grad_(False)
+    try:
+        for index in range(search.samples):
+            context, asked = haystack(tokenizer, search, index)
+            for question, answer in asked:
+                context_ids, question_ids = prompt_ids(tokenizer, context, question)
+                answer_ids = list(tokenizer.encode(answer, add_special_tokens=False))
+                totals += gate_gradients(model, context_ids, question_ids, answer_ids, full, kv_heads, search).abs()
+                answers += 1
+            log(f"sample {index + 1}/{search.samples}: {len(context_ids)} context tokens, "
+                f"{time.perf_counter() - started:.0f} s")
+    finally:
+        for param in trainable:
+            param.requires_grad_(True)
     scores = totals / answers
-    rows_out = [[round(float(v), 6) for v in scores[i]] if i in full else None for i in range(len(cache.layers))]
+    rows_out = [[round(float(v), 6) for v in scores[i]] if i in full else None for i in range(len(layers))]
     ranked = sorted((float(scores[i, h]), i, h) for i in full for h in range(kv_heads))
     return {
         "format": head_split.FORMAT, "model": model_name, "signature": head_split.model_signature(model),
-        "n_layers": len(cache.layers), "kv_heads": kv_heads, "n_sink": search.n_sink, "n_local": search.n_local,
-        "method": "mean KL divergence of the answer tokens' distributions when this KV head alone streams",
+        "n_layers": len(layers), "kv_heads": kv_heads, "n_sink": search.n_sink, "n_local": search.n_local,
+        "method": "mean |d(answer NLL)/d(gate)| of DuoAttention's per-head streaming gate at the all-dense start",
         "calibration": {**asdict(search), "answers": answers,
                         "text": "multi-passkey haystacks in Python standard library sources (modules m..)",
                         "seconds": round(time.perf_counter() - started, 1)},
@@ -175,8 +202,8 @@ def add_parser(sub: Any) -> None:
 
     defaults = HeadSearch()
     parser = sub.add_parser("search-heads", help="find DuoAttention's retrieval and streaming heads (writes JSON)",
-                            description="Score each KV head by how much the answers to passkey questions move "
-                                        "when that head alone keeps only its sinks and recent tokens.")
+                            description="Score each KV head by the gradient of passkey answers' NLL with respect "
+                                        "to DuoAttention's gate between its full and its streaming attention.")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model name or HF dir (default {DEFAULT_MODEL})")
     parser.add_argument("--out", required=True, help="JSON file to write")
     for flag, value, meaning in (("samples", defaults.samples, "haystacks"),

@@ -6,8 +6,9 @@ A split is JSON, written by `kvlife search-heads` (kvlife/methods/compress/duo_s
      "n_layers": 24, "kv_heads": 2, "n_sink": 64, "n_local": 256, "calibration": {...},
      "scores": [[0.0123, 0.4012], ... one list of kv_heads scores per layer, null for sliding layers]}
 
-A head's score is how far the model's answers move when that head alone sees only the first
-`n_sink` and last `n_local` context tokens (higher: a retrieval head). `signature` identifies the
+A head's score is how much the answers to passkey questions depend on it seeing more than the
+first `n_sink` and last `n_local` context tokens (the gradient of their NLL with respect to
+DuoAttention's gate of that head; higher: a retrieval head). `signature` identifies the
 model (`model_signature`): `duo_attention` without `config=` uses the shipped split whose signature
 matches the running model. Shipped splits live in kvlife/configs/duo_heads/<model>.json.
 """

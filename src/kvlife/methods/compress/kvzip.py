@@ -126,12 +126,16 @@ class KVzip(CacheCompressMethod):
             return
         started = time.perf_counter()
         scores, fed, chunks = reconstruction_scores(stage, sorted(targets), self.chunk_size)
-        protect = max(self.n_sink, stage.head_tokens)
+        self.evict(cache, scores, targets, max(self.n_sink, stage.head_tokens))
+        stage.stats["compress"] = {"method": self.spec(), "seconds": round(time.perf_counter() - started, 4),
+                                   "forward_tokens": fed, "chunks": chunks, "prefill_tokens": len(stage.ids)}
+
+    def evict(self, cache, scores: dict[int, torch.Tensor], targets: dict[int, int], protect: int) -> None:
+        """Keep the top-scored tokens at this method's level; the first `protect` positions always."""
+        ranked = {}
         for index, score in scores.items():
             layer = cache.layers[index]
             score = score.masked_fill(layer.positions < protect, PROTECTED)
-            scores[index] = score.masked_fill(~real_slots(layer), float("-inf"))
-        for index, mask in allocate(scores, targets, self.level).items():
+            ranked[index] = score.masked_fill(~real_slots(layer), float("-inf"))
+        for index, mask in allocate(ranked, targets, self.level).items():
             apply_keep(cache, index, mask)
-        stage.stats["compress"] = {"method": self.spec(), "seconds": round(time.perf_counter() - started, 4),
-                                   "forward_tokens": fed, "chunks": chunks, "prefill_tokens": len(stage.ids)}
