@@ -138,7 +138,7 @@ def dense_attention(call: AttnCall) -> torch.Tensor:
         contiguous = k_len == 0 or int(row[-1] - row[0]) == k_len - 1
         window_ok = call.sliding_window is None or int(call.q_pos.max() - row[0]) < call.sliding_window
         if q_len == 1 and window_ok and bool((row <= call.q_pos[0]).all()):
-            return _sdpa(call.query, call.key, call.value, scaling=call.scaling, groups=call.groups)
+            return _decode_attention(call)
         if (
             contiguous
             and window_ok
@@ -148,6 +148,20 @@ def dense_attention(call: AttnCall) -> torch.Tensor:
             return _sdpa(call.query, call.key, call.value, is_causal=True, scaling=call.scaling, groups=call.groups)
         return _chunked(call, _masked_sdpa_sorted)
     return _chunked(call, _masked_sdpa)
+
+
+def _decode_attention(call: AttnCall) -> torch.Tensor:
+    """One query row over every cached key: two grouped matmuls and a softmax in float32.
+
+    The query heads of one KV head form the rows of one matmul, so GQA is never expanded. On CPU
+    this is several times faster than `scaled_dot_product_attention`'s flash kernel for a single
+    row (which was a fifth of a decode step at 2K tokens)."""
+    batch, q_heads, _, dim = call.query.shape
+    kv_heads = call.key.shape[1]
+    query = call.query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
+    scores = torch.matmul(query, call.key.transpose(-1, -2)).float() * call.scaling
+    probs = torch.softmax(scores, dim=-1).to(call.value.dtype)
+    return torch.matmul(probs, call.value).reshape(batch, q_heads, 1, dim)
 
 
 def _masked_sdpa(call: AttnCall) -> torch.Tensor:
