@@ -230,8 +230,8 @@ def encode_baseline(
 def _new_header(scheme, dtype, chunk_tokens, shapes, next_position, positions, rope, section) -> Header:
     return Header(
         scheme=scheme, dtype=dtype, chunk_tokens=chunk_tokens, layers=shapes, next_position=next_position,
-        positions=Positions(shapes, arrays=positions), rope_theta=rope.theta if rope else 0.0, rotary_dim=rope.rotary_dim if rope else 0,
-        flags=FLAG_PRE_ROPE if rope else 0, scheme_section=section,
+        positions=Positions(shapes, arrays=positions), rope_theta=rope.theta if rope else 0.0,
+        rotary_dim=rope.rotary_dim if rope else 0, flags=FLAG_PRE_ROPE if rope else 0, scheme_section=section,
     )
 
 
@@ -299,8 +299,8 @@ def parse(blob: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Heade
     """A whole stream's verified header, its claims checked against the bytes present.
 
     Beyond `parse_header`'s checks, every scheme's chunks have a least size for the shapes they claim
-    (kvlife: a step per head and a code per channel; fp16 and int8: every element), so a few bytes
-    cannot claim a cache of gigabytes: what a stream makes a decoder allocate is bounded by its size.
+    (kvlife: a step per head and a sigma code per channel, a code then decoding to at most `chunk_tokens`
+    values; fp16 and int8: every element), so a few bytes cannot claim a cache of gigabytes.
     """
     header = parse_header(blob, max_bytes)
     least = _PREFIX.size * header.n_chunks
