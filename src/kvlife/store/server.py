@@ -21,7 +21,7 @@ are read in pieces, refused past `max_chunk_bytes` (413), verified (key, length,
 renamed into place: a client that dies mid-upload stores nothing. Every GET body of a chunk or manifest
 goes through one `Shaper`, the server's link: with a trace the send rate follows it, shared by concurrent
 responses. `kvlife stream serve` with no token serves every request as the tenant "default". Logs
-never show a bearer token (`RedactTokens`). Errors are JSON `{"error": "..."}`: 400 malformed, 401
+never show a bearer token (`logs.RedactTokens`). Errors are JSON `{"error": "..."}`: 400 malformed, 401
 token, 404 absent, 409 a context's chunks missing, 413 too large, 507 disk full. Imports no torch.
 """
 
@@ -32,7 +32,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import logging
 import os
 import re
 import sys
@@ -47,6 +46,7 @@ from kvlife.store.base import KEY_PATTERN, ChunkCorrupt, StoreError, StoreUnavai
 from kvlife.store.contexts import CONTEXT_ID, ContextEntries
 from kvlife.store.disk import DiskBackend
 from kvlife.store.envelope import HEADER, check_header
+from kvlife.store.logs import log_redacted
 from kvlife.store.serve_args import STREAM_TOKEN_ENV, TOKENS_ENV, add_arguments
 from kvlife.store.shaper import Shaper
 from kvlife.store.trace import parse_trace
@@ -56,7 +56,6 @@ MAX_JSON_BYTES = 16 << 20
 MAX_CONTEXT_BYTES = 64 << 20  # a context's manifest and key list (a 128K-token context needs about 2 MB)
 READ_PIECE = 1 << 20
 DEFAULT_TENANT = "default"
-BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\"\\,;]+")
 
 
 class Refused(Exception):
@@ -320,43 +319,6 @@ class ChunkServer:
             web.post("/v1/link", self.link),
         ])
         return app
-
-
-class RedactTokens(logging.Filter):
-    """Rewrites every record it sees so that no bearer token, and none of the server's tokens anywhere, is
-    logged (aiohttp logs the raw header lines of a malformed request in its error)."""
-
-    def __init__(self, tokens: list[str]) -> None:
-        super().__init__()
-        self.tokens = sorted((t for t in tokens if t), key=len, reverse=True)
-
-    def redact(self, text: str) -> str:
-        text = BEARER.sub(r"\1[redacted]", text)
-        for token in self.tokens:
-            text = text.replace(token, "[redacted]")
-        return text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = self.redact(record.getMessage()), None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = self.redact(record.exc_text)
-        if record.stack_info:
-            record.stack_info = self.redact(record.stack_info)
-        return True
-
-
-def log_redacted(tokens: list[str]) -> None:
-    """Send the process's log records to stderr through `RedactTokens` (and filter every handler set)."""
-    redact = RedactTokens(tokens)
-    root = logging.getLogger()
-    for handler in root.handlers:
-        handler.addFilter(redact)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    handler.addFilter(redact)
-    root.addHandler(handler)
 
 
 def parse_tokens(tokens: list[str], tenants: list[str], stream_alias: bool = False) -> dict[str, str]:
