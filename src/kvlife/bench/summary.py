@@ -45,7 +45,7 @@ def find_dense_run(out: Path) -> Path | None:
     return None
 
 
-def _by_sample(rows: list[dict[str, Any]], turn: int | None = None) -> dict[tuple[str, str], float]:
+def by_sample(rows: list[dict[str, Any]], turn: int | None = None) -> dict[tuple[str, str], float]:
     """Score per (task, sample): of one turn, or the mean over the sample's turns."""
     scores: dict[tuple[str, str], list[float]] = defaultdict(list)
     for row in rows:
@@ -62,7 +62,7 @@ def _interval(values: list[float]) -> list[float] | None:
 def _vs_dense(rows: list[dict[str, Any]], dense_rows: list[dict[str, Any]], turns: list[int]) -> dict[str, Any]:
     """Paired differences against dense on the same samples: per turn, turn 1 and all turns."""
     def diff(turn: int | None):
-        found = paired_difference(_by_sample(rows, turn), _by_sample(dense_rows, turn))
+        found = paired_difference(by_sample(rows, turn), by_sample(dense_rows, turn))
         return found.to_dict() if found else None
 
     return {"per_turn": {str(t): diff(t) for t in turns}, "turn1": diff(1), "all_turns": diff(None)}
@@ -93,8 +93,8 @@ def summarize(rows: list[dict[str, Any]], dense_rows: list[dict[str, Any]] | Non
             "ttft_s": _mean([r["ttft_s"] for r in task_rows]),
             "decode_tok_s": _mean([r.get("decode_tok_s") for r in task_rows]),
             # 95% bootstrap intervals over samples
-            "turn1_ci": _interval(list(_by_sample(task_rows, 1).values())),
-            "all_turns_ci": _interval(list(_by_sample(task_rows).values())),
+            "turn1_ci": _interval(list(by_sample(task_rows, 1).values())),
+            "all_turns_ci": _interval(list(by_sample(task_rows).values())),
         }
         if dense_rows:
             tasks[task]["vs_dense"] = _vs_dense(task_rows, [r for r in dense_rows if r["task"] == task], turns)
@@ -109,8 +109,8 @@ def summarize(rows: list[dict[str, Any]], dense_rows: list[dict[str, Any]] | Non
     }
     if dense_rows:  # every task's samples pooled: does the method differ from dense on the whole suite?
         overall["vs_dense"] = {key: (found.to_dict() if found else None) for key, found in (
-            ("turn1", paired_difference(_by_sample(rows, 1), _by_sample(dense_rows, 1))),
-            ("all_turns", paired_difference(_by_sample(rows), _by_sample(dense_rows))))}
+            ("turn1", paired_difference(by_sample(rows, 1), by_sample(dense_rows, 1))),
+            ("all_turns", paired_difference(by_sample(rows), by_sample(dense_rows))))}
     served = [r for r in rows if r.get("started_at") is not None and r.get("finished_at") is not None]
     if served:
         span = max(r["finished_at"] for r in served) - min(r["started_at"] for r in served)
