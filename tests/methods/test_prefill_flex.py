@@ -53,11 +53,21 @@ def test_flex_mask_is_the_layout_mask(n, tile, kind):
 def test_block_mask_skips_what_no_row_sees():
     n = 4096
     layout = a_shape_layout(n, 64, 512)
-    block_mask, slots = flex.flex_block_mask([layout], n, n, tile=64)
+    mask = flex.flex_block_mask([layout], n, n, tile=64)
+    block_mask = mask.block_mask
     tiles = int(block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum())
     # 64 query blocks x (the sink's block + at most 10 window blocks): far fewer than causal's 2080
-    assert slots == 64 and tiles <= 64 * 11
+    assert mask.tables.slots == 64 and tiles <= 64 * 11
     assert int(block_mask.full_kv_num_blocks.sum()) > int(block_mask.kv_num_blocks.sum())  # mostly unmasked
+
+
+def test_lengths_are_bucketed_and_padding_costs_no_tiles():
+    assert [flex.bucket(n) for n in (65, 200, 1000, 4096, 4097, 8192, 30000, 32768)] == \
+        [128, 256, 1024, 4096, 5120, 8192, 32768, 32768]
+    n = 900  # bucketed to 1024: the last query block is all padding, lists no tile, attends to nothing
+    mask = flex.flex_block_mask([a_shape_layout(n, 64, 256)], n, n, tile=64)
+    assert mask.block_mask.seq_lengths == (1024, 64 + 1024)
+    assert int(mask.block_mask.kv_num_blocks[0, 0, -1] + mask.block_mask.full_kv_num_blocks[0, 0, -1]) == 0
 
 
 def test_tile_must_be_a_multiple_of_the_block():

@@ -65,11 +65,12 @@ class _Tables:
 
 
 def _tables(layouts: list[Layout], m: int, n: int, tile: int) -> _Tables:
+    """Tables for query rows 0..m-1 over n keys (both already bucketed)."""
     block = layouts[0].block
     device = _device(layouts)
     heads, n_qb, n_kb = len(layouts), -(-m // block), -(-n // block)
     most = max([lay.columns.numel() for lay in layouts if lay.columns is not None] + [0])
-    slots = -(-most // tile) * tile
+    slots = bucket(most, tile) if most else 0
     offsets = torch.zeros(heads, n - 1 + block, dtype=torch.bool, device=device)
     window = torch.full((heads,), n + block, dtype=torch.long, device=device)
     blocks = torch.zeros(heads, n_qb, n_kb, dtype=torch.bool, device=device)
@@ -124,9 +125,9 @@ def _mask_mod(tables: _Tables, shared: bool):
     return mask_mod
 
 
-def _block_tiles(layouts: list[Layout], tables: _Tables, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_tiles(layouts: list[Layout], tables: _Tables, m: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Bool [H, n_query_blocks, C/block + n_key_blocks] at the layouts' block size: the tiles holding
-    any seen key (touched) and those whose every key is seen (full). Touched may hold tiles with no
+    any seen key (touched) and those whose every key is seen (full), for the first `rows` of m rows. Touched may hold tiles with no
     seen key (a window edge's neighbour, a column after a block's last row): flex_attention only
     skips fewer tiles then."""
     block, n = tables.block, tables.n
@@ -158,7 +159,11 @@ def _block_tiles(layouts: list[Layout], tables: _Tables, m: int) -> tuple[torch.
         column_touched = first[None] <= b * block + block - 1
         touched.append(torch.cat([column_touched, main_touched], dim=1))
         full.append(torch.cat([torch.zeros_like(column_touched), main_full], dim=1))
-    return torch.stack(touched), torch.stack(full)
+    touched, full = torch.stack(touched), torch.stack(full)
+    real = -(-rows // block)  # query blocks past the real rows (bucket padding) attend to nothing
+    touched[:, real:] = False
+    full[:, real:] = False
+    return touched, full
 
 
 def _pool(tiles: torch.Tensor, factor: int, any_: bool) -> torch.Tensor:
@@ -181,46 +186,75 @@ def _listed(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts[None], indices[None]
 
 
-def flex_block_mask(layouts: list[Layout], m: int, n: int, tile: int = TILE) -> tuple[BlockMask, int]:
-    """The block mask of query rows 0..m-1 over C gathered column keys followed by the n keys, in
-    `tile` x `tile` tiles (a multiple of the layouts' block); returns (block mask, C)."""
+def bucket(n: int, tile: int = TILE) -> int:
+    """n rounded up to a multiple of a quarter of its highest power of two (and of `tile`): at most
+    4 lengths per octave, under 25% padding.
+
+    Compiled flex_attention is specialized to its shapes (with dynamic shapes its CPU kernel does not
+    compile in torch 2.13), so each new length compiles again (tens of seconds) and past dynamo's
+    recompile limit falls back to the uncompiled reference, which holds every score in memory.
+    Padding lengths to these buckets makes shapes repeat; padded query rows attend to nothing and
+    padded keys are never listed, so they cost copies, not attention."""
+    step = max(tile, 1 << max(0, n.bit_length() - 3))
+    return -(-n // step) * step
+
+
+@dataclass
+class FlexMask:
+    """A block mask over bucketed lengths and the tables its mask_mod reads."""
+
+    block_mask: BlockMask
+    tables: _Tables
+    rows: int  # the real query rows (the mask's own are bucketed)
+    keys: int  # the real keys
+
+
+def flex_block_mask(layouts: list[Layout], m: int, n: int, tile: int = TILE) -> FlexMask:
+    """The block mask of query rows 0..m-1 over C gathered column keys followed by the n keys, both
+    lengths bucketed, in `tile` x `tile` tiles (a multiple of the layouts' block)."""
     block = layouts[0].block
     if tile % block:
         raise ValueError(f"flex tile {tile} must be a multiple of the layouts' block {block}")
-    tables = _tables(layouts, m, n, tile)
-    touched, full = _block_tiles(layouts, tables, m)
+    padded_m, padded_n = bucket(m, tile), bucket(n, tile)
+    tables = _tables(layouts, padded_m, padded_n, tile)
+    touched, full = _block_tiles(layouts, tables, padded_m, m)
     touched, full = _pool(touched, tile // block, True), _pool(full, tile // block, False)
     partial_counts, partial = _listed(touched & ~full)
     full_counts, full_index = _listed(full)
     block_mask = BlockMask.from_kv_blocks(partial_counts, partial, full_counts, full_index, BLOCK_SIZE=tile,
                                           mask_mod=_mask_mod(tables, len(layouts) == 1),
-                                          seq_lengths=(m, tables.slots + n), compute_q_blocks=False)
-    return block_mask, tables.slots
+                                          seq_lengths=(padded_m, tables.slots + padded_n), compute_q_blocks=False)
+    return FlexMask(block_mask, tables, m, n)
 
 
 def flex_inputs(key: torch.Tensor, value: torch.Tensor, layouts: list[Layout], m: int, q_heads: int,
                 tile: int = TILE) -> FlexInputs:
-    """The inputs of `flex_sparse_attention` for query rows 0..m-1 over keys [kv_heads, n, d]."""
+    """The inputs of `flex_sparse_attention` for query rows 0..m-1 over keys [kv_heads, n, d]: keys
+    and values with the gathered columns in front and zeros after the last key up to the bucket."""
     kv_heads, n, dim = key.shape
     shared = len(layouts) == 1
-    block_mask, slots = flex_block_mask(layouts, m, n, tile)
-    if slots == 0:
-        return FlexInputs(key[None], value[None], block_mask, kv_heads != q_heads)
-    # Gathered columns in front: per KV head when every head shares the layout, else per query head.
-    position = torch.full((len(layouts), slots), n - 1, dtype=torch.long, device=key.device)
-    for h, lay in enumerate(layouts):  # padding slots read key n-1; the mask hides them
-        if lay.columns is not None:
-            position[h, :lay.columns.numel()] = lay.columns.clamp(max=n - 1)
-    if shared:
-        index, source_key, source_value = position.expand(kv_heads, -1), key, value
-    else:
+    mask = flex_block_mask(layouts, m, n, tile)
+    slots, padding = mask.tables.slots, mask.tables.n - n
+    gqa = shared or slots == 0
+    if gqa:  # the KV heads themselves: the columns (if any) are every head's
+        index, source_key, source_value = None, key, value
+    else:  # per query head: each gathers its own columns
         groups = q_heads // kv_heads
-        index = position
         source_key, source_value = key.repeat_interleave(groups, 0), value.repeat_interleave(groups, 0)
-    gather = index[..., None].expand(-1, -1, dim)
-    full_key = torch.cat([source_key.gather(1, gather), source_key], dim=1)
-    full_value = torch.cat([source_value.gather(1, gather), source_value], dim=1)
-    return FlexInputs(full_key[None], full_value[None], block_mask, shared and kv_heads != q_heads)
+    parts_key, parts_value = [], []
+    if slots:
+        position = torch.full((len(layouts), slots), n - 1, dtype=torch.long, device=key.device)
+        for h, lay in enumerate(layouts):  # padding slots read key n-1; the mask hides them
+            if lay.columns is not None:
+                position[h, :lay.columns.numel()] = lay.columns.clamp(max=n - 1)
+        index = position.expand(source_key.shape[0], -1) if shared else position
+        gather = index[..., None].expand(-1, -1, dim)
+        parts_key.append(source_key.gather(1, gather))
+        parts_value.append(source_value.gather(1, gather))
+    zeros = key.new_zeros(source_key.shape[0], padding, dim)
+    full_key = torch.cat([*parts_key, source_key, zeros], dim=1)
+    full_value = torch.cat([*parts_value, source_value, zeros], dim=1)
+    return FlexInputs(full_key[None], full_value[None], mask.block_mask, gqa and kv_heads != q_heads)
 
 
 @functools.cache
@@ -228,21 +262,30 @@ def _compiled():
     return torch.compile(flex_attention, dynamic=False)
 
 
+RECOMPILES = 64  # compiled shapes kept (dynamo's default, 8, is a handful of buckets and patterns)
+
+
 def flex_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layouts: list[Layout],
                           scaling: float, softcap: float | None = None, compiled: bool = True,
                           tile: int = TILE) -> torch.Tensor:
     """`kernels.sparse_attention` on flex_attention: query rows 0..m-1 [q_heads, m, d] over key and
     value [kv_heads, n, d], one layout per query head or one shared; returns [q_heads, m, d]."""
-    q_heads, m, _ = query.shape
+    q_heads, m, dim = query.shape
     inputs = flex_inputs(key.to(query.dtype), value.to(query.dtype), layouts, m, q_heads, tile)
+    padded = query.new_zeros(1, q_heads, inputs.block_mask.seq_lengths[0], dim)
+    padded[0, :, :m] = query
     score_mod = None
     if softcap is not None:
         def score_mod(score, b, h, q, kv):
             return torch.tanh(score / softcap) * softcap
-    attend = _compiled() if compiled else flex_attention
-    out = attend(query[None], inputs.key, inputs.value, score_mod=score_mod, block_mask=inputs.block_mask,
-                 scale=scaling, enable_gqa=inputs.gqa)
-    return out[0]
+    if compiled:  # past the limit: an error, never the uncompiled reference's n^2 scores
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILES, fail_on_recompile_limit_hit=True):
+            out = _compiled()(padded, inputs.key, inputs.value, score_mod=score_mod, block_mask=inputs.block_mask,
+                              scale=scaling, enable_gqa=inputs.gqa)
+    else:
+        out = flex_attention(padded, inputs.key, inputs.value, score_mod=score_mod, block_mask=inputs.block_mask,
+                             scale=scaling, enable_gqa=inputs.gqa)
+    return out[0, :, :m]
 
 
 def flex_mask(layouts: list[Layout], n: int, q_heads: int, rows: torch.Tensor | None = None,
@@ -251,13 +294,13 @@ def flex_mask(layouts: list[Layout], n: int, q_heads: int, rows: torch.Tensor | 
     mask's full tiles, and its partial tiles where the mask_mod holds), folded back onto the sequence
     (a gathered column counts at its position). Tests hold it to `kernels.layout_mask`."""
     rows = torch.arange(n) if rows is None else rows
-    m = int(rows.max()) + 1
-    block_mask, slots = flex_block_mask(layouts, m, n, tile)
-    tables = _tables(layouts, m, n, tile)
+    mask = flex_block_mask(layouts, int(rows.max()) + 1, n, tile)
+    block_mask, tables = mask.block_mask, mask.tables
+    slots = tables.slots
     mask_mod = _mask_mod(tables, len(layouts) == 1)
     heads = 1 if len(layouts) == 1 else q_heads
-    width = slots + n
-    n_tiles = -(-width // tile)
+    width = block_mask.seq_lengths[1]
+    n_tiles = width // tile
     out = torch.zeros(heads, len(rows), n, dtype=torch.bool)
     kv = torch.arange(width)
     for head in range(heads):
@@ -268,10 +311,10 @@ def flex_mask(layouts: list[Layout], n: int, q_heads: int, rows: torch.Tensor | 
             chosen = index[0, head].long()
             chosen = torch.where(torch.arange(chosen.shape[1])[None] < counts[0, head, :, None], chosen, n_tiles)
             listed.scatter_(1, chosen, True)
-            tiles.append(listed[:, :n_tiles].repeat_interleave(tile, 1)[rows // tile, :width])
+            tiles.append(listed[:, :n_tiles].repeat_interleave(tile, 1)[rows // tile])
         partial, full = tiles
         seen = (partial & mask_mod(0, torch.tensor(head), rows[:, None], kv[None])) | full
-        out[head] = seen[:, slots:]
+        out[head] = seen[:, slots:slots + n]
         if slots:
             pos = tables.column_pos[head]
             real = pos < n
