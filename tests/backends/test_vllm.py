@@ -23,7 +23,9 @@ pytestmark = pytest.mark.slow
 # conftest gives each test a temporary KVLIFE_HOME; the venv and the model live in the real one
 REAL_HOME = str(models.kvlife_home())
 ALIAS = models.TEST_MODEL
-BLOCK = 16  # vLLM's KV block: its prefix cache reuses whole blocks only
+# vLLM's CPU backend keeps the KV cache in blocks of 128 tokens (its default there; 16 on GPUs),
+# and its prefix cache reuses whole blocks only
+BLOCK = 128
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +81,9 @@ def test_multi_request_turns_after_the_first_come_from_vllms_prefix_cache(server
     for row in rows:
         if row["turn"] == 1:  # a new context: at most the chat template's head is reused
             assert row["cached_tokens"] < 0.2 * row["prompt_tokens"]
-        else:  # the shared context's full blocks come from the cache; the query's tail is computed
-            assert row["cached_tokens"] > 0.85 * row["prompt_tokens"]
-            assert row["prompt_tokens"] - row["cached_tokens"] < 60 + BLOCK
+        else:  # the shared context's whole blocks come from the cache; the rest and the query are computed
+            assert row["cached_tokens"] >= 4 * BLOCK
+            assert row["prompt_tokens"] - row["cached_tokens"] < BLOCK + 60
 
 
 def test_multi_turn_chat_reuses_the_previous_turns(server, kv_profile, tmp_path):
