@@ -148,7 +148,8 @@ def measure_llama(args, result: dict) -> None:
     gguf = embedded_gguf(args.model)
     result["servers"]["llama-server"] = {
         "engine": f"llama.cpp llama-server ({llama_version(binary)}), {binary.parent.name}",
-        "model": f"{args.model} ({gguf.name})", "threads": args.threads, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "model": f"{args.model} ({gguf.name})", "threads": args.threads, "samples": args.samples,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "commit": commit(), "load_average_at_start": list(os.getloadavg())}
     for name, mode, cache_prompt, slots, concurrency in LLAMA_SETTINGS:
         with LlamaServer(binary, gguf, alias=args.model, ctx_size=4096, parallel=slots, threads=args.threads,
@@ -166,17 +167,9 @@ def vllm_python() -> Path:
     return python
 
 
-def reset_prefix_cache(server: VllmServer) -> None:
-    import httpx
-
-    response = httpx.post(server.url.removesuffix("/v1") + "/reset_prefix_cache", timeout=60)
-    response.raise_for_status()
-
-
 def started_vllm(model: str, dtype: str, prefix_caching: bool) -> VllmServer:
-    # dev mode: /reset_prefix_cache, to empty the cache between runs on one server
     return VllmServer(vllm_python(), models.resolve(model), name=model, dtype=dtype, prefix_caching=prefix_caching,
-                      extra_args=("--max-num-seqs", "8"), env_extra={"VLLM_SERVER_DEV_MODE": "1"})
+                      extra_args=("--max-num-seqs", "8"))
 
 
 def vllm_log_facts(server: VllmServer) -> dict:
@@ -191,7 +184,7 @@ def measure_vllm(args, result: dict) -> None:
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
     info = {"engine": f"vLLM ({PACKAGE} {VERSION}, CPU), python -m vllm.entrypoints.openai.api_server",
             "model": f"{args.vllm_model} (its safetensors, {models.resolve(args.vllm_model)})",
-            "dtype": args.vllm_dtype, "created": started_at, "commit": commit(),
+            "dtype": args.vllm_dtype, "samples": args.samples, "created": started_at, "commit": commit(),
             "load_average_at_start": list(os.getloadavg()), "start_s": {}}
     result["servers"]["vllm"] = info
     for prefix_caching in (True, False):
@@ -202,7 +195,7 @@ def measure_vllm(args, result: dict) -> None:
                 time.perf_counter() - began, 1)
             info.update(vllm_log_facts(server))
             for name, mode, _, concurrency in chosen:
-                reset_prefix_cache(server)
+                server.reset_prefix_cache()
                 entry = bench_run("vllm", name, server.url, args.vllm_model, mode, args.samples, concurrency)
                 result["runs"][f"vllm: {name}"] = {**entry, "prefix_caching": prefix_caching}
     info["load_average_at_end"] = list(os.getloadavg())
@@ -293,7 +286,7 @@ def main() -> int:
     parser.add_argument("--vllm-dtype", default="bfloat16", help="vLLM's --dtype for the kv runs")
     parser.add_argument("--decode-dtypes", default="auto,float32", help="vLLM --dtype values to measure decode at "
                         "('' for none)")
-    parser.add_argument("--decode-tokens", type=int, default=256)
+    parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--no-agreement", dest="agreement", action="store_false",
                         help="skip kvlife's own dense runs (float32, bfloat16) that vLLM's answers are compared with")
     parser.add_argument("--samples", type=int, default=4)

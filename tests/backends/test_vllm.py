@@ -67,6 +67,7 @@ def kv_profile(monkeypatch):
 
 
 def _run(server, tmp_path, mode: str) -> list[dict]:
+    server.reset_prefix_cache()  # each test's turn 1 is a miss, whichever test ran before
     config = BenchConfig(model=ALIAS, tasks=["kv"], mode=mode, profile="vllm", backend="openai", base_url=server.url)
     out = runner.run(config, out=tmp_path / mode, progress=False, backend=OpenAIBackend(server.url, timeout_s=300))
     return runner.read_rows(out / "predictions.jsonl")
@@ -101,10 +102,11 @@ def test_multi_turn_chat_reuses_the_previous_turns(server, kv_profile, tmp_path)
             assert after["cached_tokens"] >= before["prompt_tokens"] - BLOCK
 
 
-def test_vllms_answers_agree_with_kvlifes_dense_run(server, kv_profile, tmp_path):
+def test_vllms_answers_agree_with_kvlifes_dense_run(server, kv_profile, tmp_path, monkeypatch):
     """Same samples, greedy, both float32: the answers are the same text, up to where rounding in
     a different kernel order flips a near-tie (measured: docs/backends.md, 'Agreement')."""
     served = {(r["sample_id"], r["turn"]): r for r in _run(server, tmp_path, "multi-request")}
+    monkeypatch.setenv("KVLIFE_HOME", REAL_HOME)  # the pulled model, for kvlife's own run
     config = BenchConfig(model=ALIAS, tasks=["kv"], mode="multi-request", profile="vllm", dtype="float32")
     out = runner.run(config, out=tmp_path / "local", progress=False)
     local = {(r["sample_id"], r["turn"]): r for r in runner.read_rows(out / "predictions.jsonl")}

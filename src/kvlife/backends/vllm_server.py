@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import httpx
+
 from kvlife import models
 from kvlife.backends.loopback import LoopbackServer
 from kvlife.errors import BackendError, ModelError
@@ -47,8 +49,8 @@ class VllmServer(LoopbackServer):
     `dtype` is vLLM's --dtype (auto | bfloat16 | float32 ...); `prefix_caching=False` passes
     --no-enable-prefix-caching (every request recomputes its whole prompt); `max_model_len` bounds
     prompt + answer; `kv_cache_gib` is the CPU memory vLLM reserves for its KV blocks
-    (VLLM_CPU_KVCACHE_SPACE); `extra_args` go to the server as they are, `env_extra` into its
-    environment (e.g. VLLM_SERVER_DEV_MODE=1 for POST /reset_prefix_cache). The server's first
+    (VLLM_CPU_KVCACHE_SPACE); `extra_args` go to the server as they are. It runs in vLLM's dev
+    mode (loopback only), for `reset_prefix_cache()` between runs. The server's first
     start on a machine compiles (torch.compile), minutes on 2 cores: hence the long timeout.
     """
 
@@ -56,14 +58,13 @@ class VllmServer(LoopbackServer):
 
     def __init__(self, python: Path, model_dir: Path, name: str, dtype: str = "bfloat16",
                  prefix_caching: bool = True, max_model_len: int = 8192, kv_cache_gib: int = 2,
-                 extra_args: tuple[str, ...] = (), env_extra: dict[str, str] | None = None,
-                 log_path: Path | None = None, start_timeout_s: float = 900.0) -> None:
+                 extra_args: tuple[str, ...] = (), log_path: Path | None = None,
+                 start_timeout_s: float = 900.0) -> None:
         super().__init__(log_path=log_path, start_timeout_s=start_timeout_s)
         self.python, self.model_dir, self.served_name = Path(python), Path(model_dir), name
         self.dtype, self.prefix_caching, self.max_model_len = dtype, prefix_caching, max_model_len
         self.kv_cache_gib = kv_cache_gib
         self.extra_args = tuple(extra_args)
-        self.env_extra = dict(env_extra or {})
 
     def command(self) -> list[str]:
         return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
@@ -73,9 +74,16 @@ class VllmServer(LoopbackServer):
                 "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args]
 
     def env(self) -> dict[str, str]:
-        # no usage reports home (nothing outside loopback is reachable anyway)
+        # no usage reports home (nothing outside loopback is reachable anyway); dev mode: POST /reset_prefix_cache
         return {"VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib), "VLLM_NO_USAGE_STATS": "1",
-                "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", **self.env_extra}
+                "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "VLLM_SERVER_DEV_MODE": "1"}
+
+    def reset_prefix_cache(self) -> None:
+        """Empty vLLM's prefix cache, so that the next run's first turns are misses again."""
+        response = httpx.post(self.url.removesuffix("/v1") + "/reset_prefix_cache", timeout=60)
+        if response.status_code != 200:
+            raise BackendError(f"vLLM refused POST /reset_prefix_cache (HTTP {response.status_code}): "
+                               f"{response.text[:200]}")
 
     def check(self) -> None:
         if not self.python.is_file():
