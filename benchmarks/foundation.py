@@ -2,10 +2,16 @@
 
     .venv/bin/python benchmarks/foundation.py [--models qwen2.5-coder-0.5b,smollm2-135m]
         [--lengths 1024,4096,8192] [--accuracy-runs results/RUN ...]
+        [--dtypes float32,bfloat16] [--suite] [--vllm-decode openai_backend.json]
 
 Each model is measured in its own process (so peak RSS is that model's). Dense accuracy is read
-from `kvlife bench` run directories (dense, default profile), one per task set and mode. Writes
-benchmarks/results/foundation.json and prints a table.
+from `kvlife bench` run directories (dense), one per task set and mode, with 95% intervals.
+--dtypes measures the default model in each dtype (prefill at every length, decode, and the
+reference NLL of task answers) and writes the `bf16` section: speed-ups of bfloat16 over float32
+and the NLL change, with whether this CPU computes bfloat16 natively. --suite times the default
+suite (12 tasks x 8 samples, multi-turn, dense, the dtype `auto` picks) as a new user runs it and
+records `default_suite_minutes`. --vllm-decode copies vLLM's CPU decode speed from the engines
+benchmark's JSON. Writes benchmarks/results/foundation.json and prints a table.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cpus, {mem:.0f} GiB, {platform.system()} (no GPU)"
 
 
-def measure_model(name: str, lengths: list[int], decode_tokens: int) -> dict:
+def measure_model(name: str, lengths: list[int], decode_tokens: int, dtype: str = "auto") -> dict:
     """Runs in a child process: load, prefill at each length, decode."""
     import torch
 
@@ -47,7 +53,7 @@ def measure_model(name: str, lengths: list[int], decode_tokens: int) -> dict:
 
     record = json.loads(models.record_path(name).read_text())
     started = time.perf_counter()
-    model, tokenizer = models.load(name)
+    model, tokenizer = models.load(name, dtype=dtype)
     load_s = time.perf_counter() - started
     session = Session(model, tokenizer, "dense", mode="multi-request", prompt_format="plain")
     text = Path(torch.__file__).read_text() * 20  # real text, long enough for any length here
@@ -68,22 +74,86 @@ def measure_model(name: str, lengths: list[int], decode_tokens: int) -> dict:
     decode = decode_tokens / (time.perf_counter() - started)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"convert_s": record.get("convert_s"), "load_s": round(load_s, 2), "prefill_tok_s": prefill,
-            "decode_tok_s": round(decode, 2), "decode_context_tokens": lengths[-1], "peak_rss_mb": round(peak_mb)}
+            "decode_tok_s": round(decode, 2), "decode_context_tokens": lengths[-1], "peak_rss_mb": round(peak_mb),
+            "dtype": models.dtype_name(next(model.parameters()).dtype),
+            "reference_nll": task_nll(model, tokenizer) if dtype != "auto" else None}
+
+
+NLL_TASKS = ("kv", "prefix_suffix", "qa_eng", "repoqa", "multihop", "summary")
+
+
+def task_nll(model, tokenizer, samples: int = 2) -> dict:
+    """Mean teacher-forced NLL of the reference answers (turn 1 of the first samples of some tasks)."""
+    from kvlife.bench.tasks import get_task
+    from kvlife.session import Session
+
+    out = {}
+    for name in NLL_TASKS:
+        session = Session(model, tokenizer, "dense", mode="multi-request")
+        values = []
+        for sample in get_task(name).samples("default", samples, 0):
+            session.prefill(sample.context)
+            turn = sample.turns[0]
+            values.append(session.ask(turn.query, max_new_tokens=1, reference=turn.answer).reference_nll)
+        out[name] = round(sum(values) / len(values), 5)
+    return out
+
+
+def bf16_section(float32: dict, bfloat16: dict, lengths: list[int]) -> dict:
+    """bfloat16 against float32 on the default model: speed-ups and the change of reference NLL."""
+    import torch
+
+    from kvlife.models import cpu_has_native_bf16
+
+    nll32, nll16 = float32["reference_nll"], bfloat16["reference_nll"]
+    changes = {t: round(100 * (nll16[t] - nll32[t]) / nll32[t], 3) for t in nll32 if nll32[t]}
+    mean32, mean16 = sum(nll32.values()) / len(nll32), sum(nll16.values()) / len(nll16)
+    return {
+        "prefill_speedup": {str(n): round(bfloat16["prefill_tok_s"][str(n)] / float32["prefill_tok_s"][str(n)], 3)
+                            for n in lengths},
+        "decode_speedup": round(bfloat16["decode_tok_s"] / float32["decode_tok_s"], 3),
+        "nll_change_pct": round(100 * (mean16 - mean32) / mean32, 3),
+        "nll_change_pct_per_task": changes,
+        "float32": float32, "bfloat16": bfloat16,
+        "native_bf16": cpu_has_native_bf16(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "auto_picks": "bfloat16" if cpu_has_native_bf16() else "float32",
+    }
+
+
+def time_suite(model_name: str) -> dict:
+    """The default suite as a new user runs it: 12 tasks x 8 samples, multi-turn, dense, dtype auto."""
+    from kvlife.bench.runner import BenchConfig, run
+    from kvlife.bench.summary import write_summary
+    from kvlife.bench.tasks import TASKS
+
+    config = BenchConfig(model=model_name, tasks=sorted(TASKS), mode="multi-turn", samples=8)
+    out = Path("results/foundation-suite") / config.run_id()
+    if out.exists():
+        raise SystemExit(f"{out} exists: a resumed run would not time the whole suite; remove it first")
+    started = time.perf_counter()
+    run(config, out=out, progress=False)
+    minutes = (time.perf_counter() - started) / 60
+    summary = write_summary(out)
+    return {"default_suite_minutes": round(minutes, 1), "default_suite_run": out.name,
+            "default_suite_turn1": summary["overall"]["turn1"], "default_suite_dtype": config.dtype}
 
 
 def dense_accuracy(run_dirs: list[Path]) -> dict:
+    from kvlife.bench.summary import write_summary
+
     out: dict = {}
     for run_dir in run_dirs:
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = write_summary(run_dir)  # recomputed: intervals included
         config = summary["config"]
         if config.get("method") != "dense":
             continue
         for task, stats in summary["tasks"].items():
             entry = out.setdefault(config["model"], {}).setdefault(task, {}).setdefault(config["profile"], {})
             entry[config["mode"]] = {
-                "turn1": stats["turn1"], "all_turns": stats["all_turns"],
-                "samples": stats["samples"], "context_tokens": stats["context_tokens"],
-                "reference_nll": stats["reference_nll"], "run": run_dir.name,
+                "turn1": stats["turn1"], "turn1_ci": stats.get("turn1_ci"), "all_turns": stats["all_turns"],
+                "all_turns_ci": stats.get("all_turns_ci"), "samples": stats["samples"],
+                "context_tokens": stats["context_tokens"], "reference_nll": stats["reference_nll"],
+                "run": run_dir.name,
             }
     return out
 
@@ -94,25 +164,51 @@ def main() -> int:
     parser.add_argument("--lengths", default="1024,4096,8192")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--accuracy-runs", nargs="*", default=[])
+    parser.add_argument("--dtypes", default=None, help="e.g. float32,bfloat16: the bf16 section (default model)")
+    parser.add_argument("--suite", action="store_true", help="time the default suite (about an hour)")
+    parser.add_argument("--vllm-decode", default=None, metavar="JSON", help="the engines benchmark's results")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-dtype", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     if args.child:
-        print(json.dumps(measure_model(args.child, lengths, args.decode_tokens)))
+        print(json.dumps(measure_model(args.child, lengths, args.decode_tokens, args.child_dtype)))
         return 0
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results = {"machine": machine(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
                "torch_threads": os.environ.get("OMP_NUM_THREADS", "default"), "models": existing.get("models", {}),
-               "dense_accuracy": existing.get("dense_accuracy", {}),
+               "dense_accuracy": existing.get("dense_accuracy", {}), "commit": _commit(),
+               **{key: existing[key] for key in ("bf16", "default_suite_minutes", "default_suite_run",
+                                                  "default_suite_turn1", "default_suite_dtype", "decode_tok_s",
+                                                  "vllm_cpu_decode_tok_s", "vllm_cpu_decode") if key in existing},
                "notes": "prefill/decode: dense kvlife attention, float32, batch 1, plain text from torch's sources; "
                         "decode_tok_s measured after the longest prefill. Accuracy from `kvlife bench` dense runs."}
+    def child(name: str, dtype: str = "auto") -> dict | None:
+        done = subprocess.run([sys.executable, __file__, "--child", name, "--lengths", args.lengths,
+                               "--decode-tokens", str(args.decode_tokens), "--child-dtype", dtype],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{name} ({dtype}): failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+            return None
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
     for name in [m for m in args.models.split(",") if m]:
-        child = subprocess.run([sys.executable, __file__, "--child", name, "--lengths", args.lengths,
-                                "--decode-tokens", str(args.decode_tokens)], capture_output=True, text=True)
-        if child.returncode != 0:
-            print(f"{name}: failed: {child.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-            continue
-        results["models"][name] = json.loads(child.stdout.strip().splitlines()[-1])
+        if (measured := child(name)) is not None:
+            results["models"][name] = measured
+    if args.dtypes:
+        per_dtype = {dtype: child(models_default(), dtype) for dtype in args.dtypes.split(",")}
+        if all(per_dtype.values()) and {"float32", "bfloat16"} <= set(per_dtype):
+            results["bf16"] = bf16_section(per_dtype["float32"], per_dtype["bfloat16"], lengths)
+    default = results["models"].get(models_default())
+    if default:
+        results["decode_tok_s"] = default["decode_tok_s"]  # the default model, the dtype auto picks
+    if args.suite:
+        results.update(time_suite(models_default()))
+    if args.vllm_decode:
+        engines = json.loads(Path(args.vllm_decode).read_text())
+        found = _find_key(engines, "decode_tok_s_vllm") or _find_key(engines, "vllm_cpu_decode_tok_s")
+        if found is not None:
+            results["vllm_cpu_decode_tok_s"] = found
     if args.accuracy_runs:
         for model, tasks in dense_accuracy([Path(p) for p in args.accuracy_runs]).items():
             results["dense_accuracy"].setdefault(model, {}).update(tasks)
@@ -131,8 +227,43 @@ def main() -> int:
                 for mode, stats in modes.items():
                     print(f"{model:22} {task:14} {profile:8} {mode:13} turn1={stats['turn1']} "
                           f"all={stats['all_turns']} n={stats['samples']} ctx={stats['context_tokens']}")
+    if "bf16" in results:
+        b = results["bf16"]
+        print(f"bfloat16 / float32 ({b['cpu_capability']}, native bf16: {b['native_bf16']}): prefill "
+              + ", ".join(f"{n}: {v}x" for n, v in b["prefill_speedup"].items())
+              + f"; decode {b['decode_speedup']}x; reference NLL {b['nll_change_pct']:+.2f}%")
+    if "default_suite_minutes" in results:
+        print(f"default suite: {results['default_suite_minutes']} min ({results.get('default_suite_dtype')})")
     print(f"wrote {RESULTS}")
     return 0
+
+
+def models_default() -> str:
+    from kvlife.models import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+def _commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent)
+    return done.stdout.strip() or "unknown"
+
+
+def _find_key(tree, key: str):
+    """The first value stored under `key` anywhere in a JSON tree."""
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree[key]
+        values = tree.values()
+    elif isinstance(tree, list):
+        values = tree
+    else:
+        return None
+    for value in values:
+        if (found := _find_key(value, key)) is not None:
+            return found
+    return None
 
 
 if __name__ == "__main__":
