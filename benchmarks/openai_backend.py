@@ -167,9 +167,10 @@ def vllm_python() -> Path:
     return python
 
 
-def started_vllm(model: str, dtype: str, prefix_caching: bool) -> VllmServer:
+def started_vllm(model: str, dtype: str, prefix_caching: bool, eager: bool = False) -> VllmServer:
+    extra = ("--max-num-seqs", "8", *(("--enforce-eager",) if eager else ()))
     return VllmServer(vllm_python(), models.resolve(model), name=model, dtype=dtype, prefix_caching=prefix_caching,
-                      extra_args=("--max-num-seqs", "8"))
+                      extra_args=extra)
 
 
 def vllm_log_facts(server: VllmServer) -> dict:
@@ -184,13 +185,13 @@ def measure_vllm(args, result: dict) -> None:
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
     info = {"engine": f"vLLM ({PACKAGE} {VERSION}, CPU), python -m vllm.entrypoints.openai.api_server",
             "model": f"{args.vllm_model} (its safetensors, {models.resolve(args.vllm_model)})",
-            "dtype": args.vllm_dtype, "samples": args.samples, "created": started_at, "commit": commit(),
+            "dtype": args.vllm_dtype, "eager": args.eager, "samples": args.samples, "created": started_at, "commit": commit(),
             "load_average_at_start": list(os.getloadavg()), "start_s": {}}
     result["servers"]["vllm"] = info
     for prefix_caching in (True, False):
         chosen = [s for s in VLLM_SETTINGS if s[2] == prefix_caching]
         began = time.perf_counter()
-        with started_vllm(args.vllm_model, args.vllm_dtype, prefix_caching) as server:
+        with started_vllm(args.vllm_model, args.vllm_dtype, prefix_caching, args.eager) as server:
             info["start_s"]["prefix cache on" if prefix_caching else "prefix cache off"] = round(
                 time.perf_counter() - began, 1)
             info.update(vllm_log_facts(server))
@@ -206,7 +207,7 @@ def measure_decode(args, result: dict) -> None:
     """vLLM's CPU decode speed on one request at a time, per dtype (the foundation's vllm_cpu_decode_tok_s)."""
     rows = {}
     for dtype in args.decode_dtypes.split(","):
-        with started_vllm(args.decode_model, dtype, True) as server:
+        with started_vllm(args.decode_model, dtype, True, args.eager) as server:
             client = OpenAIClient(server.url, args.decode_model, timeout_s=900)
             try:
                 message = [{"role": "user", "content": DECODE_PROMPT}]
@@ -223,7 +224,8 @@ def measure_decode(args, result: dict) -> None:
             print(f"vllm decode, --dtype {dtype}: {rows[dtype]['decode_tok_s']} tok/s", file=sys.stderr)
     result["vllm_cpu_decode"] = {
         "model": args.decode_model, "how": (
-            f"one request at a time on one vLLM server (prefix cache on, --max-num-seqs 8), streamed chat "
+            f"one request at a time on one vLLM server (prefix cache on, --max-num-seqs 8"
+            f"{', --enforce-eager' if args.eager else ''}), streamed chat "
             f"completion of {DECODE_PROMPT!r}, greedy, max_tokens {args.decode_tokens}; tok/s = (completion "
             f"tokens - 1) / (latency - TTFT), median of 3 after a 16-token warm-up"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": commit(),
@@ -278,10 +280,13 @@ def finding(result: dict, server: str, control: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: llama-server, vllm")
+    parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: llama-server, vllm "
+                        "('' for vLLM's decode speed only)")
     parser.add_argument("--model", default="smollm2-135m", help="embedded model whose GGUF llama-server serves")
     parser.add_argument("--vllm-model", default="smollm2-135m", help="pulled model whose safetensors vLLM serves "
                         "for the kv runs (the llama-server rows' model, by default)")
+    parser.add_argument("--eager", action="store_true", help="vLLM servers with --enforce-eager (no "
+                        "torch.compile at start, which takes minutes on 2 cores)")
     parser.add_argument("--decode-model", default=models.DEFAULT_MODEL, help="pulled model for vLLM's decode speed")
     parser.add_argument("--vllm-dtype", default="bfloat16", help="vLLM's --dtype for the kv runs")
     parser.add_argument("--decode-dtypes", default="auto,float32", help="vLLM --dtype values to measure decode at "
@@ -313,7 +318,7 @@ def main() -> int:
         result["runs"] = {k: v for k, v in result["runs"].items() if v["server"] != server}
         (measure_llama if server == "llama-server" else measure_vllm)(args, result)
         out.write_text(json.dumps(result, indent=2) + "\n")  # written per server: a later failure keeps it
-    if "vllm" in servers and args.decode_dtypes:
+    if args.decode_dtypes:  # vLLM's decode speed (alone with --servers '')
         measure_decode(args, result)
         out.write_text(json.dumps(result, indent=2) + "\n")
     if "vllm" in servers and args.agreement:
