@@ -46,10 +46,9 @@ def test_bad_sizes_and_dtypes_are_one_line_errors(argv, message, capsys):
 
 
 def test_a_run_records_its_dtype_in_config_and_rows(tmp_path):
-    from tiny import ByteTokenizer, tiny_model
-
     from kvlife.bench import runner
     from kvlife.bench.runner import BenchConfig
+    from tiny import ByteTokenizer, tiny_model
 
     config = BenchConfig(model="tiny", tasks=["kv"], mode="multi-request", profile="default", samples=1,
                          prompt_format="plain", max_turns=1, context_tokens=60)

@@ -15,7 +15,6 @@ import uuid
 from kvlife.bench.score import contains_exact
 from kvlife.bench.tasks.base import Sample, Task, Turn, chars_for_tokens, hide_in_filler, register
 
-
 # Says what the text holds, as SCBench's JSON context begins with its instruction; without it the
 # default model answered 5 of 8 first turns (it found the record in all 8 with it).
 PREAMBLE = ("Some key-value records are hidden in the text below. Remember them: you will be asked for the "
