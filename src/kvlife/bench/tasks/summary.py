@@ -14,11 +14,14 @@ measured score is recorded in benchmarks/results/tasks.json.
 
 from __future__ import annotations
 
+import re
+
 from kvlife.bench.score import rouge_lsum
 from kvlife.bench.tasks import documents
 from kvlife.bench.tasks.base import Sample, Task, Turn, chars_for_tokens, register
 
 QUERY = "Summarize Part {number} (\"{title}\") in a few sentences."
+HEADER = "Several short reports follow, numbered as parts."
 
 
 def parts_context(rng, parts: int, context_tokens: int):
@@ -26,7 +29,18 @@ def parts_context(rng, parts: int, context_tokens: int):
     filler = max(0, chars_for_tokens(context_tokens) // max(1, parts) - 400)
     told = documents.stories(rng, parts, filler)
     context = "\n\n".join(f"Part {i}: {story.title}\n{story.text}" for i, story in enumerate(told, 1))
-    return "Several short reports follow, numbered as parts.\n\n" + context, told
+    return HEADER + "\n\n" + context, told
+
+
+def part_alone(context: str, query: str) -> str | None:
+    """The context cut to the one part a summary query asks about (with its own filler), or None
+    for a query that asks no part: the ceiling measurement, where finding the part is trivial."""
+    match = re.match(r"Summarize Part (\d+) ", query)
+    if match is None:
+        return None
+    header = f"Part {match.group(1)}: "
+    part = next((block for block in context.split("\n\n") if block.startswith(header)), None)
+    return None if part is None else f"{HEADER}\n\n{part}"
 
 
 @register
@@ -48,3 +62,6 @@ class Summary(Task):
 
     def score(self, prediction: str, reference: str) -> float:
         return rouge_lsum(prediction, reference)
+
+    def part_only(self, sample: Sample, turn: Turn) -> str | None:
+        return part_alone(sample.context, turn.query)

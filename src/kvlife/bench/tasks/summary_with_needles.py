@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from kvlife.bench.score import first_number, rouge_lsum
 from kvlife.bench.tasks.base import Sample, Task, Turn, register
-from kvlife.bench.tasks.summary import QUERY, parts_context
+from kvlife.bench.tasks.summary import QUERY, part_alone, parts_context
 
 DOORS = ["amber", "crimson", "silver", "olive", "azure", "ivory", "copper", "violet", "scarlet", "golden"]
 
@@ -57,3 +57,6 @@ class SummaryWithNeedles(Task):
 
     def score(self, prediction: str, reference: str) -> float:
         return needle_or_summary_score(prediction, reference)
+
+    def part_only(self, sample: Sample, turn: Turn) -> str | None:
+        return part_alone(sample.context, turn.query)
