@@ -1,7 +1,7 @@
 """Task benchmark: dense accuracy of every task on the default model, with 95% intervals over samples.
 
     .venv/bin/python benchmarks/tasks.py [--tasks kv,repoqa] [--samples 16]
-        [--modes multi-request,multi-turn] [--context-tokens 8192] [--ceiling] [--no-write]
+        [--modes multi-request,multi-turn] [--context-tokens 8192] [--max-turns 1] [--ceiling] [--no-write]
 
 Default profile (no --context-tokens): a dense `kvlife bench` run per task and mode; tasks.json's
 `tasks[name].default` gets, per mode, turn-1 and all-turn accuracy with bootstrap intervals,
@@ -53,7 +53,7 @@ def run_mode(name: str, mode: str, args, model, tokenizer, store) -> dict:
     from kvlife.bench.summary import write_summary
 
     config = BenchConfig(model=args.model, tasks=[name], mode=mode, samples=args.samples, prompt_format="chat",
-                         context_tokens=args.context_tokens, dtype=args.dtype)
+                         context_tokens=args.context_tokens, dtype=args.dtype, max_turns=args.max_turns)
     out = Path(args.root) / config.run_id()
     started = time.perf_counter()
     run(config, out=out, model=model, tokenizer=tokenizer, progress=False, store=store)
@@ -66,7 +66,8 @@ def run_mode(name: str, mode: str, args, model, tokenizer, store) -> dict:
     return {"turn1": stats["turn1"], "turn1_ci": stats["turn1_ci"], "all_turns": stats["all_turns"],
             "all_turns_ci": stats["all_turns_ci"], "per_turn": stats["per_turn"], "samples": stats["samples"],
             "context_tokens": stats["context_tokens"], "reference_nll": stats["reference_nll"],
-            "compute_s_per_sample": round(per_sample, 1), "wall_s_this_run": round(wall, 1), "run": out.name}
+            "compute_s_per_sample": round(per_sample, 1), "wall_s_this_run": round(wall, 1), "run": out.name,
+            "max_turns": args.max_turns}
 
 
 def ceiling(task, args, model, tokenizer) -> dict | None:
@@ -103,6 +104,8 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--context-tokens", type=int, default=None, help="resize the default profile (long rows)")
+    parser.add_argument("--max-turns", type=int, default=None,
+                        help="answer only the first N turns of each sample (turn-1 calibration: --max-turns 1)")
     parser.add_argument("--ceiling", action="store_true", help="measure the metric ceiling of summary tasks")
     parser.add_argument("--root", default="results/tasks-bench")
     parser.add_argument("--no-write", action="store_true", help="print only (calibration)")
