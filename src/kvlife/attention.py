@@ -228,6 +228,9 @@ def kvlife_attention(
         k_pos = torch.arange(k_len, device=query.device)[None]
         call = AttnCall(layer_idx, query, key, value, q_pos, k_pos, scaling, sliding_window, softcap)
         return dense_attention(call).transpose(1, 2).contiguous(), None
+    # The cache layer this call's K/V went to: shared attention blocks (Zamba2) serve several layers.
+    layer_idx = getattr(kvlife.cache, "updated_layer", None)
+    layer_idx = getattr(module, "layer_idx", 0) if layer_idx is None else layer_idx
     layer = kvlife.cache.layers[layer_idx]
     call = AttnCall(
         layer_idx=layer_idx,

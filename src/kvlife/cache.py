@@ -8,6 +8,10 @@ evicted before, so decoding after compression continues where the text really is
 
 Sliding-window layers (Gemma 3's local layers) keep only the last `sliding_window - 1` tokens,
 as transformers' own dynamic cache does; `update` still returns the window plus the new tokens.
+
+State-space and hybrid models: recurrent layers hold a `kvlife.recurrent.StateLayer` (conv and SSM
+state, no K/V), Zamba-style layers that hold both a `HybridLayer`; `bytes()` counts state with K/V,
+and checkpoints copy the state (it changes in place). See kvlife/recurrent.py and docs/hybrid.md.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvlife.errors import CacheFileError
+from kvlife.errors import CacheFileError, KvlifeError
+from kvlife.recurrent import StateLayer, layer_plan
 
 
 def cache_kwarg(model: Any, cache: Cache) -> dict[str, Cache]:
@@ -192,6 +197,43 @@ class _Room:
         return self.newest, self.values[..., :self.filled, :], self.positions[:, :self.filled]
 
 
+class HybridLayer(StateLayer, KVLayer):
+    """A layer that holds both recurrent state and K/V (Zamba2's and Falcon-H1's "hybrid" layers)."""
+
+    def __init__(self, sliding_window: int | None = None, number_of_states: int = 1,
+                 sequential_extend: bool = False) -> None:
+        KVLayer.__init__(self, sliding_window=sliding_window)
+        StateLayer.__init__(self, number_of_states=number_of_states, sequential_extend=sequential_extend)
+
+    def lazy_initialization(self, *args: Any, **kwargs: Any) -> None:
+        # K/V arrive as two positional tensors (from `update`), state as keywords (transformers' convention).
+        if len(args) == 2 and not kwargs:
+            KVLayer.lazy_initialization(self, *args)
+        else:
+            StateLayer.lazy_initialization(self, *args, **kwargs)
+
+    def get_seq_length(self) -> int:
+        return KVLayer.get_seq_length(self)
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        return KVLayer.nbytes(self) + self.state_nbytes()
+
+    def checkpoint(self) -> LayerCheckpoint:
+        checkpoint = KVLayer.checkpoint(self)
+        checkpoint.extra = self.state_checkpoint()
+        return checkpoint
+
+    def rollback(self, state: LayerCheckpoint) -> None:
+        KVLayer.rollback(self, state)
+        self.state_rollback(state.extra)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        KVLayer.crop(self, tokens_to_remove)
+
+
 def layer_windows(config: Any) -> list[int | None]:
     """Per layer, the sliding window of that layer or None (full attention), from a model config."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -209,19 +251,62 @@ class KVCache(Cache):
 
     @classmethod
     def for_model(cls, model_or_config: Any) -> KVCache:
+        """The cache `model_or_config` needs: K/V layers, and recurrent state layers on state-space and
+        hybrid models (ModelError, one line, on a layer type kvlife does not support)."""
         config = getattr(model_or_config, "config", model_or_config)
-        return cls(layer_windows(config))
+        plan = layer_plan(config)
+        cache = cls([each.sliding_window for each in plan])
+        for index, each in enumerate(plan):
+            if each.kind == "state":
+                cache.layers[index] = StateLayer(each.number_of_states, each.sequential_extend)
+            elif each.kind == "hybrid":
+                cache.layers[index] = HybridLayer(each.sliding_window, each.number_of_states, each.sequential_extend)
+        return cache
 
     @property
     def next_position(self) -> int:
-        return self.layers[0].next_position
+        for layer in self.layers:
+            if isinstance(layer, KVLayer):
+                return layer.next_position
+        return self.layers[0].tokens_seen if self.layers else 0  # a pure state-space model
 
     def bytes(self) -> int:
-        """Bytes of K/V data held in all layers."""
+        """Bytes of K/V data held in all layers, and of recurrent state (state-space and hybrid models)."""
         return sum(layer.nbytes() for layer in self.layers)
 
+    def state_bytes(self) -> int:
+        """Bytes of recurrent (conv and SSM) state alone."""
+        return sum(layer.state_nbytes() for layer in self.layers if isinstance(layer, StateLayer))
+
+    @property
+    def has_state(self) -> bool:
+        return any(isinstance(layer, StateLayer) for layer in self.layers)
+
     def tokens_held(self) -> list[int]:
-        return [layer.get_seq_length() for layer in self.layers]
+        """Tokens held per layer with K/V (recurrent layers hold a fixed-size state, no tokens)."""
+        return [layer.get_seq_length() for layer in self.layers if isinstance(layer, KVLayer)]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # The attention call that follows reads which layer this was (Zamba2's shared attention block
+        # serves several cache layers, so its module's own layer_idx does not say).
+        self.updated_layer = layer_idx
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        layer = self.layers[layer_idx] if layer_idx is not None else None
+        if isinstance(layer, StateLayer):
+            return layer.states_to_keep()
+        return super().get_recurrent_states_to_keep(layer_idx)
+
+    def replace_layer(self, index: int, layer: KVLayer) -> None:
+        """Put `layer` (e.g. a quantized or head-wise copy of the K/V) at `index`; refused where the old
+        layer also holds recurrent state the new one would drop."""
+        old = self.layers[index]
+        if isinstance(old, StateLayer) and not isinstance(layer, StateLayer):
+            raise KvlifeError(f"layer {index} holds recurrent state beside its K/V (a hybrid layer); a method that "
+                              f"replaces the layer's cache ({type(layer).__name__}) would drop it: use an eviction "
+                              "method that keeps the layer")
+        self.layers[index] = layer
 
     def checkpoint(self) -> list[tuple[KVLayer, LayerCheckpoint]]:
         """A cheap snapshot; `rollback` returns the cache to it exactly (even if a method has
@@ -236,7 +321,11 @@ class KVCache(Cache):
     # ---- tensors in, tensors out -------------------------------------------------------------
 
     def to_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per layer (keys, values, positions), dequantized to the model dtype."""
+        """Per layer (keys, values, positions), dequantized to the model dtype. Refused for caches with
+        recurrent state: K/V alone would not restore them."""
+        if self.has_state:
+            raise KvlifeError("this cache holds recurrent (conv/SSM) state that per-layer K/V tensors cannot "
+                              "carry; it cannot be saved, encoded or stored as K/V")
         out = []
         for layer in self.layers:
             keys, values = layer.dense_kv()

@@ -24,6 +24,7 @@ from kvlife.cache import KVCache, cache_kwarg
 from kvlife.errors import KvlifeError
 from kvlife.methods.base import CacheStage
 from kvlife.recipe import Recipe, parse
+from kvlife.recurrent import check_recipe
 
 MODES = ("multi-turn", "multi-request")
 
@@ -94,6 +95,12 @@ class PromptFormat:
         bos = getattr(self.tokenizer, "bos_token_id", None)
         return ([bos] if bos is not None else []) + self.encode(context + "\n\n")
 
+    def segment_ids(self, segments: list[str]) -> tuple[list[list[int]], list[int]]:
+        """A context given as segments, each tokenized on its own: ([head + first segment, then one list per
+        later segment], the tail that closes the context)."""
+        pieces = [self.head_ids() + self.encode(segments[0])] + [self.encode(text) for text in segments[1:]]
+        return pieces, self.encode("\n\n")
+
     def head_ids(self) -> list[int]:
         """The tokens every context starts with (chat template and system prompt, or BOS)."""
         if self.style == "chat":
@@ -153,6 +160,7 @@ class Session:
         self.model = model
         self.tokenizer = tokenizer
         self.recipe = parse(recipe)
+        check_recipe(self.recipe, getattr(model, "config", None))  # refuses attention methods on a pure SSM
         self.mode = mode
         self.own_answers = own_answers
         self.recompress = recompress
@@ -166,6 +174,8 @@ class Session:
         self.turn = 0
         self.prefill_result: TurnResult | None = None
         self.loaded = False  # the context cache came from load(): turn 1 of multi-turn adds only the query
+        self.store_salt = store_salt
+        self.documents = None  # kvlife.store.documents.DocumentStore, made on the first assembly
         # store= (a KVStore or tier URLs, see kvlife.store): prefills reuse the longest stored prefix
         self.store = None
         if store is not None:
@@ -234,13 +244,25 @@ class Session:
 
     # ---- public API --------------------------------------------------------------------------
 
-    def prefill(self, context: str) -> TurnResult | None:
+    def prefill(self, context: str, segments: list[str] | None = None) -> TurnResult | None:
         """Start a new context. Multi-request prefills (and compresses) it now; multi-turn waits
-        for the first query, which is prefilled together with it."""
+        for the first query, which is prefilled together with it.
+
+        `segments`: the context cut at document boundaries (`"".join(segments) == context`; the first
+        is the instruction, the others documents, as the rag task gives them). Each is tokenized on its
+        own, so a document has the same tokens wherever it appears; a recipe with an assemble method
+        then builds the context's cache from per-document caches (in both modes, before any query)."""
         self.cache = self.new_cache()
         self.turn = 0
         self.pending_answer = None
-        self.raw_context_ids = self.format.context_ids(context)
+        pieces = tail = None
+        if segments is not None:
+            if "".join(segments) != context or not segments:
+                raise KvlifeError("segments must be a non-empty cut of the context (their concatenation)")
+            pieces, tail = self.format.segment_ids(segments)
+            self.raw_context_ids = [token for piece in pieces for token in piece] + tail
+        else:
+            self.raw_context_ids = self.format.context_ids(context)
         self.prefill_result = None
         self.loaded = False
         if self.mode == "multi-turn":
@@ -251,6 +273,8 @@ class Session:
         self._prefill(self.context_ids, compress=self.recipe.compress is not None)
         elapsed = time.perf_counter() - started
         self.context_checkpoint = self.cache.checkpoint()
+        if self.recipe.assemble is not None and pieces is not None:
+            return self._assemble(pieces, tail)
         self.prefill_result = TurnResult("", [], len(self.context_ids), elapsed, elapsed, None, 0,
                                          self.cache.bytes(), self._mean_held(), stats=dict(self.last_stats))
         return self.prefill_result
@@ -263,6 +287,33 @@ class Session:
             score_reference: bool = True) -> TurnResult:
         """Answer one query on the shared context; returns the prediction and its costs."""
         if self.cache is None:
+    def _assemble(self, pieces: list[list[int]], tail: list[int]) -> TurnResult:
+        """The context's cache from per-document caches (kvlife.store.documents: looked up, or computed and
+        stored), re-rotated to their places, blended by the recipe's assemble method; then the tail."""
+        from kvlife.store.documents import DocumentStore
+
+        if self.documents is None:  # the session's store (its tiers and tenant), else one in memory
+            self.documents = DocumentStore(self.store.store if self.store is not None else "memory", self.model,
+                                           self.tokenizer, salt=self.store_salt)
+        started = time.perf_counter()
+        layers, spans, figures = self.documents.assemble(pieces)
+        loaded = time.perf_counter()
+        ids = [token for piece in pieces for token in piece]
+        layers, blend_stats = self.recipe.assemble.blend(self.model, layers, ids, spans[1:])
+        blended = time.perf_counter()
+        self.attach(KVCache.from_tensors(layers, next_position=len(ids)), ids)
+        self.forward(tail, phase="extend")
+        elapsed = time.perf_counter() - started
+        self.context_ids = self.raw_context_ids = ids + tail
+        self.context_checkpoint = self.cache.checkpoint()
+        stats = {**figures.as_dict(), **blend_stats, "assembled_tokens": len(ids), "documents": len(pieces) - 1,
+                 "assemble_load_s": round(loaded - started, 5), "assemble_recompute_s": round(blended - loaded, 5),
+                 "assemble_tail_s": round(elapsed - (blended - started), 5)}
+        self.last_stats = stats
+        self.prefill_result = TurnResult("", [], len(self.context_ids), elapsed, elapsed, None, 0,
+                                         self.cache.bytes(), self._mean_held(), stats=dict(stats))
+        return self.prefill_result
+
             raise KvlifeError("call prefill(context) before ask(query)")
         query_ids = self.format.query_ids(query)
         if self.mode == "multi-request":

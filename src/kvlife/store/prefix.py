@@ -43,6 +43,9 @@ def reuse_blocker(recipe: Any, compress: bool, cache: Any) -> str | None:
         return f"load method {load.spec()} indexes the prefill as it runs"
     if any(getattr(layer, "sliding_window", None) for layer in cache.layers):
         return "the model has sliding-window layers"
+    if getattr(cache, "has_state", False):  # see docs/hybrid.md
+        return ("the model has recurrent (SSM/conv) layers: a prefix's K/V is of no use without the recurrent "
+                "state at the chunk boundary, which the store does not hold")
     return None
 
 

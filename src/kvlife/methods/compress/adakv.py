@@ -128,5 +128,5 @@ class AdaKV(CompressMethod):
         keep_mask[chosen] = True
         if not isinstance(layer, HeadwiseLayer):
             layer = HeadwiseLayer.from_layer(layer)
-            call.step.cache.layers[call.layer_idx] = layer
+            call.step.cache.replace_layer(call.layer_idx, layer)
         layer.keep_ragged(keep_mask.view_as(scores))

@@ -65,7 +65,7 @@ def apply_keep(cache: Any, index: int, mask: torch.Tensor) -> None:
     if isinstance(layer, HeadwiseLayer) or bool((counts != counts[0]).any()):
         if not isinstance(layer, HeadwiseLayer):
             layer = HeadwiseLayer.from_layer(layer)
-            cache.layers[index] = layer
+            cache.replace_layer(index, layer)
         layer.keep_ragged(mask)
         return
     # A stable sort on "not kept" lists each head's kept slots first, in their original order.

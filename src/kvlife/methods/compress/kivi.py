@@ -210,4 +210,4 @@ class Kivi(Method):
     def compress_layer(self, call: AttnCall, layer: KVLayer) -> None:
         if layer.is_sliding or isinstance(layer, KiviLayer) or call.step is None:
             return
-        call.step.cache.layers[call.layer_idx] = KiviLayer.from_layer(layer, self.bits, self.group_size, self.residual)
+        call.step.cache.replace_layer(call.layer_idx, KiviLayer.from_layer(layer, self.bits, self.group_size, self.residual))
