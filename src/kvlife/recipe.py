@@ -23,13 +23,14 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 @dataclass
 class Recipe:
     prompt: Method | None = None
+    assemble: Method | None = None  # builds the context's cache from per-document caches (methods/assemble/)
     prefill: Method | None = None
     compress: Method | None = None
     load: Method | None = None
 
     @property
     def methods(self) -> list[Method]:
-        return [m for m in (self.prompt, self.prefill, self.compress, self.load) if m is not None]
+        return [m for m in (self.prompt, self.assemble, self.prefill, self.compress, self.load) if m is not None]
 
     @property
     def spec(self) -> str:
@@ -136,4 +137,11 @@ def parse(spec: str | Recipe | None) -> Recipe:
         held[method.stage] = method.name
         if method.name != "dense":
             setattr(recipe, method.stage, method)
+    if recipe.assemble is not None:
+        others = [m.name for m in (recipe.prompt, recipe.prefill, recipe.compress) if m is not None]
+        if recipe.load is not None and hasattr(recipe.load, "observe"):
+            others.append(recipe.load.name)
+        if others:
+            raise SpecError(f"{recipe.assemble.name} builds the context's cache from stored documents; it combines "
+                            f"only with load methods that act at decode, not with {', '.join(others)}")
     return recipe

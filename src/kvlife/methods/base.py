@@ -1,6 +1,8 @@
 """The method interface: one small hook per stage, shared machinery once.
 
-Stages (SCBench's taxonomy): `prompt` (drop context tokens before prefill), `prefill` (attention
+Stages (SCBench's taxonomy, plus `assemble`): `prompt` (drop context tokens before prefill),
+`assemble` (build the context's cache from per-document caches instead of prefilling it: methods/
+assemble/), `prefill` (attention
 during the first prefill), `compress` (shrink each layer's cache after its attention in the first
 prefill, or, for methods that need the model itself, the whole cache once that prefill has ended:
 `CacheCompressMethod`), `load` (choose what each decode step attends to). A method is a dataclass
@@ -19,7 +21,7 @@ from kvlife.attention import AttnCall, StepContext, dense_attention
 from kvlife.cache import KVLayer, cache_kwarg
 from kvlife.errors import SpecError
 
-STAGES = ("prompt", "prefill", "compress", "load")
+STAGES = ("prompt", "assemble", "prefill", "compress", "load")
 
 
 @dataclasses.dataclass

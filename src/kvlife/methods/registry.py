@@ -5,6 +5,9 @@ The generic method tests (tests/test_methods.py) run over everything listed here
 
 from __future__ import annotations
 
+from kvlife.methods.assemble.cacheblend import CacheBlend
+from kvlife.methods.assemble.concat import Concat
+from kvlife.methods.assemble.epic import Epic
 from kvlife.methods.base import Dense, Method
 from kvlife.methods.compress.adakv import AdaKV
 from kvlife.methods.compress.chunkkv import ChunkKV
@@ -29,7 +32,8 @@ from kvlife.methods.prompt.lingua import Lingua
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in [Dense, StreamingLLM, SnapKV, PyramidKV, H2O, TOVA, AdaKV, Kivi, KVzip,
                              ExpectedAttention, KeyDiff, DuoAttention, ChunkKV,
-                             Quest, RetrievalAttention, Lingua, AShape, TriShape, MInference, FlexPrefill]
+                             Quest, RetrievalAttention, Lingua, AShape, TriShape, MInference, FlexPrefill,
+                             Concat, CacheBlend, Epic]
 }
 
 

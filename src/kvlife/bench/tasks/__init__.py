@@ -9,6 +9,7 @@ from kvlife.bench.tasks import (  # noqa: F401
     prefix_suffix,
     qa_chn,
     qa_eng,
+    rag,
     repoqa,
     repoqa_and_kv,
     summary,

@@ -1,0 +1,1 @@
+"""Context assembly from per-document caches (stage "assemble"): concat, cacheblend, epic."""

@@ -1,0 +1,136 @@
+"""Context assembly: a context's cache built from per-document caches, then partly recomputed.
+
+An `AssembleMethod` receives the assembled K/V of a context (kvlife.store.documents: each document's
+cache computed alone, its keys re-rotated to the document's place) and decides which tokens to
+recompute so that documents see the documents before them. The recompute itself is written once
+here (`selective_recompute`): the chosen tokens run through the model's own decoder layers at
+their true positions, attending to the whole assembled cache; at every layer their fresh K/V
+replace the stored ones, the other tokens' K/V stay as stored. A method names the tokens:
+
+- `rows(spans)`: the tokens recomputed from the first layer on (EPIC: the first k of each document;
+  CacheBlend: all document tokens, until its check layer);
+- `check_layer` and `choose(deviation, rows)`: at that layer, after the fresh K/V of `rows` are
+  computed, keep recomputing only the rows `choose` picks from their K deviation (CacheBlend).
+
+The first span (the prompt format's head and the instruction, at positions 0..p-1) is exact as
+stored and never recomputed. Models must be decoder stacks with `embed_tokens`, `layers` and
+`rotary_emb` (Llama, Qwen2, Mistral and their kin) and plain RoPE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Any, ClassVar
+
+import torch
+
+from kvlife.attention import StepContext
+from kvlife.cache import KVCache, KVLayer
+from kvlife.errors import KvlifeError
+from kvlife.methods.base import Method
+
+Layers = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+Span = tuple[int, int]
+
+
+@dataclasses.dataclass
+class AssembleMethod(Method):
+    """Base of the context-assembly methods (stage "assemble"): which assembled tokens to recompute."""
+
+    stage: ClassVar[str] = "assemble"
+    check_layer: ClassVar[int | None] = None  # the layer where `choose` narrows the recomputed rows
+
+    def rows(self, spans: list[Span]) -> torch.Tensor:
+        """Token indices recomputed from the first layer on (sorted); `spans` are the documents' (start, stop)."""
+        raise NotImplementedError
+
+    def choose(self, deviation: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """At `check_layer`: indices into `rows` (sorted) to keep recomputing, given each row's K deviation."""
+        return torch.arange(rows.numel())
+
+    def blend(self, model: Any, layers: Layers, ids: list[int], spans: list[Span]) -> tuple[Layers, dict[str, Any]]:
+        """The assembled `layers` (positions 0..len(ids)-1) with this method's tokens recomputed in place."""
+        rows = self.rows(spans)
+        recomputed = selective_recompute(model, layers, ids, rows, self.check_layer, self.choose)
+        return layers, {"recomputed_rows_first_layer": int(rows.numel()), "recomputed_rows_last_layer": recomputed}
+
+
+class SpliceLayer(KVLayer):
+    """A layer holding a whole assembled cache into which `update` writes the fresh K/V of `rows`."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values, self.positions = keys, values, positions
+        self.attn_positions = positions
+        self.next_position = int(positions.shape[-1])
+        self.rows: torch.Tensor | None = None
+        self.chooser = None  # set on the check layer: (deviation, rows) -> kept indices into rows
+        self.kept: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        rows = self.rows
+        if self.chooser is not None:
+            stored = self.keys[:, :, rows].to(torch.float32)
+            deviation = (key_states.to(torch.float32) - stored).pow(2).sum(dim=(0, 1, 3))
+            self.kept = self.chooser(deviation, rows).to(rows.device)
+            rows, key_states, value_states = rows[self.kept], key_states[:, :, self.kept], value_states[:, :, self.kept]
+        self.keys[:, :, rows] = key_states.to(self.keys.dtype)
+        self.values[:, :, rows] = value_states.to(self.values.dtype)
+        return self.keys, self.values
+
+
+def decoder(model: Any) -> Any:
+    inner = getattr(model, "model", None)
+    if inner is None or not all(hasattr(inner, name) for name in ("embed_tokens", "layers", "rotary_emb")):
+        raise KvlifeError(f"context assembly needs a decoder stack with embed_tokens, layers and rotary_emb; "
+                          f"{type(model).__name__} has another layout")
+    return inner
+
+
+@functools.cache
+def _cache_keyword(layer_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(layer_class.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def selective_recompute(model: Any, layers: Layers, ids: list[int], rows: torch.Tensor,
+                        check_layer: int | None = None, chooser=None) -> int:
+    """Run the tokens `rows` of `ids` through every decoder layer over the assembled cache `layers` (changed in
+    place: the fresh K/V of the rows replace the stored ones); at `check_layer`, `chooser` narrows the rows.
+    Returns how many rows the last layer recomputed."""
+    if rows.numel() == 0:
+        return 0
+    inner = decoder(model)
+    device = next(model.parameters()).device
+    splices = [SpliceLayer(keys, values, positions) for keys, values, positions in layers]
+    cache = KVCache([None] * len(splices))
+    cache.layers = splices
+    rows = rows.to(device)
+    ids_tensor = torch.tensor(ids, device=device)
+    hidden = inner.embed_tokens(ids_tensor[rows][None])
+    keyword = _cache_keyword(type(inner.layers[0]))
+    for index, layer in enumerate(inner.layers):
+        splice = splices[index]
+        splice.rows = rows
+        splice.chooser = chooser if index == check_layer else None
+        position_ids = rows[None]
+        step = StepContext(cache, rows, phase="extend")
+        hidden = layer(hidden, attention_mask=None, position_ids=position_ids,
+                       position_embeddings=inner.rotary_emb(hidden, position_ids), use_cache=True, kvlife=step,
+                       **{keyword: cache})
+        if isinstance(hidden, tuple):  # older transformers return (hidden, ...) from a decoder layer
+            hidden = hidden[0]
+        if splice.kept is not None:
+            hidden, rows = hidden[:, splice.kept], rows[splice.kept]
+            if rows.numel() == 0:
+                break
+    return int(rows.numel())
+
+
+def document_rows(spans: list[Span], first: int | None = None) -> torch.Tensor:
+    """Every token of the documents, or the first `first` tokens of each."""
+    parts = [torch.arange(start, stop if first is None else min(stop, start + first)) for start, stop in spans]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)

@@ -1,0 +1,208 @@
+"""Per-document caches: a document's K/V computed alone at positions 0..n-1, keyed by its own tokens.
+
+Non-prefix reuse (CacheBlend, EPIC): the same document comes back after other documents and other
+system prompts, so its prefix chunks never hit; its cache computed alone does, wherever it lands.
+
+    namespace = Namespace(model fingerprint, dtype, "document-kv;tokenizer=<hash>", encoding, chunk size, tenant)
+    keys      = chunk_keys(document tokens, namespace, tail=True)     one per chunk, the last may be partial
+
+so equal keys mean the same model, dtype, tokenizer, encoding, tenant and the same document tokens
+from the document's first token: a cache from another model, dtype, tokenizer or tenant is never
+found, let alone assembled. A document is stored as chunks (the tiers and the server take chunks of
+bounded size); a lookup that finds only the first chunks of a document loads them and computes the
+rest on top (a document's first chunks are the cache of its prefix). A missing document is computed
+(a forward pass of the model over the document alone) and stored, never faked; a stored entry that
+does not fit the model (layers, heads, head size, token count) is recomputed and stored again.
+
+`place(layers, start, rope)` moves a document's keys from positions 0..n-1 to start..start+n-1 with
+the codec's RoPE code (a rotation by `start`: RoPE rotations compose). Works with every tier
+(memory, disk, Redis, a remote `kvlife serve`), since entries are ordinary store chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvlife.codec import rope_from_config
+from kvlife.codec.rope import RopeSpec, cos_sin, rotate
+from kvlife.models import model_fingerprint
+from kvlife.store.base import StoreError
+from kvlife.store.chunks import Layers, concat_layers, decode_chunk, encode_chunk, slice_layers
+from kvlife.store.keys import Namespace, chunk_keys
+from kvlife.store.tiers import KVStore, open_store
+
+DOCUMENT_KV = "document-kv"  # the recipe part of a document entry's namespace: a dense prefill of the document alone
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of a tokenizer's vocabulary (cached on the tokenizer): the same ids from another
+    tokenizer are another text, so document keys name the tokenizer."""
+    cached = getattr(tokenizer, "_kvlife_fingerprint", None)
+    if cached:
+        return cached
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else None
+    if vocab:
+        body = json.dumps(sorted(vocab.items(), key=lambda item: item[1]), ensure_ascii=False)
+    else:  # a tokenizer without a vocabulary listing (tests' byte tokenizer): its class names it
+        body = f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}"
+    fingerprint = hashlib.sha256(body.encode()).hexdigest()[:16]
+    try:
+        tokenizer._kvlife_fingerprint = fingerprint
+    except AttributeError:
+        pass
+    return fingerprint
+
+
+def model_rope(model: Any) -> RopeSpec:
+    """The model's plain RoPE, which re-rotation needs; a StoreError for any other position encoding."""
+    rope = rope_from_config(model.config)
+    if rope is None:
+        raise StoreError("per-document caches need a model with plain RoPE (Llama, Qwen2, Mistral); this model "
+                         "uses another position encoding, so its document caches cannot be moved")
+    return rope
+
+
+def place(layers: Layers, start: int, rope: RopeSpec) -> Layers:
+    """A document's per-layer (keys, values, positions), computed at positions 0..n-1, moved to start..start+n-1."""
+    if start == 0:
+        return layers
+    n = layers[0][0].shape[-2]
+    angles = cos_sin(np.full((1, n), start, dtype=np.int64), rope)  # one rotation by `start` for every token
+    out = []
+    for keys, values, positions in layers:
+        moved = keys[0].to(torch.float32).numpy().copy()  # [heads, n, dim]
+        rotate(moved, None, rope, inverse=False, angles=angles)
+        out.append((torch.from_numpy(moved)[None].to(keys.dtype), values, positions + start))
+    return out
+
+
+@dataclass
+class DocumentFigures:
+    """What one `get_or_compute` call did (summed over the documents of an assembly by the caller)."""
+
+    hits: int = 0
+    misses: int = 0
+    partial_hits: int = 0
+    hit_tokens: int = 0
+    computed_tokens: int = 0
+    fetch_s: float = 0.0
+    compute_s: float = 0.0
+    put_bytes: int = 0
+    refused: list[str] = field(default_factory=list)  # why a stored entry was recomputed
+
+    def add(self, other: DocumentFigures) -> None:
+        for name in ("hits", "misses", "partial_hits", "hit_tokens", "computed_tokens", "put_bytes"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.fetch_s += other.fetch_s
+        self.compute_s += other.compute_s
+        self.refused += other.refused
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"doc_hits": self.hits, "doc_misses": self.misses, "doc_partial_hits": self.partial_hits,
+                "doc_hit_tokens": self.hit_tokens, "doc_computed_tokens": self.computed_tokens,
+                "doc_fetch_s": round(self.fetch_s, 5), "doc_compute_s": round(self.compute_s, 5),
+                "doc_put_bytes": self.put_bytes, **({"doc_refused": self.refused} if self.refused else {})}
+
+
+class DocumentStore:
+    """Document caches in a KVStore, for one model, dtype, tokenizer and tenant (`salt`)."""
+
+    def __init__(self, store: KVStore | str, model: Any, tokenizer: Any, salt: str = "") -> None:
+        self.store = open_store(store) if isinstance(store, str) else store
+        self.model = model
+        self.device = next(model.parameters()).device
+        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        self.namespace = Namespace(model_fingerprint(model), dtype,
+                                   f"{DOCUMENT_KV};tokenizer={tokenizer_fingerprint(tokenizer)}",
+                                   self.store.encoding, self.store.chunk_size, salt)
+        self.codec_rope = rope_from_config(model.config) if self.store.encoding.startswith("kvlife:") else None
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        if any(kind == "sliding_attention" for kind in (getattr(config, "layer_types", None) or [])):
+            raise StoreError("per-document caches need full-attention layers; this model has sliding-window layers "
+                             "(they keep only the last window, so a document's cache is not its whole K/V)")
+        self.shape = (config.num_hidden_layers, config.num_key_value_heads,
+                      getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+    def assemble(self, pieces: list[list[int]]) -> tuple[Layers, list[tuple[int, int]], DocumentFigures]:
+        """The cache of the pieces placed one after another (each looked up, or computed and stored, then moved
+        to its place): per-layer (keys, values, positions 0..n-1), each piece's (start, stop), the figures."""
+        rope = model_rope(self.model)
+        figures, placed, spans, start = DocumentFigures(), [], [], 0
+        for ids in pieces:
+            layers, done = self.get_or_compute(ids)
+            figures.add(done)
+            placed.append(place(layers, start, rope))
+            spans.append((start, start + len(ids)))
+            start += len(ids)
+        return concat_layers(placed), spans, figures
+
+    def keys(self, ids: list[int]) -> list[str]:
+        return chunk_keys(ids, self.namespace, tail=True)
+
+    def get_or_compute(self, ids: list[int]) -> tuple[Layers, DocumentFigures]:
+        """The document's per-layer (keys [1, H, n, D], values, positions [H, n]) at positions 0..n-1: from the
+        store when it holds them, else computed (the missing part only) and stored."""
+        figures = DocumentFigures()
+        if not ids:
+            raise StoreError("a document needs at least one token")
+        keys = self.keys(ids)
+        started = time.perf_counter()
+        payloads = self.store.fetch_prefix(keys)
+        loaded: Layers | None = None
+        if payloads:
+            try:
+                loaded = self._check(concat_layers([decode_chunk(p) for p in payloads]),
+                                     min(len(ids), len(payloads) * self.store.chunk_size))
+            except Exception as exc:  # a stored entry that does not fit: recompute, never assemble it
+                figures.refused.append(str(exc))
+                loaded = None
+        figures.fetch_s = time.perf_counter() - started
+        have = loaded[0][0].shape[-2] if loaded is not None else 0
+        if have == len(ids):
+            figures.hits, figures.hit_tokens = 1, have
+            return [(k.to(self.device), v.to(self.device), p.to(self.device)) for k, v, p in loaded], figures
+        started = time.perf_counter()
+        layers = self._compute(ids, loaded)
+        figures.compute_s = time.perf_counter() - started
+        figures.misses, figures.partial_hits = 1, int(have > 0)
+        figures.hit_tokens, figures.computed_tokens = have, len(ids) - have
+        size = self.store.chunk_size
+        for index in range(have // size, len(keys)):
+            part = slice_layers(layers, index * size, min(len(ids), (index + 1) * size))
+            figures.put_bytes += self.store.put(keys[index], encode_chunk(part, self.store.encoding, self.codec_rope))
+        return layers, figures
+
+    def _check(self, layers: Layers, tokens: int) -> Layers:
+        n_layers, heads, dim = self.shape
+        if len(layers) != n_layers:
+            raise StoreError(f"stored document has {len(layers)} layers, the model {n_layers}")
+        expected = torch.arange(tokens)
+        for keys, values, positions in layers:
+            if tuple(keys.shape) != (1, heads, tokens, dim) or keys.shape != values.shape:
+                raise StoreError(f"stored document K/V of shape {tuple(keys.shape)}, expected {(1, heads, tokens, dim)}")
+            if positions.shape != (heads, tokens) or not bool((positions == expected).all()):
+                raise StoreError("stored document is not at positions 0..n-1")
+        return layers
+
+    @torch.no_grad()
+    def _compute(self, ids: list[int], loaded: Layers | None) -> Layers:
+        """A dense prefill of the document alone (on top of its loaded first chunks, if any)."""
+        from kvlife.cache import KVCache, cache_kwarg
+
+        if loaded is not None:
+            cache = KVCache.from_tensors([(k.to(self.device), v.to(self.device), p.to(self.device))
+                                          for k, v, p in loaded])
+        else:
+            cache = KVCache.for_model(self.model)
+        start = cache.next_position
+        positions = torch.arange(start, len(ids), device=self.device)
+        self.model(input_ids=torch.tensor([ids[start:]], device=self.device), position_ids=positions[None],
+                   **cache_kwarg(self.model, cache), use_cache=True, logits_to_keep=1)
+        return [(k, v, p) for k, v, p in cache.to_tensors()]
