@@ -228,6 +228,14 @@ class Session:
         """The first prefill of a context: through the store when one is given."""
         if self.store is None:
             return self.forward(ids, phase="prefill", compress=compress)
+        if compress and self.mode == "multi-request":  # compressed before any query: stored whole
+            from kvlife.methods.compress import stored
+
+            identity = stored.recipe_identity(self.recipe, self.model, self.format.query_ids(""))
+            self.last_stats = {}  # a hit runs no forward; a miss's forward sets the compression figures
+            stats = self.store.prefill_compressed(self, ids, identity, stored.stored_layers, stored.restore_layers)
+            self.last_stats = {**self.last_stats, **stats}
+            return None
         logits, stats = self.store.prefill(self, ids, compress)
         self.last_stats = {**self.last_stats, **stats}
         return logits

@@ -1,7 +1,11 @@
 """Prefix reuse for a Session: look up the longest stored prefix, prefill only the rest, store new chunks.
 
-Semantics (what is reusable): only caches made by a dense prefill without compression are stored
-and reused. A sparse prefill method (its keys depend on what the prefill attended to), a compress
+Semantics (what is reusable): prefix chunks hold only caches made by a dense prefill without
+compression. A compressed context in multi-request mode (compressed before any query) is stored whole
+instead (`prefill_compressed`, `kvlife.store.entries`): one entry under a namespace that holds the
+recipe, found only by the same recipe, model, dtype, encoding, tenant salt and every context token.
+In multi-turn mode a compress method sees the first query with the context, so that cache serves one
+conversation only and is not stored (the log says so). A sparse prefill method (its keys depend on what the prefill attended to), a compress
 method (the prefix cache depends on the whole prefill and, in multi-turn, on the query), a load
 method that indexes the prefill (`observe`, e.g. retrieval_attention) and sliding-window layers
 (they keep only the last window, so a prefix is not a slice of the cache) all prefill as usual;
@@ -24,7 +28,9 @@ import torch
 
 from kvlife.codec import rope_from_config
 from kvlife.models import model_fingerprint
+from kvlife.store.base import ChunkCorrupt
 from kvlife.store.chunks import concat_layers, decode_chunk, encode_chunk, slice_layers
+from kvlife.store.entries import compressed_namespace, decode_entry, encode_entry, entry_key
 from kvlife.store.keys import DENSE_PREFILL, Namespace, chunk_keys
 from kvlife.store.tiers import KVStore, open_store
 
@@ -37,7 +43,9 @@ def reuse_blocker(recipe: Any, compress: bool, cache: Any) -> str | None:
     if prefill is not None and prefill.name != "dense":
         return f"prefill method {prefill.spec()} shapes the prefix cache"
     if compress:
-        return f"compress method {recipe.compress.spec()} changes the prefix cache"
+        return (f"compress method {recipe.compress.spec()} changes the prefix cache (multi-turn: it compresses "
+                "the context together with the first query, so the cache serves that conversation only; "
+                "multi-request mode stores compressed contexts)")
     load = getattr(recipe, "load", None)
     if load is not None and hasattr(load, "observe"):
         return f"load method {load.spec()} indexes the prefill as it runs"
@@ -138,3 +146,61 @@ class PrefixStore:
             part = slice_layers(layers, index * size, (index + 1) * size)
             stored += self.store.put(keys[index], encode_chunk(part, self.store.encoding, self.rope))
         return stored
+
+    # ---- whole-context entries: compressed caches in multi-request mode --------------------------
+
+    @torch.no_grad()
+    def prefill_compressed(self, session: Any, ids: list[int], identity: str, to_stored: Any,
+                           restore: Any) -> dict[str, Any]:
+        """Fill `session.cache` (empty) with the compressed cache of `ids`: the stored entry when there is one,
+        else a prefill that compresses (then stored). `identity`: the recipe's (`recipe_identity`);
+        `to_stored(cache)` / `restore(cache, layers, device)` convert layers (kvlife.methods.compress.stored).
+        A lossy encoding hands the session the decoded entry on a miss too, so that every run answers on
+        what the store holds. Returns the figures for the prefill's stats."""
+        load = getattr(session.recipe, "load", None)
+        if load is not None and hasattr(load, "observe"):
+            blocker = f"load method {load.spec()} indexes the prefill as it runs"
+            if blocker not in self.noted:
+                self.noted.add(blocker)
+                log.info("kvlife store: not used for recipe %s: %s", session.recipe.spec, blocker)
+            session.forward(ids, phase="prefill", compress=True)
+            self.last = {"store_hit_tokens": 0, "store_skipped": blocker}
+            return self.last
+        model = session.model
+        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        namespace = compressed_namespace(model_fingerprint(model), dtype, identity, self.store.encoding,
+                                         self.store.chunk_size, self.salt)
+        if self.rope is None and self.store.encoding.startswith("kvlife:"):
+            self.rope = rope_from_config(model.config)
+        key = entry_key(namespace, ids)
+        started = time.perf_counter()
+        payloads = self.store.fetch_prefix([key])
+        fetched = time.perf_counter()
+        if payloads:
+            empty = session.cache.checkpoint()
+            try:
+                restore(session.cache, decode_entry(payloads[0]), session.device)
+            except (ChunkCorrupt, ValueError, KeyError) as exc:  # never served: recomputed and stored again
+                session.cache.rollback(empty)
+                log.warning("kvlife store: stored compressed context %s does not load (%s); recomputing", key[:12], exc)
+            else:
+                self.last = {"store_hit_tokens": len(ids), "store_entry": key, "store_fetch_s": round(fetched - started, 5),
+                             "store_load_s": round(time.perf_counter() - fetched, 5), "store_entry_bytes": len(payloads[0])}
+                return self.last
+        session.forward(ids, phase="prefill", compress=True)
+        computed = time.perf_counter()
+        put_bytes, payload = 0, b""
+        try:
+            payload = encode_entry(to_stored(session.cache), self.store.encoding, self.rope, self.store.chunk_size)
+            put_bytes = self.store.put(key, payload)
+        except Exception as exc:  # a cache the codec refuses (e.g. a limit): the answer goes on, unstored
+            if "put" not in self.noted:
+                self.noted.add("put")
+                log.warning("kvlife store: could not encode the compressed context for storing (%s); continuing "
+                            "without", exc)
+        if payload and self.store.encoding != "raw":
+            restore(session.cache, decode_entry(payload), session.device)
+        self.last = {"store_hit_tokens": 0, "store_entry": key, "store_prefill_s": round(computed - fetched, 5),
+                     "store_put_s": round(time.perf_counter() - computed, 5), "store_put_bytes": put_bytes,
+                     "store_entry_bytes": len(payload)}
+        return self.last

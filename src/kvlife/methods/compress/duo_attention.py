@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+import hashlib
+import json
+from typing import Any, ClassVar
 
 import torch
 
@@ -107,8 +109,17 @@ class DuoAttention(CacheCompressMethod):
         if self.config is not None:
             head_split.load(str(self.config))  # an unknown or broken split fails at parse time
 
+    def split(self, model: Any) -> head_split.HeadSplit:
+        return head_split.load(str(self.config)) if self.config is not None else head_split.for_model(model)
+
+    def store_identity(self, model: Any) -> str:
+        """What the stored cache depends on beyond the spec: the head split's content (a file may change)."""
+        split = self.split(model)
+        body = json.dumps([split.signature, split.n_sink, split.n_local, split.scores])
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
+
     def compress_cache(self, stage: CacheStage) -> None:
-        split = head_split.load(str(self.config)) if self.config is not None else head_split.for_model(stage.model)
+        split = self.split(stage.model)
         cache = stage.cache
         kv_heads = cache.layers[0].positions.shape[0]
         split.check(len(cache.layers), kv_heads)
