@@ -142,6 +142,8 @@ def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
 class Session:
     """One shared context and its cache, answering queries in multi-turn or multi-request mode."""
 
+    takes_segments = True  # prefill(context, segments=...): the runner passes a sample's document segments
+
     def __init__(
         self,
         model: Any,

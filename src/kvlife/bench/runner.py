@@ -138,7 +138,13 @@ def sample_done(rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
 
 def run_sample(session, task, sample: Sample, max_turns: int | None) -> list[dict[str, Any]]:
     turns = sample.turns[:max_turns] if max_turns else sample.turns
-    prefilled = session.prefill(sample.context)
+        if index == 0 and prefilled is not None and "assembled_tokens" in prefilled.stats:
+            rows[-1]["assembly"] = dict(prefilled.stats)  # an assemble method: documents hit, tokens recomputed, times
+    segments = sample.meta.get("segments")  # documents to assemble from (the rag task), for sessions that can
+    if segments and getattr(session, "takes_segments", False):
+        prefilled = session.prefill(sample.context, segments=segments)
+    else:
+        prefilled = session.prefill(sample.context)
     rows = []
     for index, turn in enumerate(turns):
         result = session.ask(turn.query, max_new_tokens=sample.max_new_tokens, reference=turn.answer)
