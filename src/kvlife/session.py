@@ -275,6 +275,8 @@ class Session:
             self.raw_context_ids = self.format.context_ids(context)
         self.prefill_result = None
         self.loaded = False
+        if self.recipe.assemble is not None and pieces is not None:
+            return self._assemble(pieces, tail)
         if self.mode == "multi-turn":
             self.context_ids = self.raw_context_ids
             return None
@@ -283,20 +285,10 @@ class Session:
         self._prefill(self.context_ids, compress=self.recipe.compress is not None)
         elapsed = time.perf_counter() - started
         self.context_checkpoint = self.cache.checkpoint()
-        if self.recipe.assemble is not None and pieces is not None:
-            return self._assemble(pieces, tail)
         self.prefill_result = TurnResult("", [], len(self.context_ids), elapsed, elapsed, None, 0,
                                          self.cache.bytes(), self._mean_held(), stats=dict(self.last_stats))
         return self.prefill_result
 
-    def _mean_held(self) -> float:
-        held = self.cache.tokens_held()
-        return sum(held) / max(1, len(held))
-
-    def ask(self, query: str, max_new_tokens: int = 64, reference: str | None = None,
-            score_reference: bool = True) -> TurnResult:
-        """Answer one query on the shared context; returns the prediction and its costs."""
-        if self.cache is None:
     def _assemble(self, pieces: list[list[int]], tail: list[int]) -> TurnResult:
         """The context's cache from per-document caches (kvlife.store.documents: looked up, or computed and
         stored), re-rotated to their places, blended by the recipe's assemble method; then the tail."""
@@ -324,6 +316,14 @@ class Session:
                                          self.cache.bytes(), self._mean_held(), stats=dict(stats))
         return self.prefill_result
 
+    def _mean_held(self) -> float:
+        held = self.cache.tokens_held()
+        return sum(held) / max(1, len(held))
+
+    def ask(self, query: str, max_new_tokens: int = 64, reference: str | None = None,
+            score_reference: bool = True) -> TurnResult:
+        """Answer one query on the shared context; returns the prediction and its costs."""
+        if self.cache is None:
             raise KvlifeError("call prefill(context) before ask(query)")
         query_ids = self.format.query_ids(query)
         if self.mode == "multi-request":
