@@ -8,7 +8,7 @@ import pytest
 
 from kvlife.bench import data, runner
 from kvlife.bench.runner import BenchConfig
-from kvlife.bench.tasks import get_task
+from kvlife.bench.tasks import TASKS, get_task
 from kvlife.errors import TaskError
 from tiny import ByteTokenizer, tiny_model
 
@@ -30,6 +30,20 @@ def test_kv_rows_become_samples():
     assert sample.turns[0].answer == "24834d13-ce78-47a9-9341-3410f4d4a6d8"
     assert sample.turns[0].query.startswith('Key: "5745b97b') and "value only" in sample.turns[0].query
     assert get_task("kv").score(f"It is {sample.turns[1].answer}", sample.turns[1].answer) == 1.0
+
+
+def test_rows_without_or_sharing_an_id_get_their_own_sample_ids(tmp_path):
+    row = json.loads((FIXTURES / "scbench_kv.jsonl").read_text().splitlines()[0])
+    rows = [{**row, "id": None}, {**row, "id": None}, {**row, "id": 7}, {**row, "id": 7}, {**row, "id": 9}]
+    (tmp_path / "scbench_kv.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ids = [sample.id for sample in data.load_samples(get_task("kv"), str(tmp_path))]
+    assert ids == ["kv-0", "kv-1", "kv-2", "kv-3", "kv-9"]
+
+
+def test_every_task_with_released_rows_names_them_in_its_own_file():
+    configs = {name: cls.scbench_config for name, cls in TASKS.items() if cls.scbench_config}
+    assert data.TASK_FILES == configs
+    assert TASKS["multihop"].scbench_joins_answers and not TASKS["kv"].scbench_joins_answers
 
 
 def test_answers_lists_options_and_per_turn_kinds():
@@ -74,7 +88,7 @@ def test_truncate_middle_keeps_both_ends():
 
 
 def test_bench_runs_on_official_rows_with_max_length(tmp_path, monkeypatch):
-    monkeypatch.setitem(data.MAX_NEW_TOKENS, "kv", 4)  # a random tiny model: keep decoding short
+    monkeypatch.setattr(TASKS["kv"], "scbench_max_new_tokens", 4)  # a random tiny model: keep decoding short
     config = BenchConfig(model="tiny", tasks=["kv"], mode="multi-request", prompt_format="plain",
                          data=str(FIXTURES), max_length=64)
     assert config.identity()["data"] == str(FIXTURES) and config.identity()["max_length"] == 64
@@ -82,6 +96,7 @@ def test_bench_runs_on_official_rows_with_max_length(tmp_path, monkeypatch):
     out = runner.run(config, out=tmp_path / "run", model=tiny_model(), tokenizer=ByteTokenizer(), progress=False)
     rows = runner.read_rows(out / "predictions.jsonl")
     assert [(r["sample_id"], r["turn"]) for r in rows] == [("kv-0", 1), ("kv-0", 2)]
+    assert all(r["task"] == "kv" and r["sample_id"] for r in rows)
     assert all(r["context_tokens"] <= 64 + 2 for r in rows)
 
 

@@ -3,9 +3,12 @@
 A row is `{"id", "context", "multi_turns": [{"input", "answer", "options"?, "name"?, "task"?}],
 ...}` with per-task fields (`lang`, `repo` for repoqa). Files are named after SCBench's configs
 (`scbench_kv.jsonl`, `scbench_vt.parquet`, or a directory `scbench_kv/` of such files, as the hub
-lays them out), and map to kvlife tasks by `FILE_TASKS`. Each turn's query is the row's `input`
-with an instruction in the task's own style (choice_eng lists the options); list answers keep
-their first element as the reference (the others go to `meta`). Scoring is the task's own.
+lays them out), and map to the kvlife task whose `scbench_config` names them (`FILE_TASKS`). Each
+turn is asked as its task asks released rows (`Task.released_turn`: the task's instruction after
+the row's `input`; choice_eng lists the options) with the task's `scbench_max_new_tokens`; list
+answers keep their first element as the reference (the others go to `meta`), or all of them where
+the task says so. Scoring is the task's own. A sample's id is the task and the row's `id` (its
+index in the file where the row has none, or shares another row's).
 
 `--data hub` (or `hf:`) loads `microsoft/SCBench` with `datasets` when it is installed and the
 hub is reachable; otherwise a one-line error says so.
@@ -17,37 +20,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kvlife.bench.tasks import Sample, Task, Turn
+from kvlife.bench.tasks import TASKS, Sample, Task, Turn, get_task
+from kvlife.bench.tasks.code import split_functions
 from kvlife.errors import TaskError
 
 HUB_DATASET = "microsoft/SCBench"
 
-# SCBench config name -> kvlife task
-FILE_TASKS = {
-    "scbench_kv": "kv", "scbench_prefix_suffix": "prefix_suffix", "scbench_vt": "multihop",
-    "scbench_repoqa": "repoqa", "scbench_qa_eng": "qa_eng", "scbench_qa_chn": "qa_chn",
-    "scbench_choice_eng": "choice_eng", "scbench_many_shot": "many_shot", "scbench_mf": "math_find",
-    "scbench_summary": "summary", "scbench_summary_with_needles": "summary_with_needles",
-    "scbench_repoqa_and_kv": "repoqa_and_kv",
-}
+# SCBench config name -> kvlife task; each task file names its own config (Task.scbench_config)
+FILE_TASKS = {cls.scbench_config: name for name, cls in TASKS.items() if cls.scbench_config}
 TASK_FILES = {task: name for name, task in FILE_TASKS.items()}
-
-# Per-task instruction appended to the row's `input` (SCBench's templates carry the same intent).
-_INSTRUCTIONS = {
-    "kv": " Answer with the value only.",
-    "prefix_suffix": " Answer with the full string only.",
-    "multihop": " Answer with the variable names only, separated by commas.",
-    "math_find": " Answer with the number only.",
-    "qa_eng": " Answer with a few words only.",
-    "qa_chn": "请只回答答案。",
-    "many_shot": " Answer with the label only.",
-    "summary": "",
-    "repoqa": "",
-}
-# Generous new-token budgets, after SCBench's own per task.
-MAX_NEW_TOKENS = {"kv": 64, "prefix_suffix": 64, "multihop": 48, "math_find": 16, "qa_eng": 40, "qa_chn": 40,
-                  "choice_eng": 16, "many_shot": 16, "summary": 200, "summary_with_needles": 200,
-                  "repoqa": 512, "repoqa_and_kv": 512}
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -147,27 +128,10 @@ def _answer(value: Any, join: bool = False) -> tuple[str, list[str]]:
 
 
 def _turn(task_name: str, turn: dict[str, Any]) -> Turn:
-    kind = FILE_TASKS.get(str(turn.get("task")), task_name)  # mixed tasks name each turn's own kind
-    query = str(turn.get("input", ""))
-    answer, _ = _answer(turn.get("answer", ""), join=kind == "multihop")
-    options = turn.get("options")
-    if options:
-        from kvlife.bench.tasks.choice_eng import LETTERS, choice_query
-
-        options = [str(o) for o in options][:4]
-        query = choice_query(query, options)
-        if answer in options:
-            answer = f"{LETTERS[options.index(answer)]}) {answer}"
-        elif answer.strip()[:1] in LETTERS:
-            letter = answer.strip()[0]
-            answer = f"{letter}) {options[LETTERS.index(letter)]}"
-    elif kind == "repoqa":
-        from kvlife.bench.tasks.repoqa import QUERY
-
-        query = QUERY.format(description=query)
-    else:
-        query += _INSTRUCTIONS.get(kind, "")
-    return Turn(query, answer)
+    kind = get_task(FILE_TASKS.get(str(turn.get("task")), task_name))  # mixed tasks name each turn's own kind
+    answer, _ = _answer(turn.get("answer", ""), join=kind.scbench_joins_answers)
+    options = [str(option) for option in turn.get("options") or []]
+    return kind.released_turn(str(turn.get("input", "")), answer, options)
 
 
 def to_sample(task: Task, row: dict[str, Any], index: int) -> Sample:
@@ -175,18 +139,22 @@ def to_sample(task: Task, row: dict[str, Any], index: int) -> Sample:
     meta = {key: value for key, value in row.items() if key not in ("context", "multi_turns")}
     meta["answers"] = [_answer(turn.get("answer", ""))[1] for turn in row["multi_turns"]]
     if hasattr(task, "remember_repository"):  # repoqa: score against every function of the repo
-        from kvlife.bench.tasks.code import split_functions
-
         task.remember_repository([t.answer for t in turns], split_functions(str(row["context"])))
-    sample_id = f"{task.name}-{row.get('id', index)}"
-    return Sample(sample_id, task.name, str(row["context"]), turns, MAX_NEW_TOKENS.get(task.name, 64), meta)
+    row_id = row.get("id")
+    sample_id = f"{task.name}-{index if row_id is None else row_id}"
+    return Sample(sample_id, task.name, str(row["context"]), turns, task.scbench_max_new_tokens, meta)
 
 
 def load_samples(task: Task, data: str, n: int | None = None) -> list[Sample]:
     """The first `n` (all if None) SCBench rows of `task` as Samples."""
     rows = read_rows(data, task.name)
     rows = rows if n is None else rows[:n]
-    return [to_sample(task, row, index) for index, row in enumerate(rows)]
+    samples = [to_sample(task, row, index) for index, row in enumerate(rows)]
+    ids = [sample.id for sample in samples]
+    for index, sample in enumerate(samples):
+        if ids.count(sample.id) > 1:  # rows that share an id must not share their results rows
+            sample.id = f"{task.name}-{index}"
+    return samples
 
 
 def truncate_middle(sample: Sample, tokenizer: Any, max_length: int) -> Sample:

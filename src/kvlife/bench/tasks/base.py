@@ -39,6 +39,13 @@ class Task:
     description: ClassVar[str] = ""
     differs_from_scbench: ClassVar[str] = ""
     profiles: ClassVar[dict[str, dict[str, Any]]] = {}
+    # SCBench's released rows of this task (`kvlife bench --data`): its config (the data file's name),
+    # the instruction appended to a row's `input`, the new-token budget (generous, after SCBench's
+    # own), and whether a list answer is every item wanted (else its first element is the reference).
+    scbench_config: ClassVar[str] = ""
+    scbench_instruction: ClassVar[str] = ""
+    scbench_max_new_tokens: ClassVar[int] = 64
+    scbench_joins_answers: ClassVar[bool] = False
 
     def settings(self, profile: str, context_tokens: int | None = None) -> dict[str, Any]:
         """A profile's generator settings; `context_tokens` resizes its context to about that many tokens."""
@@ -76,6 +83,10 @@ class Task:
 
     def make_sample(self, rng: random.Random, index: int, **settings: Any) -> Sample:
         raise NotImplementedError
+
+    def released_turn(self, question: str, answer: str, options: list[str]) -> Turn:
+        """A turn of SCBench's released rows, asked in this task's own style."""
+        return Turn(question + self.scbench_instruction, answer)
 
     def score(self, prediction: str, reference: str) -> float:
         raise NotImplementedError

@@ -27,6 +27,8 @@ def choice_query(question: str, options: list[str]) -> str:
 class ChoiceEnglish(Task):
     name = "choice_eng"
     group = "semantic retrieval"
+    scbench_config = "scbench_choice_eng"
+    scbench_max_new_tokens = 16
     description = "Pick the right one of four options about a fact in a long English document."
     differs_from_scbench = "generated documents with known facts; distractors are other people's values"
     profiles = {
@@ -49,6 +51,18 @@ class ChoiceEnglish(Task):
             letter = LETTERS[options.index(answer)]
             turn_list.append(Turn(choice_query(question, options), f"{letter}) {answer}"))
         return Sample(f"choice_eng-{index}", self.name, context, turn_list, max_new_tokens=8)
+
+    def released_turn(self, question: str, answer: str, options: list[str]) -> Turn:
+        """SCBench's options listed as ours; its answer (the option text or its letter) as "B) oboe"."""
+        options = options[:4]
+        if not options:
+            return Turn(question, answer)
+        if answer in options:
+            answer = f"{LETTERS[options.index(answer)]}) {answer}"
+        elif answer.strip() and answer.strip()[0] in LETTERS[:len(options)]:
+            letter = answer.strip()[0]
+            answer = f"{letter}) {options[LETTERS.index(letter)]}"
+        return Turn(choice_query(question, options), answer)
 
     def score(self, prediction: str, reference: str) -> float:
         return choice_score(prediction, reference)

@@ -29,6 +29,8 @@ def _uuid(rng: random.Random) -> str:
 class KVRetrieval(Task):
     name = "kv"
     group = "string retrieval"
+    scbench_config = "scbench_kv"
+    scbench_instruction = " Answer with the value only."
     description = "Find the value of a UUID key among key-value records in a long context."
     differs_from_scbench = "default hides a few JSON records in filler text; scbench profile is SCBench's JSON dict"
     profiles = {

@@ -48,6 +48,9 @@ LABELS = ["orbit", "candle", "velvet", "meadow", "quartz", "ripple", "lantern", 
 class ManyShot(Task):
     name = "many_shot"
     group = "global information"
+    scbench_config = "scbench_many_shot"
+    scbench_instruction = " Answer with the label only."
+    scbench_max_new_tokens = 16
     description = "Learn an arbitrary category-to-label mapping from ~100+ examples and label new items."
     differs_from_scbench = "generated label-mapping classification instead of real datasets"
     profiles = {

@@ -22,6 +22,9 @@ _QUESTIONS = [
 class MathFind(Task):
     name = "math_find"
     group = "global information"
+    scbench_config = "scbench_mf"
+    scbench_instruction = " Answer with the number only."
+    scbench_max_new_tokens = 16
     description = "Find the largest, smallest, first or last number of a list inside a long context."
     differs_from_scbench = "short list in filler by default; turns ask different statistics of one list"
     profiles = {

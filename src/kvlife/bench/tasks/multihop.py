@@ -28,6 +28,10 @@ def _name(rng: random.Random, taken: set[str]) -> str:
 class MultiHop(Task):
     name = "multihop"
     group = "string retrieval"
+    scbench_config = "scbench_vt"
+    scbench_instruction = " Answer with the variable names only, separated by commas."
+    scbench_max_new_tokens = 48
+    scbench_joins_answers = True  # a released list answer is every variable, all wanted
     description = "Track variables assigned along a chain and name all that hold a given value."
     differs_from_scbench = "smaller default (few chains, 1 hop); F1 over the names given"
     profiles = {

@@ -24,6 +24,8 @@ def _code(rng: random.Random, length: int) -> str:
 class PrefixSuffix(Task):
     name = "prefix_suffix"
     group = "string retrieval"
+    scbench_config = "scbench_prefix_suffix"
+    scbench_instruction = " Answer with the full string only."
     description = "Find the code that starts with a given prefix and ends with a given suffix."
     differs_from_scbench = "default hides a few codes in filler; scbench profile is SCBench's long list"
     profiles = {

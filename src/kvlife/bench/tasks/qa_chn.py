@@ -63,6 +63,9 @@ def zh_filler(rng: random.Random, n_chars: int) -> str:
 class QAChinese(Task):
     name = "qa_chn"
     group = "semantic retrieval"
+    scbench_config = "scbench_qa_chn"
+    scbench_instruction = "请只回答答案。"
+    scbench_max_new_tokens = 40
     description = "Answer questions about facts stated in a long Chinese document."
     differs_from_scbench = "generated Chinese documents with known facts; containment or character F1"
     profiles = {

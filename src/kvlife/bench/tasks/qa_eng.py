@@ -31,6 +31,9 @@ def fact_document(rng, persons: int, context_tokens: int):
 class QAEnglish(Task):
     name = "qa_eng"
     group = "semantic retrieval"
+    scbench_config = "scbench_qa_eng"
+    scbench_instruction = INSTRUCTION
+    scbench_max_new_tokens = 40
     description = "Answer questions about facts stated in a long English document."
     differs_from_scbench = "generated documents with known facts instead of novels; containment or token F1"
     profiles = {

@@ -54,6 +54,8 @@ def repo_turns(rng, n_chars: int, turns: int, max_target_chars: int):
 class RepoQA(RepoScoring, Task):
     name = "repoqa"
     group = "semantic retrieval"
+    scbench_config = "scbench_repoqa"
+    scbench_max_new_tokens = 512
     description = "Given a description of a function, write out its code from a repository in the context."
     differs_from_scbench = "standard-library Python functions, docstring descriptions, difflib similarity"
     profiles = {
@@ -65,6 +67,9 @@ class RepoQA(RepoScoring, Task):
         context, turn_list, functions = repo_turns(rng, int(context_tokens * 3.6), turns, max_target_chars)
         self.remember_repository([t.answer for t in turn_list], functions)
         return Sample(f"repoqa-{index}", self.name, context, turn_list, max_new_tokens=max_target_chars // 3 + 24)
+
+    def released_turn(self, question: str, answer: str, options: list[str]) -> Turn:
+        return Turn(QUERY.format(description=question), answer)
 
     def score(self, prediction: str, reference: str) -> float:
         return self.repo_score(prediction, reference)

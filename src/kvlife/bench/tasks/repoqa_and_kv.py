@@ -26,6 +26,8 @@ _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{1
 class RepoQAAndKV(RepoScoring, Task):
     name = "repoqa_and_kv"
     group = "multi-tasking"
+    scbench_config = "scbench_repoqa_and_kv"
+    scbench_max_new_tokens = 512
     description = "Alternate function retrieval from a repository and UUID key lookups, over one context."
     differs_from_scbench = "standard-library repository; few records by default"
     profiles = {

@@ -47,6 +47,8 @@ def part_alone(context: str, query: str) -> str | None:
 class Summary(Task):
     name = "summary"
     group = "global information"
+    scbench_config = "scbench_summary"
+    scbench_max_new_tokens = 200
     description = "Summarize one numbered part of several concatenated documents (ROUGE-Lsum)."
     differs_from_scbench = "generated stories whose key sentences are the reference; cannot reach 75% (ROUGE)"
     profiles = {

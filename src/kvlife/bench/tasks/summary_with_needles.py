@@ -28,6 +28,8 @@ def needle_or_summary_score(prediction: str, reference: str) -> float:
 class SummaryWithNeedles(Task):
     name = "summary_with_needles"
     group = "multi-tasking"
+    scbench_config = "scbench_summary_with_needles"
+    scbench_max_new_tokens = 200
     description = "Alternate summaries of parts with passkeys hidden among them, over one context."
     differs_from_scbench = "generated parts and passkeys; summary turns cannot reach 75% (ROUGE)"
     profiles = {
