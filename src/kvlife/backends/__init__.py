@@ -5,11 +5,11 @@
   llama-server, ...); multi-turn is a growing chat, multi-request separate requests sharing the
   context prefix, so the engine's own prefix cache decides what is reused.
 
-The runner sees only the small interface in base.py: a backend opens sessions, and a session
+The runner sees only the small interface in base.py: a `TurnBackend` opens sessions, and a session
 answers `prefill(context)` / `ask(query)` with a `TurnResult`. llama_server.py starts a real
 llama.cpp server on loopback for the tests and benchmarks.
 """
 
-from kvlife.backends.base import BACKENDS, Backend, LocalBackend, TurnSession
+from kvlife.backends.base import BACKENDS, LocalBackend, RunSettings, TurnBackend, TurnSession
 
-__all__ = ["BACKENDS", "Backend", "LocalBackend", "TurnSession"]
+__all__ = ["BACKENDS", "LocalBackend", "RunSettings", "TurnBackend", "TurnSession"]

@@ -1,21 +1,33 @@
 """The interface between the benchmark runner and whatever computes the turns.
 
-A `Backend` checks its settings before anything is written, describes itself for config.json,
+A `TurnBackend` checks its settings before anything is written, describes itself for config.json,
 and opens `TurnSession`s; the runner opens one session per worker (`concurrency` workers run
 samples side by side) and drives it with `prefill(context)` then `ask(query)` per turn, exactly
-as it drives kvlife's own `Session`, which is one.
+as it drives kvlife's own `Session`, which is one. A backend reads a run's settings through
+`RunSettings` (the runner's `BenchConfig` has them), so nothing here imports the benchmark.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from kvlife.bench.runner import BenchConfig
-    from kvlife.bench.tasks import Sample, Task
-    from kvlife.session import TurnResult
+from kvlife import models
+from kvlife.session import Session, TurnResult
 
 BACKENDS = ("local", "openai")
+
+
+class RunSettings(Protocol):
+    """The settings of a run that a backend reads."""
+
+    model: str
+    dtype: str
+    method: str
+    mode: str
+    own_answers: bool
+    recompress: bool
+    prompt_format: str
+    max_length: int | None
 
 
 class TurnSession(Protocol):
@@ -31,21 +43,24 @@ class TurnSession(Protocol):
     def ask(self, query: str, max_new_tokens: int = 64, reference: str | None = None) -> TurnResult: ...
 
 
-class Backend(Protocol):
+class TurnBackend(Protocol):
+    """What computes a run's turns: kvlife's Session here, or a server."""
+
     name: str
     concurrency: int  # samples run side by side (each worker has its own session)
+    tokenizer: Any  # the model's tokenizer once prepared, where the backend has one (--max-length needs it)
 
-    def check(self, config: BenchConfig, connect: bool = True) -> None:
+    def check(self, config: RunSettings, connect: bool = True) -> None:
         """Refuse unusable settings before anything is written; `connect`: there is work to do, so
         also reach what will compute it (a server: is it up, does it serve the model?)."""
 
     def describe(self) -> dict[str, Any]:
         """What config.json records about the backend (beside the run's identity)."""
 
-    def prepare(self, todo: list[tuple[Task, Sample]], config: BenchConfig) -> list[tuple[Task, Sample]]:
-        """Called once when there is work: load what is needed; may rewrite the samples."""
+    def prepare(self, config: RunSettings) -> None:
+        """Called once when there is work: load what is needed."""
 
-    def open_session(self, config: BenchConfig) -> TurnSession: ...
+    def open_session(self, config: RunSettings) -> TurnSession: ...
 
     def close(self) -> None: ...
 
@@ -59,29 +74,18 @@ class LocalBackend:
     def __init__(self, model: Any = None, tokenizer: Any = None, store: Any = None) -> None:
         self.model, self.tokenizer, self.store = model, tokenizer, store
 
-    def check(self, config: BenchConfig, connect: bool = True) -> None:
-        from kvlife import models
-
+    def check(self, config: RunSettings, connect: bool = True) -> None:
         if self.model is None:
             models.resolve(config.model)
 
     def describe(self) -> dict[str, Any]:
         return {}  # a local run's config.json stays as it was before backends existed
 
-    def prepare(self, todo: list[tuple[Task, Sample]], config: BenchConfig) -> list[tuple[Task, Sample]]:
-        from kvlife import models
-
+    def prepare(self, config: RunSettings) -> None:
         if self.model is None:
             self.model, self.tokenizer = models.load(config.model, dtype=config.dtype)
-        if config.max_length:
-            from kvlife.bench.data import truncate_middle
 
-            todo = [(task, truncate_middle(sample, self.tokenizer, config.max_length)) for task, sample in todo]
-        return todo
-
-    def open_session(self, config: BenchConfig) -> TurnSession:
-        from kvlife.session import Session
-
+    def open_session(self, config: RunSettings) -> TurnSession:
         return Session(self.model, self.tokenizer, config.method, mode=config.mode, own_answers=config.own_answers,
                        recompress=config.recompress, prompt_format=config.prompt_format, store=self.store)
 

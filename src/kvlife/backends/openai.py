@@ -29,16 +29,13 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
+from kvlife.backends.base import RunSettings
 from kvlife.errors import BackendError
 from kvlife.session import MODES, TurnResult
-
-if TYPE_CHECKING:
-    from kvlife.bench.runner import BenchConfig
-    from kvlife.bench.tasks import Sample, Task
 
 RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 MAX_BACKOFF_S = 30.0
@@ -312,6 +309,7 @@ class OpenAIBackend:
     """The runner's backend for an OpenAI-compatible server; `concurrency` samples in flight at once."""
 
     name = "openai"
+    tokenizer = None  # the server's own; check() refuses --max-length
 
     def __init__(self, base_url: str, api_key: str | None = None, concurrency: int = 1, timeout_s: float = 600.0,
                  retries: int = 3, backoff_s: float = 0.5, transport: httpx.BaseTransport | None = None) -> None:
@@ -327,7 +325,7 @@ class OpenAIBackend:
         self.client: OpenAIClient | None = None
         self.served: list[str] | None = None
 
-    def check(self, config: BenchConfig, connect: bool = True) -> None:
+    def check(self, config: RunSettings, connect: bool = True) -> None:
         if config.method != "dense":
             raise BackendError(f"--method {config.method!r} needs the local backend: a server applies its own "
                                f"attention and cache (run --backend openai with the default dense method)")
@@ -347,10 +345,10 @@ class OpenAIBackend:
         return {"backend": {"name": self.name, "base_url": self.base_url, "served_models": self.served,
                             "concurrency": self.concurrency, "timeout_s": self.timeout_s, "retries": self.retries}}
 
-    def prepare(self, todo: list[tuple[Task, Sample]], config: BenchConfig) -> list[tuple[Task, Sample]]:
-        return todo
+    def prepare(self, config: RunSettings) -> None:
+        pass  # the server holds the model
 
-    def open_session(self, config: BenchConfig) -> ChatSession:
+    def open_session(self, config: RunSettings) -> ChatSession:
         assert self.client is not None, "check() first"
         return ChatSession(self.client, config.mode, config.own_answers, config.prompt_format)
 

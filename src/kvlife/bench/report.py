@@ -21,6 +21,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
 from kvlife.bench.summary import write_summary
 from kvlife.errors import ResultsError
 
@@ -81,8 +84,6 @@ def turn_means(summary: dict[str, Any]) -> dict[int, tuple[float, int]]:
 
 def _colours(runs: list[dict[str, Any]]) -> None:
     """One colour per run, used by every plot."""
-    from matplotlib import colormaps
-
     palette = colormaps["tab10" if len(runs) <= 10 else "tab20"].colors
     for index, run in enumerate(runs):
         run["colour"] = palette[index % len(palette)]
@@ -95,15 +96,11 @@ def _png(fig) -> str:
 
 
 def _plots(runs: list[dict[str, Any]]) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     plots = {}
     # turn curves: per turn, the mean over the tasks that have that turn (n tasks, written beside it)
     _colours(runs)
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig = Figure(figsize=(6.4, 3.8))  # no pyplot: no GUI backend, no global figure list
+    ax = fig.subplots()
     for run in runs:
         points = turn_means(run["summary"])
         turns = sorted(points)
@@ -124,10 +121,10 @@ def _plots(runs: list[dict[str, Any]]) -> dict[str, str]:
     ax.set_title("Score by turn")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     plots["turns"] = _png(fig)
-    plt.close(fig)
 
     # accuracy against cache bytes: one line per method (its budgets joined, by bytes) and mode
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.subplots()
     families: dict[tuple[str, str], list[tuple[float, float, str]]] = {}
     family_colour: dict[tuple[str, str], Any] = {}
     for run in runs:
@@ -156,14 +153,14 @@ def _plots(runs: list[dict[str, Any]]) -> dict[str, str]:
     if families:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     plots["bytes"] = _png(fig)
-    plt.close(fig)
 
     # multi-turn against multi-request per recipe: one bar per run, in the run's colour
     by_method: dict[str, dict[str, dict[str, Any]]] = {}
     for run in runs:
         if run["summary"]["overall"]["all_turns"] is not None:
             by_method.setdefault(_label(run, mode=False), {})[run["identity"].get("mode", "?")] = run
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.subplots()
     methods = sorted(by_method)
     width = 0.38
     for offset, mode in ((-width / 2, "multi-turn"), (width / 2, "multi-request")):
@@ -186,7 +183,6 @@ def _plots(runs: list[dict[str, Any]]) -> dict[str, str]:
     if methods:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     plots["modes"] = _png(fig)
-    plt.close(fig)
     return plots
 
 

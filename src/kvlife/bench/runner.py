@@ -11,13 +11,25 @@ import hashlib
 import json
 import os
 import platform
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvlife.bench.tasks import Sample, get_task
-from kvlife.errors import ResultsError
+import torch
+import transformers
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+import kvlife
+from kvlife.backends import BACKENDS, LocalBackend, TurnBackend, TurnSession
+from kvlife.backends.openai import OpenAIBackend
+from kvlife.bench.data import load_samples, truncate_middle
+from kvlife.bench.rows import append_rows, read_rows, sample_done
+from kvlife.bench.summary import write_summary
+from kvlife.bench.tasks import Sample, Task, get_task
+from kvlife.errors import KvlifeError, ResultsError
 from kvlife.models import dtype_name, resolve_dtype
 from kvlife.recipe import parse
 
@@ -67,11 +79,6 @@ class BenchConfig:
 
 
 def versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    import kvlife
-
     return {"kvlife": kvlife.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "machine": f"{platform.machine()} {os.cpu_count()} cpus"}
 
@@ -102,44 +109,8 @@ def prepare_out(out: Path, config: BenchConfig) -> None:
     tmp.replace(config_path)
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a predictions.jsonl; a torn last line (a killed writer) is ignored."""
-    rows = []
-    if not path.exists():
-        return rows
-    with path.open() as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
-def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    # Terminate a torn line a killed writer may have left, then append whole lines and fsync.
-    with path.open("ab+") as handle:
-        handle.seek(0, os.SEEK_END)
-        if handle.tell() > 0:
-            handle.seek(-1, os.SEEK_END)
-            if handle.read(1) != b"\n":
-                handle.write(b"\n")
-        handle.write("".join(json.dumps(row) + "\n" for row in rows).encode())
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def sample_done(rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
-    return {(row["task"], row["sample_id"]) for row in rows}
-
-
-def run_sample(session, task, sample: Sample, max_turns: int | None) -> list[dict[str, Any]]:
+def run_sample(session: TurnSession, task: Task, sample: Sample, max_turns: int | None) -> list[dict[str, Any]]:
     turns = sample.turns[:max_turns] if max_turns else sample.turns
-        if index == 0 and prefilled is not None and "assembled_tokens" in prefilled.stats:
-            rows[-1]["assembly"] = dict(prefilled.stats)  # an assemble method: documents hit, tokens recomputed, times
     segments = sample.meta.get("segments")  # documents to assemble from (the rag task), for sessions that can
     if segments and getattr(session, "takes_segments", False):
         prefilled = session.prefill(sample.context, segments=segments)
@@ -167,19 +138,16 @@ def run_sample(session, task, sample: Sample, max_turns: int | None) -> list[dic
         rows[-1].update(result.stats.get("row", {}))  # a backend's own fields (a server's cached tokens, ...)
         if index == 0 and getattr(session, "store", None) is not None:
             rows[-1]["store"] = dict(session.store.last)  # --store: tokens reused from the store, times
+        if index == 0 and prefilled is not None and "assembled_tokens" in prefilled.stats:
+            rows[-1]["assembly"] = dict(prefilled.stats)  # an assemble method: documents hit, tokens recomputed, times
     return rows
 
 
-def make_backend(config: BenchConfig, model=None, tokenizer=None, store=None, **options):
+def make_backend(config: BenchConfig, model=None, tokenizer=None, store=None, **options) -> TurnBackend:
     """The backend a config names; `options` go to the openai backend (api_key, concurrency, timeout_s, retries)."""
-    from kvlife.backends import BACKENDS, LocalBackend
-    from kvlife.errors import KvlifeError
-
     if config.backend == "local":
         return LocalBackend(model, tokenizer, store)
     if config.backend == "openai":
-        from kvlife.backends.openai import OpenAIBackend
-
         if not config.base_url:
             raise KvlifeError("--backend openai needs --base-url URL (e.g. http://127.0.0.1:8000/v1)")
         return OpenAIBackend(config.base_url, **options)
@@ -198,8 +166,6 @@ def run(config: BenchConfig, out: Path | None = None, model=None, tokenizer=None
     tasks = [get_task(name) for name in config.tasks]
     backend = backend or make_backend(config, model, tokenizer, store)
     if config.data:
-        from kvlife.bench.data import load_samples
-
         all_samples = [(task, sample) for task in tasks for sample in load_samples(task, config.data, config.samples)]
     else:
         all_samples = [(task, sample) for task in tasks
@@ -213,20 +179,18 @@ def run(config: BenchConfig, out: Path | None = None, model=None, tokenizer=None
         config.extra = {**backend.describe(), **config.extra}
         prepare_out(out, config)
         if todo:
-            todo = backend.prepare(todo, config)
+            backend.prepare(config)
+            if config.max_length:  # SCBench's truncate_input, with the model's own tokenizer
+                todo = [(task, truncate_middle(sample, backend.tokenizer, config.max_length)) for task, sample in todo]
             _loop(backend, todo, predictions, config, progress, console, len(all_samples) - len(todo),
                   len(all_samples))
     finally:
         backend.close()
-    from kvlife.bench.summary import write_summary
-
     write_summary(out)
     return out
 
 
 def _loop(backend, todo, predictions, config, progress, console, already, total) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
         handle = bar.add_task(f"{config.method} {config.mode}", total=total, completed=already)
@@ -244,9 +208,6 @@ def _loop(backend, todo, predictions, config, progress, console, already, total)
 def _loop_concurrent(backend, todo, predictions, config, bar, handle) -> None:
     """`backend.concurrency` samples in flight at once, one session per worker thread; rows are
     appended (by this thread only) as each sample completes, so a resume works as in the serial loop."""
-    import threading
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
     local = threading.local()
 
     def work(task, sample):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import string
+from difflib import SequenceMatcher
 
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
 
@@ -248,8 +249,6 @@ def _code_lines(code: str) -> list[str]:
 def code_similarity(a: str, b: str) -> float:
     """Similarity of two code snippets in [0, 1]: difflib's ratio over token-normalized lines
     (whitespace and comments ignored), then over tokens, whichever is higher."""
-    from difflib import SequenceMatcher
-
     lines_a, lines_b = _code_lines(a), _code_lines(b)
     if not lines_a or not lines_b:
         return 0.0

@@ -14,7 +14,10 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from kvlife.bench.runner import read_rows
+from rich.console import Console
+from rich.table import Table
+
+from kvlife.bench.rows import read_rows
 from kvlife.bench.stats import bootstrap_mean, paired_difference
 
 # identity fields a dense run must share with a method's run to be its reference (absent = default)
@@ -176,9 +179,6 @@ def print_tables(summary: dict[str, Any], console=None, title: str | None = None
     """Scores per task and per turn, with fidelity and cost; then, when a dense run of the same samples
     exists, the paired difference against it with its 95% interval. Task names are never cut: a
     narrow terminal drops the optional columns first and wraps the intervals."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     tasks = summary["tasks"]
     max_turn = max((int(t) for task in tasks.values() for t in task["per_turn"]), default=0)
@@ -230,8 +230,6 @@ def _diff_cell(found: dict[str, Any] | None) -> str:
 
 def print_dense_differences(summary: dict[str, Any], console, max_turn: int, name_width: int) -> None:
     """Per task and turn: method minus dense on the same samples, 95% paired bootstrap interval."""
-    from rich.table import Table
-
     table = Table(title=f"minus dense ({summary.get('dense_run')}), 95% interval over samples: "
                         "red = worse, green = better, plain = no difference")
     table.add_column("task", no_wrap=True, min_width=name_width)
