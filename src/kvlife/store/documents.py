@@ -77,9 +77,9 @@ def place(layers: Layers, start: int, rope: RopeSpec) -> Layers:
     angles = cos_sin(np.full((1, n), start, dtype=np.int64), rope)  # one rotation by `start` for every token
     out = []
     for keys, values, positions in layers:
-        moved = keys[0].to(torch.float32).numpy().copy()  # [heads, n, dim]
+        moved = keys[0].detach().to("cpu", torch.float32).numpy().copy()  # [heads, n, dim]
         rotate(moved, None, rope, inverse=False, angles=angles)
-        out.append((torch.from_numpy(moved)[None].to(keys.dtype), values, positions + start))
+        out.append((torch.from_numpy(moved)[None].to(keys.device, keys.dtype), values, positions + start))
     return out
 
 

@@ -27,6 +27,7 @@ from typing import Any
 from kvlife.bench.score import items_recall
 from kvlife.bench.tasks import documents
 from kvlife.bench.tasks.base import Sample, Task, Turn, chars_for_tokens, filler_sentences, register
+from kvlife.errors import TaskError
 
 INSTRUCTION = ("Below are documents from the archive of the valley. Answer each question from them, "
                "with a few words only.")
@@ -67,7 +68,7 @@ class RAG(Task):
     }
 
     def resize(self, settings: dict[str, Any], tokens: int) -> dict[str, Any]:
-        docs = max(2, min(MAX_DOCS, tokens // 500))
+        docs = max(3, min(MAX_DOCS, tokens // 500))
         return {**settings, "docs": docs, "doc_tokens": max(32, tokens // docs), "pool": 3 * docs}
 
     def samples(self, profile: str = "default", n: int | None = None, seed: int = 0,
@@ -81,7 +82,7 @@ class RAG(Task):
 
     def make_sample(self, rng, index, docs, doc_tokens, pool, **_):
         if docs < 3 or docs > len(pool):
-            raise ValueError(f"rag needs 3 <= docs <= pool size, got docs={docs}, pool={len(pool)}")
+            raise TaskError(f"rag needs 3 <= docs <= pool size, got docs={docs}, pool={len(pool)}")
         chosen = rng.sample(range(len(pool)), docs)
         segments = [INSTRUCTION] + [SEPARATOR + pool[i][0] for i in chosen]
         first, second, third = rng.sample([pool[i][1] for i in chosen], 3)

@@ -1,0 +1,120 @@
+"""Assemble methods (concat, cacheblend, epic): full recompute reproduces dense, partial recompute is what it
+says, and the Session and runner drive them on the rag task's segments."""
+
+import pytest
+import torch
+
+from kvlife.bench.runner import run_sample
+from kvlife.bench.tasks import get_task
+from kvlife.errors import SpecError
+from kvlife.methods import registry
+from kvlife.methods.assemble.base import document_rows
+from kvlife.recipe import parse
+from kvlife.session import Session
+from kvlife.store import open_store
+from tiny import ByteTokenizer, tiny_model
+
+SEGMENTS = ["Read these notes, then answer.", "\n\nthe fox is red and runs far away from home every day.",
+            "\n\nthe dog is blue and sleeps all day long under the tree.", "\n\nthe cat is green and sings at night."]
+CONTEXT = "".join(SEGMENTS)
+ASSEMBLE = sorted(name for name, cls in registry.METHODS.items() if cls.stage == "assemble")
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def model(request):
+    return tiny_model(request.param)
+
+
+def prefilled(model, spec, store=None, mode="multi-request"):
+    s = Session(model, ByteTokenizer(), spec, mode=mode, prompt_format="plain", store=store)
+    result = s.prefill(CONTEXT, segments=SEGMENTS)
+    return s, result
+
+
+def next_logits(s):
+    state = s.cache.checkpoint()
+    logits = s.forward(s.format.query_ids("what is red?"), phase="extend")
+    s.cache.rollback(state)
+    return logits
+
+
+def test_every_assemble_method_is_tested():
+    assert ASSEMBLE == ["cacheblend", "concat", "epic"]
+
+
+@pytest.mark.parametrize("spec", ["cacheblend(ratio=1.0)", "epic(k=1000)"])
+def test_recomputing_every_document_token_reproduces_dense(model, spec):
+    dense, _ = prefilled(model, "dense")
+    blended, result = prefilled(model, spec, open_store("memory", chunk_size=16))
+    assert blended.context_ids == dense.context_ids
+    for (k1, v1, p1), (k2, v2, p2) in zip(blended.cache.to_tensors(), dense.cache.to_tensors()):
+        torch.testing.assert_close(k1, k2, rtol=0, atol=2e-5)
+        torch.testing.assert_close(v1, v2, rtol=0, atol=2e-5)
+        assert torch.equal(p1, p2)
+    torch.testing.assert_close(next_logits(blended), next_logits(dense), rtol=0, atol=2e-5)
+    documents = sum(len(piece) for piece in blended.format.segment_ids(SEGMENTS)[0][1:])
+    assert result.stats["recomputed_rows_last_layer"] == documents
+
+
+def test_partial_recompute_counts_and_differs_from_dense(model):
+    store = open_store("memory", chunk_size=16)
+    dense, _ = prefilled(model, "dense")
+    pieces = dense.format.segment_ids(SEGMENTS)[0]
+    documents = sum(len(piece) for piece in pieces[1:])
+    errors = {}
+    for spec in ["concat", "cacheblend(ratio=0.25)", "epic(k=4)"]:
+        s, result = prefilled(model, spec, store)
+        errors[spec] = float((next_logits(s) - next_logits(dense)).abs().max())
+        last = result.stats["recomputed_rows_last_layer"]
+        assert last == {"concat": 0, "cacheblend(ratio=0.25)": round(0.25 * documents), "epic(k=4)": 12}[spec]
+        assert result.stats["assembled_tokens"] == sum(len(piece) for piece in pieces)
+    assert min(errors.values()) > 1e-4  # documents computed alone are not the full prefill
+
+
+def test_cacheblend_recomputes_the_tokens_that_deviate_most():
+    method = parse("cacheblend(ratio=0.5)").assemble
+    deviation = torch.tensor([0.1, 5.0, 0.2, 3.0, 0.0, 4.0])
+    assert method.choose(deviation, torch.arange(10, 16)).tolist() == [1, 3, 5]
+
+
+def test_epic_rows_are_the_first_k_of_each_document():
+    assert document_rows([(5, 8), (8, 20)], first=2).tolist() == [5, 6, 8, 9]
+    assert parse("epic(k=2)").assemble.rows([(5, 6), (8, 20)]).tolist() == [5, 8, 9]
+
+
+def test_multi_turn_assembles_before_turn_one(model):
+    store = open_store("memory", chunk_size=16)
+    blended, result = prefilled(model, "cacheblend(ratio=1.0)", store, mode="multi-turn")
+    assert result is not None and result.prefill_s > 0
+    dense = Session(model, ByteTokenizer(), "dense", mode="multi-turn", prompt_format="plain")
+    dense.prefill(CONTEXT, segments=SEGMENTS)
+    for query in ["what is red?", "who sleeps?"]:
+        assert blended.ask(query, max_new_tokens=5).output_ids == dense.ask(query, max_new_tokens=5).output_ids
+
+
+def test_contexts_without_segments_prefill_densely(model):
+    s = Session(model, ByteTokenizer(), "epic", mode="multi-request", prompt_format="plain")
+    dense = Session(model, ByteTokenizer(), "dense", mode="multi-request", prompt_format="plain")
+    s.prefill(CONTEXT)
+    dense.prefill(CONTEXT)
+    torch.testing.assert_close(next_logits(s), next_logits(dense), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["concat+snapkv(ratio=0.5)", "epic+a_shape", "cacheblend+lingua",
+                                  "concat+retrieval_attention", "cacheblend(ratio=1.5)", "epic(k=-1)"])
+def test_combinations_and_parameters_that_make_no_sense_are_spec_errors(spec):
+    with pytest.raises(SpecError) as info:
+        parse(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_runner_passes_the_rag_segments_and_records_the_assembly(model):
+    task = get_task("rag")
+    sample = task.samples("default", 1, context_tokens=300)[0]
+    s = Session(model, ByteTokenizer(), "epic(k=4)", mode="multi-request", prompt_format="plain",
+                store=open_store("memory", chunk_size=64))
+    rows = run_sample(s, task, sample, max_turns=None)
+    assert len(rows) == 2 and rows[0]["assembly"]["documents"] == len(sample.meta["segments"]) - 1
+    assert rows[0]["assembly"]["doc_misses"] == len(sample.meta["segments"])
+    assert rows[0]["ttft_s"] >= rows[0]["assembly"]["assemble_load_s"]
+    assert "assembly" not in rows[1]
