@@ -282,6 +282,10 @@ class KVCache(Cache):
     def has_state(self) -> bool:
         return any(isinstance(layer, StateLayer) for layer in self.layers)
 
+    def kv_layers(self) -> list[tuple[int, KVLayer]]:
+        """(index, layer) of every layer that holds K/V: all of them but a hybrid model's recurrent layers."""
+        return [(index, layer) for index, layer in enumerate(self.layers) if isinstance(layer, KVLayer)]
+
     def tokens_held(self) -> list[int]:
         """Tokens held per layer with K/V (recurrent layers hold a fixed-size state, no tokens)."""
         return [layer.get_seq_length() for layer in self.layers if isinstance(layer, KVLayer)]

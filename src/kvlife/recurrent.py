@@ -197,3 +197,73 @@ def check_recipe(recipe: Any, config: Any) -> None:
         raise SpecError(f"{stage} method {method.spec()} acts on attention layers, and {model_type} has none "
                         f"(a pure state-space model: its cache is a fixed-size recurrent state); use a recipe "
                         f"without it")
+
+
+# ---- memory model: bytes of K/V and state from a config's published numbers -----------------------------
+
+def _get(config: Any, *names: str) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    raise ModelError(f"{getattr(config, 'model_type', 'config')}: none of {', '.join(names)} is set")
+
+
+def state_elements(config: Any) -> int:
+    """Elements of one recurrent layer's state (conv window + SSM / delta-rule state), batch 1.
+
+    Per family (what transformers allocates, checked against `StateLayer.state_nbytes` in tests/test_hybrid.py):
+    Mamba-2 (mamba2, zamba2, bamba, falcon_h1, granitemoehybrid): conv (d_inner + 2*groups*d_state) x kernel,
+    SSM heads x head_dim x d_state; Mamba-1 (mamba, falcon_mamba, jamba): conv d_inner x kernel, SSM
+    d_inner x d_state; LFM2: conv hidden x L_cache; Qwen3-Next (gated delta net): conv (2*k_heads*k_dim +
+    v_heads*v_dim) x kernel, state v_heads x k_dim x v_dim."""
+    config = text_config(config)
+    kind = getattr(config, "model_type", "")
+    hidden = config.hidden_size
+    if kind == "lfm2":
+        return hidden * _get(config, "conv_L_cache")
+    if kind == "qwen3_next":
+        k_heads, k_dim = config.linear_num_key_heads, config.linear_key_head_dim
+        v_heads, v_dim = config.linear_num_value_heads, config.linear_value_head_dim
+        conv = (2 * k_heads * k_dim + v_heads * v_dim) * config.linear_conv_kernel_dim
+        return conv + v_heads * k_dim * v_dim
+    if kind in ("mamba", "falcon_mamba", "jamba"):
+        d_inner = _get(config, "mamba_expand", "expand") * hidden
+        return d_inner * _get(config, "mamba_d_conv", "conv_kernel") + d_inner * _get(config, "mamba_d_state",
+                                                                                       "state_size")
+    if kind in ("mamba2", "zamba2", "bamba", "falcon_h1", "granitemoehybrid"):
+        heads = _get(config, "n_mamba_heads", "mamba_n_heads", "num_heads")
+        head_dim = _get(config, "mamba_headdim", "mamba_d_head", "head_dim")
+        groups = _get(config, "mamba_ngroups", "mamba_n_groups", "n_groups")
+        d_state = _get(config, "mamba_d_state", "state_size")
+        kernel = _get(config, "mamba_d_conv", "conv_kernel")
+        d_inner = heads * head_dim
+        return (d_inner + 2 * groups * d_state) * kernel + heads * head_dim * d_state
+    raise ModelError(f"no state-size formula for model type {kind!r}")
+
+
+def attention_geometry(config: Any) -> tuple[int, int]:
+    """(kv_heads, head_dim) of the attention layers."""
+    config = text_config(config)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = (getattr(config, "head_dim", None) or getattr(config, "attention_head_dim", None)
+                or config.hidden_size // heads)
+    return kv_heads, head_dim
+
+
+def cache_bytes_model(config: Any, tokens: int, dtype_bytes: int) -> dict[str, int]:
+    """Bytes of K/V and of recurrent state after `tokens` tokens, batch 1, every tensor `dtype_bytes` wide:
+    {"kv": ..., "state": ..., "total": ...}. Sliding-window layers hold window - 1 tokens (as KVLayer)."""
+    plan = layer_plan(config)
+    kv_total = state_total = 0
+    if any(each.kind != "attention" for each in plan):
+        state_total = sum(1 for each in plan if each.kind != "attention") * state_elements(config) * dtype_bytes
+    if any(each.kind != "state" for each in plan):
+        kv_heads, head_dim = attention_geometry(config)
+        for each in plan:
+            if each.kind == "state":
+                continue
+            held = tokens if each.sliding_window is None else min(tokens, each.sliding_window - 1)
+            kv_total += 2 * kv_heads * head_dim * held * dtype_bytes
+    return {"kv": kv_total, "state": state_total, "total": kv_total + state_total}

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from kvlife.cache import KVLayer
 from kvlife.methods import registry
 from kvlife.session import Session
 from tiny import ByteTokenizer, tiny_model
 
 COMPRESS = sorted(name for name, cls in registry.METHODS.items() if cls.stage == "compress")
-KINDS = ["llama", "qwen2", "gemma3"]
+KINDS = ["llama", "qwen2", "gemma3", "lfm2"]  # lfm2: a hybrid (conv layers with recurrent state, attention layers)
 CONTEXT = " ".join("".join(random.Random(seed).choices("abcdefghij", k=4)) for seed in range(40))
 QUERIES = ["abc?", "jihgf?"]
 RATIO = 0.25
@@ -70,7 +72,10 @@ def session(model, recipe, mode="multi-request", **kwargs) -> Session:
 
 
 def snapshot(cache):
+    """Every layer's content; a recurrent layer's (hybrid models) is its state, which no method may change."""
     return [(type(layer), layer.next_position, layer.nbytes(), *layer.dense_kv(), layer.positions)
+            if isinstance(layer, KVLayer) else (type(layer), layer.tokens_seen, layer.nbytes(),
+                                                 *(tensor for _, tensor in layer.state_tensors()))
             for layer in cache.layers]
 
 
@@ -83,7 +88,7 @@ def assert_same(a, b):
 
 
 def full_layers(cache):
-    return [index for index, layer in enumerate(cache.layers) if not layer.is_sliding]
+    return [index for index, layer in cache.kv_layers() if not layer.is_sliding]
 
 
 def token_bytes(layer) -> int:
@@ -122,6 +127,9 @@ def test_storage_positions_and_keys(models, spec, name, kind):
     n_ctx = len(method.context_ids)
     config = model.config
     for want, layer in zip(dense.cache.layers, method.cache.layers):
+        if not isinstance(layer, KVLayer):  # a recurrent layer: its state is exactly the dense prefill's
+            assert_same(snapshot(SimpleNamespace(layers=[layer])), snapshot(SimpleNamespace(layers=[want])))
+            continue
         keys, values = layer.dense_kv()
         positions = layer.positions
         assert keys.shape[:2] == values.shape[:2] == (1, config.num_key_value_heads)
@@ -177,11 +185,13 @@ def test_decoding_continues_at_true_position(models, spec, name, kind):
     assert method.cache.next_position == n_ctx
     for each in (dense, method):
         each.forward([ord("x")], phase="decode")
-    for layer in method.cache.layers:
+    for _, layer in method.cache.kv_layers():
         assert layer.next_position == n_ctx + 1
         assert bool((layer.attn_positions[:, -1] == n_ctx).all())
-    # Layer 0's new key depends only on the token and its RoPE position, not on the cache.
-    got, want = method.cache.layers[0].dense_kv()[0], dense.cache.layers[0].dense_kv()[0]
+    # The first attention layer's new key depends only on the token and its RoPE position, not on the cache
+    # (on a hybrid, recurrent layers before it see no cache either: their state is not compressed).
+    first = method.cache.kv_layers()[0][0]
+    got, want = method.cache.layers[first].dense_kv()[0], dense.cache.layers[first].dense_kv()[0]
     assert torch.allclose(got[:, :, -1], want[:, :, -1], atol=1e-6)
 
 

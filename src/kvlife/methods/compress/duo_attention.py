@@ -121,11 +121,11 @@ class DuoAttention(CacheCompressMethod):
     def compress_cache(self, stage: CacheStage) -> None:
         split = self.split(stage.model)
         cache = stage.cache
-        kv_heads = cache.layers[0].positions.shape[0]
+        kv_heads = cache.kv_layers()[0][1].positions.shape[0]
         split.check(len(cache.layers), kv_heads)
         n_sink = split.n_sink if self.n_sink is None else self.n_sink
         window = n_sink + (split.n_local if self.n_local is None else self.n_local)
-        full = [i for i, layer in enumerate(cache.layers) if not layer.is_sliding and split.scores[i] is not None]
+        full = [i for i, layer in cache.kv_layers() if not layer.is_sliding and split.scores[i] is not None]
         heads = sorted(((i, h) for i in full for h in range(kv_heads)), key=lambda ih: -split.scores[ih[0]][ih[1]])
         held = [int(real_slots(cache.layers[i])[h].sum()) for i, h in heads]
         if self.ratio is None and self.budget is None:

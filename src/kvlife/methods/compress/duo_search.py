@@ -146,9 +146,10 @@ def search(model: Any, tokenizer: Any, model_name: str, search: HeadSearch | Non
     if search.samples < 1 or search.queries < 1 or search.passkeys < search.queries:
         raise SpecError("search-heads: need --samples >= 1 and 1 <= --queries <= --passkeys")
     started = time.perf_counter()
-    layers = KVCache.for_model(model).layers
+    cache = KVCache.for_model(model)
+    layers = cache.layers
     kv_heads = model.config.get_text_config().num_key_value_heads
-    full = [i for i, layer in enumerate(layers) if not layer.is_sliding]
+    full = [i for i, layer in cache.kv_layers() if not layer.is_sliding]  # attention layers only
     totals = torch.zeros(len(layers), kv_heads, dtype=torch.float64)
     answers = 0
     trainable = [param for param in model.parameters() if param.requires_grad]

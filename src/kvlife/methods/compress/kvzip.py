@@ -119,7 +119,7 @@ class KVzip(CacheCompressMethod):
 
     def compress_cache(self, stage: CacheStage) -> None:
         cache = stage.cache
-        targets = {index: self.target_tokens(layer, None) for index, layer in enumerate(cache.layers)
+        targets = {index: self.target_tokens(layer, None) for index, layer in cache.kv_layers()
                    if not layer.is_sliding}
         targets = {index: target for index, target in targets.items() if target is not None}
         if not targets:

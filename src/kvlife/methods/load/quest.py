@@ -182,7 +182,7 @@ class Quest(LoadMethod):
     def byte_split(self, cache: Any) -> dict[str, int]:
         """Bytes a decode step attends to (working set, with the page bounds) vs bytes it leaves at rest."""
         split = {"working_bytes": 0, "offloaded_bytes": 0, "metadata_bytes": 0}
-        for index, layer in enumerate(cache.layers):
+        for index, layer in cache.kv_layers():
             keys, _ = layer.dense_kv()
             tokens, per_token = keys.shape[2], token_bytes(keys)
             if not self.is_sparse(index, layer, tokens):

@@ -235,7 +235,7 @@ class RetrievalAttention(LoadMethod):
         """Bytes resident in the attention working set vs the middle K/V offloaded to the index
         (`index_bytes`: what the CPU indexes hold, float32 key copies and ids)."""
         split = {"working_bytes": 0, "offloaded_bytes": 0, "index_bytes": 0}
-        for index, layer in enumerate(cache.layers):
+        for index, layer in cache.kv_layers():
             keys, _ = layer.dense_kv()
             tokens, per_token = keys.shape[2], token_bytes(keys)
             state = self._layers.get(index)
