@@ -1,10 +1,13 @@
 """Every kvlife method by name. Adding a method: its file, a line here, a README row.
 
-The generic method tests (tests/test_methods.py) run over everything listed here.
+The generic tests run over everything listed here, per stage: tests/methods/test_compress_matrix.py
+(compress), tests/methods/test_prefill_methods.py (prefill), tests/methods/test_stage_matrix.py
+(load and prompt).
 """
 
 from __future__ import annotations
 
+from kvlife.errors import SpecError
 from kvlife.methods.assemble.cacheblend import CacheBlend
 from kvlife.methods.assemble.concat import Concat
 from kvlife.methods.assemble.epic import Epic
@@ -38,14 +41,7 @@ METHODS: dict[str, type[Method]] = {
 
 
 def get(name: str) -> type[Method]:
-    from kvlife.errors import SpecError
-
     if name not in METHODS:
         raise SpecError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
     return METHODS[name]
 
-
-def by_stage() -> dict[str, list[type[Method]]]:
-    from kvlife.methods.base import STAGES
-
-    return {stage: [cls for cls in METHODS.values() if cls.stage == stage] for stage in STAGES}

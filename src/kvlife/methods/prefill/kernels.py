@@ -109,11 +109,6 @@ def layout_mask(layout: Layout, n: int, rows: torch.Tensor | None = None) -> tor
     return mask & (keys[None] <= rows[:, None])
 
 
-def layouts_mask(layouts: list[Layout], n: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool [heads, len(rows), n] for a list of per-head layouts."""
-    return torch.stack([layout_mask(layout, n, rows) for layout in layouts])
-
-
 def layout_device(layout: Layout) -> torch.device:
     for part in (layout.columns, layout.offsets, layout.blocks):
         if part is not None:
