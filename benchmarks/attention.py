@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from foundation import machine  # noqa: E402
+from common import commit, machine  # noqa: E402
 
 from kvlife import models  # noqa: E402
 from kvlife.attention import AttnCall, StepContext, dense_attention  # noqa: E402
@@ -370,12 +369,6 @@ def print_tables(result: dict) -> None:
             print(f"{r['length']:>6}  {r['method']:<48} {r['prefill_s']:>9.1f} {r['speedup']:>8.2f} "
                   f"{r['nll_last_255']:>7.4f} {change:>7.2f} {attention} {estimate} {run.get('commit', '?'):>10}")
 
-
-def commit() -> str:
-    """HEAD's short hash, "+dirty" when src/ differs from it: the code measured."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True).stdout.strip()
-    return (git("rev-parse", "--short", "HEAD") or "?") + ("+dirty" if git("status", "--porcelain", "--", "../src") else "")
 
 
 def conditions(dtype: str) -> dict:

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import print_table as print_table_rows
 
 from kvlife.cache import KVCache, cache_kwarg
 from kvlife.codec import LEVELS, decode_layers, encode, encode_baseline, inspect, rope_from_config
@@ -251,12 +252,12 @@ def _cpu_name() -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'scheme':16s} {'level':13s} {'bits/el':>8s} {'vs fp16':>8s} {'vs int8':>8s} {'ppl +%':>8s} "
-          f"{'agree':>6s} {'enc MB/s':>9s} {'dec MB/s':>9s}")
-    for r in rows:
-        print(f"{r['scheme']:16s} {r['level']:13s} {r['bits_per_element']:8.3f} {r['ratio_vs_fp16']:8.2f} "
-              f"{r['ratio_vs_int8'] or 0:8.2f} {r['ppl_increase_pct']:8.2f} {r['token_agreement']:6.3f} "
-              f"{r['encode_mb_s']:9.1f} {r['decode_mb_s']:9.1f}")
+    print()
+    print_table_rows(
+        ["scheme", "level", "bits/el", "vs fp16", "vs int8", "ppl +%", "agree", "enc MB/s", "dec MB/s"],
+        [[r["scheme"], r["level"], f"{r['bits_per_element']:.3f}", f"{r['ratio_vs_fp16']:.2f}",
+          f"{r['ratio_vs_int8'] or 0:.2f}", f"{r['ppl_increase_pct']:.2f}", f"{r['token_agreement']:.3f}",
+          f"{r['encode_mb_s']:.1f}", f"{r['decode_mb_s']:.1f}"] for r in rows])
 
 
 NOTES = "filled in after the run"  # the committed codec.json carries the notes of its run

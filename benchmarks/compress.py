@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from foundation import machine  # noqa: E402
+from common import machine  # noqa: E402
 
 from kvlife import models  # noqa: E402
 from kvlife.bench.report import write_html  # noqa: E402

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import machine
 
 from kvlife.attention import dense_attention
 from kvlife.methods.base import LoadMethod
@@ -71,17 +72,6 @@ class Timed(LoadMethod):
         self.seconds += time.perf_counter() - started
         return out
 
-
-def machine() -> str:
-    import os
-    import platform
-
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{cpu}, {os.cpu_count()} cpus, {platform.system()} (no GPU), torch {torch.__version__}"
 
 
 def kv_sample(length: int):
@@ -242,7 +232,7 @@ def main() -> None:
     from kvlife import models
 
     results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results.update({"machine": machine(), "model": MODEL, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    results.update({"machine": machine(), "torch": torch.__version__, "model": MODEL, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "notes": NOTES})
     model, tokenizer = models.load(MODEL)
     lengths = [int(x) for x in args.lengths.split(",") if x]

@@ -44,7 +44,7 @@ from statistics import mean, median
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from foundation import machine  # noqa: E402
+from common import commit, machine  # noqa: E402
 
 from kvlife import models  # noqa: E402
 from kvlife.backends.llama_server import LlamaServer, embedded_gguf, find_binary  # noqa: E402
@@ -111,14 +111,6 @@ def llama_version(binary: Path) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "?"
 
-
-def commit() -> str:
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                              capture_output=True, text=True, timeout=10)
-        return done.stdout.strip() or "?"
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
 
 
 def bench_run(server_name: str, name: str, url: str, model: str, mode: str, samples: int,

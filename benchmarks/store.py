@@ -19,7 +19,6 @@ import os
 import platform
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from kvlife import models
+from kvlife.backends.loopback import free_port
 from kvlife.session import Session
 from kvlife.store import KVStore
 from kvlife.store.disk import DiskBackend
@@ -47,12 +47,6 @@ NOTES = ("ttft_s: median of the repeats, from the start of the turn's prefill to
          "chunk plus the query). Memory-tier throughput passes references in one process (no copy), so it is "
          "an upper bound, not a transfer rate. Other jobs shared the 2 CPUs while this ran.")
 QUERY = "Which key has the value that appears first in the document?"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(check, what: str, timeout: float = 30.0) -> None:

@@ -36,9 +36,11 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from foundation import machine  # noqa: E402
+from common import machine  # noqa: E402
+from common import print_table as print_table_rows  # noqa: E402
 
 from kvlife import models  # noqa: E402
+from kvlife.backends.loopback import free_port  # noqa: E402
 from kvlife.bench.tasks import get_task  # noqa: E402
 from kvlife.session import Session  # noqa: E402
 from kvlife.stream import RECOMPUTE, FetchAborted, FetchConfig, StreamClient, publish  # noqa: E402
@@ -94,11 +96,7 @@ def compare_rows(path: Path) -> dict:
 
 
 def start_server(root: str) -> tuple[subprocess.Popen, str]:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "kvlife.cli", "stream", "serve", "--root", root,
                                 "--port", str(port)], stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -430,16 +428,17 @@ def merge(paths: list[Path], out: Path, compare: Path | None = None) -> int:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'trace':24} {'slo':>5} {'policy':13} {'miss':>5} {'TTFT s':>7} {'acc':>5} {'ppl %':>7} {'KL':>7}  target")
+    cells = []
     for r in rows:
-        ttft = f"{r['ttft_s']:.2f}" if r["ttft_s"] is not None else "-"
         target = ""
         if "target" in r:
             t = r["target"]
             target = (f"misses {'ok' if t['misses_ok'] else 'WORSE'} (vs {t['fewest_misses_fixed']}), quality "
                       f"{ {True: 'ok', False: 'WORSE', None: 'n/a'}[t['quality_ok']]} (best {t['best_meeting']})")
-        print(f"{r['trace']:24} {r['slo']:5g} {r['policy']:13} {r['miss_rate']:5.2f} {ttft:>7} {r['accuracy']:5.2f} "
-              f"{100 * r['ppl_change']:+7.2f} {r['kl']:7.4f}  {target}")
+        cells.append([r["trace"], f"{r['slo']:g}", r["policy"], f"{r['miss_rate']:.2f}",
+                      f"{r['ttft_s']:.2f}" if r["ttft_s"] is not None else "-", f"{r['accuracy']:.2f}",
+                      f"{100 * r['ppl_change']:+.2f}", f"{r['kl']:.4f}", target])
+    print_table_rows(["trace", "slo", "policy", "miss", "TTFT s", "acc", "ppl %", "KL", "target"], cells)
 
 
 def print_markdown(rows: list[dict]) -> None:

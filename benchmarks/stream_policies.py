@@ -21,14 +21,13 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from foundation import machine  # noqa: E402
+from common import commit, machine  # noqa: E402
 
 from kvlife.errors import KvlifeError  # noqa: E402
 from kvlife.store.trace import TraceError, parse_trace  # noqa: E402
@@ -195,18 +194,6 @@ def dumps(result: dict) -> str:
         text = text.replace(json.dumps(f"\0{key}"), f"[\n{lines}\n ]")
     return text + "\n"
 
-
-def commit() -> str | None:
-    """The code measured: HEAD's short hash, "+dirty" if the working tree differs (None outside git)."""
-    root = Path(__file__).parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "../src"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
 
 
 def parse_traces(text: str) -> list[tuple[str, list[float]]]:

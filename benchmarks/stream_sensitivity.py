@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from foundation import machine  # noqa: E402
+from common import machine  # noqa: E402
 from stream_policies import publish_samples  # noqa: E402
 
 from kvlife.codec.format import parse_header  # noqa: E402

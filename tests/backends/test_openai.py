@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 from tests.backends.fake_openai import FakeOpenAI, kv_oracle
 
 from kvlife import cli
+from kvlife.backends.loopback import free_port
 from kvlife.backends.openai import ChatSession, OpenAIBackend, OpenAIClient, api_root, cached_tokens_of
 from kvlife.bench import runner
 from kvlife.bench.report import write_html
@@ -257,9 +257,7 @@ def test_cli_wrong_model_name_is_one_line(tmp_path, capsys, small_profile):
 
 
 def test_cli_unreachable_server_is_one_line(tmp_path, capsys, small_profile):
-    with socket.socket() as probe:  # a port that nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # a port that nothing listens on
     code, err = _cli(capsys, "--base-url", f"http://127.0.0.1:{port}", "--model", "m", "--retries", "1",
                      "--out", str(tmp_path / "run"))
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -11,13 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from kvlife.backends.loopback import free_port
+
 TOKENS = {"alice": "token-alice", "bob": "token-bob"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait(check, process: subprocess.Popen, what: str, timeout: float = 20.0) -> None:

@@ -7,9 +7,6 @@
 
 The runner sees only the small interface in base.py: a `TurnBackend` opens sessions, and a session
 answers `prefill(context)` / `ask(query)` with a `TurnResult`. llama_server.py starts a real
-llama.cpp server on loopback for the tests and benchmarks.
+llama.cpp server on loopback for the tests and benchmarks. Importing the package loads nothing:
+`loopback.free_port` and the servers need no torch.
 """
-
-from kvlife.backends.base import BACKENDS, LocalBackend, RunSettings, TurnBackend, TurnSession
-
-__all__ = ["BACKENDS", "LocalBackend", "RunSettings", "TurnBackend", "TurnSession"]

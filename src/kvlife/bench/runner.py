@@ -23,7 +23,7 @@ import transformers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import kvlife
-from kvlife.backends import BACKENDS, LocalBackend, TurnBackend, TurnSession
+from kvlife.backends.base import BACKENDS, LocalBackend, TurnBackend, TurnSession
 from kvlife.backends.openai import OpenAIBackend
 from kvlife.bench.data import load_samples, truncate_middle
 from kvlife.bench.rows import append_rows, read_rows, sample_done
