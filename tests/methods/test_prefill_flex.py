@@ -15,14 +15,6 @@ from .test_prefill_kernels import expected, random_call, random_layouts
 TOL = dict(atol=2e-5, rtol=2e-5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: intra-op thread hand-offs cost more than the math
-    yield
-    torch.set_num_threads(threads)
-
-
 def awkward_layouts(n: int) -> list[Layout]:
     """Parts that straddle tiles: a column next to a window edge, blocks and offsets that overlap."""
     n_blocks = -(-n // 64)

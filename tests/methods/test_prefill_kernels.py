@@ -31,11 +31,7 @@ def small_chunks(monkeypatch, request):
     # One or several blocks per chunk, and runs of offsets read as views from 8 on: every path runs.
     monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", request.param)
     monkeypatch.setattr(kernels, "LONG_RUN", 8)
-    # Tiny tensors: intra-op thread hand-offs cost far more than the math on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield  # one torch thread: conftest.py's one_thread
 
 
 def random_call(n: int, heads: int = 6, kv_heads: int = 2, dim: int = 8, seed: int = 0, softcap=None) -> AttnCall:

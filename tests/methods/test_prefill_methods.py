@@ -62,10 +62,7 @@ def small_chunks(monkeypatch):
     # Small inputs make dense-ish patterns: keep them sparse here (the fallback has its own test).
     monkeypatch.setattr(SparsePrefill, "DENSE_ABOVE", 1.0)
     monkeypatch.setattr(AShape, "DENSE_ABOVE", 1.0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: intra-op thread hand-offs cost more than the math
-    yield
-    torch.set_num_threads(threads)
+    yield  # one torch thread: conftest.py's one_thread
 
 
 @pytest.mark.parametrize("spec", [s for specs in SPECS.values() for s in specs])
