@@ -183,3 +183,24 @@ def test_saving_a_cache_with_state_is_refused(models, tmp_path):
     method.prefill(CONTEXT)
     with pytest.raises(KvlifeError, match="recurrent"):
         method.save(str(tmp_path / "cache.safetensors"))
+
+
+@pytest.mark.parametrize("kind, method, message", [
+    ("mamba2", "snapkv(ratio=0.5)", "mamba2 has none"),
+    ("lfm2-chunked", "dense", "'chunked_attention' (layer 1)"),
+])
+def test_cli_refuses_in_one_line(tmp_path, capsys, kind, method, message):
+    from kvlife import cli
+    from tiny import tiny_tokenizer
+
+    model = tiny_model(kind.split("-")[0])
+    if kind.endswith("chunked"):
+        model.config.layer_types = ["conv", "chunked_attention", "conv", "full_attention"]
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    argv = ["bench", "--model", str(tmp_path / "model"), "--method", method, "--tasks", "kv", "--samples", "1",
+            "--dtype", "float32", "--no-progress", "--out", str(tmp_path / "run")]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' weight-loading progress bar
+    assert err.startswith("kvlife: error:") and message in err, err
