@@ -1,0 +1,244 @@
+"""Contexts assembled from stored documents (CacheBlend, EPIC) against a full prefill, on the rag task.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/blend.py [--sizes 4096,8192] [--samples 16]
+        [--methods "dense;concat;cacheblend(ratio=0.15);epic(k=16)"] [--model qwen2.5-coder-0.5b]
+        [--store memory,disk:/tmp/runs/blend-docs] [--collect]
+
+Per size (assembled tokens) and sample, in multi-request mode: dense prefills the context; each assemble
+method builds it from per-document caches. The documents are stored first (the offline ingestion
+CacheBlend and EPIC assume: a warm-up assembly computes the missing ones, timed apart), so a
+method's TTFT is lookup + re-rotation + recompute + the context's tail + turn 1's query and first
+token, against dense's full prefill + the same. Every (size, sample, method) is one line of
+benchmarks/results/blend-rows.jsonl, appended as it finishes: rerun to resume. After every sample,
+and with --collect without running anything, it writes benchmarks/results/blend.json (rows: method,
+assembled_tokens, samples, accuracy, dense_accuracy, ci_low/ci_high of accuracy minus dense's (paired
+95% bootstrap over samples), ttft_s, full_prefill_ttft_s, speedup, reference NLL and its paired
+difference, agreement with dense's answers, tokens recomputed) and blend-report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from foundation import machine  # noqa: E402
+
+from kvlife.bench.stats import bootstrap_mean, paired_difference  # noqa: E402
+from kvlife.bench.tasks import get_task  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = ["dense", "concat", "cacheblend(ratio=0.15)", "epic(k=16)"]
+TARGET_SPEEDUP = 5.0  # the issue's target at 8K assembled tokens
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def read_rows(results: Path) -> list[dict]:
+    path = results / "blend-rows.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn last line of a killed run
+    return rows
+
+
+def append_row(results: Path, row: dict) -> None:
+    with (results / "blend-rows.jsonl").open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def run_one(session, sample, task) -> dict:
+    segments = sample.meta["segments"]
+    prefilled = session.prefill(sample.context, segments=segments)
+    turns = []
+    for turn in sample.turns:
+        result = session.ask(turn.query, max_new_tokens=sample.max_new_tokens, reference=turn.answer)
+        turns.append({"prediction": result.prediction, "reference": turn.answer,
+                      "score": task.score(result.prediction, turn.answer), "reference_nll": result.reference_nll,
+                      "ttft_s": result.ttft_s})
+    stats = prefilled.stats
+    return {"context_tokens": session.context_tokens, "prefill_s": prefilled.prefill_s,
+            "ttft_s": prefilled.prefill_s + turns[0]["ttft_s"], "turns": turns,
+            "accuracy": statistics.mean(t["score"] for t in turns),
+            "assembly": {k: v for k, v in stats.items() if k.startswith(("doc_", "recomputed", "assemble", "documents",
+                                                                         "assembled"))}}
+
+
+def measure(args) -> None:
+    import torch
+
+    from kvlife import models
+    from kvlife.session import Session
+    from kvlife.store import open_store
+    from kvlife.store.documents import DocumentStore
+
+    torch.set_num_threads(1)
+    model, tokenizer = models.load(args.model, dtype=args.dtype)
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    store = open_store(args.store, chunk_size=256)
+    task = get_task("rag")
+    done = {(r["size"], r["sample_id"], r["method"]) for r in read_rows(args.out)}
+    sessions = {spec: Session(model, tokenizer, spec, mode="multi-request",
+                              store=None if spec == "dense" else store) for spec in args.methods}
+    # the sessions' document caches: same store and tenant, so what the warm-up stores, they find
+    warm = DocumentStore(store, model, tokenizer) if any(spec != "dense" for spec in args.methods) else None
+    for size in args.sizes:
+        for sample in task.samples("default", args.samples, seed=args.seed, context_tokens=size):
+            todo = [spec for spec in args.methods if (size, sample.id, spec) not in done]
+            if not todo:
+                continue
+            warm_figures = {}
+            if warm is not None and any(spec != "dense" for spec in todo):
+                started = time.perf_counter()
+                pieces, _ = sessions[args.methods[0]].format.segment_ids(sample.meta["segments"])
+                _, _, figures = warm.assemble(pieces)
+                warm_figures = {**figures.as_dict(), "warm_s": round(time.perf_counter() - started, 3)}
+            for spec in todo:
+                started = time.perf_counter()
+                row = run_one(sessions[spec], sample, task)
+                row.update({"size": size, "sample_id": sample.id, "method": spec, "model": args.model, "dtype": dtype,
+                            "wall_s": round(time.perf_counter() - started, 3),
+                            **({"warm": warm_figures} if spec != "dense" else {})})
+                append_row(args.out, row)
+                print(f"{size} {sample.id} {spec}: acc {row['accuracy']:.2f} ttft {row['ttft_s']:.2f}s "
+                      f"recomputed {row['assembly'].get('recomputed_rows_last_layer', '-')}", flush=True)
+            collect(args)
+
+
+def collect(args) -> dict:
+    rows = read_rows(args.out)
+    table = []
+    for size in sorted({r["size"] for r in rows}):
+        dense = {r["sample_id"]: r for r in rows if r["size"] == size and r["method"] == "dense"}
+        for spec in [m for m in METHODS + sorted({r["method"] for r in rows}) if m != "dense"]:
+            mine = {r["sample_id"]: r for r in rows if r["size"] == size and r["method"] == spec}
+            paired = sorted(set(mine) & set(dense))
+            if not paired or any(t["method"] == spec for t in table if t["assembled_tokens"] == size):
+                continue
+            acc = paired_difference({k: mine[k]["accuracy"] for k in paired}, {k: dense[k]["accuracy"] for k in paired})
+            nll = {k: _mean_nll(mine[k]) for k in paired}
+            dense_nll = {k: _mean_nll(dense[k]) for k in paired}
+            nll_diff = paired_difference(nll, dense_nll)
+            agreement = [t["prediction"] == d["prediction"] for k in paired
+                         for t, d in zip(mine[k]["turns"], dense[k]["turns"])]
+            ttft = statistics.mean(mine[k]["ttft_s"] for k in paired)
+            full = statistics.mean(dense[k]["ttft_s"] for k in paired)
+            assembled = [mine[k]["assembly"]["assembled_tokens"] for k in paired]
+            recomputed = [mine[k]["assembly"].get("recomputed_rows_last_layer", 0) for k in paired]
+            table.append({
+                "method": spec, "assembled_tokens": size, "samples": len(paired),
+                "assembled_tokens_mean": round(statistics.mean(assembled)),
+                "accuracy": round(statistics.mean(mine[k]["accuracy"] for k in paired), 4),
+                "dense_accuracy": round(statistics.mean(dense[k]["accuracy"] for k in paired), 4),
+                "ci_low": round(acc.low, 4), "ci_high": round(acc.high, 4), "verdict": acc.verdict,
+                "ttft_s": round(ttft, 3), "full_prefill_ttft_s": round(full, 3), "speedup": round(full / ttft, 2),
+                "ttft_interval_s": _interval([mine[k]["ttft_s"] for k in paired]),
+                "reference_nll": round(statistics.mean(v for v in nll.values() if v is not None), 4),
+                "dense_reference_nll": round(statistics.mean(v for v in dense_nll.values() if v is not None), 4),
+                "reference_nll_diff": nll_diff.to_dict() if nll_diff else None,
+                "agreement_with_dense": round(sum(agreement) / len(agreement), 4),
+                "recomputed_tokens": round(statistics.mean(recomputed), 1),
+                "recomputed_share": round(sum(recomputed) / max(1, sum(assembled)), 4),  # of all assembled tokens
+                "recomputed_first_layer": round(statistics.mean(mine[k]["assembly"].get("recomputed_rows_first_layer", 0)
+                                                                for k in paired), 1),
+                "assemble_load_s": round(statistics.mean(mine[k]["assembly"]["assemble_load_s"] for k in paired), 3),
+                "assemble_recompute_s": round(statistics.mean(mine[k]["assembly"]["assemble_recompute_s"]
+                                                              for k in paired), 3),
+                "doc_misses_in_measured_runs": sum(mine[k]["assembly"].get("doc_misses", 0) for k in paired),
+            })
+    sizes = sorted({r["size"] for r in rows})
+    wanted = [(size, spec) for size in (args.sizes or [4096, 8192]) for spec in args.methods]
+    have = {(r["size"], r["method"]) for r in rows}
+    counts = {f"{size}/{spec}": sum(1 for r in rows if r["size"] == size and r["method"] == spec)
+              for size, spec in wanted}
+    missing = [f"{key}: {n} of {args.samples} samples" for key, n in counts.items() if n < args.samples]
+    target = [t for t in table if t["assembled_tokens"] == 8192 and t["method"].startswith(("cacheblend", "epic"))]
+    payload = {
+        "machine": machine(), "commit": commit(), "dtype": next((r["dtype"] for r in rows), None),
+        "model": next((r["model"] for r in rows), None), "mode": "multi-request",
+        "settings": {"sizes": sizes, "samples_wanted": args.samples, "methods": args.methods, "store": args.store,
+                     "seed": args.seed, "threads": 1, "documents_warm": True},
+        "rows": table,
+        "target": {"rule": f"cacheblend or epic at 8192 assembled tokens: accuracy interval against dense includes or "
+                           f"exceeds 0, at >= {TARGET_SPEEDUP}x lower TTFT than a full prefill",
+                   "met_by": [t["method"] for t in target if t["ci_high"] >= 0 and t["speedup"] >= TARGET_SPEEDUP],
+                   "measured": bool(target)},
+        "missing": missing, "complete": not missing and all(key in have for key in wanted),
+    }
+    (args.out / "blend.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_report(payload, args.out)
+    return payload
+
+
+def _mean_nll(row: dict) -> float | None:
+    values = [t["reference_nll"] for t in row["turns"] if t["reference_nll"] is not None]
+    return statistics.mean(values) if values else None
+
+
+def _interval(values: list[float]) -> list[float]:
+    interval = bootstrap_mean(values)
+    return [round(interval.low, 3), round(interval.high, 3)] if interval else []
+
+
+def write_report(payload: dict, results: Path) -> None:
+    lines = ["# Contexts assembled from stored documents: rag task", "",
+             f"{payload['model']}, {payload['dtype']}, {payload['machine']}, commit {payload['commit']}, "
+             f"multi-request, documents stored before the measured runs.", "",
+             "| tokens | method | n | accuracy | dense | diff 95% CI | verdict | TTFT s | full prefill s | speedup | "
+             "NLL | dense NLL | agree | recomputed (share) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in payload["rows"]:
+        lines.append(f"| {r['assembled_tokens']} | {r['method']} | {r['samples']} | {r['accuracy']:.3f} | "
+                     f"{r['dense_accuracy']:.3f} | [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {r['verdict']} | "
+                     f"{r['ttft_s']:.2f} | {r['full_prefill_ttft_s']:.2f} | {r['speedup']:.1f}x | "
+                     f"{r['reference_nll']:.3f} | {r['dense_reference_nll']:.3f} | {r['agreement_with_dense']:.2f} | "
+                     f"{r['recomputed_tokens']:.0f} ({r['recomputed_share']:.1%}) |")
+    lines += ["", f"Target: {payload['target']['rule']}. Met by: {', '.join(payload['target']['met_by']) or 'none'}"
+              f"{'' if payload['target']['measured'] else ' (8K not measured yet)'}.", ""]
+    if payload["missing"]:
+        lines += ["Missing (rerun benchmarks/blend.py to resume): " + "; ".join(payload["missing"]), ""]
+    (results / "blend-report.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="4096,8192", help="assembled tokens per context, comma-separated")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--methods", default=";".join(METHODS), help="recipes separated by ';' (dense first)")
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--store", default="memory,disk:/tmp/runs/blend-docs", help="tiers for the document caches")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory of blend-rows.jsonl, blend.json, the report")
+    parser.add_argument("--collect", action="store_true", help="only rewrite blend.json from the rows so far")
+    args = parser.parse_args()
+    args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    args.methods = [m.strip() for m in args.methods.split(";") if m.strip()]
+    if "dense" not in args.methods:
+        args.methods.insert(0, "dense")
+    if args.collect:
+        collect(args)
+    else:
+        measure(args)
+
+
+if __name__ == "__main__":
+    main()
