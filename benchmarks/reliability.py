@@ -147,14 +147,15 @@ def _small_stream(rng: random.Random) -> bytes:
 def _recrc(original: bytes, blob: bytes) -> bytes:
     """`blob` (an edit of `original`) with every chunk CRC and the header CRC recomputed over its bytes,
     at the original's layout."""
-    from kvlife.codec.format import parse_header
+    from kvlife.codec.format import chunk_crc, parse_header
 
     header = parse_header(original)
     out = bytearray(blob)
     table = header.header_bytes - 4 - 8 * header.n_chunks
     offset = header.header_bytes
     for index, length in enumerate(header.chunk_lengths):
-        out[table + 8 * index + 4 : table + 8 * index + 8] = struct.pack("<I", zlib.crc32(bytes(out[offset : offset + length])))
+        crc = chunk_crc(bytes(out[offset : offset + length]), header.version)
+        out[table + 8 * index + 4 : table + 8 * index + 8] = struct.pack("<I", crc)
         offset += length
     end = header.header_bytes - 4
     out[end : end + 4] = struct.pack("<I", zlib.crc32(bytes(out[:end])))

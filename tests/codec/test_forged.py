@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from kvlife.codec import CodecError, decode, decode_layers, encode, encode_baseline
-from kvlife.codec.format import Header, LayerShape, Positions, assemble, parse_header
+from kvlife.codec.format import Header, LayerShape, Positions, assemble, chunk_crc, parse_header
 
 from .helpers import ROPE, real_like_layers
 
@@ -138,12 +138,35 @@ def test_positions_stay_compact_until_used():
     assert int(rows[7, 123]) == 123
 
 
-def _revision(blob: bytes, version: int) -> bytes:
-    """`blob` with its version field rewritten and the header checksum recomputed."""
+def _revision(blob: bytes, version: int, chunk_crcs: bool = False) -> bytes:
+    """`blob` with its version field rewritten and the header checksum recomputed (with `chunk_crcs`,
+    the chunk table's checksums too, as that version computes them: the stream a writer of that version
+    would have made from the same bytes)."""
     header = parse_header(blob)
     raw = bytearray(blob[: header.header_bytes - 4])
     raw[4:6] = struct.pack("<H", version)
+    if chunk_crcs:
+        table = header.header_bytes - 4 - 8 * header.n_chunks
+        offset = header.header_bytes
+        for index, length in enumerate(header.chunk_lengths):
+            crc = chunk_crc(blob[offset : offset + length], version)
+            raw[table + 8 * index + 4 : table + 8 * index + 8] = struct.pack("<I", crc)
+            offset += length
     return bytes(raw) + struct.pack("<I", zlib.crc32(raw)) + blob[header.header_bytes :]
+
+
+@pytest.mark.parametrize("level", ["lossless-ish", "high", "balanced", "extreme"])
+def test_a_version_3_stream_relabelled_is_refused_by_its_chunk_checksums(level):
+    """Version 3 seeds its chunk checksums by the version: any relabelling fails, whatever the bytes."""
+    for seed in range(16):
+        layers = real_like_layers(n_layers=2, tokens=50 + 7 * seed, dim=16, seed=seed)
+        blob = encode(layers, level=level, chunk_tokens=32, rope=ROPE)
+        assert parse_header(blob).version == 3
+        for version in (1, 2):
+            with pytest.raises(CodecError, match="checksum"):
+                decode_layers(_revision(blob, version))
+        with pytest.raises(CodecError, match="version 0"):
+            decode_layers(_revision(blob, 0))
 
 
 @pytest.mark.parametrize("level", ["lossless-ish", "high", "balanced", "extreme"])
@@ -151,8 +174,10 @@ def test_a_version_2_stream_relabelled_version_1_is_refused(level):
     for seed in range(8):
         layers = real_like_layers(n_layers=2, tokens=50 + 7 * seed, dim=16, seed=seed)
         blob = encode(layers, level=level, chunk_tokens=32, rope=ROPE)
+        blob_v2 = _revision(blob, 2, chunk_crcs=True)  # version 2 differs only in its chunk checksums
+        assert all(x.equal(y) for a, b in zip(decode_layers(blob_v2), decode_layers(blob)) for x, y in zip(a, b))
         with pytest.raises(CodecError, match="entropy"):
-            decode_layers(_revision(blob, 1))
+            decode_layers(_revision(blob_v2, 1))
 
 
 def test_a_version_1_stream_relabelled_version_2_is_refused():
@@ -160,11 +185,14 @@ def test_a_version_1_stream_relabelled_version_2_is_refused():
         blob = (Path(__file__).parent / "data" / f"v1-{name}.kvc").read_bytes()
         with pytest.raises(CodecError, match="entropy"):
             decode_layers(_revision(blob, 2))
+        with pytest.raises(CodecError, match="checksum"):
+            decode_layers(_revision(blob, 3))
 
 
-def test_baselines_read_the_same_in_both_versions():
+def test_baselines_read_the_same_in_every_version():
     layers = real_like_layers(n_layers=1, tokens=40, dim=8)
     for name in ("fp16", "int8", "lmcache"):
         blob = encode_baseline(name, layers, chunk_tokens=16)
-        for (k, v, p), (k1, v1, p1) in zip(decode_layers(blob), decode_layers(_revision(blob, 1))):
-            assert k.equal(k1) and v.equal(v1) and p.equal(p1)
+        for version in (1, 2):
+            for (k, v, p), (k1, v1, p1) in zip(decode_layers(blob), decode_layers(_revision(blob, version, True))):
+                assert k.equal(k1) and v.equal(v1) and p.equal(p1)

@@ -125,13 +125,13 @@ def test_fuzz_random_codes_and_shapes_never_crash(words, code, n):
     assert out[0].shape == (3, n)
 
 
-def test_version_2_streams_and_delta_coding_round_trip():
+def test_version_3_streams_and_delta_coding_round_trip():
     # strongly correlated tokens make the encoder pick anchor-delta coding
     rng = np.random.default_rng(0)
     walk = np.cumsum(rng.standard_normal((1, 2, 300, 16)) * 0.05, axis=2).astype(np.float32) + 1.0
     layers = [(torch.from_numpy(walk), torch.from_numpy(walk * 2), None)]
     blob = encode(layers, level="high", chunk_tokens=128)
-    assert parse_header(blob).version == 2 and inspect(blob)["format"] == "KVLC/2"
+    assert parse_header(blob).version == 3 and inspect(blob)["format"] == "KVLC/3"
     assert len(blob) < len(encode(layers, level="high", chunk_tokens=128, delta="off"))
     assert_within_bound(layers, decode_layers(blob), error_bound(blob))
 

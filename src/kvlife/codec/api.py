@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
-import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ from kvlife.codec.format import (
     assemble,
     check_shapes,
     chunk_bytes,
+    chunk_crc,
     parse_header,
 )
 from kvlife.codec.levels import DEFAULT_LEVEL, LEVEL_NAMES, LEVELS, Level
@@ -377,12 +377,13 @@ def decode_chunk_part(header: Header, index: int, part: bytes,
     """Decode chunk `index` from its bytes alone, given its stream's parsed header (streaming: the header
     arrives once, chunks one by one, possibly from streams of several levels made by one `encode_levels`).
 
-    `crc`: the chunk's CRC-32 (default: the header's chunk table entry), checked before decoding.
+    `crc`: the chunk's checksum as its stream's chunk table records it (`format.chunk_crc`; default: the
+    header's entry), checked before decoding.
     """
     if not 0 <= index < header.n_chunks:
         raise CodecError(f"chunk {index} does not exist (the stream has {header.n_chunks})")
     expected = header.chunk_crcs[index] if crc is None else crc
-    if zlib.crc32(part) != expected:
+    if chunk_crc(part, header.version) != expected:
         raise CodecError(f"chunk {index} checksum mismatch: the chunk is corrupt")
     after = [0] * (header.n_chunks - index - 1)
     view = dataclasses.replace(header, chunk_lengths=[0] * index + [len(part)] + after,

@@ -22,8 +22,17 @@ import zstandard
 from kvlife.errors import KvlifeError
 
 MAGIC = b"KVLC"
-VERSION = 2  # what the encoder writes: 2 = the kvlife scheme's entropy section is kvlife's rANS
-READABLE_VERSIONS = (1, 2)  # 1 = the same with constriction's ANS coder (still decoded)
+VERSION = 3  # what the encoder writes: 3 = version 2 with chunk checksums seeded by the version
+READABLE_VERSIONS = (1, 2, 3)  # 2: kvlife's rANS entropy section; 1: constriction's ANS coder (still decoded)
+# Version 3 seeds each chunk's CRC-32 with a constant of its own, so a stream whose version field is
+# rewritten (and its header checksum recomputed) fails every chunk's checksum, whatever its bytes: the
+# version is bound to the chunks' layout deterministically, not only by the entropy coder's end state.
+_CRC_SEEDS = {1: 0, 2: 0, 3: zlib.crc32(b"KVLC chunk, format version 3")}
+
+
+def chunk_crc(part: bytes | memoryview, version: int = VERSION) -> int:
+    """A chunk's checksum as a stream of format `version` records it in its chunk table."""
+    return zlib.crc32(part, _CRC_SEEDS[version])
 
 SCHEMES = ("kvlife", "fp16", "int8", "int8+zstd", "lmcache")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -347,7 +356,7 @@ def chunk_bytes(blob: bytes | memoryview, header: Header, index: int) -> memoryv
         raise CodecError(f"chunk {index} does not exist (the stream has {header.n_chunks})")
     start = header.header_bytes + sum(header.chunk_lengths[:index])
     part = memoryview(blob)[start : start + header.chunk_lengths[index]]
-    if zlib.crc32(part) != header.chunk_crcs[index]:
+    if chunk_crc(part, header.version) != header.chunk_crcs[index]:
         raise CodecError(f"chunk {index} checksum mismatch: the stream is corrupt")
     return part
 
@@ -355,5 +364,5 @@ def chunk_bytes(blob: bytes | memoryview, header: Header, index: int) -> memoryv
 def assemble(header: Header, chunks: list[bytes]) -> bytes:
     """A whole stream from a header (its chunk table is rewritten) and chunk bytes."""
     header.chunk_lengths = [len(c) for c in chunks]
-    header.chunk_crcs = [zlib.crc32(c) for c in chunks]
+    header.chunk_crcs = [chunk_crc(c, header.version) for c in chunks]
     return pack_header(header) + b"".join(chunks)

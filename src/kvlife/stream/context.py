@@ -15,7 +15,6 @@ its token ids on top of the chunks before it. The client checks every chunk's en
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,7 +173,8 @@ def build_context(
         header_blob = bytes(blob[:header.header_bytes])  # the same for every level but the chunk table
         parts = [bytes(chunk_bytes(blob, header, i)) for i in range(header.n_chunks)]
         chunks[level] = parts
-        infos[level] = [ChunkInfo(len(p), hashlib.sha256(p).hexdigest(), zlib.crc32(p)) for p in parts]
+        infos[level] = [ChunkInfo(len(p), hashlib.sha256(p).hexdigest(), crc)  # the chunk table's checksum
+                        for p, crc in zip(parts, header.chunk_crcs)]
     dtype = str(cache.layers[0].keys.dtype).replace("torch.", "")
     manifest = Manifest(context_id, [int(t) for t in token_ids], chunk_tokens, levels, infos,
                         hashlib.sha256(header_blob).hexdigest(), len(header_blob), model_fingerprint, model, dtype)
