@@ -298,17 +298,20 @@ class Session:
             self.documents = DocumentStore(self.store.store if self.store is not None else "memory", self.model,
                                            self.tokenizer, salt=self.store_salt)
         started = time.perf_counter()
+        head, documents = pieces[0], [piece for piece in pieces[1:] if piece]  # a segment may encode to nothing
+        pieces = ([head] if head else []) + documents
         layers, spans, figures = self.documents.assemble(pieces)
         loaded = time.perf_counter()
         ids = [token for piece in pieces for token in piece]
-        layers, blend_stats = self.recipe.assemble.blend(self.model, layers, ids, spans[1:])
+        layers, blend_stats = self.recipe.assemble.blend(self.model, layers, ids, spans[1:] if head else spans)
         blended = time.perf_counter()
         self.attach(KVCache.from_tensors(layers, next_position=len(ids)), ids)
-        self.forward(tail, phase="extend")
+        if tail:
+            self.forward(tail, phase="extend")
         elapsed = time.perf_counter() - started
         self.context_ids = self.raw_context_ids = ids + tail
         self.context_checkpoint = self.cache.checkpoint()
-        stats = {**figures.as_dict(), **blend_stats, "assembled_tokens": len(ids), "documents": len(pieces) - 1,
+        stats = {**figures.as_dict(), **blend_stats, "assembled_tokens": len(ids), "documents": len(documents),
                  "assemble_load_s": round(loaded - started, 5), "assemble_recompute_s": round(blended - loaded, 5),
                  "assemble_tail_s": round(elapsed - (blended - started), 5)}
         self.last_stats = stats

@@ -118,3 +118,22 @@ def test_runner_passes_the_rag_segments_and_records_the_assembly(model):
     assert rows[0]["assembly"]["doc_misses"] == len(sample.meta["segments"])
     assert rows[0]["ttft_s"] >= rows[0]["assembly"]["assemble_load_s"]
     assert "assembly" not in rows[1]
+
+
+def test_kvlife_bench_assembles_rag_contexts_from_a_store(tmp_path):
+    import json
+
+    from kvlife.cli import main
+    from tiny import tiny_tokenizer
+
+    tiny_model("qwen2", attn="sdpa").save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    common = ["bench", "--model", str(tmp_path / "tiny"), "--tasks", "rag", "--samples", "2", "--context-tokens", "150",
+              "--store", f"disk:{tmp_path / 'docs'}", "--mode", "multi-request", "--no-progress"]
+    for spec, out in [("epic(k=4)", "first"), ("cacheblend(ratio=0.15)", "second")]:
+        assert main([*common, "--method", spec, "--out", str(tmp_path / out)]) == 0
+    first, second = ([json.loads(line) for line in (tmp_path / out / "predictions.jsonl").read_text().splitlines()]
+                     for out in ("first", "second"))
+    assert first[0]["assembly"]["doc_misses"] == 4 and first[0]["assembly"]["recomputed_rows_last_layer"] == 12
+    assert second[0]["assembly"]["doc_misses"] == 0 and second[0]["assembly"]["doc_hits"] == 4  # stored by the first run
+    assert second[0]["ttft_s"] > 0 and "assembly" not in second[1]
