@@ -1,0 +1,287 @@
+"""A shared context's life: compress once (multi-request: before any query), store, fetch, answer many queries.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lifecycle.py [--set first|all] [--samples 8] [--collect]
+        [--only "kvzip(ratio=0.25)"] [--fetch]
+
+Per row (recipe, encoding, task, context length), in priority order (`ROWS`):
+1. accuracy: `kvlife bench --mode multi-request --store disk:DIR --store-encoding ENC` in-process into
+   results/lifecycle/<run-id>-<encoding>/ (resumable: rows are written a sample at a time); accuracy over
+   every turn, reference NLL, the paired difference against dense (raw) on the same samples with its 95%
+   bootstrap interval, the stored bytes per context token (what the store took for the context: a
+   whole-context entry for a compressed recipe, prefix chunks for dense);
+2. times on the first sample, back to back in one process: the first token after a full prefill (with its
+   compression; compression seconds from the prefill's stats) and after a disk-store hit of the same context;
+3. with --fetch: the stored bytes fetched through `kvlife serve --trace constant:100mbit` (the server's shaped
+   link), timed.
+Each finished row is saved as results/lifecycle/rows/<slug>.json at once (a killed run resumes at the next
+row); after every row benchmarks/results/lifecycle.json and lifecycle.md are rewritten. Each row takes
+/tmp/kvlife-heavy.lock while it runs a model, so other model jobs interleave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import re
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from foundation import machine  # noqa: E402
+
+from kvlife import models  # noqa: E402
+from kvlife.bench.runner import BenchConfig, read_rows, run  # noqa: E402
+from kvlife.bench.stats import paired_difference  # noqa: E402
+from kvlife.bench.summary import by_sample  # noqa: E402
+from kvlife.bench.tasks import get_task  # noqa: E402
+from kvlife.session import Session  # noqa: E402
+from kvlife.store import open_store  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+LOCK = "/tmp/kvlife-heavy.lock"
+RAW, BALANCED = "raw", "kvlife:balanced"
+AGNOSTIC = ["kvzip(ratio=0.25)", "expected_attention(ratio=0.25)", "keydiff(ratio=0.25)", "chunkkv(ratio=0.25)",
+            "duo_attention(ratio=0.25)"]
+# (recipe, encoding, task, context tokens or None for the profile's), most important first
+FIRST = [(spec, RAW, task, None) for task in ("kv", "prefix_suffix")
+         for spec in ["dense", "kvzip(ratio=0.25)", "snapkv(ratio=0.25)", *AGNOSTIC[1:]]]
+LATER = ([(spec, RAW, task, None) for task in ("qa_eng", "repoqa")
+          for spec in ["dense", "kvzip(ratio=0.25)", "snapkv(ratio=0.25)", *AGNOSTIC[1:]]]
+         + [(spec, RAW, task, None) for task in ("kv", "prefix_suffix", "qa_eng", "repoqa")
+            for spec in ["kivi(bits=2)", "kvzip(ratio=0.1)", "kvzip(ratio=0.5)"]]
+         + [(spec, BALANCED, task, None) for task in ("kv", "prefix_suffix", "qa_eng", "repoqa")
+            for spec in ["dense", "kvzip(ratio=0.25)"]]
+         + [(spec, enc, "kv", 8192) for spec in ["dense", "kvzip(ratio=0.25)"] for enc in (RAW, BALANCED)])
+SETS = {"first": FIRST, "all": FIRST + LATER}
+
+
+@contextmanager
+def heavy_lock():
+    with open(LOCK, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def slug(spec: str, encoding: str, task: str, context_tokens: int | None) -> str:
+    text = f"{spec}-{encoding}-{task}-{context_tokens or 'default'}"
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)
+
+
+def commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip() or "unknown"
+
+
+def fp16_bytes_per_token(model) -> int:
+    """K and V of every layer and KV head at 2 bytes an element: the fp16 dense cache's bytes per token."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers * config.num_key_value_heads * head_dim * 2 * 2
+
+
+class Lifecycle:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out = Path(args.out)
+        (self.out / "rows").mkdir(parents=True, exist_ok=True)
+        self.model = self.tokenizer = None
+
+    def load(self):
+        if self.model is None:
+            self.model, self.tokenizer = models.load(self.args.model, dtype=self.args.dtype)
+        return self.model, self.tokenizer
+
+    def store(self, encoding: str):
+        return open_store(f"disk:{self.out / 'store' / encoding.replace(':', '-')}", encoding=encoding)
+
+    def config(self, spec: str, task: str, context_tokens: int | None) -> BenchConfig:
+        return BenchConfig(model=self.args.model, tasks=[task], mode="multi-request", method=spec,
+                           samples=self.args.samples, context_tokens=context_tokens, dtype=self.args.dtype)
+
+    def run_dir(self, spec: str, encoding: str, task: str, context_tokens: int | None) -> Path:
+        return self.out / f"{self.config(spec, task, context_tokens).run_id()}-{encoding.replace(':', '-')}"
+
+    def row_path(self, key: tuple) -> Path:
+        return self.out / "rows" / f"{slug(*key)}.json"
+
+    # ---- one row ---------------------------------------------------------------------------------
+
+    def measure(self, key: tuple) -> dict:
+        spec, encoding, task, context_tokens = key
+        model, tokenizer = self.load()
+        config = self.config(spec, task, context_tokens)
+        run_dir = self.run_dir(*key)
+        started = time.perf_counter()
+        run(config, out=run_dir, model=model, tokenizer=tokenizer, progress=False, store=self.store(encoding))
+        accuracy_s = time.perf_counter() - started
+        rows = read_rows(run_dir / "predictions.jsonl")
+        firsts = [r for r in rows if r["turn"] == 1]
+        stored = [r["store"].get("store_put_bytes", 0) or r["store"].get("store_entry_bytes", 0) for r in firsts
+                  if r.get("store")]
+        stored_tokens = [self.stored_tokens(r, spec) for r in firsts if r.get("store")]
+        times = self.times(spec, encoding, task, context_tokens)
+        nll = [r["reference_nll"] for r in rows if r.get("reference_nll") is not None]
+        return {
+            "recipe": spec, "encoding": encoding, "task": task, "target_context_tokens": context_tokens,
+            "context_tokens": round(sum(r["context_tokens"] for r in firsts) / max(1, len(firsts))),
+            "samples": len(firsts), "turns": len(rows),
+            "accuracy": round(sum(r["score"] for r in rows) / max(1, len(rows)), 4),
+            "reference_nll": round(sum(nll) / len(nll), 4) if nll else None,
+            "bytes_per_token": round(sum(stored) / max(1, sum(stored_tokens)), 1) if stored else None,
+            "dense_fp16_bytes_per_token": fp16_bytes_per_token(model),
+            "cache_bytes_turn1": round(sum(r["cache_bytes"] for r in firsts) / max(1, len(firsts))),
+            **times, "accuracy_run_s": round(accuracy_s, 1), "run": run_dir.name,
+        }
+
+    @staticmethod
+    def stored_tokens(row: dict, spec: str) -> int:
+        """Context tokens the stored bytes stand for: the whole context (an entry), or the stored prefix
+        chunks of a dense prefill (its shorter-than-a-chunk tail is recomputed, not stored)."""
+        store = row["store"]
+        if spec == "dense":
+            return (row["context_tokens"] - 1) // 256 * 256 if store.get("store_put_bytes") else store["store_hit_tokens"]
+        return row["context_tokens"]
+
+    def times(self, spec: str, encoding: str, task: str, context_tokens: int | None) -> dict:
+        """First token after a full prefill (and compression) and after a disk-store hit, on the first sample."""
+        model, tokenizer = self.load()
+        sample = next(iter(get_task(task).samples("default", 1, 0, context_tokens)))
+        query = sample.turns[0].query
+        figures = {}
+        for name, store in (("full", None), ("hit", self.store(encoding))):
+            session = Session(model, tokenizer, spec, mode="multi-request", store=store)
+            prefilled = session.prefill(sample.context)
+            turn = session.ask(query, max_new_tokens=1, score_reference=False)
+            figures[f"ttft_{name}_s"] = round(prefilled.prefill_s + turn.ttft_s, 4)
+            if name == "full":
+                compress = prefilled.stats.get("compress") or {}
+                figures["compress_s"] = compress.get("seconds")
+            else:
+                last = session.store.last
+                figures["hit_tokens"] = last.get("store_hit_tokens")
+                figures["hit_fetch_s"], figures["hit_load_s"] = last.get("store_fetch_s"), last.get("store_load_s")
+                figures["stored_key"] = last.get("store_entry")
+        figures["ttft_speedup"] = round(figures["ttft_full_s"] / figures["ttft_hit_s"], 1)
+        return figures
+
+    # ---- all rows --------------------------------------------------------------------------------
+
+    def rows(self) -> list[dict]:
+        out = []
+        for path in sorted((self.out / "rows").glob("*.json")):
+            out.append(json.loads(path.read_text()))
+        return out
+
+    def go(self, keys: list[tuple]) -> None:
+        for key in keys:
+            path = self.row_path(key)
+            if path.exists():
+                continue
+            started = time.perf_counter()
+            with heavy_lock():
+                row = self.measure(key)
+            path.write_text(json.dumps(row, indent=2))
+            print(f"# {slug(*key)}: {time.perf_counter() - started:.0f} s", flush=True)
+            self.write(keys)
+
+    def write(self, keys: list[tuple]) -> None:
+        done = {(r["recipe"], r["encoding"], r["task"], r["target_context_tokens"]): r for r in self.rows()}
+        rows = []
+        for key, row in done.items():
+            row = dict(row)
+            dense_key = ("dense", RAW, key[2], key[3])
+            dense = done.get(dense_key)
+            if dense is not None:
+                mine = read_rows(self.out / row["run"] / "predictions.jsonl")
+                base = read_rows(self.out / dense["run"] / "predictions.jsonl")
+                found = paired_difference(by_sample(mine), by_sample(base))
+                row.update(dense_accuracy=dense["accuracy"], diff_vs_dense=round(found.mean, 4) if found else None,
+                           ci_low=round(found.low, 4) if found else None, ci_high=round(found.high, 4) if found else None,
+                           verdict=found.verdict if found else None,
+                           accuracy_vs_dense=round(row["accuracy"] / dense["accuracy"], 3) if dense["accuracy"] else None)
+            else:
+                row.update(dense_accuracy=None, diff_vs_dense=None, ci_low=None, ci_high=None, verdict=None)
+            if row.get("bytes_per_token"):
+                row["fp16_dense_over_stored"] = round(row["dense_fp16_bytes_per_token"] / row["bytes_per_token"], 2)
+            rows.append(row)
+        order = {key: index for index, key in enumerate(SETS["all"])}
+        rows.sort(key=lambda r: order.get((r["recipe"], r["encoding"], r["task"], r["target_context_tokens"]), 1 << 30))
+        missing = [slug(*key) for key in SETS["all"] if key not in done]
+        payload = {
+            "machine": machine(), "commit": commit(), "model": self.args.model, "dtype": self.args.dtype,
+            "settings": {"samples": self.args.samples, "profile": "default", "mode": "multi-request"},
+            "rows": rows, "missing": missing,
+            "notes": "accuracy: mean over every turn of every sample (multi-request: the context compressed before "
+                     "any query, each query answered on it). diff_vs_dense, ci_low, ci_high: the paired difference "
+                     "against dense (raw store) on the same samples, 95% bootstrap interval over samples; inside "
+                     "the interval is no difference. bytes_per_token: bytes the store took for a context / its "
+                     "tokens (the model computes in float32, so raw entries are float32); "
+                     "dense_fp16_bytes_per_token: K+V of every layer at 2 bytes an element. ttft_full_s: prefill "
+                     "(with compression) + first token on sample 1 without a store; ttft_hit_s: the same context "
+                     "from the disk store (warm page cache) + first token; compress_s: the compression's own "
+                     "seconds in that prefill. 'missing': rows of the full plan not measured yet.",
+        }
+        target = Path(self.args.json)
+        target.write_text(json.dumps(payload, indent=2))
+        target.with_suffix(".md").write_text(report(payload))
+        print(report(payload), flush=True)
+
+
+def fmt(value, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report(payload: dict) -> str:
+    lines = [f"# Lifecycle: compress once, store, reuse ({payload['model']}, {payload['dtype']}, commit "
+             f"{payload['commit']})", "",
+             "Multi-request mode; paired 95% interval against dense (raw) on the same samples. "
+             "Generated by benchmarks/lifecycle.py from lifecycle.json.", "",
+             "| recipe | encoding | task | tokens | n | accuracy | dense | diff [95% CI] | NLL | bytes/token | "
+             "fp16 dense / stored | compress s | TTFT full s | TTFT hit s | speed-up |",
+             "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in payload["rows"]:
+        ci = (f"{r['diff_vs_dense']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
+              if r.get("diff_vs_dense") is not None else "-")
+        lines.append(f"| {r['recipe']} | {r['encoding']} | {r['task']} | {r['context_tokens']} | {r['samples']} | "
+                     f"{r['accuracy']:.2f} | {fmt(r.get('dense_accuracy'), '.2f')} | {ci} | "
+                     f"{fmt(r.get('reference_nll'), '.3f')} | {fmt(r.get('bytes_per_token'), ',.0f')} | "
+                     f"{fmt(r.get('fp16_dense_over_stored'), '.1f')} | {fmt(r.get('compress_s'), '.1f')} | "
+                     f"{r['ttft_full_s']:.2f} | {r['ttft_hit_s']:.3f} | {r['ttft_speedup']:.0f}x |")
+    if payload["missing"]:
+        lines += ["", f"Not measured yet ({len(payload['missing'])} rows of the plan): " + ", ".join(payload["missing"])]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=models.DEFAULT_MODEL)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--set", default="first", choices=sorted(SETS))
+    parser.add_argument("--only", default=None, help="';'-separated recipes: run only these rows of the set")
+    parser.add_argument("--out", default="results/lifecycle")
+    parser.add_argument("--json", default=str(RESULTS / "lifecycle.json"), help="results file (and its .md report)")
+    parser.add_argument("--collect", action="store_true", help="run nothing: rewrite the results from saved rows")
+    args = parser.parse_args()
+    keys = SETS[args.set]
+    if args.only:
+        keep = set(args.only.split(";"))
+        keys = [key for key in keys if key[0] in keep]
+    lifecycle = Lifecycle(args)
+    if args.collect:
+        lifecycle.write(keys)
+    else:
+        lifecycle.go(keys)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
