@@ -1,7 +1,8 @@
 """A shared context's life: compress once (multi-request: before any query), store, fetch, answer many queries.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lifecycle.py [--set first|all] [--samples 8] [--collect]
-        [--only "kvzip(ratio=0.25)"] [--fetch]
+        [--only "kvzip(ratio=0.25)"]
+    .venv/bin/python benchmarks/lifecycle.py --set all --fetch    # no model: the 100 Mbit/s fetch times
 
 Per row (recipe, encoding, task, context length), in priority order (`ROWS`):
 1. accuracy: `kvlife bench --mode multi-request --store disk:DIR --store-encoding ENC` in-process into
@@ -11,8 +12,9 @@ Per row (recipe, encoding, task, context length), in priority order (`ROWS`):
    whole-context entry for a compressed recipe, prefix chunks for dense);
 2. times on the first sample, back to back in one process: the first token after a full prefill (with its
    compression; compression seconds from the prefill's stats) and after a disk-store hit of the same context;
-3. with --fetch: the stored bytes fetched through `kvlife serve --trace constant:100mbit` (the server's shaped
-   link), timed.
+3. with --fetch (no model): one context's stored bytes fetched from `kvlife serve --trace constant:100mbit`
+   (the server's shaped link), timed: the entry itself for a compressed recipe, a blob of the stored
+   chunks' size for dense.
 Each finished row is saved as results/lifecycle/rows/<slug>.json at once (a killed run resumes at the next
 row); after every row benchmarks/results/lifecycle.json and lifecycle.md are rewritten. Each row takes
 /tmp/kvlife-heavy.lock while it runs a model, so other model jobs interleave.
@@ -192,6 +194,57 @@ class Lifecycle:
             print(f"# {slug(*key)}: {time.perf_counter() - started:.0f} s", flush=True)
             self.write(keys)
 
+    def fetch(self, keys: list[tuple]) -> None:
+        """Time each row's stored bytes for one context through `kvlife serve --trace constant:100mbit`: the
+        entry itself (compressed rows, read from the disk tier) or a blob of the stored chunks' size (dense)."""
+        import hashlib
+        import os
+        import socket
+        import tempfile
+
+        from kvlife.store.envelope import open_chunk, seal_chunk
+        from kvlife.store.remote import RemoteBackend
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        root = tempfile.mkdtemp(prefix="lifecycle-serve-")
+        server = subprocess.Popen([sys.executable, "-m", "kvlife.store.server", "--store", root, "--port", str(port),
+                                   "--token", "lifecycle", "--trace", "constant:100mbit", "--max-chunk-bytes", "4e9"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            remote = RemoteBackend(f"http://127.0.0.1:{port}", token="lifecycle", timeout_s=600)
+            for _ in range(100):
+                try:
+                    remote.stats()
+                    break
+                except Exception:
+                    time.sleep(0.2)
+            for key in keys:
+                path = self.row_path(key)
+                if not path.exists():
+                    continue
+                row = json.loads(path.read_text())
+                if row.get("fetch_100mbit_s") is not None:
+                    continue
+                payload = None
+                if row.get("stored_key"):
+                    blob = self.store(row["encoding"]).tiers[0].get(row["stored_key"])
+                    payload = open_chunk(row["stored_key"], blob) if blob else None
+                if payload is None:
+                    payload = os.urandom(int(row["bytes_per_token"] * row["context_tokens"]))
+                name = hashlib.sha256(payload).hexdigest()
+                remote.put(name, seal_chunk(name, payload))
+                started = time.perf_counter()
+                fetched = remote.get_many([name])[0]
+                row["fetch_100mbit_s"] = round(time.perf_counter() - started, 3)
+                row["fetch_bytes"] = len(fetched or b"")
+                path.write_text(json.dumps(row, indent=2))
+                print(f"# fetch {path.stem}: {row['fetch_bytes']:,} bytes in {row['fetch_100mbit_s']} s", flush=True)
+        finally:
+            server.terminate()
+            server.wait(10)
+
     def write(self, keys: list[tuple]) -> None:
         done = {(r["recipe"], r["encoding"], r["task"], r["target_context_tokens"]): r for r in self.rows()}
         rows = []
@@ -227,7 +280,8 @@ class Lifecycle:
                      "dense_fp16_bytes_per_token: K+V of every layer at 2 bytes an element. ttft_full_s: prefill "
                      "(with compression) + first token on sample 1 without a store; ttft_hit_s: the same context "
                      "from the disk store (warm page cache) + first token; compress_s: the compression's own "
-                     "seconds in that prefill. 'missing': rows of the full plan not measured yet.",
+                     "seconds in that prefill. fetch_100mbit_s: one context's stored bytes (fetch_bytes) fetched from kvlife "
+                     "serve shaped to a constant 100 Mbit/s (--fetch). 'missing': rows of the full plan not measured yet.",
         }
         target = Path(self.args.json)
         target.write_text(json.dumps(payload, indent=2))
@@ -245,8 +299,8 @@ def report(payload: dict) -> str:
              "Multi-request mode; paired 95% interval against dense (raw) on the same samples. "
              "Generated by benchmarks/lifecycle.py from lifecycle.json.", "",
              "| recipe | encoding | task | tokens | n | accuracy | dense | diff [95% CI] | NLL | bytes/token | "
-             "fp16 dense / stored | compress s | TTFT full s | TTFT hit s | speed-up |",
-             "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "fp16 dense / stored | compress s | TTFT full s | TTFT hit s | speed-up | fetch 100 Mbit/s s |",
+             "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in payload["rows"]:
         ci = (f"{r['diff_vs_dense']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
               if r.get("diff_vs_dense") is not None else "-")
@@ -254,7 +308,8 @@ def report(payload: dict) -> str:
                      f"{r['accuracy']:.2f} | {fmt(r.get('dense_accuracy'), '.2f')} | {ci} | "
                      f"{fmt(r.get('reference_nll'), '.3f')} | {fmt(r.get('bytes_per_token'), ',.0f')} | "
                      f"{fmt(r.get('fp16_dense_over_stored'), '.1f')} | {fmt(r.get('compress_s'), '.1f')} | "
-                     f"{r['ttft_full_s']:.2f} | {r['ttft_hit_s']:.3f} | {r['ttft_speedup']:.0f}x |")
+                     f"{r['ttft_full_s']:.2f} | {r['ttft_hit_s']:.3f} | {r['ttft_speedup']:.0f}x | "
+                     f"{fmt(r.get('fetch_100mbit_s'), '.2f')} |")
     if payload["missing"]:
         lines += ["", f"Not measured yet ({len(payload['missing'])} rows of the plan): " + ", ".join(payload["missing"])]
     return "\n".join(lines) + "\n"
@@ -269,6 +324,8 @@ def main() -> int:
     parser.add_argument("--only", default=None, help="';'-separated recipes: run only these rows of the set")
     parser.add_argument("--out", default="results/lifecycle")
     parser.add_argument("--json", default=str(RESULTS / "lifecycle.json"), help="results file (and its .md report)")
+    parser.add_argument("--fetch", action="store_true", help="run no model: time the saved rows' stored bytes over "
+                        "kvlife serve's 100 Mbit/s shaped link, then rewrite the results")
     parser.add_argument("--collect", action="store_true", help="run nothing: rewrite the results from saved rows")
     args = parser.parse_args()
     keys = SETS[args.set]
@@ -276,7 +333,10 @@ def main() -> int:
         keep = set(args.only.split(";"))
         keys = [key for key in keys if key[0] in keep]
     lifecycle = Lifecycle(args)
-    if args.collect:
+    if args.fetch:
+        lifecycle.fetch(keys)
+        lifecycle.write(keys)
+    elif args.collect:
         lifecycle.write(keys)
     else:
         lifecycle.go(keys)
