@@ -221,3 +221,13 @@ def test_cli_bench_stores_compressed_contexts_and_refuses_bad_parameters(tmp_pat
         predictions.append(runner.read_rows(tmp_path / f"run{index}" / "predictions.jsonl"))
     assert predictions[1][0]["store"]["store_hit_tokens"] == predictions[1][0]["context_tokens"]
     assert predictions[0][0]["prediction"] == predictions[1][0]["prediction"]
+
+
+def test_a_hybrid_model_compresses_unstored_and_the_log_says_why(caplog):
+    model = tiny_model("jamba")
+    store = open_store("memory", chunk_size=16)
+    with caplog.at_level(logging.INFO, logger="kvlife.store"):
+        stored = session(model, "snapkv(ratio=0.25)", store)
+        assert answer(stored) == answer(session(model, "snapkv(ratio=0.25)"))
+    assert "recurrent" in stored.store.last["store_skipped"] and store.counters["put_chunks"] == 0
+    assert "recurrent" in caplog.text

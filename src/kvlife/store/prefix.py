@@ -158,8 +158,12 @@ class PrefixStore:
         A lossy encoding hands the session the decoded entry on a miss too, so that every run answers on
         what the store holds. Returns the figures for the prefill's stats."""
         load = getattr(session.recipe, "load", None)
+        blocker = None
         if load is not None and hasattr(load, "observe"):
             blocker = f"load method {load.spec()} indexes the prefill as it runs"
+        elif getattr(session.cache, "has_state", False):
+            blocker = "the model has recurrent (SSM/conv) layers, whose state whole-context entries do not hold"
+        if blocker is not None:
             if blocker not in self.noted:
                 self.noted.add(blocker)
                 log.info("kvlife store: not used for recipe %s: %s", session.recipe.spec, blocker)
