@@ -231,3 +231,17 @@ def test_a_hybrid_model_compresses_unstored_and_the_log_says_why(caplog):
         assert answer(stored) == answer(session(model, "snapkv(ratio=0.25)"))
     assert "recurrent" in stored.store.last["store_skipped"] and store.counters["put_chunks"] == 0
     assert "recurrent" in caplog.text
+
+
+def test_entries_through_kvlife_serve_stay_with_their_tenant(models, server_url):
+    from tests.store.conftest import TOKENS
+
+    def store_of(tenant):
+        return open_store(f"{server_url}?token={TOKENS[tenant]}", chunk_size=16)
+
+    spec = "kvzip(ratio=0.25,level=pair)"
+    fresh = answer(session(models["qwen2"], spec, store_of("alice")))
+    bob = session(models["qwen2"], spec, store_of("bob"))
+    assert answer(bob) == fresh and bob.store.last["store_hit_tokens"] == 0  # same key, another tenant's directory
+    alice = session(models["qwen2"], spec, store_of("alice"))
+    assert answer(alice) == fresh and alice.store.last["store_hit_tokens"] == len(alice.context_ids)
