@@ -121,8 +121,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     table = Table(title="kvlife methods")
-    for column in ("name", "stage", "parameters (defaults)", "paper"):
-        table.add_column(column)
+    # a name is what the user types: never cut or wrapped; the other columns wrap around it
+    table.add_column("name", no_wrap=True, min_width=max(len(row["name"]) for row in rows))
+    for column in ("stage", "parameters (defaults)", "paper"):
+        table.add_column(column, overflow="fold")
     for row in rows:
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items()) or "-"
         table.add_row(row["name"], row["stage"], params, row["paper"])
@@ -136,8 +138,10 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     from kvlife.bench.tasks import TASKS
 
     table = Table(title="kvlife tasks")
-    for column in ("task", "group", "profiles", "what it asks"):
-        table.add_column(column)
+    # a task name is what the user types: never cut or wrapped; the other columns wrap around it
+    table.add_column("task", no_wrap=True, min_width=max(len(name) for name in TASKS))
+    for column in ("group", "profiles", "what it asks"):
+        table.add_column(column, overflow="fold")
     for name, cls in sorted(TASKS.items()):
         table.add_row(name, cls.group, ", ".join(cls.profiles), cls.description)
     _console().print(table)
@@ -188,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kvlife.models import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(prog="kvlife", description="The life of a long-context LLM's KV cache.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' own progress bars (transformers' weight loading, GGUF "
+                             "conversion); accepted anywhere on the command line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     bench = sub.add_parser("bench", help="run the shared-context benchmark",
@@ -275,9 +282,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LIBRARY_BARS = ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")  # transformers' own bars; tqdm's (GGUF)
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """transformers' "Loading weights" bars and the GGUF conversion's bars stay out of normal output.
+
+    Both libraries read these variables when they are imported, which the commands do later."""
+    if verbose:
+        for name in LIBRARY_BARS:
+            os.environ.pop(name, None)
+    else:
+        for name in LIBRARY_BARS:
+            os.environ.setdefault(name, "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else list(argv)
+    quiet_libraries("--verbose" in argv)
+    argv = [arg for arg in argv if arg != "--verbose"]
     if argv[:1] == ["serve"] or argv[:2] == ["stream", "serve"]:
         # a chunk server needs neither torch nor a model: its own parser, not the whole CLI's imports
         from kvlife.store.server import main as serve_main
