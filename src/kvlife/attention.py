@@ -263,6 +263,7 @@ def kvlife_attention(
 
 def register() -> None:
     """Register kvlife's attention with transformers (idempotent)."""
+    # transformers' modeling code takes seconds to import: loaded when a model is, not with this module
     from transformers import AttentionInterface
 
     AttentionInterface.register(KVLIFE_ATTENTION, kvlife_attention)

@@ -40,7 +40,7 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 def _kmeans(data: np.ndarray, clusters: int, seed: int) -> np.ndarray:
-    import faiss
+    import faiss  # heavy (own BLAS and OpenMP): loaded by the first index build, not with kvlife.methods
 
     kmeans = faiss.Kmeans(data.shape[1], clusters, niter=KMEANS_ITERATIONS, seed=seed, verbose=False,
                           min_points_per_centroid=1, max_points_per_centroid=1 << 20)

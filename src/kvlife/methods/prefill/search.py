@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
+from kvlife import models
 from kvlife.attention import AttnCall, StepContext, dense_attention
+from kvlife.cache import KVCache, cache_kwarg
 from kvlife.errors import SpecError
 from kvlife.methods.base import PrefillMethod
 from kvlife.methods.prefill import patterns
@@ -111,8 +113,6 @@ class PatternSearch(PrefillMethod):
 def search(model: Any, tokenizer: Any, model_name: str, tokens: int = 16384, target_recall: float = 0.95,
            rows: int = 256, candidates=CANDIDATES, ids: list[int] | None = None, log=print) -> dict:
     """Run the search on one calibration sample; returns the config dict (see patterns.py)."""
-    from kvlife.cache import KVCache, cache_kwarg
-
     if not 0 < target_recall <= 1:
         raise SpecError(f"search-patterns: --recall must be in (0, 1], got {target_recall}")
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -150,8 +150,6 @@ def search(model: Any, tokenizer: Any, model_name: str, tokens: int = 16384, tar
 
 
 def cmd_search_patterns(args: argparse.Namespace) -> int:
-    from kvlife import models
-
     model, tokenizer = models.load(args.model)
     config = search(model, tokenizer, models.model_name(args.model), tokens=args.tokens,
                     target_recall=args.recall, rows=args.rows)
@@ -163,12 +161,11 @@ def cmd_search_patterns(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """The `kvlife search-patterns` subcommand."""
-    from kvlife.models import DEFAULT_MODEL
-
     parser = sub.add_parser("search-patterns", help="search MInference's per-head sparse patterns (writes JSON)",
                             description="Pick each attention head's sparse prefill pattern and sizes by the "
                                         "attention mass it keeps on a calibration sample.")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model name or HF dir (default {DEFAULT_MODEL})")
+    parser.add_argument("--model", default=models.DEFAULT_MODEL,
+                        help=f"registered model name or HF dir (default {models.DEFAULT_MODEL})")
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--tokens", type=int, default=16384, help="calibration sample length (default 16384)")
     parser.add_argument("--recall", type=float, default=0.95, help="attention mass each head must keep (default 0.95)")

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from kvlife import models
 from kvlife.errors import SpecError
 from kvlife.methods.base import PromptMethod
 
@@ -112,8 +113,6 @@ class Lingua(PromptMethod):
         if self.scorer == "self":
             return self.surprisal(context_ids, model)
         if self._scorer is None:
-            from kvlife import models
-
             self._scorer = models.load(self.scorer)
         scorer_model, scorer_tokenizer = self._scorer
         try:
