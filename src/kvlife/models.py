@@ -271,7 +271,7 @@ def dtype_name(dtype: Any) -> str:
 
 def load(name_or_dir: str, device: str | None = None, dtype: Any = "auto"):
     """Load (model, tokenizer) with kvlife's attention, in `dtype` (see `resolve_dtype`)."""
-    # torch and transformers load here, not at import: the registry serves `kvlife serve`, `--help` and listings
+    # torch and transformers load here, not at import: the registry serves `kvlife serve` and `--help`
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kvlife.attention import KVLIFE_ATTENTION, register
