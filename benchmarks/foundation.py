@@ -19,29 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common import machine
+
 RESULTS = Path(__file__).parent / "results" / "foundation.json"
 
-
-def machine() -> str:
-    import os
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cpus, {mem:.0f} GiB, {platform.system()} (no GPU)"
 
 
 def measure_model(name: str, lengths: list[int], decode_tokens: int, dtype: str = "auto") -> dict:
