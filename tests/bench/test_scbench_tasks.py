@@ -115,7 +115,7 @@ def test_many_shot_labels_follow_the_examples(held_out):
     sample = task.make_sample(random.Random(1), 0, categories=4, examples=120, turns=4, held_out=held_out)
     assert sample.context.count("Label:") == 120
     for turn in sample.turns:
-        item = turn.query.split("\n")[0].removeprefix("Item: ")
+        item = turn.query.split('"')[1]
         assert (f"Item: {item}\n" in sample.context) == (held_out == 0)  # held out: never among the examples
         assert f"Label: {turn.answer}" in sample.context
 
