@@ -99,8 +99,12 @@ def small_profile(monkeypatch):
 
 
 def _run(tmp_path, model, method="dense", mode="multi-turn", out=None):
-    config = BenchConfig(model="tiny", tasks=["kv"], mode=mode, method=method, profile="test", prompt_format="plain")
-    return runner.run(config, out=out or tmp_path / "run", model=model, tokenizer=ByteTokenizer(), progress=False)
+    config = BenchConfig(
+        model="tiny", tasks=["kv"], mode=mode, method=method, profile="test", prompt_format="plain"
+    )
+    return runner.run(
+        config, out=out or tmp_path / "run", model=model, tokenizer=ByteTokenizer(), progress=False
+    )
 
 
 def test_run_writes_config_predictions_summary(tmp_path, small_profile):
@@ -110,7 +114,15 @@ def test_run_writes_config_predictions_summary(tmp_path, small_profile):
     rows = runner.read_rows(out / "predictions.jsonl")
     assert len(rows) == 6 and {r["turn"] for r in rows} == {1, 2}
     for row in rows:
-        for key in ("prediction", "reference", "score", "prefill_s", "ttft_s", "cache_bytes", "reference_nll"):
+        for key in (
+            "prediction",
+            "reference",
+            "score",
+            "prefill_s",
+            "ttft_s",
+            "cache_bytes",
+            "reference_nll",
+        ):
             assert key in row
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tasks"]["kv"]["samples"] == 3 and "1" in summary["tasks"]["kv"]["per_turn"]
@@ -189,3 +201,19 @@ def test_html_report_has_table_and_plots(tmp_path, small_profile):
     for name in ("turns", "bytes", "modes"):
         assert f"id='plot-{name}'" in page
     assert page.count("data:image/png;base64,") == 3
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_same_seed_and_dtype_give_the_same_scores(tmp_path, small_profile, dtype):
+    import torch
+
+    runs = []
+    for name in ("a", "b"):
+        model = tiny_model().to(getattr(torch, dtype))
+        config = BenchConfig(model="tiny", tasks=["kv"], mode="multi-request", method="snapkv(ratio=0.5)",
+                             profile="test", prompt_format="plain", seed=3, dtype=dtype)
+        out = runner.run(config, out=tmp_path / name, model=model, tokenizer=ByteTokenizer(), progress=False)
+        runs.append(runner.read_rows(out / "predictions.jsonl"))
+    fields = ("sample_id", "turn", "prediction", "score", "reference_nll", "dtype")
+    assert [[row[f] for f in fields] for row in runs[0]] == [[row[f] for f in fields] for row in runs[1]]
+    assert {row["dtype"] for row in runs[0]} == {dtype} and len(runs[0]) == 6
