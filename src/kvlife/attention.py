@@ -115,7 +115,12 @@ def _sdpa(query, key, value, mask=None, is_causal=False, scaling=1.0, groups=1):
             query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=True
         )
     return F.scaled_dot_product_attention(
-        query, expand_kv(key, groups), expand_kv(value, groups), attn_mask=mask, is_causal=is_causal, scale=scaling
+        query,
+        expand_kv(key, groups),
+        expand_kv(value, groups),
+        attn_mask=mask,
+        is_causal=is_causal,
+        scale=scaling,
     )
 
 
@@ -145,7 +150,9 @@ def dense_attention(call: AttnCall) -> torch.Tensor:
             and q_len == k_len
             and bool((call.q_pos == row).all())
         ):
-            return _sdpa(call.query, call.key, call.value, is_causal=True, scaling=call.scaling, groups=call.groups)
+            return _sdpa(
+                call.query, call.key, call.value, is_causal=True, scaling=call.scaling, groups=call.groups
+            )
         return _chunked(call, _masked_sdpa_sorted)
     return _chunked(call, _masked_sdpa)
 
@@ -199,7 +206,9 @@ def _chunked(call: AttnCall, fn) -> torch.Tensor:
     outs = []
     for start in range(0, q_len, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, q_len)
-        part = AttnCall(**{**call.__dict__, "query": call.query[:, :, start:stop], "q_pos": call.q_pos[start:stop]})
+        part = AttnCall(
+            **{**call.__dict__, "query": call.query[:, :, start:stop], "q_pos": call.q_pos[start:stop]}
+        )
         outs.append(fn(part))
     return torch.cat(outs, dim=2)
 

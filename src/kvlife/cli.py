@@ -29,7 +29,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASKS)
     if not tasks:
-        raise KvlifeError(f"--tasks {args.tasks!r} names no task; give names such as kv,qa_eng (see `kvlife tasks`)")
+        raise KvlifeError(
+            f"--tasks {args.tasks!r} names no task; give names such as kv,qa_eng (see `kvlife tasks`)"
+        )
     if args.samples is not None and args.samples < 1:
         raise KvlifeError(f"--samples must be at least 1, got {args.samples}")
     if args.data and not args.tasks and Path(args.data).is_dir():  # the tasks DIR has files for
@@ -51,24 +53,47 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not args.base_url:
             raise KvlifeError("--backend openai needs --base-url URL (e.g. http://127.0.0.1:8000/v1)")
         if not model:
-            raise KvlifeError("--backend openai needs --model NAME, the name the server serves (see its /v1/models)")
+            raise KvlifeError(
+                "--backend openai needs --model NAME, the name the server serves (see its /v1/models)"
+            )
     elif args.base_url:
         raise KvlifeError("--base-url is for --backend openai")
     for mode in modes:
-        config = BenchConfig(model=model or DEFAULT_MODEL, tasks=tasks, mode=mode, method=args.method,
-                             samples=args.samples, profile=args.profile, seed=args.seed, own_answers=args.own_answers,
-                             recompress=args.recompress, max_turns=args.max_turns, prompt_format=args.format,
-                             data=args.data, max_length=args.max_length, backend=args.backend,
-                             base_url=args.base_url if args.backend == "openai" else None, dtype=args.dtype,
-                             context_tokens=args.context_tokens)
+        config = BenchConfig(
+            model=model or DEFAULT_MODEL,
+            tasks=tasks,
+            mode=mode,
+            method=args.method,
+            samples=args.samples,
+            profile=args.profile,
+            seed=args.seed,
+            own_answers=args.own_answers,
+            recompress=args.recompress,
+            max_turns=args.max_turns,
+            prompt_format=args.format,
+            data=args.data,
+            max_length=args.max_length,
+            backend=args.backend,
+            base_url=args.base_url if args.backend == "openai" else None,
+            dtype=args.dtype,
+            context_tokens=args.context_tokens,
+        )
         backend = None
         if args.backend == "openai":
             backend = make_backend(config, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
                                    concurrency=args.concurrency, timeout_s=args.timeout, retries=args.retries)
         elif args.concurrency != 1:
-            raise KvlifeError("--concurrency is for --backend openai (the local backend runs one sample at a time)")
-        out = Path(args.out) / config.run_id() if args.out and len(modes) > 1 else (Path(args.out) if args.out else None)
-        run_dir = run(config, out=out, progress=not args.no_progress, console=console, store=store, backend=backend)
+            raise KvlifeError(
+                "--concurrency is for --backend openai (the local backend runs one sample at a time)"
+            )
+        out = (
+            Path(args.out) / config.run_id()
+            if args.out and len(modes) > 1
+            else (Path(args.out) if args.out else None)
+        )
+        run_dir = run(
+            config, out=out, progress=not args.no_progress, console=console, store=store, backend=backend
+        )
         summary = write_summary(run_dir)
         print_tables(summary, console)
         console.print(f"results: {run_dir}")
@@ -99,8 +124,10 @@ def _check_sizes(args: argparse.Namespace, tasks: list[str]) -> None:
 
         room = max(get_task(name).room_tokens() for name in tasks)
         if args.context_tokens + room > window:
-            raise KvlifeError(f"--context-tokens {args.context_tokens} does not fit the model's {window}-token window "
-                              f"with {room} tokens left for the queries and answers; use at most {window - room}")
+            raise KvlifeError(
+                f"--context-tokens {args.context_tokens} does not fit the model's {window}-token window "
+                f"with {room} tokens left for the queries and answers; use at most {window - room}"
+            )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -164,7 +191,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         table.add_column(column)
     for row in models.listing():
         name = row["name"] + (" (default)" if row["default"] else "")
-        table.add_row(name, "yes" if row["pulled"] else f"no: kvlife models pull {row['name']}", row["description"])
+        table.add_row(
+            name, "yes" if row["pulled"] else f"no: kvlife models pull {row['name']}", row["description"]
+        )
     _console().print(table)
     return 0
 
@@ -199,48 +228,82 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run the shared-context benchmark",
                            description="Run tasks on one shared context per sample, scored per turn.")
-    bench.add_argument("--model", default=None,
-                       help=f"registered model name or HF dir (default {DEFAULT_MODEL}); with --backend openai, "
-                       "the name the server serves")
-    bench.add_argument("--tasks", default="", help="comma-separated task names (default: all; see `kvlife tasks`)")
+    bench.add_argument(
+        "--model",
+        default=None,
+        help=f"registered model name or HF dir (default {DEFAULT_MODEL}); with --backend openai, "
+        "the name the server serves",
+    )
+    bench.add_argument(
+        "--tasks", default="", help="comma-separated task names (default: all; see `kvlife tasks`)"
+    )
     bench.add_argument("--mode", default="multi-turn", choices=["multi-turn", "multi-request", "both"])
-    bench.add_argument("--method", default="dense", help="recipe spec, e.g. 'dense', 'streamingllm(n_local=256)'")
+    bench.add_argument(
+        "--method", default="dense", help="recipe spec, e.g. 'dense', 'streamingllm(n_local=256)'"
+    )
     bench.add_argument("--samples", type=int, default=None, help="samples per task (default: the profile's)")
     bench.add_argument("--profile", default="default", help="task sizes: default | long | scbench")
     bench.add_argument("--context-tokens", type=int, default=None, metavar="N",
                        help="set every task's context length to about N tokens (any profile)")
-    bench.add_argument("--dtype", default="auto", metavar="auto|float32|bfloat16",
-                       help="the local model's dtype; auto: bfloat16 on CUDA or a CPU with native bf16, else float32")
+    bench.add_argument(
+        "--dtype",
+        default="auto",
+        metavar="auto|float32|bfloat16",
+        help="the local model's dtype; auto: bfloat16 on CUDA or a CPU with native bf16, else float32",
+    )
     bench.add_argument("--out", default=None, help="run directory (default results/<run-id>; reruns resume)")
     bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--own-answers", action="store_true", help="multi-turn: feed back the model's own answers")
-    bench.add_argument("--recompress", action="store_true", help="compress at every turn, not only the first prefill")
+    bench.add_argument(
+        "--own-answers", action="store_true", help="multi-turn: feed back the model's own answers"
+    )
+    bench.add_argument(
+        "--recompress", action="store_true", help="compress at every turn, not only the first prefill"
+    )
     bench.add_argument("--max-turns", type=int, default=None)
     bench.add_argument("--format", default="chat", choices=["chat", "plain"], help="prompt format")
-    bench.add_argument("--data", default=None, metavar="DIR",
-                       help="SCBench's released rows (scbench_*.jsonl/.parquet in DIR, or 'hub') instead of generated")
+    bench.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="SCBench's released rows (scbench_*.jsonl/.parquet in DIR, or 'hub') instead of generated",
+    )
     bench.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
                        help="cut longer contexts to TOKENS tokens from the middle (as SCBench)")
     bench.add_argument("--no-progress", action="store_true")
     bench.add_argument("--store", default=None, metavar="URLS",
                        help="reuse stored prefills: tiers fastest first, e.g. memory,disk:DIR,redis://H:P,http://H:P")
-    bench.add_argument("--store-encoding", default="raw", help="raw | fp16 | int8 | int8+zstd | lmcache | kvlife:LEVEL")
+    bench.add_argument(
+        "--store-encoding", default="raw", help="raw | fp16 | int8 | int8+zstd | lmcache | kvlife:LEVEL"
+    )
     bench.add_argument("--store-chunk", type=int, default=256, help="tokens per stored chunk")
     bench.add_argument("--backend", default="local", choices=["local", "openai"],
                        help="local: kvlife's Session in this process; openai: an OpenAI-compatible server "
                        "(vLLM, SGLang, llama.cpp) at --base-url, see docs/backends.md")
     bench.add_argument("--base-url", default=None, metavar="URL", help="the server, e.g. http://127.0.0.1:8000/v1")
-    bench.add_argument("--api-key", default=None, help="bearer token for the server (default: $OPENAI_API_KEY)")
-    bench.add_argument("--concurrency", type=int, default=1, metavar="N", help="openai: samples in flight at once")
+    bench.add_argument(
+        "--api-key", default=None, help="bearer token for the server (default: $OPENAI_API_KEY)"
+    )
+    bench.add_argument(
+        "--concurrency", type=int, default=1, metavar="N", help="openai: samples in flight at once"
+    )
     bench.add_argument("--timeout", type=float, default=600.0, metavar="S",
                        help="openai: seconds to wait for the server (connect, first token, each chunk)")
-    bench.add_argument("--retries", type=int, default=3, metavar="N",
-                       help="openai: retries of a failed request (connection errors, timeouts, 429, 5xx), backoff 0.5 s x 2^n")
+    bench.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        metavar="N",
+        help="openai: retries of a failed request (connection errors, timeouts, 429, 5xx), "
+        "backoff 0.5 s x 2^n",
+    )
     bench.set_defaults(func=cmd_bench)
 
-    serve = sub.add_parser("serve", help="serve KV chunks and streamed contexts over HTTP (--store http://..., fetch)",
-                           description="An HTTP chunk store: put/get/exists/stats, streamed contexts, bearer tokens, "
-                                       "one directory per tenant, optionally a send rate shaped by a bandwidth trace.")
+    serve = sub.add_parser(
+        "serve",
+        help="serve KV chunks and streamed contexts over HTTP (--store http://..., fetch)",
+        description="An HTTP chunk store: put/get/exists/stats, streamed contexts, bearer tokens, "
+        "one directory per tenant, optionally a send rate shaped by a bandwidth trace.",
+    )
     from kvlife.store.serve_args import add_arguments as add_serve_arguments
 
     add_serve_arguments(serve)

@@ -29,4 +29,5 @@ class CacheFileError(KvlifeError):
 
 
 class BackendError(KvlifeError):
-    """A serving backend (an OpenAI-compatible server) is unreachable, refuses a request, or lacks the model."""
+    """A serving backend (an OpenAI-compatible server) is unreachable, refuses a request, or lacks the
+    model."""

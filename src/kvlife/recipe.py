@@ -30,7 +30,9 @@ class Recipe:
 
     @property
     def methods(self) -> list[Method]:
-        return [m for m in (self.prompt, self.assemble, self.prefill, self.compress, self.load) if m is not None]
+        return [
+            m for m in (self.prompt, self.assemble, self.prefill, self.compress, self.load) if m is not None
+        ]
 
     @property
     def spec(self) -> str:
@@ -142,6 +144,8 @@ def parse(spec: str | Recipe | None) -> Recipe:
         if recipe.load is not None and hasattr(recipe.load, "observe"):
             others.append(recipe.load.name)
         if others:
-            raise SpecError(f"{recipe.assemble.name} builds the context's cache from stored documents; it combines "
-                            f"only with load methods that act at decode, not with {', '.join(others)}")
+            raise SpecError(
+                f"{recipe.assemble.name} builds the context's cache from stored documents; it combines "
+                f"only with load methods that act at decode, not with {', '.join(others)}"
+            )
     return recipe

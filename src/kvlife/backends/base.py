@@ -86,8 +86,16 @@ class LocalBackend:
             self.model, self.tokenizer = models.load(config.model, dtype=config.dtype)
 
     def open_session(self, config: RunSettings) -> TurnSession:
-        return Session(self.model, self.tokenizer, config.method, mode=config.mode, own_answers=config.own_answers,
-                       recompress=config.recompress, prompt_format=config.prompt_format, store=self.store)
+        return Session(
+            self.model,
+            self.tokenizer,
+            config.method,
+            mode=config.mode,
+            own_answers=config.own_answers,
+            recompress=config.recompress,
+            prompt_format=config.prompt_format,
+            store=self.store,
+        )
 
     def close(self) -> None:
         pass

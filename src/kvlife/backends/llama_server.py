@@ -82,10 +82,26 @@ class LlamaServer(LoopbackServer):
 
     def command(self) -> list[str]:
         # -c is the whole context, split over the slots: give each slot ctx_size
-        return [str(self.binary), "-m", str(self.gguf), "--alias", self.alias, "--host", "127.0.0.1",
-                "--port", str(self.port), "-c", str(self.ctx_size * self.parallel), "-np", str(self.parallel),
-                "-t", str(self.threads), "--no-webui", "--cache-prompt" if self.cache_prompt else "--no-cache-prompt",
-                *self.extra_args]
+        return [
+            str(self.binary),
+            "-m",
+            str(self.gguf),
+            "--alias",
+            self.alias,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "-c",
+            str(self.ctx_size * self.parallel),
+            "-np",
+            str(self.parallel),
+            "-t",
+            str(self.threads),
+            "--no-webui",
+            "--cache-prompt" if self.cache_prompt else "--no-cache-prompt",
+            *self.extra_args,
+        ]
 
     def check(self) -> None:
         if not self.binary.is_file():

@@ -59,8 +59,14 @@ class LoopbackServer:
             self.log_path = Path(tempfile.mkstemp(prefix=f"{self.name}-", suffix=".log")[1])
         log = self.log_path.open("wb")
         # its own session: stop() signals the whole group, so an engine's worker processes go too
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True, env={**os.environ, **self.env()})
+        self.process = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **self.env()},
+        )
         log.close()
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
@@ -75,7 +81,9 @@ class LoopbackServer:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise BackendError(f"{self.name} did not become healthy within {self.start_timeout_s:.0f} s: {self.log_tail()}")
+        raise BackendError(
+            f"{self.name} did not become healthy within {self.start_timeout_s:.0f} s: {self.log_tail()}"
+        )
 
     def __exit__(self, *exc) -> None:
         self.stop()

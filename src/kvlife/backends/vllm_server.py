@@ -74,7 +74,8 @@ class VllmServer(LoopbackServer):
                 "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args]
 
     def env(self) -> dict[str, str]:
-        # no usage reports home (nothing outside loopback is reachable anyway); dev mode: POST /reset_prefix_cache
+        # no usage reports home (nothing outside loopback is reachable anyway); dev mode: POST
+        # /reset_prefix_cache
         return {"VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib), "VLLM_NO_USAGE_STATS": "1",
                 "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "VLLM_SERVER_DEV_MODE": "1"}
 
@@ -87,6 +88,8 @@ class VllmServer(LoopbackServer):
 
     def check(self) -> None:
         if not self.python.is_file():
-            raise BackendError(f"no vLLM interpreter at {self.python}; build it with scripts/vllm-server.sh --build")
+            raise BackendError(
+                f"no vLLM interpreter at {self.python}; build it with scripts/vllm-server.sh --build"
+            )
         if not (self.model_dir / "config.json").is_file():
             raise ModelError(f"{self.model_dir} is not a Hugging Face model directory (no config.json)")

@@ -84,10 +84,14 @@ def read_rows(data: str, task: str) -> list[dict[str, Any]]:
         return _hub_rows(task)
     data_dir = Path(data).expanduser()
     if not data_dir.is_dir():
-        raise TaskError(f"--data {data}: no such directory (give a directory of scbench_*.jsonl or .parquet files)")
+        raise TaskError(
+            f"--data {data}: no such directory (give a directory of scbench_*.jsonl or .parquet files)"
+        )
     files = data_files(data_dir, task)
     if not files:
-        raise TaskError(f"no data for task {task} in {data_dir}: expected {TASK_FILES[task]}.jsonl or .parquet")
+        raise TaskError(
+            f"no data for task {task} in {data_dir}: expected {TASK_FILES[task]}.jsonl or .parquet"
+        )
     rows = []
     for path in files:
         rows += _read_parquet(path) if path.suffix == ".parquet" else _read_jsonl(path)
@@ -98,8 +102,10 @@ def read_rows(data: str, task: str) -> list[dict[str, Any]]:
             raise TaskError(f"{files[0].parent}: row {index} of {task} lacks `context` or `multi_turns`; "
                             "is this SCBench's format?")
         if not row["multi_turns"] or not all(isinstance(turn, dict) for turn in row["multi_turns"]):
-            raise TaskError(f"{files[0].parent}: row {index} of {task}: `multi_turns` must be a non-empty list of "
-                            '{"input": ..., "answer": ...} objects; is this SCBench\'s format?')
+            raise TaskError(
+                f"{files[0].parent}: row {index} of {task}: `multi_turns` must be a non-empty list of "
+                '{"input": ..., "answer": ...} objects; is this SCBench\'s format?'
+            )
     return rows
 
 

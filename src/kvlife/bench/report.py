@@ -35,14 +35,28 @@ def load_runs(run_dirs: list[Path]) -> list[dict[str, Any]]:
             raise ResultsError(f"{run_dir} is not a kvlife run directory (no predictions.jsonl)")
         summary = write_summary(run_dir)
         config = json.loads((run_dir / "config.json").read_text())
-        runs.append({"dir": run_dir, "summary": summary, "config": config, "identity": config.get("identity", {})})
+        runs.append(
+            {"dir": run_dir, "summary": summary, "config": config, "identity": config.get("identity", {})}
+        )
     _name_settings(runs)
     return runs
 
 
 # What makes two runs comparable: everything but the method and the mode.
-_SETTING_FIELDS = ("model", "tasks", "profile", "samples", "seed", "max_turns", "prompt_format", "own_answers",
-                   "recompress", "data", "max_length", "backend")
+_SETTING_FIELDS = (
+    "model",
+    "tasks",
+    "profile",
+    "samples",
+    "seed",
+    "max_turns",
+    "prompt_format",
+    "own_answers",
+    "recompress",
+    "data",
+    "max_length",
+    "backend",
+)
 
 
 def _setting(run: dict[str, Any]) -> str:
@@ -167,7 +181,16 @@ def _plots(runs: list[dict[str, Any]]) -> dict[str, str]:
         for i, method in enumerate(methods):
             run = by_method[method].get(mode)
             if run is None:
-                ax.text(i + offset, 0.02, "not run", rotation=90, ha="center", va="bottom", fontsize=6, color="#888")
+                ax.text(
+                    i + offset,
+                    0.02,
+                    "not run",
+                    rotation=90,
+                    ha="center",
+                    va="bottom",
+                    fontsize=6,
+                    color="#888",
+                )
                 continue
             ax.bar(i + offset, run["summary"]["overall"]["all_turns"], width=width, color=run["colour"],
                    label=_label(run), hatch="" if mode == "multi-turn" else "//", edgecolor="white")
@@ -187,7 +210,15 @@ def _plots(runs: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def _no_data(ax) -> None:
-    ax.text(0.5, 0.5, "no scored rows in these runs", ha="center", va="center", transform=ax.transAxes, color="#888")
+    ax.text(
+        0.5,
+        0.5,
+        "no scored rows in these runs",
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+        color="#888",
+    )
 
 
 def _fmt(value: Any) -> str:
@@ -234,7 +265,9 @@ def _dense_table(runs: list[dict[str, Any]]) -> str:
     compared = [run for run in runs if any(s.get("vs_dense") for s in run["summary"]["tasks"].values())]
     if not compared:
         return "<p>No run here has a dense run of the same samples beside it.</p>"
-    max_turn = max(int(t) for run in compared for stats in run["summary"]["tasks"].values() for t in stats["per_turn"])
+    max_turn = max(
+        int(t) for run in compared for stats in run["summary"]["tasks"].values() for t in stats["per_turn"]
+    )
     head = "".join(f"<th>turn {t}</th>" for t in range(1, max_turn + 1))
     rows = []
     for run in compared:
@@ -247,8 +280,10 @@ def _dense_table(runs: list[dict[str, Any]]) -> str:
         rows.append(f"<tr class='avg'><td>{html.escape(_label(run))}</td><td>all tasks</td><td></td>"
                     f"{_diff_cell(overall.get('turn1'))}{'<td></td>' * (max_turn - 1)}"
                     f"{_diff_cell(overall.get('all_turns'))}</tr>")
-    return (f"<table id='vs-dense'><thead><tr><th>run</th><th>task</th><th>n</th>{head}<th>all</th></tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>")
+    return (
+        f"<table id='vs-dense'><thead><tr><th>run</th><th>task</th><th>n</th>{head}<th>all</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 _CONFIG_FIELDS = ("model", "method", "mode", "profile", "samples", "seed", "max_turns", "prompt_format",

@@ -79,8 +79,13 @@ class BenchConfig:
 
 
 def versions() -> dict[str, str]:
-    return {"kvlife": kvlife.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "machine": f"{platform.machine()} {os.cpu_count()} cpus"}
+    return {
+        "kvlife": kvlife.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+    }
 
 
 def prepare_out(out: Path, config: BenchConfig) -> None:
@@ -99,17 +104,26 @@ def prepare_out(out: Path, config: BenchConfig) -> None:
         except (OSError, json.JSONDecodeError):
             raise ResultsError(f"{config_path} is unreadable; use another --out directory") from None
         if existing.get("identity") != config.identity():
-            raise ResultsError(f"{out} holds a different run (its config.json differs); use another --out directory")
+            raise ResultsError(
+                f"{out} holds a different run (its config.json differs); use another --out directory"
+            )
         return
-    payload = {"identity": config.identity(), "run_id": out.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "versions": versions(), **({"dtype": config.dtype} if config.backend == "local" else {}),
-               **config.extra}
+    payload = {
+        "identity": config.identity(),
+        "run_id": out.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "versions": versions(),
+        **({"dtype": config.dtype} if config.backend == "local" else {}),
+        **config.extra,
+    }
     tmp = config_path.with_name("config.json.tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     tmp.replace(config_path)
 
 
-def run_sample(session: TurnSession, task: Task, sample: Sample, max_turns: int | None) -> list[dict[str, Any]]:
+def run_sample(
+    session: TurnSession, task: Task, sample: Sample, max_turns: int | None
+) -> list[dict[str, Any]]:
     turns = sample.turns[:max_turns] if max_turns else sample.turns
     segments = sample.meta.get("segments")  # documents to assemble from (the rag task), for sessions that can
     if segments and getattr(session, "takes_segments", False):
@@ -120,31 +134,43 @@ def run_sample(session: TurnSession, task: Task, sample: Sample, max_turns: int 
     for index, turn in enumerate(turns):
         result = session.ask(turn.query, max_new_tokens=sample.max_new_tokens, reference=turn.answer)
         prefill_s = result.prefill_s + (prefilled.prefill_s if prefilled is not None and index == 0 else 0.0)
-        rows.append({
-            "task": task.name, "sample_id": sample.id, "turn": index + 1, "mode": session.mode,
-            "query": turn.query, "prediction": result.prediction, "reference": turn.answer,
-            "score": task.score(result.prediction, turn.answer),
-            "prompt_tokens": result.prompt_tokens,
-            "context_tokens": session.context_tokens,
-            "prefill_s": round(prefill_s, 4),
-            "ttft_s": round(result.ttft_s + (prefilled.prefill_s if prefilled is not None and index == 0 else 0.0), 4),
-            "decode_tok_s": round(result.decode_tok_s, 3) if result.decode_tok_s else None,
-            "new_tokens": result.new_tokens,
-            "cache_bytes": result.cache_bytes,
-            "cache_tokens": round(result.cache_tokens, 1) if result.cache_tokens is not None else None,
-            "reference_nll": round(result.reference_nll, 5) if result.reference_nll is not None else None,
-            **({"dtype": session.dtype} if getattr(session, "dtype", None) else {}),
-        })
+        rows.append(
+            {
+                "task": task.name,
+                "sample_id": sample.id,
+                "turn": index + 1,
+                "mode": session.mode,
+                "query": turn.query,
+                "prediction": result.prediction,
+                "reference": turn.answer,
+                "score": task.score(result.prediction, turn.answer),
+                "prompt_tokens": result.prompt_tokens,
+                "context_tokens": session.context_tokens,
+                "prefill_s": round(prefill_s, 4),
+                "ttft_s": round(
+                    result.ttft_s + (prefilled.prefill_s if prefilled is not None and index == 0 else 0.0), 4
+                ),
+                "decode_tok_s": round(result.decode_tok_s, 3) if result.decode_tok_s else None,
+                "new_tokens": result.new_tokens,
+                "cache_bytes": result.cache_bytes,
+                "cache_tokens": round(result.cache_tokens, 1) if result.cache_tokens is not None else None,
+                "reference_nll": round(result.reference_nll, 5) if result.reference_nll is not None else None,
+                **({"dtype": session.dtype} if getattr(session, "dtype", None) else {}),
+            }
+        )
         rows[-1].update(result.stats.get("row", {}))  # a backend's own fields (a server's cached tokens, ...)
         if index == 0 and getattr(session, "store", None) is not None:
             rows[-1]["store"] = dict(session.store.last)  # --store: tokens reused from the store, times
         if index == 0 and prefilled is not None and "assembled_tokens" in prefilled.stats:
-            rows[-1]["assembly"] = dict(prefilled.stats)  # an assemble method: documents hit, tokens recomputed, times
+            rows[-1]["assembly"] = dict(
+                prefilled.stats
+            )  # an assemble method: documents hit, tokens recomputed, times
     return rows
 
 
 def make_backend(config: BenchConfig, model=None, tokenizer=None, store=None, **options) -> TurnBackend:
-    """The backend a config names; `options` go to the openai backend (api_key, concurrency, timeout_s, retries)."""
+    """The backend a config names; `options` go to the openai backend (api_key, concurrency, timeout_s,
+    retries)."""
     if config.backend == "local":
         return LocalBackend(model, tokenizer, store)
     if config.backend == "openai":
@@ -162,14 +188,21 @@ def run(config: BenchConfig, out: Path | None = None, model=None, tokenizer=None
     recipe = parse(config.method)  # fail on a bad spec, task or model before writing anything
     config.method = recipe.spec
     if config.backend == "local":  # the dtype the run computes in, recorded resolved ("auto" is not a dtype)
-        config.dtype = dtype_name(next(model.parameters()).dtype if model is not None else resolve_dtype(config.dtype))
+        config.dtype = dtype_name(
+            next(model.parameters()).dtype if model is not None else resolve_dtype(config.dtype)
+        )
     tasks = [get_task(name) for name in config.tasks]
     backend = backend or make_backend(config, model, tokenizer, store)
     if config.data:
-        all_samples = [(task, sample) for task in tasks for sample in load_samples(task, config.data, config.samples)]
+        all_samples = [
+            (task, sample) for task in tasks for sample in load_samples(task, config.data, config.samples)
+        ]
     else:
-        all_samples = [(task, sample) for task in tasks
-                       for sample in task.samples(config.profile, config.samples, config.seed, config.context_tokens)]
+        all_samples = [
+            (task, sample)
+            for task in tasks
+            for sample in task.samples(config.profile, config.samples, config.seed, config.context_tokens)
+        ]
     out = Path(out) if out else RESULTS_ROOT / config.run_id()
     predictions = out / "predictions.jsonl"
     done = sample_done(read_rows(predictions))
@@ -181,7 +214,10 @@ def run(config: BenchConfig, out: Path | None = None, model=None, tokenizer=None
         if todo:
             backend.prepare(config)
             if config.max_length:  # SCBench's truncate_input, with the model's own tokenizer
-                todo = [(task, truncate_middle(sample, backend.tokenizer, config.max_length)) for task, sample in todo]
+                todo = [
+                    (task, truncate_middle(sample, backend.tokenizer, config.max_length))
+                    for task, sample in todo
+                ]
             _loop(backend, todo, predictions, config, progress, console, len(all_samples) - len(todo),
                   len(all_samples))
     finally:

@@ -242,7 +242,9 @@ def extract_code(text: str) -> str:
 
 
 def _code_lines(code: str) -> list[str]:
-    lines = (" ".join(t for t in _CODE_TOKEN.findall(line) if not t.startswith("#")) for line in code.splitlines())
+    lines = (
+        " ".join(t for t in _CODE_TOKEN.findall(line) if not t.startswith("#")) for line in code.splitlines()
+    )
     return [line for line in lines if line]
 
 

@@ -62,7 +62,9 @@ def _interval(values: list[float]) -> list[float] | None:
     return [round(found.low, 4), round(found.high, 4)] if found else None
 
 
-def _vs_dense(rows: list[dict[str, Any]], dense_rows: list[dict[str, Any]], turns: list[int]) -> dict[str, Any]:
+def _vs_dense(
+    rows: list[dict[str, Any]], dense_rows: list[dict[str, Any]], turns: list[int]
+) -> dict[str, Any]:
     """Paired differences against dense on the same samples: per turn, turn 1 and all turns."""
     def diff(turn: int | None):
         found = paired_difference(by_sample(rows, turn), by_sample(dense_rows, turn))
@@ -100,7 +102,9 @@ def summarize(rows: list[dict[str, Any]], dense_rows: list[dict[str, Any]] | Non
             "all_turns_ci": _interval(list(by_sample(task_rows).values())),
         }
         if dense_rows:
-            tasks[task]["vs_dense"] = _vs_dense(task_rows, [r for r in dense_rows if r["task"] == task], turns)
+            tasks[task]["vs_dense"] = _vs_dense(
+                task_rows, [r for r in dense_rows if r["task"] == task], turns
+            )
         if any("latency_s" in r for r in task_rows):  # a server's run (kvlife.backends.openai)
             tasks[task].update(_served(task_rows, turns))
     overall = {
@@ -119,7 +123,9 @@ def summarize(rows: list[dict[str, Any]], dense_rows: list[dict[str, Any]] | Non
         span = max(r["finished_at"] for r in served) - min(r["started_at"] for r in served)
         overall["wall_s"] = round(span, 3)
         overall["requests_per_s"] = round(len(served) / span, 4) if span > 0 else None
-        overall["output_tok_s"] = round(sum(r.get("new_tokens") or 0 for r in served) / span, 3) if span > 0 else None
+        overall["output_tok_s"] = (
+            round(sum(r.get("new_tokens") or 0 for r in served) / span, 3) if span > 0 else None
+        )
     return {"tasks": tasks, "overall": overall, "rows": len(rows)}
 
 
@@ -184,7 +190,9 @@ def print_tables(summary: dict[str, Any], console=None, title: str | None = None
     max_turn = max((int(t) for task in tasks.values() for t in task["per_turn"]), default=0)
     config = summary.get("config", {})
     name_width = max([len(name) for name in tasks] + [len("average")])
-    table = Table(title=title or f"{config.get('method', '?')} · {config.get('mode', '?')} · {config.get('model', '?')}")
+    table = Table(
+        title=title or f"{config.get('method', '?')} · {config.get('mode', '?')} · {config.get('model', '?')}"
+    )
     table.add_column("task", no_wrap=True, min_width=name_width)
     for turn in range(1, max_turn + 1):
         table.add_column(f"turn {turn}", justify="right", min_width=6)
@@ -208,7 +216,9 @@ def print_tables(summary: dict[str, Any], console=None, title: str | None = None
             turn_cells.append(f"[{style}]{text}[/]" if style else text)
         table.add_row(task, *turn_cells, *cells(stats))
     overall = summary["overall"]
-    table.add_row("[bold]average", *[""] * max_turn, *cells({**overall, "prefill_s": None, "decode_tok_s": None}))
+    table.add_row(
+        "[bold]average", *[""] * max_turn, *cells({**overall, "prefill_s": None, "decode_tok_s": None})
+    )
     console.print(table)
     if any(stats.get("vs_dense") for stats in tasks.values()):
         print_dense_differences(summary, console, max_turn, name_width)

@@ -78,7 +78,9 @@ class PromptMethod(Method):
 
     stage: ClassVar[str] = "prompt"
 
-    def compress_ids(self, context_ids: list[int], query_ids: list[int] | None, model: Any, tokenizer: Any) -> list[int]:
+    def compress_ids(
+        self, context_ids: list[int], query_ids: list[int] | None, model: Any, tokenizer: Any
+    ) -> list[int]:
         raise NotImplementedError
 
 
@@ -138,7 +140,9 @@ class CacheStage:
     encode: Callable[[str], list[int]]  # text -> token ids, no special tokens added
     turn_end: list[int]  # what closes a user turn and opens the answer in the prompt format
     head_tokens: int = 0  # leading `ids` that are the prompt format's head (chat template, system prompt)
-    stats: dict[str, Any] = dataclasses.field(default_factory=dict)  # the forward's figures; record costs here
+    stats: dict[str, Any] = dataclasses.field(
+        default_factory=dict
+    )  # the forward's figures; record costs here
 
     def forward(self, ids: list[int], recipe: Any) -> None:
         """Run `ids` through the model on this cache at the next positions, as a "prefill" step of
@@ -155,8 +159,14 @@ def model_forward(model: Any, cache: Any, ids: list[int], recipe: Any, phase: st
     start = cache.next_position
     positions = torch.arange(start, start + len(ids), device=device)
     step = StepContext(cache, positions, phase=phase, recipe=recipe)
-    out = model(input_ids=torch.tensor([ids], device=device), position_ids=positions[None],
-                **cache_kwarg(model, cache), use_cache=True, logits_to_keep=0 if all_logits else 1, kvlife=step)
+    out = model(
+        input_ids=torch.tensor([ids], device=device),
+        position_ids=positions[None],
+        **cache_kwarg(model, cache),
+        use_cache=True,
+        logits_to_keep=0 if all_logits else 1,
+        kvlife=step,
+    )
     return out.logits[0].float()
 
 

@@ -2,9 +2,9 @@
 
     kvlife stream serve --root /srv/kvstream --trace step:40mbit,4mbit,1.5 [--token T]   # = kvlife serve
     kvlife stream put http://127.0.0.1:8766 --context-id doc-1 --text doc.txt [--levels high,balanced]
-    kvlife fetch http://127.0.0.1:8766 --context-id doc-1 --slo 2 [--ask "Who wrote it?"] [--out c.safetensors]
-    kvlife stream link http://127.0.0.1:8766 --trace constant:8mbit      # restart the server's trace
-    kvlife stream ls http://127.0.0.1:8766
+    kvlife fetch http://127.0.0.1:8766 --context-id doc-1 --slo 2 [--ask "Who wrote it?"] [--out
+    c.safetensors] kvlife stream link http://127.0.0.1:8766 --trace constant:8mbit      # restart the server's
+    trace kvlife stream ls http://127.0.0.1:8766
 
 `kvlife stream serve` is `kvlife serve` (kvlife.store.server) with its directory as --root, port 8766 and,
 without a token, open to every request. The main CLI calls `add_parser(subparsers)`; errors a user can
@@ -44,23 +44,35 @@ def _add_fetch(subparsers) -> None:
     fetch.add_argument("--slo", type=float, required=True, help="seconds the whole context may take")
     fetch.add_argument("--policy", default="adaptive", help="adaptive | recompute | a level name (fixed)")
     fetch.add_argument("--model", default=None, help="model for recomputing chunks (default: the context's)")
-    fetch.add_argument("--no-model", action="store_true", help="fetch every chunk; never load a model or recompute")
+    fetch.add_argument(
+        "--no-model", action="store_true", help="fetch every chunk; never load a model or recompute"
+    )
     fetch.add_argument("--margin", type=float, default=0.05, help="fraction of the deadline kept in reserve")
     fetch.add_argument("--attempts", type=int, default=2, help="fetches of a chunk before it is recomputed")
     fetch.add_argument("--drop-factor", type=float, default=2.0,
                        help="bandwidth drop a fetched chunk must survive (1: plan on the estimate alone)")
-    fetch.add_argument("--discount", default="wide",
-                       help="plan a level at the predicted throughput divided by this: a number >= 1 for every "
-                            "level (1: none), or 'wide' (default): by the level's size step over the next cheaper "
-                            "level where that is 2x or more (lossless-ish over high)")
-    fetch.add_argument("--refine-discount", default="1",
-                       help="the same for refinement (default 1: none, as a refinement that would end late is given "
-                            "up)")
-    fetch.add_argument("--no-refine", action="store_true",
-                       help="hand the cache over as soon as every chunk is in; by default the time left before the "
-                            "deadline goes to fetching the worst chunks again at a better level")
+    fetch.add_argument(
+        "--discount",
+        default="wide",
+        help="plan a level at the predicted throughput divided by this: a number >= 1 for every "
+        "level (1: none), or 'wide' (default): by the level's size step over the next cheaper "
+        "level where that is 2x or more (lossless-ish over high)",
+    )
+    fetch.add_argument(
+        "--refine-discount",
+        default="1",
+        help="the same for refinement (default 1: none, as a refinement that would end late is given up)",
+    )
+    fetch.add_argument(
+        "--no-refine",
+        action="store_true",
+        help="hand the cache over as soon as every chunk is in; by default the time left before the "
+        "deadline goes to fetching the worst chunks again at a better level",
+    )
     fetch.add_argument("--out", type=Path, default=None, help="save the cache (Session.load reads it)")
-    fetch.add_argument("--ask", action="append", default=[], help="answer a query on the fetched context (repeatable)")
+    fetch.add_argument(
+        "--ask", action="append", default=[], help="answer a query on the fetched context (repeatable)"
+    )
     fetch.add_argument("--max-new-tokens", type=int, default=64)
     fetch.add_argument("--token", default=None, help="bearer token (default $KVLIFE_STREAM_TOKEN)")
     fetch.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -68,10 +80,15 @@ def _add_fetch(subparsers) -> None:
 
 
 def _add_stream(subparsers) -> None:
-    stream = subparsers.add_parser("stream", help="serve, store and inspect streamed contexts (see `kvlife fetch`)")
+    stream = subparsers.add_parser(
+        "stream", help="serve, store and inspect streamed contexts (see `kvlife fetch`)"
+    )
     actions = stream.add_subparsers(dest="stream_action", required=True)
-    serve = actions.add_parser("serve", help="`kvlife serve` for streamed contexts: --root DIR, port 8766, open "
-                                             "without a token, optionally throttled by a bandwidth trace")
+    serve = actions.add_parser(
+        "serve",
+        help="`kvlife serve` for streamed contexts: --root DIR, port 8766, open "
+        "without a token, optionally throttled by a bandwidth trace",
+    )
     add_serve_arguments(serve, stream=True)
     serve.set_defaults(func=run_serve)
 
@@ -82,8 +99,12 @@ def _add_stream(subparsers) -> None:
     put.add_argument("--model", default=None, help="registered model or HF dir (default: the default model)")
     put.add_argument("--levels", default="all", help="comma-separated codec levels (default: all)")
     put.add_argument("--chunk-tokens", type=int, default=256)
-    put.add_argument("--weights", type=Path, default=None, help="codec channel weights (`kvlife codec calibrate`)")
-    put.add_argument("--format", default="chat", choices=["chat", "plain"], help="prompt format of the context")
+    put.add_argument(
+        "--weights", type=Path, default=None, help="codec channel weights (`kvlife codec calibrate`)"
+    )
+    put.add_argument(
+        "--format", default="chat", choices=["chat", "plain"], help="prompt format of the context"
+    )
     put.add_argument("--token", default=None)
     put.set_defaults(func=run_put)
 
@@ -140,8 +161,11 @@ def run_put(args: argparse.Namespace) -> int:
     client.put(context)
     manifest = context.manifest
     sizes = {lv: sum(c.bytes for c in manifest.chunks[lv]) for lv in manifest.levels}
-    print(f"stored {args.context_id}: {len(manifest.token_ids)} tokens, {manifest.n_chunks} chunks; bytes per level: "
-          + ", ".join(f"{lv} {size / 1e6:.2f} MB" for lv, size in sizes.items()))
+    print(
+        f"stored {args.context_id}: {len(manifest.token_ids)} tokens, {manifest.n_chunks} chunks; bytes per "
+        "level: "
+        + ", ".join(f"{lv} {size / 1e6:.2f} MB" for lv, size in sizes.items())
+    )
     return 0
 
 
@@ -190,8 +214,10 @@ def run_fetch(args: argparse.Namespace) -> int:
     client = _client(args)
     manifest = client.manifest(args.context_id)
     if args.policy not in ("adaptive", "recompute", *manifest.levels):
-        raise KvlifeError(f"unknown policy {args.policy!r}: adaptive, recompute or one of the context's levels "
-                          f"({', '.join(manifest.levels)})")
+        raise KvlifeError(
+            f"unknown policy {args.policy!r}: adaptive, recompute or one of the context's levels "
+            f"({', '.join(manifest.levels)})"
+        )
     model = tokenizer = None
     if not args.no_model:
         model, tokenizer = _load_model(args.model or manifest.model or None)
@@ -203,13 +229,17 @@ def run_fetch(args: argparse.Namespace) -> int:
         report = fetch_into(session, client, args.context_id, args.slo, args.policy, config=config)
         cache = session.cache
     else:
-        cache, report = client.fetch(args.context_id, args.slo, model=model, policy=args.policy, config=config)
+        cache, report = client.fetch(
+            args.context_id, args.slo, model=model, policy=args.policy, config=config
+        )
     if args.out is not None:
         _save(cache, args.out, manifest, report, model)
     answers = []
     for query in args.ask:
         turn = session.ask(query, max_new_tokens=args.max_new_tokens)
-        answers.append({"query": query, "answer": turn.prediction, "ttft_s": round(report.ready_s + turn.ttft_s, 4)})
+        answers.append(
+            {"query": query, "answer": turn.prediction, "ttft_s": round(report.ready_s + turn.ttft_s, 4)}
+        )
     if args.json:
         print(json.dumps({**report.to_dict(), "answers": answers}, indent=2))
     else:
@@ -229,7 +259,9 @@ def _save(cache: Any, out: Path, manifest: Any, report: Any, model: Any) -> None
 
 
 def _print_report(report: Any, answers: list[dict]) -> None:
-    table = Table(title=f"{report.context_id}: {report.tokens} tokens, policy {report.policy}, slo {report.slo:g} s")
+    table = Table(
+        title=f"{report.context_id}: {report.tokens} tokens, policy {report.policy}, slo {report.slo:g} s"
+    )
     for column in ("chunk", "option", "bytes", "fetch s", "MB/s", "work s", "ready at s", "failures"):
         table.add_column(column, justify="left" if column in ("option", "failures") else "right")
     for c in report.chunks:
@@ -240,12 +272,18 @@ def _print_report(report: Any, answers: list[dict]) -> None:
     console = Console()
     console.print(table)
     verdict = "met" if report.met else "MISSED"
-    console.print(f"ready in {report.ready_s:.3f} s ({verdict} the {report.slo:g} s deadline), {report.bytes:,} bytes")
+    console.print(
+        f"ready in {report.ready_s:.3f} s ({verdict} the {report.slo:g} s deadline), {report.bytes:,} bytes"
+    )
     refined = sum(len(c.refined) for c in report.chunks)
     if refined:
-        console.print(f"every chunk was in at {report.complete_s:.3f} s; {refined} fetched again at a better level "
-                      "before the deadline (--no-refine: hand over at once)")
+        console.print(
+            f"every chunk was in at {report.complete_s:.3f} s; {refined} fetched again at a better level "
+            "before the deadline (--no-refine: hand over at once)"
+        )
     if report.refine_stopped:
         console.print(f"refining stopped: {report.refine_stopped}")
     for answer in answers:
-        console.print(f"{answer['query']!r} -> {answer['answer']!r} (time to first token {answer['ttft_s']:.3f} s)")
+        console.print(
+            f"{answer['query']!r} -> {answer['answer']!r} (time to first token {answer['ttft_s']:.3f} s)"
+        )

@@ -26,7 +26,9 @@ ATTENTION_KNEE_TOKENS = 5000.0
 
 
 class ThroughputEstimate:
-    def __init__(self, prior_bytes_s: float | None = None, window: int = FetchConfig.throughput_window) -> None:
+    def __init__(
+        self, prior_bytes_s: float | None = None, window: int = FetchConfig.throughput_window
+    ) -> None:
         if window < 1:
             raise StreamError(f"the throughput window must be >= 1 sample, not {window}")
         self.samples: deque[float] = deque(maxlen=window)
@@ -74,9 +76,10 @@ class SpeedEstimate:
         return tokens * self.per_token_s * (1.0 + prefix_tokens / self.attention_knee)
 
     def add_recompute(self, tokens: int, prefix_tokens: int, seconds: float, fraction: float = 1.0) -> None:
-        """A chunk of `tokens` recomputed after `prefix_tokens` in `seconds`; `fraction`: its tokens over a full
-        chunk's. A short chunk moves the estimate less: its fixed cost per forward pass (measured: 19 tokens
-        after 1,792 took 0.35 s, 73 tokens/s against 110 for full chunks) would otherwise read as a slow machine."""
+        """A chunk of `tokens` recomputed after `prefix_tokens` in `seconds`; `fraction`: its tokens over a
+        full chunk's. A short chunk moves the estimate less: its fixed cost per forward pass (measured: 19
+        tokens after 1,792 took 0.35 s, 73 tokens/s against 110 for full chunks) would otherwise read as a
+        slow machine."""
         per_token = seconds / max(tokens, 1) / (1.0 + prefix_tokens / self.attention_knee)
         weight = 1.0 if not self.recompute_measured else 0.5 * min(max(fraction, 0.0), 1.0)
         self.per_token_s = (1.0 - weight) * self.per_token_s + weight * per_token

@@ -67,7 +67,9 @@ class Planner:
         if any(len(v) != len(self.tokens) for v in self.sizes.values()):
             raise StreamError("every level needs one size per chunk")
         if policy not in (ADAPTIVE, RECOMPUTE) and policy not in self.sizes:
-            raise StreamError(f"unknown policy {policy!r}: adaptive, recompute or a level ({', '.join(self.levels)})")
+            raise StreamError(
+                f"unknown policy {policy!r}: adaptive, recompute or a level ({', '.join(self.levels)})"
+            )
         if not slo > 0:
             raise StreamError(f"the deadline (slo) must be > 0 seconds, not {slo}")
         self.slo, self.policy, self.allow_recompute, self.config = slo, policy, allow_recompute, config
@@ -99,8 +101,8 @@ class Planner:
 
     def _fetched(self, level: str, j: int, link: float, worker: float, rate: float,
                  speeds: SpeedEstimate) -> tuple[float, float]:
-        """(link, worker) free times after chunk j is fetched at `level` at `rate` (the link busy for its bytes)
-        and then decoded (the worker starts it once it has arrived and the worker is free)."""
+        """(link, worker) free times after chunk j is fetched at `level` at `rate` (the link busy for its
+        bytes) and then decoded (the worker starts it once it has arrived and the worker is free)."""
         link += self.sizes[level][j] / rate
         return link, max(worker, link) + speeds.decode_s(level, self.tokens[j] / self.full_tokens)
 
@@ -137,7 +139,8 @@ class Planner:
         recomputed chunks are exact and never fetched."""
         if self.policy != ADAPTIVE:
             return None
-        # fetched chunks: the first chunk first (a refinement cut short has lifted it), then worst first, in order
+        # fetched chunks: the first chunk first (a refinement cut short has lifted it), then worst first, in
+        # order
         fetched = sorted(((self.rank(level), i) for i, level in enumerate(held) if level in self.sizes),
                          key=lambda item: (item[1] != 0, -item[0], item[1]))
         if not fetched:
@@ -156,8 +159,8 @@ class Planner:
             done = ready(level, chunks, bandwidth / self.refine_discounts[level])
             if done <= self.budget:
                 return Refinement(level, chunks, done)
-        # no whole floor fits: the first chunk alone, at the plans' discounts (a level that buys little quality
-        # for many bytes needs that much more room)
+        # no whole floor fits: the first chunk alone, at the plans' discounts (a level that buys little
+        # quality for many bytes needs that much more room)
         if held and held[0] in self.sizes:
             for level in self.levels[:self.rank(held[0])]:
                 done = ready(level, [0], bandwidth / self.discounts[level])
@@ -183,7 +186,9 @@ class Planner:
         bandwidth = max(bandwidth or 1.0, 1.0)
         budget = self.budget
         if self.policy == RECOMPUTE:
-            ready = self.ready_time(index, None, len(self.tokens) - index, now, worker_free, bandwidth, speeds)
+            ready = self.ready_time(
+                index, None, len(self.tokens) - index, now, worker_free, bandwidth, speeds
+            )
             return Decision(RECOMPUTE, ready, None, len(self.tokens) - index, ready <= budget)
         if self.policy != ADAPTIVE:
             ready = self.ready_time(index, self.policy, 0, now, worker_free, bandwidth, speeds)

@@ -28,8 +28,14 @@ def recompute_chunk(model: Any, cache: KVCache, ids: list[int]) -> torch.Tensor:
     start = cache.next_position
     positions = torch.arange(start, start + len(ids), device=device)
     step = StepContext(cache, positions, phase="prefill" if start == 0 else "extend")
-    out = model(input_ids=torch.tensor([ids], device=device), position_ids=positions[None], **cache_kwarg(model, cache),
-                use_cache=True, logits_to_keep=1, kvlife=step)
+    out = model(
+        input_ids=torch.tensor([ids], device=device),
+        position_ids=positions[None],
+        **cache_kwarg(model, cache),
+        use_cache=True,
+        logits_to_keep=1,
+        kvlife=step,
+    )
     return out.logits[0, -1].float()
 
 
@@ -41,16 +47,22 @@ class CacheBuilder:
         if model is not None:
             expected = KVCache.for_model(model)
             if len(expected.layers) != len(header.layers):
-                raise StreamError(f"the context has {len(header.layers)} layers, the model {len(expected.layers)}")
+                raise StreamError(
+                    f"the context has {len(header.layers)} layers, the model {len(expected.layers)}"
+                )
             param = next(model.parameters())
             self.device, self.dtype = param.device, param.dtype
         else:
             self.device, self.dtype = torch.device("cpu"), None
         self.cache = KVCache(windows)
-        self.pending: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in header.layers]
+        self.pending: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [
+            [] for _ in header.layers
+        ]
         self.tokens = 0  # context tokens in the cache or pending
 
-    def _decode(self, index: int, part: bytes, crc: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    def _decode(
+        self, index: int, part: bytes, crc: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
         try:
             layers = decode_chunk_part(self.header, index, part, crc)
         except CodecError as exc:
@@ -84,7 +96,9 @@ class CacheBuilder:
         `finish` would do, done once."""
         start = index * self.header.chunk_tokens
         if start >= self.tokens:
-            raise StreamError(f"chunk {index} cannot be replaced: it is not in the cache ({self.tokens} tokens held)")
+            raise StreamError(
+                f"chunk {index} cannot be replaced: it is not in the cache ({self.tokens} tokens held)"
+            )
         layers = self._decode(index, part, crc)
         self._materialize()
         for cache_layer, layer in zip(self.cache.layers, layers):

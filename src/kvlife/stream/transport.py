@@ -78,14 +78,18 @@ class HttpTransport:
                     if deadline is not None and now > deadline:
                         raise DeadlinePassed(f"GET {path}: deadline passed")
                     if give_up is not None and give_up(received, now - started):
-                        raise Abandoned(f"GET {path}: abandoned after {received} bytes", received, now - started)
+                        raise Abandoned(
+                            f"GET {path}: abandoned after {received} bytes", received, now - started
+                        )
                 body = b"".join(pieces)
                 expected = response.headers.get("content-length")
                 if expected is not None and int(expected) != len(body):
                     raise TransportError(f"GET {path}: {len(body)} of {expected} bytes")
                 return body
         except httpx.ConnectError as exc:
-            raise TransportError(f"cannot reach {self.url} (is `kvlife serve` running there?): {exc}") from None
+            raise TransportError(
+                f"cannot reach {self.url} (is `kvlife serve` running there?): {exc}"
+            ) from None
         except httpx.HTTPError as exc:
             raise TransportError(f"GET {self.url}{path}: {type(exc).__name__}: {exc}") from None
 

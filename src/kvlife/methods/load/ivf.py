@@ -49,7 +49,8 @@ def _kmeans(data: np.ndarray, clusters: int, seed: int) -> np.ndarray:
 
 
 def query_metric(queries: torch.Tensor) -> torch.Tensor:
-    """M^½ for M = E[q qᵀ] over `queries` [m, d] (symmetric, [d, d]): k -> k @ M^½ measures keys as queries see them."""
+    """M^½ for M = E[q qᵀ] over `queries` [m, d] (symmetric, [d, d]): k -> k @ M^½ measures keys as queries
+    see them."""
     queries = queries.detach().float().cpu()
     moment = queries.T @ queries / max(1, queries.shape[0])
     values, vectors = torch.linalg.eigh(moment)
@@ -75,7 +76,9 @@ class AttentionIVF:
         centroids = torch.from_numpy(_kmeans(_numpy(space), self.nlist, seed))
         assign = torch.cdist(space, centroids).argmin(-1)
         sizes = torch.bincount(assign, minlength=self.nlist)
-        self.means = torch.zeros(self.nlist, self.dim).index_add_(0, assign, keys) / sizes.clamp(min=1)[:, None]
+        self.means = (
+            torch.zeros(self.nlist, self.dim).index_add_(0, assign, keys) / sizes.clamp(min=1)[:, None]
+        )
         self.means[sizes == 0] = 0.0
         order = torch.argsort(assign, stable=True)
         self.keys, self.ids, self.slot_list = keys[order].contiguous(), order, assign[order]
@@ -100,7 +103,9 @@ class AttentionIVF:
         if found < k:  # fewer candidates than asked for: pad with -1 / -inf
             pad = k - found
             ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], dim=-1)
-            return torch.cat([top.values, top.values.new_full((ids.shape[0], pad), float("-inf"))], dim=-1), ids
+            return torch.cat(
+                [top.values, top.values.new_full((ids.shape[0], pad), float("-inf"))], dim=-1
+            ), ids
         return top.values, ids
 
     def nbytes(self) -> int:

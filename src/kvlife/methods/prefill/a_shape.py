@@ -33,7 +33,9 @@ class AShape(SparsePrefill):
     """
 
     name: ClassVar[str] = "a_shape"
-    paper: ClassVar[str] = "Xiao et al., 2024, Efficient Streaming Language Models with Attention Sinks (SCBench A-shape)"
+    paper: ClassVar[str] = (
+        "Xiao et al., 2024, Efficient Streaming Language Models with Attention Sinks (SCBench A-shape)"
+    )
     n_init: int = 128
     n_local: int = 3968
     DENSE_ABOVE: ClassVar[float] = 0.6  # one layout for all heads: the kernel's cheapest case

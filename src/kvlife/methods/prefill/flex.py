@@ -109,7 +109,9 @@ def _mask_mod(tables: _Tables, shared: bool):
     def held(head, q, key, start):
         """Whether the offsets or the chosen blocks hold key `key` for row q (causality aside)."""
         rel = key - start
-        by_offset = offsets[head, (rel + n - 1).clamp(0, last_offset)] & (rel < block) & (q - key < window[head])
+        by_offset = (
+            offsets[head, (rel + n - 1).clamp(0, last_offset)] & (rel < block) & (q - key < window[head])
+        )
         return by_offset | blocks[head, (q // block).clamp(max=last_qb), key.clamp(0, n - 1) // block]
 
     def mask_mod(b, h, q, kv):
@@ -125,11 +127,13 @@ def _mask_mod(tables: _Tables, shared: bool):
     return mask_mod
 
 
-def _block_tiles(layouts: list[Layout], tables: _Tables, m: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_tiles(
+    layouts: list[Layout], tables: _Tables, m: int, rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Bool [H, n_query_blocks, C/block + n_key_blocks] at the layouts' block size: the tiles holding
-    any seen key (touched) and those whose every key is seen (full), for the first `rows` of m rows. Touched may hold tiles with no
-    seen key (a window edge's neighbour, a column after a block's last row): flex_attention only
-    skips fewer tiles then."""
+    any seen key (touched) and those whose every key is seen (full), for the first `rows` of m rows. Touched
+    may hold tiles with no seen key (a window edge's neighbour, a column after a block's last row):
+    flex_attention only skips fewer tiles then."""
     block, n = tables.block, tables.n
     device = tables.offsets.device
     n_qb, n_kb = -(-m // block), -(-n // block)
@@ -221,9 +225,16 @@ def flex_block_mask(layouts: list[Layout], m: int, n: int, tile: int = TILE) -> 
     touched, full = _pool(touched, tile // block, True), _pool(full, tile // block, False)
     partial_counts, partial = _listed(touched & ~full)
     full_counts, full_index = _listed(full)
-    block_mask = BlockMask.from_kv_blocks(partial_counts, partial, full_counts, full_index, BLOCK_SIZE=tile,
-                                          mask_mod=_mask_mod(tables, len(layouts) == 1),
-                                          seq_lengths=(padded_m, tables.slots + padded_n), compute_q_blocks=False)
+    block_mask = BlockMask.from_kv_blocks(
+        partial_counts,
+        partial,
+        full_counts,
+        full_index,
+        BLOCK_SIZE=tile,
+        mask_mod=_mask_mod(tables, len(layouts) == 1),
+        seq_lengths=(padded_m, tables.slots + padded_n),
+        compute_q_blocks=False,
+    )
     return FlexMask(block_mask, tables, m, n)
 
 
@@ -280,11 +291,25 @@ def flex_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
             return torch.tanh(score / softcap) * softcap
     if compiled:  # past the limit: an error, never the uncompiled reference's n^2 scores
         with torch._dynamo.config.patch(recompile_limit=RECOMPILES, fail_on_recompile_limit_hit=True):
-            out = _compiled()(padded, inputs.key, inputs.value, score_mod=score_mod, block_mask=inputs.block_mask,
-                              scale=scaling, enable_gqa=inputs.gqa)
+            out = _compiled()(
+                padded,
+                inputs.key,
+                inputs.value,
+                score_mod=score_mod,
+                block_mask=inputs.block_mask,
+                scale=scaling,
+                enable_gqa=inputs.gqa,
+            )
     else:
-        out = flex_attention(padded, inputs.key, inputs.value, score_mod=score_mod, block_mask=inputs.block_mask,
-                             scale=scaling, enable_gqa=inputs.gqa)
+        out = flex_attention(
+            padded,
+            inputs.key,
+            inputs.value,
+            score_mod=score_mod,
+            block_mask=inputs.block_mask,
+            scale=scaling,
+            enable_gqa=inputs.gqa,
+        )
     return out[0, :, :m]
 
 
@@ -309,7 +334,9 @@ def flex_mask(layouts: list[Layout], n: int, q_heads: int, rows: torch.Tensor | 
                               (block_mask.full_kv_num_blocks, block_mask.full_kv_indices)):
             listed = torch.zeros(counts.shape[2], n_tiles + 1, dtype=torch.bool)
             chosen = index[0, head].long()
-            chosen = torch.where(torch.arange(chosen.shape[1])[None] < counts[0, head, :, None], chosen, n_tiles)
+            chosen = torch.where(
+                torch.arange(chosen.shape[1])[None] < counts[0, head, :, None], chosen, n_tiles
+            )
             listed.scatter_(1, chosen, True)
             tiles.append(listed[:, :n_tiles].repeat_interleave(tile, 1)[rows // tile])
         partial, full = tiles

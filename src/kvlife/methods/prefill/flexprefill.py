@@ -86,7 +86,10 @@ class FlexPrefill(SparsePrefill):
         padded[:n] = last_probs.mean(0)
         true = padded.view(n_blocks, BLOCK).sum(1)
         middle = (true + estimate) / 2
-        js = 0.5 * (torch.special.xlogy(true, true / middle).nansum() + torch.special.xlogy(estimate, estimate / middle).nansum())
+        js = 0.5 * (
+            torch.special.xlogy(true, true / middle).nansum()
+            + torch.special.xlogy(estimate, estimate / middle).nansum()
+        )
         return float(js.clamp_min(0).sqrt()) < self.tau
 
     def block_selection(self, pooled: torch.Tensor) -> Layout:

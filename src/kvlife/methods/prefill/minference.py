@@ -41,7 +41,8 @@ class MInference(SparsePrefill):
         config (None): per-head patterns and sizes: a shipped config's name (the model's, e.g.
             `qwen2.5-coder-0.5b`, see kvlife/configs/) or a JSON file from `kvlife search-patterns`.
             Without one, every head uses `pattern` with the sizes below.
-        pattern ("vertical_slash"): the pattern of every head without a config: vertical_slash or block_sparse.
+        pattern ("vertical_slash"): the pattern of every head without a config: vertical_slash or
+        block_sparse.
         vertical_size (1000): key columns kept per head (vertical_slash without a config).
         slash_size (6096): diagonals kept per head (vertical_slash without a config).
         top_k (100): key blocks kept per query block (block_sparse without a config).
@@ -64,7 +65,9 @@ class MInference(SparsePrefill):
 
     def validate(self) -> None:
         if self.pattern not in NO_CONFIG_PATTERNS:
-            raise SpecError(f"{self.name}: unknown pattern {self.pattern!r}; valid: {', '.join(NO_CONFIG_PATTERNS)}")
+            raise SpecError(
+                f"{self.name}: unknown pattern {self.pattern!r}; valid: {', '.join(NO_CONFIG_PATTERNS)}"
+            )
         for field in ("vertical_size", "slash_size", "top_k", "last_q"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -102,7 +105,9 @@ def pattern_layouts(call: AttnCall, heads: tuple[HeadPattern, ...], last_q: int 
             if ("pooled", h) not in estimates:
                 estimates[("pooled", h)] = pooled_block_scores(call, h)
             layouts[h] = top_blocks(estimates[("pooled", h)], head.size("top_k"))
-        elif head.pattern == "vertical_slash" and max(head.size("vertical_size"), head.size("slash_size")) < n:
+        elif (
+            head.pattern == "vertical_slash" and max(head.size("vertical_size"), head.size("slash_size")) < n
+        ):
             vs_heads.append(h)  # a size >= n keeps every key: dense
     missing = [h for h in vs_heads if ("probs", h) not in estimates]
     if missing:

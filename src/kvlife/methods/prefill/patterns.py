@@ -16,7 +16,8 @@ Patterns and their sizes (all in tokens, except `top_k` in 64-token key blocks):
 `max_tokens` (the longest sequence the config is meant for) is an error; on a shorter sequence sizes
 are clamped to it, as budgets are everywhere in kvlife.
 
-Shipped configs live in kvlife/configs/<model>.json and are named by model: `minference(config=qwen2.5-coder-0.5b)`.
+Shipped configs live in kvlife/configs/<model>.json and are named by model:
+`minference(config=qwen2.5-coder-0.5b)`.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def _load(path: str, mtime_ns: int) -> PatternConfig:
     raw = config_files.read_json(path, "minference", "pattern config")
     where = f"pattern config {path}"
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise SpecError(f"minference: {where} is not a kvlife pattern config (expected \"format\": \"{FORMAT}\")")
+        raise SpecError(f'minference: {where} is not a kvlife pattern config (expected "format": "{FORMAT}")')
     try:
         n_layers, q_heads, max_tokens = int(raw["n_layers"]), int(raw["q_heads"]), int(raw["max_tokens"])
         layers = raw["layers"]
@@ -113,7 +114,9 @@ def _head(entry: object, where: str, max_tokens: int) -> HeadPattern:
     for name in PATTERNS[pattern]:
         value, least = entry.get(name), 0 if name == "n_init" else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise SpecError(f"minference: {where}: {pattern} needs an integer {name} >= {least}, got {value!r}")
+            raise SpecError(
+                f"minference: {where}: {pattern} needs an integer {name} >= {least}, got {value!r}"
+            )
         tokens = value * 64 if name == "top_k" else value
         if tokens > max_tokens:
             raise SpecError(f"minference: {where}: {name}={value} is larger than the sequence "

@@ -43,13 +43,17 @@ def stdlib_ids(tokenizer: Any, tokens: int, first: str = "a") -> list[int]:
     files = sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py") if p.name >= first)
     ids: list[int] = []
     for path in files:
-        ids += tokenizer.encode(f"# file: {path.name}\n{path.read_text(errors='replace')}\n", add_special_tokens=False)
+        ids += tokenizer.encode(
+            f"# file: {path.name}\n{path.read_text(errors='replace')}\n", add_special_tokens=False
+        )
         if len(ids) >= tokens:
             return ids[:tokens]
     raise SpecError(f"the standard library holds fewer than {tokens} tokens from {first!r} on")
 
 
-def score_candidates(call: AttnCall, rows: torch.Tensor, candidates=CANDIDATES, last_q: int = 64) -> list[list[dict]]:
+def score_candidates(
+    call: AttnCall, rows: torch.Tensor, candidates=CANDIDATES, last_q: int = 64
+) -> list[list[dict]]:
     """Per query head, [{pattern, sizes, recall, density}] for every candidate, on query `rows`."""
     n, q_heads = call.query.shape[2], call.query.shape[1]
     keys = torch.arange(n, device=rows.device)
@@ -103,7 +107,11 @@ class PatternSearch(PrefillMethod):
             return out
         generator = torch.Generator().manual_seed(self.seed + call.layer_idx)
         count = min(self.rows, n - BLOCK)
-        rows = (torch.randperm(n - BLOCK, generator=generator)[:count] + BLOCK).sort().values.to(call.query.device)
+        rows = (
+            (torch.randperm(n - BLOCK, generator=generator)[:count] + BLOCK)
+            .sort()
+            .values.to(call.query.device)
+        )
         scored = score_candidates(call, rows, self.candidates)
         self.layers[call.layer_idx] = [choose(head, self.target_recall) for head in scored]
         return out
@@ -119,7 +127,9 @@ def search(model: Any, tokenizer: Any, model_name: str, tokens: int = 16384, tar
     max_tokens = int(getattr(config, "max_position_embeddings", 0) or tokens)
     tokens = len(ids) if ids is not None else tokens
     if tokens > max_tokens:
-        raise SpecError(f"search-patterns: --tokens {tokens} is longer than the model's {max_tokens} positions")
+        raise SpecError(
+            f"search-patterns: --tokens {tokens} is longer than the model's {max_tokens} positions"
+        )
     ids = ids if ids is not None else stdlib_ids(tokenizer, tokens)
     device = next(model.parameters()).device
     searcher = PatternSearch(target_recall, rows, candidates=candidates)
@@ -128,8 +138,14 @@ def search(model: Any, tokenizer: Any, model_name: str, tokens: int = 16384, tar
     step = StepContext(cache, positions, phase="prefill",
                        recipe=SimpleNamespace(prefill=searcher, load=None, compress=None))
     started = time.perf_counter()
-    model(input_ids=torch.tensor([ids], device=device), position_ids=positions[None], **cache_kwarg(model, cache),
-          use_cache=True, logits_to_keep=1, kvlife=step)
+    model(
+        input_ids=torch.tensor([ids], device=device),
+        position_ids=positions[None],
+        **cache_kwarg(model, cache),
+        use_cache=True,
+        logits_to_keep=1,
+        kvlife=step,
+    )
     n_layers, q_heads = config.num_hidden_layers, config.num_attention_heads
     layers = [searcher.layers.get(layer, [{"pattern": "dense"}] * q_heads) for layer in range(n_layers)]
     chosen = [entry for heads in layers for entry in heads if entry["pattern"] != "dense"]
@@ -138,8 +154,11 @@ def search(model: Any, tokenizer: Any, model_name: str, tokens: int = 16384, tar
         "mean_density": round(sum(e["density"] for e in chosen) / max(1, len(chosen)), 4),
         "patterns": {p: sum(e["pattern"] == p for heads in layers for e in heads) for p in patterns.PATTERNS},
     }
-    log(f"searched {n_layers} layers x {q_heads} heads on {len(ids)} tokens in {time.perf_counter() - started:.0f} s: "
-        f"mean recall {summary['mean_recall']}, mean density {summary['mean_density']}, {summary['patterns']}")
+    log(
+        f"searched {n_layers} layers x {q_heads} heads on {len(ids)} tokens in "
+        f"{time.perf_counter() - started:.0f} s: mean recall {summary['mean_recall']}, mean density "
+        f"{summary['mean_density']}, {summary['patterns']}"
+    )
     return {
         "format": patterns.FORMAT, "model": model_name, "n_layers": n_layers, "q_heads": q_heads,
         "max_tokens": max_tokens, "target_recall": target_recall,
@@ -161,13 +180,18 @@ def cmd_search_patterns(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """The `kvlife search-patterns` subcommand."""
-    parser = sub.add_parser("search-patterns", help="search MInference's per-head sparse patterns (writes JSON)",
-                            description="Pick each attention head's sparse prefill pattern and sizes by the "
-                                        "attention mass it keeps on a calibration sample.")
+    parser = sub.add_parser(
+        "search-patterns",
+        help="search MInference's per-head sparse patterns (writes JSON)",
+        description="Pick each attention head's sparse prefill pattern and sizes by the "
+        "attention mass it keeps on a calibration sample.",
+    )
     parser.add_argument("--model", default=models.DEFAULT_MODEL,
                         help=f"registered model name or HF dir (default {models.DEFAULT_MODEL})")
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--tokens", type=int, default=16384, help="calibration sample length (default 16384)")
-    parser.add_argument("--recall", type=float, default=0.95, help="attention mass each head must keep (default 0.95)")
+    parser.add_argument(
+        "--recall", type=float, default=0.95, help="attention mass each head must keep (default 0.95)"
+    )
     parser.add_argument("--rows", type=int, default=256, help="query rows sampled per layer (default 256)")
     parser.set_defaults(func=cmd_search_patterns)

@@ -3,10 +3,10 @@
 A sparse prefill method only says which keys each query head sees (`layouts`); this base class
 decides when that applies (full-attention layers on the first prefill's plain causal layout, longer
 than one block, and a pattern that keeps at most DENSE_ABOVE of the causal query-key pairs: denser
-patterns cost more than dense attention on CPU), runs the fast kernel, optionally computes the last `dense_rows` query rows densely
-(Tri-shape), and gives the same attention by dense masked softmax (`reference`) and the pattern as a
-bool mask (`mask`, for recall measurements). Anything else (sliding-window layers, evicted or
-shifted positions, a pattern that covers every key) takes `dense_attention`.
+patterns cost more than dense attention on CPU), runs the fast kernel, optionally computes the last
+`dense_rows` query rows densely (Tri-shape), and gives the same attention by dense masked softmax
+(`reference`) and the pattern as a bool mask (`mask`, for recall measurements). Anything else (sliding-window
+layers, evicted or shifted positions, a pattern that covers every key) takes `dense_attention`.
 """
 
 from __future__ import annotations
@@ -94,7 +94,11 @@ class SparsePrefill(PrefillMethod):
             n = call.query.shape[2]
             sparse_rows = n - min(n, self.dense_rows(n))
             query, key, value = call.query[0], call.key[0], call.value[0]
-            kernel = flex_sparse_attention if pick_kernel(self.kernel, query.device) == "flex" else sparse_attention
+            kernel = (
+                flex_sparse_attention
+                if pick_kernel(self.kernel, query.device) == "flex"
+                else sparse_attention
+            )
             out = kernel(query[:, :sparse_rows], key, value, layouts, call.scaling, call.softcap)
             if sparse_rows < n:
                 last = AttnCall(**{**call.__dict__, "query": call.query[:, :, sparse_rows:],

@@ -60,7 +60,8 @@ class Lingua(PromptMethod):
 
     name: ClassVar[str] = "lingua"
     paper: ClassVar[str] = (
-        "Jiang et al., 2023, LLMLingua: Compressing Prompts for Accelerated Inference of Large Language Models"
+        "Jiang et al., 2023, LLMLingua: Compressing Prompts for Accelerated Inference of Large Language "
+        "Models"
     )
     rate: float = 1 / 3
     scorer: str = "self"
@@ -79,7 +80,9 @@ class Lingua(PromptMethod):
         if not 0 < self.rate <= 1:
             raise SpecError(f"lingua: rate must be in (0, 1], got {self.rate}")
         if self.chunk < 2 or not 0 <= self.overlap < self.chunk:
-            raise SpecError(f"lingua: need chunk >= 2 and 0 <= overlap < chunk, got {self.chunk}, {self.overlap}")
+            raise SpecError(
+                f"lingua: need chunk >= 2 and 0 <= overlap < chunk, got {self.chunk}, {self.overlap}"
+            )
         if not 0 <= self.query_share <= 1:
             raise SpecError(f"lingua: query_share must be in [0, 1], got {self.query_share}")
 
@@ -181,7 +184,9 @@ class Lingua(PromptMethod):
             used += hi - lo
         return keep
 
-    def keep_mask(self, context_ids: list[int], query_ids: list[int] | None, model: Any, tokenizer: Any) -> np.ndarray:
+    def keep_mask(
+        self, context_ids: list[int], query_ids: list[int] | None, model: Any, tokenizer: Any
+    ) -> np.ndarray:
         """Bool [len(context_ids)]: the tokens kept (exactly round(rate * n) unless protection needs more)."""
         total = len(context_ids)
         target = max(1, round(self.rate * total))
@@ -203,7 +208,9 @@ class Lingua(PromptMethod):
             keep[order[:room]] = True
         return keep
 
-    def compress_ids(self, context_ids: list[int], query_ids: list[int] | None, model: Any, tokenizer: Any) -> list[int]:
+    def compress_ids(
+        self, context_ids: list[int], query_ids: list[int] | None, model: Any, tokenizer: Any
+    ) -> list[int]:
         started = time.perf_counter()
         keep = self.keep_mask(context_ids, query_ids, model, tokenizer)
         kept = [token for token, flag in zip(context_ids, keep) if flag]
