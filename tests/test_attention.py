@@ -56,7 +56,9 @@ def _random_call(q_len, k_len, heads=4, kv_heads=2, dim=8, window=None, seed=0, 
     value = torch.randn(1, kv_heads, k_len, dim, generator=gen)
     k_pos = torch.arange(k_len).expand(kv_heads, k_len).clone()
     if shuffle:  # head-wise eviction: different positions per head, gaps
-        k_pos = torch.stack([torch.randperm(3 * k_len, generator=gen)[:k_len].sort().values for _ in range(kv_heads)])
+        k_pos = torch.stack(
+            [torch.randperm(3 * k_len, generator=gen)[:k_len].sort().values for _ in range(kv_heads)]
+        )
     q_pos = torch.arange(int(k_pos.max()) + 1 - q_len, int(k_pos.max()) + 1)
     return AttnCall(0, query, key, value, q_pos, k_pos, dim**-0.5, window)
 
@@ -87,8 +89,9 @@ def test_embedded_model_dense_matches_sdpa(real_model):
     from kvlife.session import Session
 
     model, tokenizer = real_model
-    ref = AutoModelForCausalLM.from_pretrained(str(models.resolve(models.TEST_MODEL)), attn_implementation="sdpa",
-                                               dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(models.resolve(models.TEST_MODEL)), attn_implementation="sdpa", dtype=torch.float32
+    ).eval()
     ids = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6)
     with torch.no_grad():
         expected = ref(torch.tensor([ids])).logits[0]

@@ -53,13 +53,15 @@ def test_console_script_exits_2_without_traceback():
 def test_library_progress_bars_only_with_verbose(verbose):
     """transformers' "Loading weights" bar and the GGUF conversion's tqdm bars: hidden unless --verbose."""
     argv = ["--verbose", "tasks"] if verbose else ["tasks"]
-    probe = ("import os, sys\n"
-             "for name in ('HF_HUB_DISABLE_PROGRESS_BARS', 'TQDM_DISABLE'): os.environ.pop(name, None)\n"
-             "from kvlife import cli\n"
-             f"assert cli.main({argv!r}) == 0\n"
-             "from tqdm.auto import tqdm\n"
-             "from transformers.utils import logging\n"
-             "print('bars', logging.is_progress_bar_enabled(), not tqdm(range(1)).disable, file=sys.stderr)\n")
+    probe = (
+        "import os, sys\n"
+        "for name in ('HF_HUB_DISABLE_PROGRESS_BARS', 'TQDM_DISABLE'): os.environ.pop(name, None)\n"
+        "from kvlife import cli\n"
+        f"assert cli.main({argv!r}) == 0\n"
+        "from tqdm.auto import tqdm\n"
+        "from transformers.utils import logging\n"
+        "print('bars', logging.is_progress_bar_enabled(), not tqdm(range(1)).disable, file=sys.stderr)\n"
+    )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"bars {verbose} {verbose}" in done.stderr

@@ -43,8 +43,12 @@ def imports_of(name: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names]
+                base = ".".join(
+                    package[: len(package) - node.level + 1] + ([node.module] if node.module else [])
+                )
+            targets = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names
+            ]
         else:
             continue
         for target in targets:
@@ -120,7 +124,9 @@ def wrong_imports(package: str, ranks: dict[str, int]) -> list[str]:
                 continue
             other = unit_of(target, package)
             if other != source and ranks.get(other, -1) <= ranks[source]:
-                wrong.append(f"{module} imports {target}: row {ranks.get(other)}, not below its own {ranks[source]}")
+                wrong.append(
+                    f"{module} imports {target}: row {ranks.get(other)}, not below its own {ranks[source]}"
+                )
     return wrong
 
 

@@ -32,17 +32,51 @@ def tiny_config(kind: str):
 # ones; tests/test_hybrid.py runs every one of them.
 ATTN = dict(intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
 HYBRID = {
-    "mamba2": dict(num_heads=4, head_dim=32, state_size=16, n_groups=1, expand=2, conv_kernel=4, chunk_size=16),
-    "jamba": dict(**ATTN, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=100, expert_layer_offset=99,
-                  num_experts=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8),
-    "zamba2": dict(num_attention_heads=4, num_key_value_heads=4, attention_head_dim=16, intermediate_size=128,
-                   layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], mamba_d_state=8, mamba_headdim=16,
-                   mamba_ngroups=1, n_mamba_heads=8, chunk_size=16, use_mem_rope=True, num_mem_blocks=1),
+    "mamba2": dict(
+        num_heads=4, head_dim=32, state_size=16, n_groups=1, expand=2, conv_kernel=4, chunk_size=16
+    ),
+    "jamba": dict(
+        **ATTN,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=100,
+        expert_layer_offset=99,
+        num_experts=1,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_dt_rank=8,
+    ),
+    "zamba2": dict(
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        attention_head_dim=16,
+        intermediate_size=128,
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],
+        mamba_d_state=8,
+        mamba_headdim=16,
+        mamba_ngroups=1,
+        n_mamba_heads=8,
+        chunk_size=16,
+        use_mem_rope=True,
+        num_mem_blocks=1,
+    ),
     "lfm2": dict(**ATTN, full_attn_idxs=[1, 3], conv_L_cache=3),
-    "qwen3_next": dict(**ATTN, head_dim=16, layer_types=["linear_attention", "full_attention"] * 2,
-                       linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
-                       linear_value_head_dim=16, linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2,
-                       moe_intermediate_size=32, shared_expert_intermediate_size=32, decoder_sparse_step=1),
+    "qwen3_next": dict(
+        **ATTN,
+        head_dim=16,
+        layer_types=["linear_attention", "full_attention"] * 2,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        decoder_sparse_step=1,
+    ),
 }
 
 

@@ -92,7 +92,9 @@ class FakeOpenAI:
             return web.json_response({"error": {"message": "invalid api key"}}, status=401)
         if not self.list_models:
             return web.json_response({"error": {"message": "not found"}}, status=404)
-        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
+        return web.json_response(
+            {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]}
+        )
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -101,12 +103,15 @@ class FakeOpenAI:
         if not self._authorized(request):
             return web.json_response({"error": {"message": "invalid api key"}}, status=401)
         if body.get("model") not in self.models:
-            return web.json_response({"error": {"message": f"The model `{body.get('model')}` does not exist."}},
-                                     status=404)
+            return web.json_response(
+                {"error": {"message": f"The model `{body.get('model')}` does not exist."}}, status=404
+            )
         if self._failures < self.fail_first:
             self._failures += 1
             headers = {"Retry-After": self.retry_after} if self.retry_after is not None else {}
-            return web.json_response({"error": {"message": "overloaded"}}, status=self.fail_status, headers=headers)
+            return web.json_response(
+                {"error": {"message": "overloaded"}}, status=self.fail_status, headers=headers
+            )
         self._in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self._in_flight)
         try:

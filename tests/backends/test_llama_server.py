@@ -56,8 +56,12 @@ def kv_profile(monkeypatch):
 
 
 def _run(server, tmp_path, mode: str) -> list[dict]:
-    config = BenchConfig(model=ALIAS, tasks=["kv"], mode=mode, profile="llama", backend="openai", base_url=server.url)
-    out = runner.run(config, out=tmp_path / mode, progress=False, backend=OpenAIBackend(server.url, timeout_s=120))
+    config = BenchConfig(
+        model=ALIAS, tasks=["kv"], mode=mode, profile="llama", backend="openai", base_url=server.url
+    )
+    out = runner.run(
+        config, out=tmp_path / mode, progress=False, backend=OpenAIBackend(server.url, timeout_s=120)
+    )
     return runner.read_rows(out / "predictions.jsonl")
 
 

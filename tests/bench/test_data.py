@@ -93,7 +93,9 @@ def test_bench_runs_on_official_rows_with_max_length(tmp_path, monkeypatch):
                          data=str(FIXTURES), max_length=64)
     assert config.identity()["data"] == str(FIXTURES) and config.identity()["max_length"] == 64
     assert "data" not in BenchConfig(model="tiny", tasks=["kv"]).identity()  # old run ids unchanged
-    out = runner.run(config, out=tmp_path / "run", model=tiny_model(), tokenizer=ByteTokenizer(), progress=False)
+    out = runner.run(
+        config, out=tmp_path / "run", model=tiny_model(), tokenizer=ByteTokenizer(), progress=False
+    )
     rows = runner.read_rows(out / "predictions.jsonl")
     assert [(r["sample_id"], r["turn"]) for r in rows] == [("kv-0", 1), ("kv-0", 2)]
     assert all(r["task"] == "kv" and r["sample_id"] for r in rows)
@@ -141,19 +143,32 @@ def test_hub_without_datasets_is_one_line(monkeypatch):
 def test_cli_bench_with_data_fails_in_one_line(tmp_path, capsys):
     from kvlife import cli
 
-    assert cli.main(["bench", "--data", str(tmp_path / "nope"), "--tasks", "kv", "--model", str(tmp_path)]) == 2
+    assert (
+        cli.main(["bench", "--data", str(tmp_path / "nope"), "--tasks", "kv", "--model", str(tmp_path)]) == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("kvlife: error:") and "\n" not in err
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("scbench_kv.jsonl", b"\xff\xfe" + bytes(range(256)) * 4, "not UTF-8"),
-    ("scbench_kv.jsonl", json.dumps({"id": 1, "context": "c", "multi_turns": [1, 2]}).encode(), "multi_turns"),
-    ("scbench_kv.jsonl", json.dumps({"id": 1, "context": "c", "multi_turns": []}).encode(), "multi_turns"),
-    ("scbench_kv.jsonl", b"", "empty"),
-    ("scbench_kv.jsonl", b"\n  \n", "empty"),
-    ("scbench_kv.parquet", b"PAR1" + bytes(range(256)) + b"PAR1", "not a readable parquet"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("scbench_kv.jsonl", b"\xff\xfe" + bytes(range(256)) * 4, "not UTF-8"),
+        (
+            "scbench_kv.jsonl",
+            json.dumps({"id": 1, "context": "c", "multi_turns": [1, 2]}).encode(),
+            "multi_turns",
+        ),
+        (
+            "scbench_kv.jsonl",
+            json.dumps({"id": 1, "context": "c", "multi_turns": []}).encode(),
+            "multi_turns",
+        ),
+        ("scbench_kv.jsonl", b"", "empty"),
+        ("scbench_kv.jsonl", b"\n  \n", "empty"),
+        ("scbench_kv.parquet", b"PAR1" + bytes(range(256)) + b"PAR1", "not a readable parquet"),
+    ],
+)
 def test_bad_data_files_are_one_line_errors(tmp_path, name, content, message):
     if name.endswith(".parquet"):
         pytest.importorskip("pyarrow.parquet", reason="pyarrow not installed (parquet is optional)")

@@ -3,7 +3,9 @@
 import importlib.util
 from pathlib import Path
 
-spec = importlib.util.spec_from_file_location("long_bench", Path(__file__).parents[2] / "benchmarks" / "long.py")
+spec = importlib.util.spec_from_file_location(
+    "long_bench", Path(__file__).parents[2] / "benchmarks" / "long.py"
+)
 long_bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(long_bench)
 

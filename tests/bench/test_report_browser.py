@@ -37,22 +37,50 @@ def runs(tmp_path, monkeypatch):
                         {"samples": 1, "pairs": 2, "turns": 2, "context_tokens": 40, "dense_json": False})
     model = tiny_model()
     out = []
-    for method, mode in (("dense", "multi-turn"), ("dense", "multi-request"), ("streamingllm(n_local=8)", "multi-turn")):
-        config = BenchConfig(model="tiny", tasks=["kv"], mode=mode, method=method, profile="test", prompt_format="plain")
-        out.append(runner.run(config, out=tmp_path / f"{method[:6]}-{mode}", model=model, tokenizer=ByteTokenizer(),
-                              progress=False))
+    for method, mode in (
+        ("dense", "multi-turn"),
+        ("dense", "multi-request"),
+        ("streamingllm(n_local=8)", "multi-turn"),
+    ):
+        config = BenchConfig(
+            model="tiny", tasks=["kv"], mode=mode, method=method, profile="test", prompt_format="plain"
+        )
+        out.append(
+            runner.run(
+                config,
+                out=tmp_path / f"{method[:6]}-{mode}",
+                model=model,
+                tokenizer=ByteTokenizer(),
+                progress=False,
+            )
+        )
     return out
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium)"
+)
 def test_report_renders_table_and_every_plot(tmp_path, runs):
     page = write_html(runs, tmp_path / "report.html")
     probe = tmp_path / "probe.html"
     probe.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
     dom = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-         "--window-size=1280,900", f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom", probe.as_uri()],
-        capture_output=True, text=True, timeout=120).stdout
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--no-first-run",
+            "--window-size=1280,900",
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     found = re.search(r'data-rendered="([^"]*)"', dom)
     assert found, f"the page did not finish loading in chromium: {dom[:300]!r}"
     rendered = json.loads(found.group(1).replace("&quot;", '"'))
@@ -73,7 +101,9 @@ def _pixels(page: str, plot: str):
 
     import matplotlib.image
 
-    data = re.search(rf"id='plot-{plot}'><img alt='{plot}' src='data:image/png;base64,([^']+)'", page).group(1)
+    data = re.search(rf"id='plot-{plot}'><img alt='{plot}' src='data:image/png;base64,([^']+)'", page).group(
+        1
+    )
     image = matplotlib.image.imread(io.BytesIO(base64.b64decode(data)), format="png")[..., :3]
     return {tuple(int(round(c * 255)) for c in pixel) for pixel in image.reshape(-1, 3)}
 

@@ -41,8 +41,19 @@ def _rows(scores_by_sample, task="kv"):
     rows = []
     for sample, scores in scores_by_sample.items():
         for turn, score in enumerate(scores, 1):
-            rows.append({"task": task, "sample_id": sample, "turn": turn, "score": score, "prediction": str(score),
-                         "context_tokens": 100, "cache_bytes": 1000, "prefill_s": 0.1, "ttft_s": 0.1})
+            rows.append(
+                {
+                    "task": task,
+                    "sample_id": sample,
+                    "turn": turn,
+                    "score": score,
+                    "prediction": str(score),
+                    "context_tokens": 100,
+                    "cache_bytes": 1000,
+                    "prefill_s": 0.1,
+                    "ttft_s": 0.1,
+                }
+            )
     return rows
 
 
@@ -61,8 +72,16 @@ def test_summary_marks_a_turn_worse_only_when_its_interval_is_below_zero():
 
 def _write_run(path, method, rows, dtype="float32"):
     path.mkdir(parents=True)
-    identity = {"model": "m", "mode": "multi-request", "profile": "default", "seed": 0, "prompt_format": "chat",
-                "own_answers": False, "method": method, **({"dtype": dtype} if dtype != "float32" else {})}
+    identity = {
+        "model": "m",
+        "mode": "multi-request",
+        "profile": "default",
+        "seed": 0,
+        "prompt_format": "chat",
+        "own_answers": False,
+        "method": method,
+        **({"dtype": dtype} if dtype != "float32" else {}),
+    }
     (path / "config.json").write_text(json.dumps({"identity": identity}))
     runner.append_rows(path / "predictions.jsonl", rows)
 

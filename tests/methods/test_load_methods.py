@@ -19,8 +19,14 @@ from tiny import ByteTokenizer, tiny_model
 KINDS = ["llama", "qwen2", "gemma3"]
 CONTEXT = " ".join("".join(random.Random(seed).choices("abcdefghij", k=4)) for seed in range(60))
 QUERIES = ["abc?", "jihgf?"]
-FULL = {"quest": "quest(budget=100000)", "retrieval_attention": "retrieval_attention(n_sink=4,window=16,top_k=100000)"}
-SPARSE = {"quest": "quest(budget=32,page_size=8)", "retrieval_attention": "retrieval_attention(n_sink=4,window=16,top_k=24)"}
+FULL = {
+    "quest": "quest(budget=100000)",
+    "retrieval_attention": "retrieval_attention(n_sink=4,window=16,top_k=100000)",
+}
+SPARSE = {
+    "quest": "quest(budget=32,page_size=8)",
+    "retrieval_attention": "retrieval_attention(n_sink=4,window=16,top_k=24)",
+}
 
 
 @pytest.fixture(scope="module")

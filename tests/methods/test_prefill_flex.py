@@ -22,10 +22,15 @@ def awkward_layouts(n: int) -> list[Layout]:
         Layout(columns=torch.tensor([0, 1, 63, 64, 100, n - 1]), offsets=torch.arange(-70, 64)),
         Layout(blocks=block_layout(torch.full((n_blocks, 1), 1)).blocks),  # block 1, from its own row on
         Layout(columns=torch.arange(65), offsets=torch.arange(-128, 64), window=129),  # A-shape
-        Layout(columns=torch.arange(0, n, 3), offsets=torch.cat([torch.arange(-200, -136), torch.arange(-5, 64)])),
+        Layout(
+            columns=torch.arange(0, n, 3), offsets=torch.cat([torch.arange(-200, -136), torch.arange(-5, 64)])
+        ),
         Layout(columns=torch.tensor([5]), offsets=torch.arange(0, 64)),
-        Layout(blocks=block_layout(torch.randint(-1, n_blocks, (n_blocks, 3),
-                                                 generator=torch.Generator().manual_seed(n))).blocks),
+        Layout(
+            blocks=block_layout(
+                torch.randint(-1, n_blocks, (n_blocks, 3), generator=torch.Generator().manual_seed(n))
+            ).blocks
+        ),
     ]
 
 
@@ -75,9 +80,13 @@ def test_eager_flex_equals_reference_and_kernel(n, shared, softcap):
     layouts = awkward_layouts(n)
     layouts = layouts[2:3] if shared else layouts
     query, key, value = call.query[0], call.key[0], call.value[0]
-    got = flex.flex_sparse_attention(query, key, value, layouts, call.scaling, softcap, compiled=False, tile=128)
+    got = flex.flex_sparse_attention(
+        query, key, value, layouts, call.scaling, softcap, compiled=False, tile=128
+    )
     torch.testing.assert_close(got[None], expected(call, layouts), **TOL)
-    torch.testing.assert_close(got, sparse_attention(query, key, value, layouts, call.scaling, softcap), **TOL)
+    torch.testing.assert_close(
+        got, sparse_attention(query, key, value, layouts, call.scaling, softcap), **TOL
+    )
 
 
 def test_fewer_query_rows_than_keys():
@@ -98,7 +107,9 @@ def test_compiled_flex_on_cpu_equals_reference():
     torch.testing.assert_close(got[None], expected(call, layouts), **TOL)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (compiles flex_attention to Triton)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (compiles flex_attention to Triton)"
+)
 def test_compiled_flex_on_cuda_equals_reference():
     n = 1000
     call = random_call(n, heads=14, kv_heads=2, dim=64, seed=11)
@@ -107,4 +118,6 @@ def test_compiled_flex_on_cuda_equals_reference():
                       window=lay.window) for lay in random_layouts(n, 14, seed=11)]
     query, key, value = (x[0].cuda() for x in (call.query, call.key, call.value))
     got = flex.flex_sparse_attention(query, key, value, layouts, call.scaling)
-    torch.testing.assert_close(got[None].cpu(), expected(call, random_layouts(n, 14, seed=11)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        got[None].cpu(), expected(call, random_layouts(n, 14, seed=11)), atol=1e-4, rtol=1e-4
+    )

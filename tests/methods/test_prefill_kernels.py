@@ -34,7 +34,9 @@ def small_chunks(monkeypatch, request):
     yield  # one torch thread: conftest.py's one_thread
 
 
-def random_call(n: int, heads: int = 6, kv_heads: int = 2, dim: int = 8, seed: int = 0, softcap=None) -> AttnCall:
+def random_call(
+    n: int, heads: int = 6, kv_heads: int = 2, dim: int = 8, seed: int = 0, softcap=None
+) -> AttnCall:
     gen = torch.Generator().manual_seed(seed)
     query = torch.randn(1, heads, n, dim, generator=gen) * 2
     key = torch.randn(1, kv_heads, n, dim, generator=gen) * 2
@@ -93,22 +95,31 @@ def test_softcap_and_fewer_query_rows():
     call = random_call(n, softcap=5.0)
     layouts = random_layouts(n, 6, seed=3)
     rows = 101  # rows 0..100 only (Tri-shape computes the last rows densely)
-    got = sparse_attention(call.query[0, :, :rows], call.key[0], call.value[0], layouts, call.scaling, call.softcap)
+    got = sparse_attention(
+        call.query[0, :, :rows], call.key[0], call.value[0], layouts, call.scaling, call.softcap
+    )
     torch.testing.assert_close(got[None], expected(call, layouts)[:, :, :rows], **TOL)
 
 
 @pytest.mark.parametrize("n", [97, 200])
 def test_patterns_covering_every_key_reproduce_dense(n):
     call = random_call(n, heads=4, kv_heads=2)
-    dense = F.scaled_dot_product_attention(call.query, call.key.repeat_interleave(2, 1),
-                                           call.value.repeat_interleave(2, 1), is_causal=True, scale=call.scaling)
+    dense = F.scaled_dot_product_attention(
+        call.query,
+        call.key.repeat_interleave(2, 1),
+        call.value.repeat_interleave(2, 1),
+        is_causal=True,
+        scale=call.scaling,
+    )
     n_blocks = -(-n // kernels.BLOCK)
     every_block = torch.arange(n_blocks).expand(n_blocks, -1)
     covering = [
         full_layout(n),  # every diagonal
         Layout(columns=torch.arange(n), offsets=torch.arange(0, kernels.BLOCK)),  # every column
         block_layout(every_block),  # every causal block
-        Layout(columns=torch.arange(10), offsets=torch.arange(-(n - 1), kernels.BLOCK), window=n),  # window >= n
+        Layout(
+            columns=torch.arange(10), offsets=torch.arange(-(n - 1), kernels.BLOCK), window=n
+        ),  # window >= n
     ]
     for layout in covering:
         assert bool(layout_mask(layout, n).equal(torch.ones(n, n, dtype=torch.bool).tril()))
@@ -159,7 +170,9 @@ def test_flash_plan_only_where_it_fits():
     vertical_slash = Layout(columns=torch.arange(5), offsets=diagonal_offsets(torch.tensor([0, 100]), n))
     assert kernels.flash_fits(vertical_slash, cpu, None)
     assert not kernels.flash_fits(vertical_slash, cpu, 5.0)  # soft-capping: the matmul kernel
-    assert not kernels.flash_fits(Layout(offsets=torch.arange(-100, 40)), cpu, None)  # not the whole own block
+    assert not kernels.flash_fits(
+        Layout(offsets=torch.arange(-100, 40)), cpu, None
+    )  # not the whole own block
     assert not kernels.flash_fits(a_shape_layout(n, 4, 64), cpu, None)  # a window
     assert not kernels.flash_fits(block_layout(torch.zeros(5, 1, dtype=torch.long)), cpu, None)
 
@@ -195,7 +208,9 @@ def test_select_vertical_slash_keeps_budget_and_forced_keys(n):
     assert len(offsets) >= min(200, n - 1 + kernels.BLOCK)  # the budget, plus the gaps filled
     assert kernels.flash_fits(Layout(columns=columns, offsets=offsets), torch.device("cpu"), None)
     # The one-view diagonal sums equal the per-row ones.
-    torch.testing.assert_close(diagonal_sums(probs), vertical_slash_sums(probs[None])[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        diagonal_sums(probs), vertical_slash_sums(probs[None])[1][0], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_blocks_do_not_mix_with_other_parts():

@@ -45,9 +45,16 @@ def config_file(tmp_path, n_layers=1, q_heads=6, max_tokens=4096, heads=None, **
 SPECS = {
     "a_shape": ["a_shape(n_init=4,n_local=40)", "a_shape(n_init=0,n_local=70)"],
     "tri_shape": ["tri_shape(n_init=4,n_local=40,n_last=30)"],
-    "minference": ["minference(vertical_size=30,slash_size=100)", "minference(pattern=block_sparse,top_k=2)",
-                   "minference(config={config})"],
-    "flexprefill": ["flexprefill(gamma=0.8)", "flexprefill(gamma=0.8,tau=1.0)", "flexprefill(gamma=0.5,tau=0)"],
+    "minference": [
+        "minference(vertical_size=30,slash_size=100)",
+        "minference(pattern=block_sparse,top_k=2)",
+        "minference(config={config})",
+    ],
+    "flexprefill": [
+        "flexprefill(gamma=0.8)",
+        "flexprefill(gamma=0.8,tau=1.0)",
+        "flexprefill(gamma=0.5,tau=0)",
+    ],
 }
 
 
@@ -232,8 +239,16 @@ def test_a_shape_session_runs_and_large_windows_equal_dense(model, mode):
 
 
 @pytest.mark.parametrize("mode", ["multi-turn", "multi-request"])
-@pytest.mark.parametrize("spec", ["tri_shape(n_init=4,n_local=64,n_last=16)", "minference(vertical_size=40,slash_size=100)",
-                                  "minference(pattern=block_sparse,top_k=3)", "flexprefill", "a_shape(n_init=4,n_local=64)+snapkv(ratio=0.5)"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "tri_shape(n_init=4,n_local=64,n_last=16)",
+        "minference(vertical_size=40,slash_size=100)",
+        "minference(pattern=block_sparse,top_k=3)",
+        "flexprefill",
+        "a_shape(n_init=4,n_local=64)+snapkv(ratio=0.5)",
+    ],
+)
 def test_sparse_prefill_sessions_stay_close_to_dense(model, mode, spec):
     dense, sparse = session(model, None, mode), session(model, spec, mode)
     dense.prefill(CONTEXT)
@@ -250,7 +265,9 @@ def test_search_writes_a_config_minference_runs(model, tmp_path):
     from kvlife.methods.prefill.search import search
 
     ids = ByteTokenizer().encode(CONTEXT)[:300]
-    config = search(model, ByteTokenizer(), "tiny-qwen2", ids=ids, rows=64, target_recall=0.9, log=lambda *_: None)
+    config = search(
+        model, ByteTokenizer(), "tiny-qwen2", ids=ids, rows=64, target_recall=0.9, log=lambda *_: None
+    )
     assert len(config["layers"]) == 4 and all(len(heads) == 4 for heads in config["layers"])
     for heads in config["layers"]:
         for entry in heads:
@@ -270,7 +287,17 @@ def test_search_patterns_command(tmp_path, capsys):
     tiny_model("qwen2", attn="sdpa").save_pretrained(tmp_path / "tiny")
     tiny_tokenizer().save_pretrained(tmp_path / "tiny")
     out = tmp_path / "patterns.json"
-    args = ["search-patterns", "--model", str(tmp_path / "tiny"), "--out", str(out), "--tokens", "200", "--rows", "32"]
+    args = [
+        "search-patterns",
+        "--model",
+        str(tmp_path / "tiny"),
+        "--out",
+        str(out),
+        "--tokens",
+        "200",
+        "--rows",
+        "32",
+    ]
     assert main([*args, "--recall", "1.5"]) == 2
     assert "--recall must be in (0, 1]" in capsys.readouterr().err
     assert main(args) == 0

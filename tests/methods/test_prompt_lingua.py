@@ -83,7 +83,9 @@ def test_session_prefills_the_compressed_context(model, mode):
     if mode == "multi-request":  # cut back to the (compressed) context after the answer
         assert sess.cache.next_position == len(sess.context_ids)
     else:  # turn 1 prefilled the compressed context with the query, which the compression saw
-        assert result.prompt_tokens == len(sess.context_ids) + len(sess.format.query_ids("What is the zebra code?"))
+        assert result.prompt_tokens == len(sess.context_ids) + len(
+            sess.format.query_ids("What is the zebra code?")
+        )
         assert NEEDLE in ByteTokenizer().decode(sess.context_ids)
 
 

@@ -15,7 +15,18 @@ CHUNK = 64
 def start_stream_server(root, port: int, *extra: str) -> subprocess.Popen:
     import httpx
 
-    args = [sys.executable, "-m", "kvlife.cli", "stream", "serve", "--root", str(root), "--port", str(port), *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "kvlife.cli",
+        "stream",
+        "serve",
+        "--root",
+        str(root),
+        "--port",
+        str(port),
+        *extra,
+    ]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200, process,
           "kvlife stream serve")

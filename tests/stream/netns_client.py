@@ -21,7 +21,9 @@ def main(url: str) -> None:
                        "throughputs": [c.throughput for c in report.chunks]}
     slo = report.ready_s * 0.5
     cache, report = StreamClient(url).fetch("netns-doc", slo=slo, model=model)
-    error = max((a[0] - b[0]).abs().max().item() for a, b in zip(cache.to_tensors(), session.cache.to_tensors()))
+    error = max(
+        (a[0] - b[0]).abs().max().item() for a, b in zip(cache.to_tensors(), session.cache.to_tensors())
+    )
     out["adaptive"] = {"slo": slo, "ready_s": report.ready_s, "met": report.met, "options": report.options(),
                        "max_key_error": error}
     print(json.dumps(out))

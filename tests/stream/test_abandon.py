@@ -28,7 +28,9 @@ def wire(level):
     return LEVELS[level] + HEADER.size
 
 
-def rule(level, bandwidth, slo, probe, fetch_started=0.0, allow_recompute=False, recompute_s=1.0, clock=lambda: 0.0):
+def rule(
+    level, bandwidth, slo, probe, fetch_started=0.0, allow_recompute=False, recompute_s=1.0, clock=lambda: 0.0
+):
     config = FetchConfig(margin=0.0, drop_factor=1.0, discount=1.0)
     planner = Planner({lv: [size] * N for lv, size in LEVELS.items()}, [TOKENS] * N, slo,
                       allow_recompute=allow_recompute, config=config)

@@ -18,7 +18,8 @@ def bench():
 
 
 def runs(scores: list[list[float]], nll_shift: float = 0.0, tokens: int = 40) -> list[dict]:
-    """One run per sample: its answers' scores, and reference NLLs = the dense ones (`dense`) + `nll_shift`."""
+    """One run per sample: its answers' scores, and reference NLLs = the dense ones (`dense`) +
+    `nll_shift`."""
     nll = [0.5 + nll_shift + 0.1 * (t % 5) for t in range(tokens)]
     return [{"scores": s, "accuracy": sum(s) / len(s), "token_nll": nll} for s in scores]
 

@@ -11,8 +11,20 @@ from kvlife.cli import main
 def test_fetch_writes_a_loadable_cache_and_a_json_report(stream_url, published, tmp_path, capsys):
     _, manifest = published
     out = tmp_path / "ctx.safetensors"
-    argv = ["fetch", stream_url, "--context-id", "tiny-doc", "--slo", "20", "--no-model", "--policy", "balanced",
-            "--json", "--out", str(out)]
+    argv = [
+        "fetch",
+        stream_url,
+        "--context-id",
+        "tiny-doc",
+        "--slo",
+        "20",
+        "--no-model",
+        "--policy",
+        "balanced",
+        "--json",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["met"] and [c["option"] for c in report["chunks"]] == ["balanced"] * manifest.n_chunks
@@ -61,10 +73,23 @@ def test_streaming_over_kvlife_serve_with_tenants(published, tmp_path, capsys):
         publish(session, StreamClient(url, "token-alice"), "tenant-doc", chunk_tokens=manifest.chunk_tokens)
         assert main(["stream", "ls", url, "--token", "token-alice"]) == 0
         assert capsys.readouterr().out.split() == ["tenant-doc"]
-        assert main(["stream", "ls", url, "--token", "token-bob"]) == 0 and capsys.readouterr().out.strip() == ""
+        assert (
+            main(["stream", "ls", url, "--token", "token-bob"]) == 0 and capsys.readouterr().out.strip() == ""
+        )
         assert main(["stream", "ls", url]) == 2
         assert "401" in capsys.readouterr().err
-        argv = ["fetch", url, "--context-id", "tenant-doc", "--slo", "30", "--no-model", "--policy", "high", "--json"]
+        argv = [
+            "fetch",
+            url,
+            "--context-id",
+            "tenant-doc",
+            "--slo",
+            "30",
+            "--no-model",
+            "--policy",
+            "high",
+            "--json",
+        ]
         assert main([*argv, "--token", "token-alice"]) == 0
         assert json.loads(capsys.readouterr().out)["chunks"][0]["option"] == "high"
         assert main([*argv, "--token", "token-bob"]) == 2

@@ -1,4 +1,5 @@
-"""Fetching over a real loopback server: levels, recompute, chunks lost or corrupted in transit, throttling."""
+"""Fetching over a real loopback server: levels, recompute, chunks lost or corrupted in transit,
+throttling."""
 
 import httpx
 import pytest
@@ -18,7 +19,9 @@ class FaultyLink:
 
     def __init__(self, inner, faults, manifest):
         self.inner, self.faults, self.served = inner, {k: list(v) for k, v in faults.items()}, []
-        self.index = {manifest.chunk_key(level, i): i for level in manifest.levels for i in range(manifest.n_chunks)}
+        self.index = {
+            manifest.chunk_key(level, i): i for level in manifest.levels for i in range(manifest.n_chunks)
+        }
 
     def get(self, path, timeout_s=None, deadline=None, give_up=None):
         data = self.inner.get(path, timeout_s)
@@ -43,8 +46,10 @@ def layers_of(cache):
 
 
 def max_error(cache, reference, start=0, stop=None):
-    return max(max((a[..., start:stop, :] - b[..., start:stop, :]).abs().max().item() for a, b in zip(x[:2], y[:2]))
-               for x, y in zip(layers_of(cache), layers_of(reference)))
+    return max(
+        max((a[..., start:stop, :] - b[..., start:stop, :]).abs().max().item() for a, b in zip(x[:2], y[:2]))
+        for x, y in zip(layers_of(cache), layers_of(reference))
+    )
 
 
 def test_fixed_level_fetch_rebuilds_the_context(stream_url, published, tiny):
@@ -213,7 +218,9 @@ def test_wrong_model_and_missing_context_are_clear_errors(stream_url, published)
 
 def test_a_context_is_listed_only_once_its_chunks_are_stored(stream_url, published):
     session, _ = published
-    context = build_context(session.cache, session.context_ids, "checked", "fp", ["balanced"], chunk_tokens=CHUNK)
+    context = build_context(
+        session.cache, session.context_ids, "checked", "fp", ["balanced"], chunk_tokens=CHUNK
+    )
     manifest, payloads = context.manifest, context.payloads()
     body = {"manifest": manifest.to_json(), "chunks": list(payloads)}
     response = httpx.put(f"{stream_url}/v1/contexts/checked", json=body)
@@ -261,4 +268,6 @@ def test_a_session_asks_on_a_streamed_context(stream_url, published, tiny):
     assert turn.output_ids == expected.output_ids
     assert streamed.ask("How many boats?", max_new_tokens=6).output_ids == expected.output_ids  # cut back
     with pytest.raises(Exception, match="dense prefill"):
-        fetch_into(Session(model, tokenizer, "snapkv(ratio=0.5)", mode="multi-request"), stream_url, "tiny-doc", 5.0)
+        fetch_into(
+            Session(model, tokenizer, "snapkv(ratio=0.5)", mode="multi-request"), stream_url, "tiny-doc", 5.0
+        )

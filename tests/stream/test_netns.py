@@ -39,7 +39,8 @@ def _probe() -> str | None:
         return f"{', '.join(missing)} not installed (iproute2 and util-linux are needed)"
     script = SETUP + "ip netns exec srv tc qdisc add dev vs root tbf rate 4mbit burst 16kb latency 200ms\n"
     try:
-        done = subprocess.run(["unshare", "-rnm", "sh", "-c", script], capture_output=True, text=True, timeout=20)
+        done = subprocess.run(["unshare", "-rnm", "sh", "-c", script], capture_output=True, text=True,
+                              timeout=20)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"unshare failed: {exc}"
     if done.returncode != 0:
@@ -54,20 +55,21 @@ def test_fetch_over_a_tc_rate_limited_namespace_pair(tmp_path):
     root = tmp_path / "served"
     out = tmp_path / "out.json"
     python = sys.executable
+    health = "import httpx; httpx.get('http://10.77.0.1:8766/v1/health')"
     script = SETUP + f"""
 ip netns exec srv tc qdisc add dev vs root tbf rate 4mbit burst 16kb latency 200ms
 ip netns exec srv {python} -m kvlife.cli stream serve --root {root} --host 10.77.0.1 --port 8766 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null' EXIT
 for i in $(seq 100); do
-  ip netns exec cli {python} -c "import httpx; httpx.get('http://10.77.0.1:8766/v1/health')" 2>/dev/null && break
+  ip netns exec cli {python} -c "{health}" 2>/dev/null && break
   sleep 0.1
 done
 ip netns exec cli {python} {REPO}/tests/stream/netns_client.py http://10.77.0.1:8766 > {out}
 """
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'src'}", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(["unshare", "-rnm", "bash", "-c", script], capture_output=True, text=True, timeout=180,
-                          env=env, cwd=REPO)
+    done = subprocess.run(["unshare", "-rnm", "bash", "-c", script], capture_output=True, text=True,
+                          timeout=180, env=env, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     lossless = result["lossless"]

@@ -13,14 +13,16 @@ N, TOKENS = 10, 256
 
 
 def planner(slo, policy="adaptive", margin=0.0, allow_recompute=True, drop_factor=1.0, **knobs):
-    """A planner over LEVELS' sizes; `knobs`: other FetchConfig fields (the discounts default to none here)."""
+    """A planner over LEVELS' sizes; `knobs`: other FetchConfig fields (the discounts default to none
+    here)."""
     sizes = {level: [size] * N for level, size in LEVELS.items()}
     config = FetchConfig(**{"margin": margin, "drop_factor": drop_factor, "discount": 1.0, **knobs})
     return Planner(sizes, [TOKENS] * N, slo, policy, allow_recompute, config)
 
 
 def speeds(decode_s=0.01, recompute_s=1.0):
-    """Decode takes `decode_s` per chunk at every level, recompute `recompute_s` per chunk (no prefix growth)."""
+    """Decode takes `decode_s` per chunk at every level, recompute `recompute_s` per chunk (no prefix
+    growth)."""
     s = SpeedEstimate(fp16_chunk_bytes=3e6, recompute_tokens_s=TOKENS / recompute_s, attention_knee=1e18)
     for level in LEVELS:
         s.add_decode(level, decode_s)
@@ -72,7 +74,9 @@ def test_lower_bandwidth_never_raises_quality():
     order = [*LEVELS, RECOMPUTE]
     previous = 0
     for bandwidth in [200e6, 50e6, 20e6, 8e6, 5e6, 3e6, 2e6, 1e6]:
-        rank = order.index(planner(slo=1.0, allow_recompute=False).choose(0, 0.0, 0.0, bandwidth, speeds()).option)
+        rank = order.index(
+            planner(slo=1.0, allow_recompute=False).choose(0, 0.0, 0.0, bandwidth, speeds()).option
+        )
         assert rank >= previous
         previous = rank
 
@@ -132,7 +136,8 @@ def test_the_wide_discount_keeps_only_the_wide_steps():
     # at 6 MB/s high takes 0.89 s: on time as predicted, not at the rate over a 1.3x discount (1.15 s)
     assert wide.choose(0, 0.0, 0.0, 6e6, speeds()).option == "high"
     assert uniform.choose(0, 0.0, 0.0, 6e6, speeds()).option == "balanced"
-    # lossless-ish keeps its room: 0.17 s at 100 MB/s is 0.53 s at the rate over its step; 0.4 s at 40 MB/s is not
+    # lossless-ish keeps its room: 0.17 s at 100 MB/s is 0.53 s at the rate over its step; 0.4 s at 40 MB/s is
+    # not
     assert wide.choose(0, 0.0, 0.0, 100e6, speeds()).option == "lossless-ish"
     assert wide.choose(0, 0.0, 0.0, 40e6, speeds()).option == "high"
     assert parse_discount("wide") == "wide" and parse_discount("1.5") == 1.5
@@ -183,7 +188,9 @@ def test_recompute_estimate_learns_and_grows_with_the_prefix():
     # a short last chunk (20 of 256 tokens) that ran slow per token (fixed cost per pass) moves it a little
     s.add_recompute(20, 0, 0.1, fraction=20 / 256)
     after_short = s.recompute_s(256, 0)
-    assert after_short == pytest.approx(0.5 + 0.5 * 20 / 256 * (1.28 - 0.5))  # 0.1 s / 20 tokens = 1.28 s a chunk
+    assert after_short == pytest.approx(
+        0.5 + 0.5 * 20 / 256 * (1.28 - 0.5)
+    )  # 0.1 s / 20 tokens = 1.28 s a chunk
     assert after_short < 0.55
     s.add_recompute(256, 0, 0.7)  # a full chunk moves it halfway
     assert s.recompute_s(256, 0) == pytest.approx(0.5 * after_short + 0.5 * 0.7)
@@ -245,7 +252,8 @@ def test_refinement_is_all_or_nothing_and_never_touches_recomputed_chunks():
     p = planner(slo=1.0)
     s = speeds()
     # 0.2 s left at 10 MB/s: raising all ten extreme chunks to balanced needs 0.41 s; the floor stays, and
-    # only the first chunk, whose level weighs most, is fetched again (at lossless-ish: 0.177 s with no discount)
+    # only the first chunk, whose level weighs most, is fetched again (at lossless-ish: 0.177 s with no
+    # discount)
     plan = p.refine(["extreme"] * N, 0.8, 0.8, 10e6, s)
     assert plan.level == "lossless-ish" and plan.chunks == [0]
     assert p.refine(["lossless-ish", *["extreme"] * (N - 1)], 0.8, 0.8, 10e6, s) is None
@@ -287,8 +295,8 @@ def test_refinement_lifts_the_first_chunk_first():
     held = ["balanced", "extreme", "extreme", *["high"] * (N - 3)]
     plan = p.refine(held, 0.3, 0.3, 10e6, s)
     assert plan.level == "high" and plan.chunks == [0, 1, 2]
-    # when no floor fits, the first chunk alone, at the plans' discounts: at 10 MB/s / 1.29, lossless-ish needs
-    # 0.22 s, high 0.07 s: 0.2 s left
+    # when no floor fits, the first chunk alone, at the plans' discounts: at 10 MB/s / 1.29, lossless-ish
+    # needs 0.22 s, high 0.07 s: 0.2 s left
     steps = planner(1.0, discount=527_000 / 408_000, refine_discount=1.0)
     plan = steps.refine(["extreme"] * N, 0.8, 0.8, 10e6, s)
     assert plan.level == "high" and plan.chunks == [0]

@@ -45,7 +45,9 @@ def test_refinement_puts_the_better_chunks_in_place(stream_url, published, tiny,
     cache, report = client.fetch("tiny-doc", slo=30.0, model=tiny[0])
     n = manifest.n_chunks
     assert report.met and report.complete_s <= report.ready_s and report.refine_stopped == ""
-    assert [c.planned[-1] for c in report.chunks] == ["extreme" if i != RECOMPUTED else RECOMPUTE for i in range(n)]
+    assert [c.planned[-1] for c in report.chunks] == [
+        "extreme" if i != RECOMPUTED else RECOMPUTE for i in range(n)
+    ]
     assert report.options() == ["lossless-ish" if i != RECOMPUTED else RECOMPUTE for i in range(n)]
     assert all(c.refined == ["lossless-ish"] for i, c in enumerate(report.chunks) if i != RECOMPUTED)
     assert report.chunks[RECOMPUTED].refined == []
@@ -53,13 +55,19 @@ def test_refinement_puts_the_better_chunks_in_place(stream_url, published, tiny,
         if i != RECOMPUTED:
             assert c.bytes == manifest.size("extreme", i) + manifest.size("lossless-ish", i) + 2 * HEADER.size
     assert report.bytes > sum(manifest.size("lossless-ish", i) for i in range(n) if i != RECOMPUTED)
-    for i in range(n):  # chunks held in the cache's tensors (before the recomputed one) and still pending alike
+    for i in range(
+        n
+    ):  # chunks held in the cache's tensors (before the recomputed one) and still pending alike
         start, stop = i * CHUNK, min((i + 1) * CHUNK, len(manifest.token_ids))
-        expected = slices(best if i != RECOMPUTED else low, start, stop)  # the recomputed chunk is left as it was
+        expected = slices(
+            best if i != RECOMPUTED else low, start, stop
+        )  # the recomputed chunk is left as it was
         for (k, v), (ek, ev) in zip(slices(cache, start, stop), expected):
             assert torch.equal(k, ek) and torch.equal(v, ev), (i, (k - ek).abs().max())
     assert cache.next_position == len(manifest.token_ids)
-    assert all(torch.equal(p, torch.arange(len(manifest.token_ids)).expand_as(p)) for _, _, p in cache.to_tensors())
+    assert all(
+        torch.equal(p, torch.arange(len(manifest.token_ids)).expand_as(p)) for _, _, p in cache.to_tensors()
+    )
 
 
 def test_without_refinement_the_cache_is_handed_over_at_once(stream_url, published, low_first_pass):
@@ -92,13 +100,17 @@ def test_a_refinement_that_would_end_late_is_given_up(stream_url, published, low
     client = StreamClient(stream_url)
     asked = []
     get = client.transport.get
-    monkeypatch.setattr(client.transport, "get", lambda path, *a, **k: asked.append(path) or get(path, *a, **k))
+    monkeypatch.setattr(
+        client.transport, "get", lambda path, *a, **k: asked.append(path) or get(path, *a, **k)
+    )
     client.set_trace("constant:400kbit")  # 50 KB/s
     try:
         _, first_pass = client.fetch("tiny-doc", slo=30.0, config=FetchConfig(refine=False))
         # refining proposes chunk 0 at lossless-ish once; the deadline leaves ~60% of the time that needs
         proposals = [Refinement("lossless-ish", [0], 0.0)]
-        monkeypatch.setattr("kvlife.stream.planner.Planner.refine", lambda self, *a: proposals.pop() if proposals else None)
+        monkeypatch.setattr(
+            "kvlife.stream.planner.Planner.refine", lambda self, *a: proposals.pop() if proposals else None
+        )
         needs = manifest.size("lossless-ish", 0) / 50e3
         slo = (first_pass.complete_s + 0.6 * needs) / 0.95
         client.set_trace("constant:400kbit")
@@ -106,9 +118,14 @@ def test_a_refinement_that_would_end_late_is_given_up(stream_url, published, low
     finally:
         client.set_trace(None)
     assert asked[-1].endswith(manifest.chunk_key("lossless-ish", 0))  # it was asked for
-    assert report.options() == ["extreme"] * n and not report.chunks[0].refined  # given up: chunk 0 kept its version
+    assert (
+        report.options() == ["extreme"] * n and not report.chunks[0].refined
+    )  # given up: chunk 0 kept its version
     assert report.met and report.ready_s <= slo * 0.95 + 0.05
-    assert report.refine_stopped.startswith("lossless-ish/0 given up after") and "would end late" in report.refine_stopped
+    assert (
+        report.refine_stopped.startswith("lossless-ish/0 given up after")
+        and "would end late" in report.refine_stopped
+    )
 
 
 def test_the_cutoff_projects_the_end_from_the_rate_after_the_first_piece():
