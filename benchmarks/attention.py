@@ -63,8 +63,15 @@ LAYER_METHODS = [
     f"minference(config={MODEL})",
     "flexprefill",
 ]
-E2E_METHODS = ["dense", "a_shape", "tri_shape", "minference", "minference(vertical_size=1000,slash_size=3072)",
-               f"minference(config={MODEL})", "flexprefill"]
+E2E_METHODS = [
+    "dense",
+    "a_shape",
+    "tri_shape",
+    "minference",
+    "minference(vertical_size=1000,slash_size=3072)",
+    f"minference(config={MODEL})",
+    "flexprefill",
+]
 # flex_attention against the hand-written kernel: pattern -> the method whose layouts are timed
 FLEX_PATTERNS = {"a_shape": "a_shape", "tri_shape": "tri_shape", "vertical_slash": "minference",
                  "block_sparse": "minference(pattern=block_sparse,top_k=32)"}
@@ -104,11 +111,20 @@ def capture(model, ids: list[int], layer: int) -> tuple:
     cache = KVCache.for_model(model)
     positions = torch.arange(len(ids))
     try:
-        model(input_ids=torch.tensor([ids]), position_ids=positions[None], **cache_kwarg(model, cache), use_cache=True,
-              logits_to_keep=1, kvlife=StepContext(cache, positions, recipe=recipe_of(method)))
+        model(
+            input_ids=torch.tensor([ids]),
+            position_ids=positions[None],
+            **cache_kwarg(model, cache),
+            use_cache=True,
+            logits_to_keep=1,
+            kvlife=StepContext(cache, positions, recipe=recipe_of(method)),
+        )
     except _Captured:
         pass
-    print(f"captured layer {layer} Q/K/V of {len(ids)} tokens in {time.perf_counter() - started:.0f} s", flush=True)
+    print(
+        f"captured layer {layer} Q/K/V of {len(ids)} tokens in {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(method.qkv, path)
     return method.qkv
@@ -147,7 +163,9 @@ def layer_call(qkv: tuple, n: int, layer: int, n_layers: int) -> tuple[AttnCall,
     return call, torch.randperm(n, generator=torch.Generator().manual_seed(n))[:256].sort().values
 
 
-def layer_bench(qkv: tuple, lengths: list[int], specs: list[str], repeats: int, layer: int, n_layers: int) -> list[dict]:
+def layer_bench(
+    qkv: tuple, lengths: list[int], specs: list[str], repeats: int, layer: int, n_layers: int
+) -> list[dict]:
     scaling = qkv[3]
     rows_out = []
     for n in lengths:
@@ -222,17 +240,29 @@ def flex_row(call: AttnCall, spec: str, dtype: torch.dtype, want: torch.Tensor, 
     build_s, _ = best_time(lambda: flex_inputs(key, value, layouts, m, query.shape[0], tile), 1)
     mask_exact = bool((flex_mask(layouts, n, query.shape[0], rows, tile)
                        == torch.stack([layout_mask(lay, n, rows) for lay in layouts])).all())
-    row = {"length": n, "pattern": next(k for k, v in FLEX_PATTERNS.items() if v == spec), "method": spec,
-           "dtype": str(dtype).removeprefix("torch."), "query_rows": m,
-           "density": round(density(layouts, m), 4), "estimate_s": round(estimate_s, 3),
-           "kernel_s": round(hand_s, 3), "flex_s": round(flex_s, 3), "flex_compile_s": round(max(0.0, first_s - flex_s), 1),
-           "flex_block_mask_s": round(build_s, 3), "flex_mask_exact": mask_exact}
+    row = {
+        "length": n,
+        "pattern": next(k for k, v in FLEX_PATTERNS.items() if v == spec),
+        "method": spec,
+        "dtype": str(dtype).removeprefix("torch."),
+        "query_rows": m,
+        "density": round(density(layouts, m), 4),
+        "estimate_s": round(estimate_s, 3),
+        "kernel_s": round(hand_s, 3),
+        "flex_s": round(flex_s, 3),
+        "flex_compile_s": round(max(0.0, first_s - flex_s), 1),
+        "flex_block_mask_s": round(build_s, 3),
+        "flex_mask_exact": mask_exact,
+    }
     for name, out in (("kernel", hand_out), ("flex", flex_out)):
         row[f"{name}_max_abs_error"] = float(f"{float((out.float() - want[:, :m]).abs().max()):.3g}")
         row[f"{name}_vs_reference"] = float(f"{float((out[:, rows].float() - exact).abs().max()):.3g}")
-    print(f"{n:>6} {row['pattern']:<15} {row['dtype']:<9} kernel {hand_s:7.2f} s  flex {flex_s:7.2f} s "
-          f"(compile {row['flex_compile_s']:5.1f} s, block mask {build_s:.2f} s)  density {row['density']:.3f}  "
-          f"exact {mask_exact} err {row['kernel_vs_reference']:.2g}/{row['flex_vs_reference']:.2g}", flush=True)
+    print(
+        f"{n:>6} {row['pattern']:<15} {row['dtype']:<9} kernel {hand_s:7.2f} s  flex {flex_s:7.2f} s "
+        f"(compile {row['flex_compile_s']:5.1f} s, block mask {build_s:.2f} s)  density {row['density']:.3f} "
+        f" exact {mask_exact} err {row['kernel_vs_reference']:.2g}/{row['flex_vs_reference']:.2g}",
+        flush=True,
+    )
     return row
 
 
@@ -252,10 +282,14 @@ def flex_bench(qkv: tuple, lengths: list[int], dtypes: dict[str, list[int]], rep
             qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
 
             def dense(qd=qd, kd=kd, vd=vd):
-                return F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scaling, enable_gqa=True)
+                return F.scaled_dot_product_attention(
+                    qd, kd, vd, is_causal=True, scale=scaling, enable_gqa=True
+                )
 
             dense_s = best_time(dense, repeats)[0]
-            rows_n = [flex_row(call, spec, dtype, want, sample, repeats, tile) for spec in FLEX_PATTERNS.values()]
+            rows_n = [
+                flex_row(call, spec, dtype, want, sample, repeats, tile) for spec in FLEX_PATTERNS.values()
+            ]
             dense_s = min(dense_s, best_time(dense, repeats)[0])
             print(f"{n:>6} dense {name} {dense_s:.2f} s", flush=True)
             for row in rows_n:
@@ -292,8 +326,14 @@ def prefill(model, prompt: torch.Tensor, spec: str) -> tuple[float, torch.Tensor
     step = StepContext(cache, positions, recipe=SimpleNamespace(prefill=profiled, load=recipe.load,
                                                                 compress=recipe.compress))
     started = time.perf_counter()
-    logits = model(input_ids=prompt, position_ids=positions[None], **cache_kwarg(model, cache), use_cache=True,
-                   logits_to_keep=256, kvlife=step).logits[0]
+    logits = model(
+        input_ids=prompt,
+        position_ids=positions[None],
+        **cache_kwarg(model, cache),
+        use_cache=True,
+        logits_to_keep=256,
+        kvlife=step,
+    ).logits[0]
     elapsed = time.perf_counter() - started
     # attention_s: every layer's attention, the sparse methods' estimation included; other_s: the rest
     # (projections, MLPs, norms); estimate_s: the sparse methods' pattern estimation alone.
@@ -322,12 +362,23 @@ def e2e_bench(model, ids: list[int], lengths: list[int], specs: list[str]) -> li
                 continue
             elapsed, logits, profile = prefill(model, prompt, spec)
             nll = float(F.cross_entropy(logits[:-1].float(), targets))
-            rows_n.append({"length": n, "method": spec, "prefill_s": round(elapsed, 2), "nll_last_255": round(nll, 4),
-                           "nll_delta": round(nll - dense_nll, 4),
-                           "nll_change_pct": round(100 * (nll - dense_nll) / dense_nll, 2),
-                           "last_top1_same": bool(logits[-1].argmax() == dense_logits[-1].argmax()), **profile})
-            print(f"{n:>6} {spec:<48} prefill {elapsed:7.1f} s  nll {nll:.4f} (dense {dense_nll:.4f})  {profile}",
-                  flush=True)
+            rows_n.append(
+                {
+                    "length": n,
+                    "method": spec,
+                    "prefill_s": round(elapsed, 2),
+                    "nll_last_255": round(nll, 4),
+                    "nll_delta": round(nll - dense_nll, 4),
+                    "nll_change_pct": round(100 * (nll - dense_nll) / dense_nll, 2),
+                    "last_top1_same": bool(logits[-1].argmax() == dense_logits[-1].argmax()),
+                    **profile,
+                }
+            )
+            print(
+                f"{n:>6} {spec:<48} prefill {elapsed:7.1f} s  nll {nll:.4f} (dense {dense_nll:.4f})  "
+                f"{profile}",
+                flush=True,
+            )
         again_s, _, again_profile = prefill(model, prompt, "dense")  # dense again after: the best of both
         print(f"{n:>6} dense prefill again {again_s:.1f} s  {again_profile}", flush=True)
         if again_s < dense_s:
@@ -343,20 +394,26 @@ def e2e_bench(model, ids: list[int], lengths: list[int], specs: list[str]) -> li
 def print_tables(result: dict) -> None:
     layer = result.get("layer", {}).get("rows", [])
     if layer:
-        print(f"\n{'tokens':>6}  {'method':<48} {'dense s':>8} {'sparse s':>9} {'speed-up':>8} {'density':>8} "
-              f"{'recall':>7} {'max err':>8}")
+        print(
+            f"\n{'tokens':>6}  {'method':<48} {'dense s':>8} {'sparse s':>9} {'speed-up':>8} {'density':>8} "
+            f"{'recall':>7} {'max err':>8}"
+        )
         for r in layer:
-            print(f"{r['length']:>6}  {r['method']:<48} {r['dense_s']:>8.2f} {r['sparse_s']:>9.2f} {r['speedup']:>8.2f} "
-                  f"{r['density']:>8.3f} {r['recall']:>7.4f} {r['max_abs_error']:>8.3g}")
+            print(
+                f"{r['length']:>6}  {r['method']:<48} {r['dense_s']:>8.2f} {r['sparse_s']:>9.2f} "
+                f"{r['speedup']:>8.2f} {r['density']:>8.3f} {r['recall']:>7.4f} {r['max_abs_error']:>8.3g}"
+            )
     flex = result.get("flex_attention", {}).get("rows", [])
     if flex:
         print(f"\n{'tokens':>6}  {'pattern':<15} {'dtype':<9} {'density':>7} {'dense s':>8} {'kernel s':>9} "
               f"{'flex s':>7} {'compile s':>9} {'faster':>7} {'exact':>6} {'err kernel/flex vs ref':>23}")
         for r in flex:
             errors = f"{r['kernel_vs_reference']:.2g}/{r['flex_vs_reference']:.2g}"
-            print(f"{r['length']:>6}  {r['pattern']:<15} {r['dtype']:<9} {r['density']:>7.3f} {r['dense_s']:>8.2f} "
-                  f"{r['kernel_s']:>9.2f} {r['flex_s']:>7.2f} {r['flex_compile_s']:>9.1f} {r['faster']:>7} "
-                  f"{str(r['flex_mask_exact']):>6} {errors:>23}")
+            print(
+                f"{r['length']:>6}  {r['pattern']:<15} {r['dtype']:<9} {r['density']:>7.3f} "
+                f"{r['dense_s']:>8.2f} {r['kernel_s']:>9.2f} {r['flex_s']:>7.2f} {r['flex_compile_s']:>9.1f} "
+                f"{r['faster']:>7} {str(r['flex_mask_exact']):>6} {errors:>23}"
+            )
     runs = result.get("end_to_end", {}).get("runs", [])
     if runs:
         print(f"\n{'tokens':>6}  {'method':<48} {'prefill s':>9} {'speed-up':>8} {'NLL':>7} {'dNLL %':>7} "
@@ -366,9 +423,11 @@ def print_tables(result: dict) -> None:
             attention = f"{r['attention_s']:7.1f}" if "attention_s" in r else f"{'':7}"
             estimate = f"{r['estimate_s']:7.1f}" if "estimate_s" in r else f"{'':7}"
             change = 100 * r.get("nll_delta", 0.0) / (r["nll_last_255"] - r.get("nll_delta", 0.0))
-            print(f"{r['length']:>6}  {r['method']:<48} {r['prefill_s']:>9.1f} {r['speedup']:>8.2f} "
-                  f"{r['nll_last_255']:>7.4f} {change:>7.2f} {attention} {estimate} {run.get('commit', '?'):>10}")
-
+            print(
+                f"{r['length']:>6}  {r['method']:<48} {r['prefill_s']:>9.1f} {r['speedup']:>8.2f} "
+                f"{r['nll_last_255']:>7.4f} {change:>7.2f} {attention} {estimate} "
+                f"{run.get('commit', '?'):>10}"
+            )
 
 
 def conditions(dtype: str) -> dict:
@@ -383,7 +442,9 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--methods", default=";".join(LAYER_METHODS), help="';'-separated recipe specs")
-    parser.add_argument("--flex", default="8192,16384,32768", help="flex_attention comparison lengths ('' to skip)")
+    parser.add_argument(
+        "--flex", default="8192,16384,32768", help="flex_attention comparison lengths ('' to skip)"
+    )
     parser.add_argument("--flex-bf16", default="8192", help="lengths also compared in bfloat16 ('' for none)")
     parser.add_argument("--tile", type=int, default=TILE, help="flex_attention's tile (query rows = keys)")
     parser.add_argument("--e2e", default="8192,16384,32768", help="end-to-end prefill lengths ('' to skip)")
@@ -409,15 +470,26 @@ def main() -> None:
         qkv = capture(model, ids[:max(lengths + flex_lengths)], args.layer)
         shape = {"q_heads": qkv[0].shape[1], "kv_heads": qkv[1].shape[1], "head_dim": qkv[0].shape[-1]}
     if lengths:
-        result["layer"] = {"layer": args.layer, "shape": {**shape, "dtype": "float32"},
-                           "recall_rows": 256, "repeats": args.repeats, **conditions("float32"),
-                           "rows": layer_bench(qkv, lengths, args.methods.split(";"), args.repeats, args.layer,
-                                               n_layers)}
+        result["layer"] = {
+            "layer": args.layer,
+            "shape": {**shape, "dtype": "float32"},
+            "recall_rows": 256,
+            "repeats": args.repeats,
+            **conditions("float32"),
+            "rows": layer_bench(qkv, lengths, args.methods.split(";"), args.repeats, args.layer, n_layers),
+        }
         RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     if flex_lengths:
         dtypes = {"float32": flex_lengths, "bfloat16": [int(x) for x in args.flex_bf16.split(",") if x]}
-        section = {"layer": args.layer, "shape": shape, "tile": args.tile, "repeats": args.repeats,
-                   "reference_rows": 256, "patterns": FLEX_PATTERNS, **conditions("float32, bfloat16 where listed")}
+        section = {
+            "layer": args.layer,
+            "shape": shape,
+            "tile": args.tile,
+            "repeats": args.repeats,
+            "reference_rows": 256,
+            "patterns": FLEX_PATTERNS,
+            **conditions("float32, bfloat16 where listed"),
+        }
         section["rows"] = flex_bench(qkv, flex_lengths, dtypes, args.repeats, args.tile, args.layer, n_layers)
         section["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
         result["flex_attention"] = section

@@ -63,13 +63,23 @@ def prepare(model, tokenizer, n_contexts: int, context_tokens: int, continuation
         ids = tokenizer(path.read_text(errors="replace"), return_tensors="pt").input_ids[0]
         if len(ids) < context_tokens + continuation_tokens:
             continue
-        context, continuation = ids[:context_tokens], ids[context_tokens : context_tokens + continuation_tokens]
+        context, continuation = (
+            ids[:context_tokens],
+            ids[context_tokens : context_tokens + continuation_tokens],
+        )
         cache = KVCache.for_model(model)
         model(context[None], **cache_kwarg(model, cache), use_cache=True)
         layers = [(k.clone(), v.clone(), p.clone()) for k, v, p in cache.to_tensors()]
         reference = run_continuation(model, layers, context_tokens, continuation)
-        items.append({"path": str(path), "layers": layers, "continuation": continuation, "reference": reference,
-                      "context_tokens": context_tokens})
+        items.append(
+            {
+                "path": str(path),
+                "layers": layers,
+                "continuation": continuation,
+                "reference": reference,
+                "context_tokens": context_tokens,
+            }
+        )
         print(f"  context {path.name}: {context_tokens} + {continuation_tokens} tokens", flush=True)
     if len(items) < n_contexts:
         sys.exit(f"only {len(items)} texts are long enough for {context_tokens}+{continuation_tokens} tokens")
@@ -123,8 +133,13 @@ def measure(model, items, scheme: str, level: str, encoder, repeats: int, speed_
         nlls.append(nll), refs.append(ref), agrees.append(agree), kls.append(kl)
     bpe = bits / elements
     if speed_only:
-        return {"scheme": scheme, "level": level, "bits_per_element": round(bpe, 4),
-                "encode_mb_s": round(fp16_bytes / enc_s / 1e6, 1), "decode_mb_s": round(fp16_bytes / dec_s / 1e6, 1)}
+        return {
+            "scheme": scheme,
+            "level": level,
+            "bits_per_element": round(bpe, 4),
+            "encode_mb_s": round(fp16_bytes / enc_s / 1e6, 1),
+            "decode_mb_s": round(fp16_bytes / dec_s / 1e6, 1),
+        }
     ppl, ref_ppl = math.exp(statistics.mean(nlls)), math.exp(statistics.mean(refs))
     return {
         "scheme": scheme,
@@ -149,13 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--levels", default=",".join(LEVELS))
-    parser.add_argument("--schemes", default="kvlife,kvlife-noprofile,fp16,int8,int8+zstd,lmcache",
-                        help="kvlife uses a weights profile measured on a held-out text; kvlife-noprofile does not")
+    parser.add_argument(
+        "--schemes",
+        default="kvlife,kvlife-noprofile,fp16,int8,int8+zstd,lmcache",
+        help="kvlife uses a weights profile measured on a held-out text; kvlife-noprofile does not",
+    )
     parser.add_argument("--no-rope", action="store_true", help="code keys post-RoPE (for comparison)")
     parser.add_argument("--prepared", type=Path, help="reuse (or write) prepared caches at this path")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--speed-only", action="store_true",
-                        help="re-measure only encode/decode speed (e.g. on a quieter machine) and update --out's rows")
+    parser.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="re-measure only encode/decode speed (e.g. on a quieter machine) and update --out's rows",
+    )
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -171,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.save(items, args.prepared)
     weights = None
     if "kvlife" in args.schemes.split(","):
-        calibration = tokenizer(CALIBRATION_TEXT.read_text(), return_tensors="pt").input_ids[:, : args.context_tokens]
+        calibration = tokenizer(CALIBRATION_TEXT.read_text(), return_tensors="pt").input_ids[
+            :, : args.context_tokens
+        ]
         weights = channel_weights(model, calibration, rotary_dim=rope.rotary_dim if rope else 0)
     load_start = os.getloadavg()[0]
     rows = []
@@ -193,11 +216,19 @@ def main(argv: list[str] | None = None) -> int:
             row = measure(model, items, scheme, level, encoder, args.repeats, args.speed_only)
             rows.append(row)
             if args.speed_only:
-                print(f"  {scheme:16s} {level:13s} enc {row['encode_mb_s']:6.1f}  dec {row['decode_mb_s']:6.1f} MB/s", flush=True)
+                print(
+                    f"  {scheme:16s} {level:13s} enc {row['encode_mb_s']:6.1f}  dec "
+                    f"{row['decode_mb_s']:6.1f} MB/s",
+                    flush=True,
+                )
                 continue
-            print(f"  {scheme:16s} {level:13s} {row['bits_per_element']:7.3f} b/el  ppl {row['ppl_increase_pct']:+7.2f}%  "
-                  f"agree {row['token_agreement']:.3f}  KL {row['kl_per_token']:.4f}  "
-                  f"enc {row['encode_mb_s']:6.1f}  dec {row['decode_mb_s']:6.1f} MB/s", flush=True)
+            print(
+                f"  {scheme:16s} {level:13s} {row['bits_per_element']:7.3f} b/el  ppl "
+                f"{row['ppl_increase_pct']:+7.2f}%  agree {row['token_agreement']:.3f}  KL "
+                f"{row['kl_per_token']:.4f}  enc {row['encode_mb_s']:6.1f}  dec {row['decode_mb_s']:6.1f} "
+                "MB/s",
+                flush=True,
+            )
     if args.speed_only:
         return update_speeds(args.out, rows, os.getloadavg()[0], load_start)
     int8 = next((r for r in rows if r["scheme"] == "int8"), None)
@@ -232,7 +263,10 @@ def update_speeds(path: Path, rows: list[dict], load_end: float, load_start: flo
         fresh = speeds.get((row["scheme"], row["level"]))
         if fresh:
             if abs(fresh["bits_per_element"] - row["bits_per_element"]) > 1e-3:
-                sys.exit(f"{row['scheme']} {row['level']}: size changed since the quality run; rerun the whole benchmark")
+                sys.exit(
+                    f"{row['scheme']} {row['level']}: size changed since the quality run; rerun the whole "
+                    "benchmark"
+                )
             row["encode_mb_s"], row["decode_mb_s"] = fresh["encode_mb_s"], fresh["decode_mb_s"]
     result["speed_load_average_1min"] = [round(load_start, 2), round(load_end, 2)]
     path.write_text(json.dumps(result, indent=1) + "\n")

@@ -39,7 +39,9 @@ def commit() -> str:
     """HEAD's short hash, "+dirty" when src/ differs from it (the code measured); "unknown" outside git."""
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=HERE, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             return ""
     head = git("rev-parse", "--short", "HEAD")
@@ -55,7 +57,9 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], title:
     numeric = [all(_is_number(row[i]) for row in cells) and bool(cells) for i in range(len(headers))]
 
     def line(values: Sequence[str]) -> str:
-        return "  ".join(v.rjust(w) if right else v.ljust(w) for v, w, right in zip(values, widths, numeric)).rstrip()
+        return "  ".join(
+            v.rjust(w) if right else v.ljust(w) for v, w, right in zip(values, widths, numeric)
+        ).rstrip()
 
     if title:
         print(title)

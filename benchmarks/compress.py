@@ -75,23 +75,35 @@ def write_outputs(run_dirs: list[Path], settings: dict, name: str = "compress") 
     dense = {r["mode"]: r["cache_bytes_turn1"] for r in rows if r["method"] == "dense"}
     for r in rows:
         base = dense.get(r["mode"])
-        r["bytes_vs_dense"] = round(r["cache_bytes_turn1"] / base, 4) if base and r["cache_bytes_turn1"] else None
-    payload = {"machine": machine(), "settings": settings, "rows": rows,
-               "notes": "Small samples per task: read accuracy as indicative; NLL and dense agreement are the "
-                        "finer fidelity signals. cache bytes: K/V held at turn 1 after compression (float32). "
-                        + settings.get("note", "")}
+        r["bytes_vs_dense"] = (
+            round(r["cache_bytes_turn1"] / base, 4) if base and r["cache_bytes_turn1"] else None
+        )
+    payload = {
+        "machine": machine(),
+        "settings": settings,
+        "rows": rows,
+        "notes": "Small samples per task: read accuracy as indicative; NLL and dense agreement are the "
+        "finer fidelity signals. cache bytes: K/V held at turn 1 after compression (float32). "
+        + settings.get("note", ""),
+    }
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
     write_html(run_dirs, RESULTS / f"{name}-report.html")
     print(f"{'method':28} {'mode':13} {'turns':24} {'all':>5} {'NLL':>6} {'=dense':>6} {'bytes':>6}")
     for r in rows:
         turns = " ".join(f"{v:.2f}" for v in r["accuracy_per_turn"].values())
-        print(f"{r['method']:28} {r['mode']:13} {turns:24} {r['accuracy_all_turns'] or 0:5.2f} "
-              f"{r['reference_nll'] or 0:6.3f} {r['dense_agreement'] if r['dense_agreement'] is not None else '-':>6} "
-              f"{r['bytes_vs_dense'] or 0:6.3f}", flush=True)
+        print(
+            f"{r['method']:28} {r['mode']:13} {turns:24} {r['accuracy_all_turns'] or 0:5.2f} "
+            f"{r['reference_nll'] or 0:6.3f} "
+            f"{r['dense_agreement'] if r['dense_agreement'] is not None else '-':>6} "
+            f"{r['bytes_vs_dense'] or 0:6.3f}",
+            flush=True,
+        )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=models.DEFAULT_MODEL)
     parser.add_argument("--tasks", default="kv,prefix_suffix,multihop,math_find")
     parser.add_argument("--samples", type=int, default=2)
@@ -103,15 +115,25 @@ def main() -> int:
     parser.add_argument("--name", default="compress", help="results file stem: benchmarks/results/NAME.json")
     parser.add_argument("--out", default=None, help="run directories' parent (default results/NAME)")
     parser.add_argument("--note", default="", help="a sentence added to the results' notes")
-    parser.add_argument("--collect", action="store_true",
-                        help="run nothing: rewrite the results from the runs already complete (others are listed as missing)")
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="run nothing: rewrite the results from the runs already complete (others are listed as missing)",
+    )
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     specs = args.specs.split(";") if args.specs else grid(ratios)
     out = Path(args.out or f"results/{args.name}")
-    settings = {"model": args.model, "tasks": args.tasks, "samples": args.samples, "max_turns": args.max_turns,
-                "ratios": ratios if not args.specs else None, "specs": specs, "profile": "default",
-                "note": args.note}
+    settings = {
+        "model": args.model,
+        "tasks": args.tasks,
+        "samples": args.samples,
+        "max_turns": args.max_turns,
+        "ratios": ratios if not args.specs else None,
+        "specs": specs,
+        "profile": "default",
+        "note": args.note,
+    }
     model, tokenizer = (None, None) if args.collect else models.load(args.model)
     run_dirs: list[Path] = []
     missing: list[str] = []

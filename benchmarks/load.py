@@ -37,20 +37,22 @@ RESULTS = Path(__file__).parent / "results" / "load.json"
 MODEL = "qwen2.5-coder-0.5b"
 NOTES = [
     "decode: one kv-task context per length (the filler estimate gives ~7.4K and ~14.6K tokens for the "
-    "8192 / 16384 rows; context_tokens is exact), 12 timed greedy steps after one query, one torch thread, on a "
-    "2-core machine shared with other jobs: step times are indicative, compare within a row",
-    "attention_ms_per_step: time inside the load method (all 24 layers); index_build_s: retrieval_attention's "
-    "one-time index build (first decode step), excluded from the medians",
+    "8192 / 16384 rows; context_tokens is exact), 12 timed greedy steps after one query, one torch thread, "
+    "on a 2-core machine shared with other jobs: step times are indicative, compare within a row",
+    "attention_ms_per_step: time inside the load method (all 24 layers); index_build_s: "
+    "retrieval_attention's one-time index build (first decode step), excluded from the medians",
     "topk_recall: share of the true top-k keys by q.k that were attended (quest: k = budget over all visible "
     "keys; retrieval_attention: k = top_k over the indexed middle); attention_mass_recall: share of the true "
     "softmax mass on attended keys; both averaged over sparse layers, query heads and 8 decode steps",
-    "bytes: working = K/V a step attends from resident memory (+ quest's page bounds), offloaded = K/V left at "
-    "rest (quest) or moved to the CPU index (retrieval_attention; index_bytes = its float32 key copies + ids)",
-    "accuracy: default profile (~2K-token contexts) so budgets are scaled (quest 256 tokens, retrieval_attention "
-    "16 sinks + 128 window + top-256); 2 samples x 4 turns per task and mode: small, differences of one answer "
-    "are 0.125",
+    "bytes: working = K/V a step attends from resident memory (+ quest's page bounds), offloaded = K/V left "
+    "at rest (quest) or moved to the CPU index (retrieval_attention; index_bytes = its float32 key copies + "
+    "ids)",
+    "accuracy: default profile (~2K-token contexts) so budgets are scaled (quest 256 tokens, "
+    "retrieval_attention 16 sinks + 128 window + top-256); 2 samples x 4 turns per task and mode: small, "
+    "differences of one answer are 0.125",
     "lingua: prefill_time_saved = 1 - (scoring + compressed prefill) / dense prefill at the first length; "
-    "multi-turn compresses once with query 1 (later turns' needles may be dropped), multi-request without a query",
+    "multi-turn compresses once with query 1 (later turns' needles may be dropped), multi-request without a "
+    "query",
 ]
 ACCURACY_METHODS = ["dense", "quest(budget=256)", "retrieval_attention(n_sink=16,window=128,top_k=256)",
                     "lingua", "lingua(scorer=smollm2-135m)"]
@@ -138,7 +140,10 @@ def bench_length(model, tokenizer, length: int, steps: int) -> dict[str, Any]:
             row["bytes"] = method.byte_split(session.cache)
             load = stats[-1]
             row["attended_tokens_per_kv_head_layer"] = round(
-                load.get("attended_tokens", 0) / (model.config.num_key_value_heads * model.config.num_hidden_layers), 1)
+                load.get("attended_tokens", 0)
+                / (model.config.num_key_value_heads * model.config.num_hidden_layers),
+                1,
+            )
             method.measure_recall = True
             _, recall_stats = decode(session, query_ids, min(steps, 8), checkpoint)
             method.measure_recall = False
@@ -203,19 +208,27 @@ def accuracy(samples: int) -> dict[str, Any]:
     out = {}
     for method in ACCURACY_METHODS:
         for mode in ("multi-turn", "multi-request"):
-            config = BenchConfig(model=MODEL, tasks=["kv", "prefix_suffix"], mode=mode, method=method, samples=samples)
+            config = BenchConfig(
+                model=MODEL, tasks=["kv", "prefix_suffix"], mode=mode, method=method, samples=samples
+            )
             slug = "".join(c if c.isalnum() else "_" for c in method)
             run_dir = run(config, out=Path("results") / f"load-{slug}-{mode}", progress=False)
-            rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines() if line]
+            rows = [
+                json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines() if line
+            ]
             scores = {task: round(statistics.fmean(r["score"] for r in rows if r["task"] == task), 3)
                       for task in config.tasks}
             nll = [r["reference_nll"] for r in rows if r.get("reference_nll") is not None]
             out.setdefault(method, {})[mode] = {
-                **scores, "reference_nll": round(statistics.fmean(nll), 4) if nll else None,
+                **scores,
+                "reference_nll": round(statistics.fmean(nll), 4) if nll else None,
                 "context_tokens": round(statistics.fmean(r["context_tokens"] for r in rows), 1),
                 "prefill_s_turn1": round(statistics.fmean(r["prefill_s"] for r in rows if r["turn"] == 1), 2),
-                "decode_tok_s": round(statistics.fmean(r["decode_tok_s"] for r in rows if r["decode_tok_s"]), 2),
-                "rows": len(rows)}
+                "decode_tok_s": round(
+                    statistics.fmean(r["decode_tok_s"] for r in rows if r["decode_tok_s"]), 2
+                ),
+                "rows": len(rows),
+            }
             print(method, mode, out[method][mode], flush=True)
     return out
 
@@ -232,8 +245,15 @@ def main() -> None:
     from kvlife import models
 
     results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results.update({"machine": machine(), "torch": torch.__version__, "model": MODEL, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    "notes": NOTES})
+    results.update(
+        {
+            "machine": machine(),
+            "torch": torch.__version__,
+            "model": MODEL,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "notes": NOTES,
+        }
+    )
     model, tokenizer = models.load(MODEL)
     lengths = [int(x) for x in args.lengths.split(",") if x]
 

@@ -93,10 +93,18 @@ def per_turn(rows: list[dict]) -> dict[str, dict]:
             "prompt_tokens": _avg([r["prompt_tokens"] for r in chosen]),
             "cached_tokens": _avg([r["cached_tokens"] for r in chosen]),
             # llama.cpp reports what it computed; elsewhere it is the prompt less the cached tokens
-            "computed_tokens": _avg([r.get("server_prompt_tokens") if r.get("server_prompt_tokens") is not None
-                                     else (r["prompt_tokens"] - r["cached_tokens"]
-                                           if r["prompt_tokens"] is not None and r["cached_tokens"] is not None
-                                           else None) for r in chosen]),
+            "computed_tokens": _avg(
+                [
+                    r.get("server_prompt_tokens")
+                    if r.get("server_prompt_tokens") is not None
+                    else (
+                        r["prompt_tokens"] - r["cached_tokens"]
+                        if r["prompt_tokens"] is not None and r["cached_tokens"] is not None
+                        else None
+                    )
+                    for r in chosen
+                ]
+            ),
             "server_prompt_s": _avg([r["prefill_s"] for r in chosen]),
             "score": _avg([r["score"] for r in chosen]),
         }
@@ -116,7 +124,9 @@ def llama_version(binary: Path) -> str:
 def bench_run(server_name: str, name: str, url: str, model: str, mode: str, samples: int,
               concurrency: int) -> dict:
     """One setting through `kvlife bench --backend openai`: its run entry (per turn, throughput)."""
-    config = BenchConfig(model=model, tasks=["kv"], mode=mode, samples=samples, backend="openai", base_url=url)
+    config = BenchConfig(
+        model=model, tasks=["kv"], mode=mode, samples=samples, backend="openai", base_url=url
+    )
     out = RUNS / server_name / name.replace(", ", "-").replace(" ", "_")
     if out.exists():  # the port differs per start: a fresh run each time
         for path in out.iterdir():
@@ -161,24 +171,39 @@ def vllm_python() -> Path:
 
 def started_vllm(model: str, dtype: str, prefix_caching: bool, eager: bool = False) -> VllmServer:
     extra = ("--max-num-seqs", "8", *(("--enforce-eager",) if eager else ()))
-    return VllmServer(vllm_python(), models.resolve(model), name=model, dtype=dtype, prefix_caching=prefix_caching,
-                      extra_args=extra)
+    return VllmServer(
+        vllm_python(),
+        models.resolve(model),
+        name=model,
+        dtype=dtype,
+        prefix_caching=prefix_caching,
+        extra_args=extra,
+    )
 
 
 def vllm_log_facts(server: VllmServer) -> dict:
     """What the log says about the dtype and the CPU kernels vLLM chose (it differs by CPU)."""
     text = server.log_path.read_text(errors="replace") if server.log_path else ""
     keep = ("dtype", "ISA", "isa", "attention backend", "Attention backend", "KV cache", "OMP", "threads")
-    lines = [line.split("] ", 1)[-1].strip()[:200] for line in text.splitlines() if any(k in line for k in keep)]
+    lines = [
+        line.split("] ", 1)[-1].strip()[:200] for line in text.splitlines() if any(k in line for k in keep)
+    ]
     return {"log_lines": lines[:12]}
 
 
 def measure_vllm(args, result: dict) -> None:
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
-    info = {"engine": f"vLLM ({PACKAGE} {VERSION}, CPU), python -m vllm.entrypoints.openai.api_server",
-            "model": f"{args.vllm_model} (its safetensors, {models.resolve(args.vllm_model)})",
-            "dtype": args.vllm_dtype, "eager": args.eager, "samples": args.samples, "created": started_at, "commit": commit(),
-            "load_average_at_start": list(os.getloadavg()), "start_s": {}}
+    info = {
+        "engine": f"vLLM ({PACKAGE} {VERSION}, CPU), python -m vllm.entrypoints.openai.api_server",
+        "model": f"{args.vllm_model} (its safetensors, {models.resolve(args.vllm_model)})",
+        "dtype": args.vllm_dtype,
+        "eager": args.eager,
+        "samples": args.samples,
+        "created": started_at,
+        "commit": commit(),
+        "load_average_at_start": list(os.getloadavg()),
+        "start_s": {},
+    }
     result["servers"]["vllm"] = info
     for prefix_caching in (True, False):
         chosen = [s for s in VLLM_SETTINGS if s[2] == prefix_caching]
@@ -196,7 +221,8 @@ def measure_vllm(args, result: dict) -> None:
 
 
 def measure_decode(args, result: dict) -> None:
-    """vLLM's CPU decode speed on one request at a time, per dtype (the foundation's vllm_cpu_decode_tok_s)."""
+    """vLLM's CPU decode speed on one request at a time, per dtype (the foundation's
+    vllm_cpu_decode_tok_s)."""
     rows = {}
     for dtype in args.decode_dtypes.split(","):
         with started_vllm(args.decode_model, dtype, True, args.eager) as server:
@@ -211,8 +237,12 @@ def measure_decode(args, result: dict) -> None:
                     tokens.append(done.completion_tokens)
             finally:
                 client.close()
-            rows[dtype] = {"decode_tok_s": round(median(speeds), 2), "runs_tok_s": [round(v, 2) for v in speeds],
-                           "completion_tokens": tokens, **vllm_log_facts(server)}
+            rows[dtype] = {
+                "decode_tok_s": round(median(speeds), 2),
+                "runs_tok_s": [round(v, 2) for v in speeds],
+                "completion_tokens": tokens,
+                **vllm_log_facts(server),
+            }
             print(f"vllm decode, --dtype {dtype}: {rows[dtype]['decode_tok_s']} tok/s", file=sys.stderr)
     result["vllm_cpu_decode"] = {
         "model": args.decode_model, "how": (
@@ -263,29 +293,47 @@ def finding(result: dict, server: str, control: str) -> str:
     first = result["runs"][f"{server}: multi-request"]["per_turn"]
     later = [t for k, t in first.items() if k != "1"]
     off = [t for k, t in result["runs"][f"{server}: {control}"]["per_turn"].items() if k != "1"]
-    return (f"{server}, multi-request with its prefix cache: turn 1 TTFT {first['1']['ttft_s']:.3f} s with "
-            f"{first['1']['cached_tokens']:.0f} of {first['1']['prompt_tokens']:.0f} prompt tokens cached; turns 2+ "
-            f"TTFT {_avg([t['ttft_s'] for t in later]):.3f} s with {_avg([t['cached_tokens'] for t in later]):.0f} "
-            f"of {_avg([t['prompt_tokens'] for t in later]):.0f} cached (served from the engine's cache). Without "
-            f"the cache turns 2+ take {_avg([t['ttft_s'] for t in off]):.3f} s.")
+    return (
+        f"{server}, multi-request with its prefix cache: turn 1 TTFT {first['1']['ttft_s']:.3f} s with "
+        f"{first['1']['cached_tokens']:.0f} of {first['1']['prompt_tokens']:.0f} prompt tokens cached; turns "
+        f"2+ TTFT {_avg([t['ttft_s'] for t in later]):.3f} s with "
+        f"{_avg([t['cached_tokens'] for t in later]):.0f} of {_avg([t['prompt_tokens'] for t in later]):.0f} "
+        "cached (served from the engine's cache). Without the cache turns 2+ take "
+        f"{_avg([t['ttft_s'] for t in off]):.3f} s."
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: llama-server, vllm "
                         "('' for vLLM's decode speed only)")
-    parser.add_argument("--model", default="smollm2-135m", help="embedded model whose GGUF llama-server serves")
-    parser.add_argument("--vllm-model", default="smollm2-135m", help="pulled model whose safetensors vLLM serves "
-                        "for the kv runs (the llama-server rows' model, by default)")
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="embedded model whose GGUF llama-server serves"
+    )
+    parser.add_argument(
+        "--vllm-model",
+        default="smollm2-135m",
+        help="pulled model whose safetensors vLLM serves "
+        "for the kv runs (the llama-server rows' model, by default)",
+    )
     parser.add_argument("--eager", action="store_true", help="vLLM servers with --enforce-eager (no "
                         "torch.compile at start, which takes minutes on 2 cores)")
-    parser.add_argument("--decode-model", default=models.DEFAULT_MODEL, help="pulled model for vLLM's decode speed")
+    parser.add_argument(
+        "--decode-model", default=models.DEFAULT_MODEL, help="pulled model for vLLM's decode speed"
+    )
     parser.add_argument("--vllm-dtype", default="bfloat16", help="vLLM's --dtype for the kv runs")
-    parser.add_argument("--decode-dtypes", default="auto,float32", help="vLLM --dtype values to measure decode at "
-                        "('' for none)")
+    parser.add_argument(
+        "--decode-dtypes",
+        default="auto,float32",
+        help="vLLM --dtype values to measure decode at ('' for none)",
+    )
     parser.add_argument("--decode-tokens", type=int, default=128)
-    parser.add_argument("--no-agreement", dest="agreement", action="store_false",
-                        help="skip kvlife's own dense runs (float32, bfloat16) that vLLM's answers are compared with")
+    parser.add_argument(
+        "--no-agreement",
+        dest="agreement",
+        action="store_false",
+        help="skip kvlife's own dense runs (float32, bfloat16) that vLLM's answers are compared with",
+    )
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="llama-server CPU threads")
     parser.add_argument("--out", default=str(RESULTS / "openai_backend.json"))

@@ -42,10 +42,12 @@ from kvlife.store.redis_backend import RedisBackend
 from kvlife.store.remote import RemoteBackend
 
 TOKEN = "bench-token"
-NOTES = ("ttft_s: median of the repeats, from the start of the turn's prefill to the first token; a hit covers "
-         "lookup, transfer, checksum, decoding and the prefill of the uncached tail (tokens past the last whole "
-         "chunk plus the query). Memory-tier throughput passes references in one process (no copy), so it is "
-         "an upper bound, not a transfer rate. Other jobs shared the 2 CPUs while this ran.")
+NOTES = (
+    "ttft_s: median of the repeats, from the start of the turn's prefill to the first token; a hit covers "
+    "lookup, transfer, checksum, decoding and the prefill of the uncached tail (tokens past the last whole "
+    "chunk plus the query). Memory-tier throughput passes references in one process (no copy), so it is "
+    "an upper bound, not a transfer rate. Other jobs shared the 2 CPUs while this ran."
+)
 QUERY = "Which key has the value that appears first in the document?"
 
 
@@ -133,10 +135,16 @@ def throughput(backend, blob_size: int, clients: int = 8, per_client: int = 4) -
     for row in keys:
         for k in row:
             backend.delete(k)
-    return {"clients": clients, "chunks": clients * per_client, "chunk_bytes": len(next(iter(blobs.values()))),
-            "put_MBps": round(total / put_s / 1e6, 1), "get_MBps": round(total / get_s / 1e6, 1),
-            "put_chunks_per_s": round(clients * per_client / put_s, 1),
-            "get_chunks_per_s": round(clients * per_client / get_s, 1), "get_errors": len(errors)}
+    return {
+        "clients": clients,
+        "chunks": clients * per_client,
+        "chunk_bytes": len(next(iter(blobs.values()))),
+        "put_MBps": round(total / put_s / 1e6, 1),
+        "get_MBps": round(total / get_s / 1e6, 1),
+        "put_chunks_per_s": round(clients * per_client / put_s, 1),
+        "get_chunks_per_s": round(clients * per_client / get_s, 1),
+        "get_errors": len(errors),
+    }
 
 
 def main() -> None:
@@ -154,10 +162,18 @@ def main() -> None:
     model, tokenizer = models.load(args.model)
     root = Path(tempfile.mkdtemp(prefix="kvlife-store-bench-"))
     procs, redis_url, http_url = start_services(root)
-    results = {"machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus, "
-                          f"torch threads {torch.get_num_threads()}, {platform.system()} {platform.release()}".strip(),
-               "model": args.model, "dtype": str(next(model.parameters()).dtype), "chunk_tokens": args.chunk,
-               "query": QUERY, "repeats": args.repeats, "notes": NOTES, "contexts": [], "throughput": {}}
+    results = {
+        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus, "
+        f"torch threads {torch.get_num_threads()}, {platform.system()} {platform.release()}".strip(),
+        "model": args.model,
+        "dtype": str(next(model.parameters()).dtype),
+        "chunk_tokens": args.chunk,
+        "query": QUERY,
+        "repeats": args.repeats,
+        "notes": NOTES,
+        "contexts": [],
+        "throughput": {},
+    }
     try:
         tiers = {
             "memory": lambda enc: MemoryBackend(16 << 30),
@@ -182,8 +198,13 @@ def main() -> None:
                 keys = chunk_keys(ids, writer._namespace(model))
                 started = time.perf_counter()
                 stored = writer._put_new(session.cache, keys, 0, len(ids))
-                entry = {"chunks": len(keys), "bytes_stored": stored, "bytes_per_token": round(stored / (len(keys) * args.chunk), 1),
-                         "encode_and_put_all_tiers_s": round(time.perf_counter() - started, 3), "tiers": {}}
+                entry = {
+                    "chunks": len(keys),
+                    "bytes_stored": stored,
+                    "bytes_per_token": round(stored / (len(keys) * args.chunk), 1),
+                    "encode_and_put_all_tiers_s": round(time.perf_counter() - started, 3),
+                    "tiers": {},
+                }
                 if sample_blob is None and enc == "raw":
                     sample_blob = len(backends[("memory", enc)].get(keys[0]))
                 for name in tiers:
@@ -244,8 +265,14 @@ def print_table(results: dict) -> None:
     for column in ("tier", "chunk bytes", "put MB/s", "get MB/s", "put chunks/s", "get chunks/s"):
         tp.add_column(column)
     for name, t in results["throughput"].items():
-        tp.add_row(name, str(t["chunk_bytes"]), str(t["put_MBps"]), str(t["get_MBps"]), str(t["put_chunks_per_s"]),
-                   str(t["get_chunks_per_s"]))
+        tp.add_row(
+            name,
+            str(t["chunk_bytes"]),
+            str(t["put_MBps"]),
+            str(t["get_MBps"]),
+            str(t["put_chunks_per_s"]),
+            str(t["get_chunks_per_s"]),
+        )
     console.print(tp)
 
 

@@ -5,10 +5,10 @@ every fixed codec level and against always recomputing, over real throttled link
 
 For each task sample (the default model, default task profile, multi-request) it prefills the context
 once (dense), encodes its cache at every level (with a channel-weights profile measured on a held-out
-text, as benchmarks/codec.py) and uploads it to a `kvlife stream serve` process (`kvlife serve`) on loopback. Then, for
-each bandwidth trace, the server's link is restarted on the trace and the client fetches the context:
-once per fixed level (a fixed policy ignores the deadline, so one fetch serves every deadline; a fetch
-still running at 1.25 x the largest deadline is cut off and counted as a miss), once per deadline with
+text, as benchmarks/codec.py) and uploads it to a `kvlife stream serve` process (`kvlife serve`) on loopback.
+Then, for each bandwidth trace, the server's link is restarted on the trace and the client fetches the
+context: once per fixed level (a fixed policy ignores the deadline, so one fetch serves every deadline; a
+fetch still running at 1.25 x the largest deadline is cut off and counted as a miss), once per deadline with
 the adaptive policy. Always-recompute needs no link: one run per sample serves every trace.
 
 Quality is measured on the cache each policy really produced (the adaptive one per run; the same mix
@@ -16,8 +16,9 @@ of chunks gives the same cache, so mixes are scored once): accuracy of the model
 sample's queries (`--queries`, 4: every turn of the default tasks; 2 before results/stream.json of this
 version), and over every turn's reference answer (teacher-forced) the perplexity relative
 to the dense cache and the KL divergence from the dense cache's next-token distributions (the steadier
-signal: a few short answers move perplexity by percents from noise alone). TTFT = time until the context is ready + the first query's prefill and first token on it.
-Writes benchmarks/results/stream.json and prints a table.
+signal: a few short answers move perplexity by percents from noise alone). TTFT = time until the context is
+ready + the first query's prefill and first token on it. Writes benchmarks/results/stream.json and prints a
+table.
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ from kvlife.stream.config import parse_discount  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "stream.json"
 CALIBRATION_TEXT = Path("/usr/share/common-licenses/LGPL-2.1")
-TASKS = ["prefix_suffix", "qa_eng", "repoqa_and_kv"]  # dense turn-1 accuracy >= 75% (benchmarks/results/tasks.json)
+TASKS = [
+    "prefix_suffix",
+    "qa_eng",
+    "repoqa_and_kv",
+]  # dense turn-1 accuracy >= 75% (benchmarks/results/tasks.json)
 # (trace, deadlines in seconds); rates in bits/s as tc writes them
 TRACES = [
     ("constant:32mbit", [0.75, 1.5, 3.0]),
@@ -77,9 +82,9 @@ def context_id_for(task_name: str, sample) -> str:
 
 
 def fetch_record(report) -> dict:
-    """What a run keeps of an adaptive fetch: when it was ready (and when every chunk was first in), each chunk's
-    final option, the requests given up, and per chunk every decision of the first pass, the ready time its
-    plan predicted and the better levels it was fetched at again (refinement)."""
+    """What a run keeps of an adaptive fetch: when it was ready (and when every chunk was first in), each
+    chunk's final option, the requests given up, and per chunk every decision of the first pass, the ready
+    time its plan predicted and the better levels it was fetched at again (refinement)."""
     return {"ready_s": report.ready_s, "complete_s": report.complete_s, "options": report.options(),
             "refined": [c.refined for c in report.chunks], "refine_stopped": report.refine_stopped,
             "abandoned": sum(len(c.abandoned) for c in report.chunks),
@@ -90,9 +95,13 @@ def fetch_record(report) -> dict:
 def compare_rows(path: Path) -> dict:
     """The adaptive rows of another run's stream.json, with the settings they were made with."""
     other = json.loads(path.read_text())
-    return {"drop_factor": other.get("drop_factor", 1.0), "discount": other.get("discount", "1"),
-            "refine_discount": other.get("refine_discount", "as discount"),
-            "machine": other["machine"], "adaptive": [r for r in other["summary"] if r["policy"] == "adaptive"]}
+    return {
+        "drop_factor": other.get("drop_factor", 1.0),
+        "discount": other.get("discount", "1"),
+        "refine_discount": other.get("refine_discount", "as discount"),
+        "machine": other["machine"],
+        "adaptive": [r for r in other["summary"] if r["policy"] == "adaptive"],
+    }
 
 
 def start_server(root: str) -> tuple[subprocess.Popen, str]:
@@ -125,8 +134,14 @@ def evaluate(model, tokenizer, task, sample, cache, ids, queries: int, dense: di
         ttfts.append(result.ttft_s)
     logprobs, targets = reference_logprobs(session, sample)
     token_nll = -logprobs[torch.arange(len(targets)), targets]
-    out = {"accuracy": statistics.mean(scores), "scores": scores, "nll": float(token_nll.mean()),
-           "first_token_s": ttfts[0], "reference_tokens": len(targets), "token_nll": [round(float(x), 5) for x in token_nll]}
+    out = {
+        "accuracy": statistics.mean(scores),
+        "scores": scores,
+        "nll": float(token_nll.mean()),
+        "first_token_s": ttfts[0],
+        "reference_tokens": len(targets),
+        "token_nll": [round(float(x), 5) for x in token_nll],
+    }
     if dense is None:
         out["_logprobs"] = logprobs
         out["kl"] = 0.0
@@ -159,18 +174,36 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=4,
                         help="queries whose answers are scored per sample (the default tasks have 4 turns)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--drop-factor", type=float, default=2.0, help="the adaptive planner's insurance (1: off)")
-    parser.add_argument("--discount", default="wide",
-                        help="the adaptive planner's throughput discount: a number >= 1 (1: off) or 'wide' (each "
-                             "level's size step where it is 2x or more, the client's default)")
+    parser.add_argument(
+        "--drop-factor", type=float, default=2.0, help="the adaptive planner's insurance (1: off)"
+    )
+    parser.add_argument(
+        "--discount",
+        default="wide",
+        help="the adaptive planner's throughput discount: a number >= 1 (1: off) or 'wide' (each "
+        "level's size step where it is 2x or more, the client's default)",
+    )
     parser.add_argument("--refine-discount", default="1",
                         help="the same for the adaptive client's refinement (the client's default, 1: off)")
-    parser.add_argument("--compare", type=Path, default=None,
-                        help="a stream.json of another run (e.g. --drop-factor 1) whose adaptive rows to include")
-    parser.add_argument("--markdown", type=Path, default=None,
-                        help="run nothing: print this stream.json's summary as the Markdown table of docs/streaming.md")
-    parser.add_argument("--merge", type=Path, nargs="+", default=None,
-                        help="run nothing: combine these partial results (runs of one --tasks each) into --out")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        help="a stream.json of another run (e.g. --drop-factor 1) whose adaptive rows to include",
+    )
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="run nothing: print this stream.json's summary as the Markdown table of docs/streaming.md",
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="run nothing: combine these partial results (runs of one --tasks each) into --out",
+    )
     args = parser.parse_args()
     try:
         discount = parse_discount(args.discount)
@@ -180,7 +213,11 @@ def main() -> int:
         refine_discount = parse_discount(args.refine_discount)
     except ValueError as exc:
         parser.error(f"--refine-discount {exc}")
-    needed = [(args.markdown, "summary"), (args.compare, "summary"), *((path, "samples") for path in args.merge or [])]
+    needed = [
+        (args.markdown, "summary"),
+        (args.compare, "summary"),
+        *((path, "samples") for path in args.merge or []),
+    ]
     for path, key in needed:
         if path is not None:
             try:
@@ -208,19 +245,27 @@ def main() -> int:
                 publisher = Session(model, tokenizer, "dense", mode="multi-request")
                 prefill = publisher.prefill(sample.context)
                 context_id = context_id_for(task_name, sample)
-                manifest = publish(publisher, client, context_id, weights=weights, model_name=models.DEFAULT_MODEL)
+                manifest = publish(
+                    publisher, client, context_id, weights=weights, model_name=models.DEFAULT_MODEL
+                )
                 all_levels = manifest.levels
                 ids = manifest.token_ids
                 sizes = {lv: sum(c.bytes for c in manifest.chunks[lv]) for lv in manifest.levels}
-                print(f"{context_id}: {len(ids)} tokens, {manifest.n_chunks} chunks, prefill {prefill.prefill_s:.1f} s, "
-                      + ", ".join(f"{lv} {b / 1e6:.2f} MB" for lv, b in sizes.items()), flush=True)
+                print(
+                    f"{context_id}: {len(ids)} tokens, {manifest.n_chunks} chunks, prefill "
+                    f"{prefill.prefill_s:.1f} s, "
+                    + ", ".join(f"{lv} {b / 1e6:.2f} MB" for lv, b in sizes.items()),
+                    flush=True,
+                )
                 quality: dict[tuple, dict] = {}
                 dense = evaluate(model, tokenizer, task, sample, publisher.cache, ids, args.queries)
 
                 def score(cache, options, quality=quality, task=task, sample=sample, ids=ids, dense=dense):
                     key = tuple(options)
                     if key not in quality:
-                        quality[key] = evaluate(model, tokenizer, task, sample, cache, ids, args.queries, dense)
+                        quality[key] = evaluate(
+                            model, tokenizer, task, sample, cache, ids, args.queries, dense
+                        )
                     return quality[key]
 
                 runs = []
@@ -241,7 +286,14 @@ def main() -> int:
                             ready = report.ready_s
                         except FetchAborted:
                             ready = None
-                        runs.append({"trace": trace, "policy": level, "ready_s": ready, **quality[(level,) * manifest.n_chunks]})
+                        runs.append(
+                            {
+                                "trace": trace,
+                                "policy": level,
+                                "ready_s": ready,
+                                **quality[(level,) * manifest.n_chunks],
+                            }
+                        )
                     for slo in deadlines:
                         client.set_trace(trace)
                         cache, report = client.fetch(context_id, slo, model=model, config=config)
@@ -250,9 +302,19 @@ def main() -> int:
                         print(f"  {trace} slo {slo:g}: ready {report.ready_s:.2f} s "
                               f"{'met' if report.met else 'MISSED'} {report.options()}", flush=True)
                 client.set_trace(None)
-                samples_out.append({"sample": context_id, "task": task_name, "tokens": len(ids),
-                                    "chunks": manifest.n_chunks, "bytes": sizes, "prefill_s": prefill.prefill_s,
-                                    "dense": {k: v for k, v in dense.items() if k != "_logprobs"}, "runs": runs, "wall_s": time.perf_counter() - started})
+                samples_out.append(
+                    {
+                        "sample": context_id,
+                        "task": task_name,
+                        "tokens": len(ids),
+                        "chunks": manifest.n_chunks,
+                        "bytes": sizes,
+                        "prefill_s": prefill.prefill_s,
+                        "dense": {k: v for k, v in dense.items() if k != "_logprobs"},
+                        "runs": runs,
+                        "wall_s": time.perf_counter() - started,
+                    }
+                )
     finally:
         server.terminate()
         server.wait(10)
@@ -278,14 +340,16 @@ def main() -> int:
 
 
 BOOTSTRAP_DRAWS = 2000
-NOTES = ("Server and client on loopback; the server's send rate follows the trace (kvlife.store.shaper). Fixed "
-         "policies ignore the deadline, so one fetch per trace and level serves every deadline; a fixed fetch cut off "
-         "at 1.25x the largest deadline counts as a miss with no TTFT. Always-recompute uses no link: one run per "
-         "sample serves every trace. ppl change is exp(mean reference NLL) over that of the dense cache; the "
-         "target's quality test is in summarize()'s docstring (accuracy and ppl change each not worse than any "
-         "meeting fixed level's beyond a paired bootstrap's 5% point; the strict accuracy comparison and KL are "
-         "reported beside it). Run under the project's CPU lock (no other heavy job; lighter jobs may have run), one "
-         "task per process, merged with --merge.")
+NOTES = (
+    "Server and client on loopback; the server's send rate follows the trace (kvlife.store.shaper). Fixed "
+    "policies ignore the deadline, so one fetch per trace and level serves every deadline; a fixed fetch cut "
+    "off at 1.25x the largest deadline counts as a miss with no TTFT. Always-recompute uses no link: one run "
+    "per sample serves every trace. ppl change is exp(mean reference NLL) over that of the dense cache; the "
+    "target's quality test is in summarize()'s docstring (accuracy and ppl change each not worse than any "
+    "meeting fixed level's beyond a paired bootstrap's 5% point; the strict accuracy comparison and KL are "
+    "reported beside it). Run under the project's CPU lock (no other heavy job; lighter jobs may have run), "
+    "one task per process, merged with --merge."
+)
 
 
 def ppl_change(runs: list[dict], dense: list[dict]) -> float:
@@ -312,7 +376,11 @@ def ppl_difference(runs: list[dict], other: list[dict], dense: list[dict], seed:
         picks = rng.integers(0, len(reference), (BOOTSTRAP_DRAWS, len(reference)))
         draws += np.exp(mine[picks].mean(axis=1)) - np.exp(theirs[picks].mean(axis=1))
     low, high = np.quantile(draws / len(runs), [0.05, 0.95])
-    return {"diff": ppl_change(runs, dense) - ppl_change(other, dense), "low": float(low), "high": float(high)}
+    return {
+        "diff": ppl_change(runs, dense) - ppl_change(other, dense),
+        "low": float(low),
+        "high": float(high),
+    }
 
 
 def answer_scores(runs: list[dict]) -> list[float]:
@@ -347,10 +415,15 @@ def quality_test(candidate: str, meeting: list[str], picked: dict, dense: list[d
     acc_worst = min(accuracy, key=lambda level: accuracy[level]["high"])
     ppl_worst = max(ppl, key=lambda level: ppl[level]["low"])
     mine = statistics.mean(answer_scores(picked[candidate]))
-    out = {"accuracy_ok": all(v["high"] >= 0 for v in accuracy.values()),
-           "accuracy_strict_ok": all(mine >= statistics.mean(answer_scores(picked[level])) for level in others),
-           "accuracy_vs": acc_worst, "accuracy_diff": accuracy[acc_worst],
-           "ppl_ok": all(v["low"] <= 0 for v in ppl.values()), "ppl_vs": ppl_worst, "ppl_diff": ppl[ppl_worst]}
+    out = {
+        "accuracy_ok": all(v["high"] >= 0 for v in accuracy.values()),
+        "accuracy_strict_ok": all(mine >= statistics.mean(answer_scores(picked[level])) for level in others),
+        "accuracy_vs": acc_worst,
+        "accuracy_diff": accuracy[acc_worst],
+        "ppl_ok": all(v["low"] <= 0 for v in ppl.values()),
+        "ppl_vs": ppl_worst,
+        "ppl_diff": ppl[ppl_worst],
+    }
     out["quality_ok"] = out["accuracy_ok"] and out["ppl_ok"]
     return out
 
@@ -385,25 +458,40 @@ def summarize(samples: list[dict], levels: list[str]) -> list[dict]:
                     kl.append(run["kl"])
                     runs.append(run)
                 picked[policy] = runs
-                group.append({"trace": trace, "slo": slo, "policy": policy, "miss_rate": statistics.mean(misses),
-                              "ttft_s": statistics.median(ttfts) if ttfts else None,
-                              "accuracy": statistics.mean(answer_scores(runs)), "ppl_change": ppl_change(runs, dense),
-                              "kl": statistics.mean(kl)})
+                group.append(
+                    {
+                        "trace": trace,
+                        "slo": slo,
+                        "policy": policy,
+                        "miss_rate": statistics.mean(misses),
+                        "ttft_s": statistics.median(ttfts) if ttfts else None,
+                        "accuracy": statistics.mean(answer_scores(runs)),
+                        "ppl_change": ppl_change(runs, dense),
+                        "kl": statistics.mean(kl),
+                    }
+                )
             fixed = [r for r in group if r["policy"] in levels]
             fastest = min(fixed, key=lambda r: (r["miss_rate"], r["ttft_s"] or math.inf))
             meeting_rows = [r for r in fixed if r["miss_rate"] == 0]
             meeting = [r["policy"] for r in meeting_rows]
             adaptive = group[0]
-            target = {"fewest_misses_fixed": fastest["policy"], "misses_ok": adaptive["miss_rate"] <= fastest["miss_rate"],
-                      "meeting_fixed": meeting, "best_meeting": None, "quality_ok": None}
+            target = {
+                "fewest_misses_fixed": fastest["policy"],
+                "misses_ok": adaptive["miss_rate"] <= fastest["miss_rate"],
+                "meeting_fixed": meeting,
+                "best_meeting": None,
+                "quality_ok": None,
+            }
             if meeting:
                 best = max(meeting_rows, key=lambda r: (r["accuracy"], -r["ppl_change"]))
                 target.update(quality_test("adaptive", meeting, picked, dense))
                 target["best_meeting"] = best["policy"]
                 target["kl_ok"] = adaptive["kl"] <= min(r["kl"] for r in meeting_rows)
                 top = quality_test(meeting[0], meeting, picked, dense)
-                target["top_check"] = {"level": meeting[0], **{key: top[key] for key in
-                                                               ("accuracy_strict_ok", "accuracy_ok", "ppl_ok")}}
+                target["top_check"] = {
+                    "level": meeting[0],
+                    **{key: top[key] for key in ("accuracy_strict_ok", "accuracy_ok", "ppl_ok")},
+                }
             adaptive["target"] = target
             rows.extend(group)
     return rows
@@ -433,8 +521,10 @@ def print_table(rows: list[dict]) -> None:
         target = ""
         if "target" in r:
             t = r["target"]
-            target = (f"misses {'ok' if t['misses_ok'] else 'WORSE'} (vs {t['fewest_misses_fixed']}), quality "
-                      f"{ {True: 'ok', False: 'WORSE', None: 'n/a'}[t['quality_ok']]} (best {t['best_meeting']})")
+            target = (
+                f"misses {'ok' if t['misses_ok'] else 'WORSE'} (vs {t['fewest_misses_fixed']}), quality "
+                f"{ {True: 'ok', False: 'WORSE', None: 'n/a'}[t['quality_ok']] } (best {t['best_meeting']})"
+            )
         cells.append([r["trace"], f"{r['slo']:g}", r["policy"], f"{r['miss_rate']:.2f}",
                       f"{r['ttft_s']:.2f}" if r["ttft_s"] is not None else "-", f"{r['accuracy']:.2f}",
                       f"{100 * r['ppl_change']:+.2f}", f"{r['kl']:.4f}", target])
@@ -447,10 +537,13 @@ def print_markdown(rows: list[dict]) -> None:
 
     def cell(r: dict) -> str:
         ttft = f"{r['ttft_s']:.2f}" if r["ttft_s"] is not None else "-"
-        return f"{r['miss_rate']:.2f} / {ttft} / {100 * r['ppl_change']:+.1f}% / {r['accuracy']:.2f} / {r['kl']:.3f}"
+        return (f"{r['miss_rate']:.2f} / {ttft} / {100 * r['ppl_change']:+.1f}% / {r['accuracy']:.2f} / "
+                f"{r['kl']:.3f}")
 
-    print("| trace | slo s | adaptive | fewest-miss fixed | best fixed meeting it | misses / quality (ppl and accuracy "
-          "differences, 90% CIs; KL) |")
+    print(
+        "| trace | slo s | adaptive | fewest-miss fixed | best fixed meeting it | misses / quality (ppl and "
+        "accuracy differences, 90% CIs; KL) |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     counts = {"misses": 0, "quality": 0, "rows": 0, "quality_rows": 0, "strict": 0,
               "top_accuracy_strict_ok": 0, "top_accuracy_ok": 0, "top_ppl_ok": 0}
@@ -473,18 +566,25 @@ def print_markdown(rows: list[dict]) -> None:
             for key in ("accuracy_strict_ok", "accuracy_ok", "ppl_ok"):
                 counts["top_" + key] += t["top_check"][key]
             d, a = t["ppl_diff"], t["accuracy_diff"]
-            verdict += (f" / {'yes' if t['quality_ok'] else 'no'} (ppl {100 * d['diff']:+.1f} pts vs {t['ppl_vs']}, "
-                        f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]; acc {100 * a['diff']:+.1f} pts vs "
-                        f"{t['accuracy_vs']}, [{100 * a['low']:+.1f}, {100 * a['high']:+.1f}], {a['wins']}+/{a['losses']}- "
-                        f"of {a['answers']}, strict {'ok' if t['accuracy_strict_ok'] else 'lower'}; "
-                        f"KL {'ok' if t['kl_ok'] else 'higher'})")
-        print(f"| `{r['trace']}` | {r['slo']:g} | {cell(r)} | {t['fewest_misses_fixed']}: {cell(fastest)} | {best} | {verdict} |")
+            verdict += (
+                f" / {'yes' if t['quality_ok'] else 'no'} (ppl {100 * d['diff']:+.1f} pts vs {t['ppl_vs']}, "
+                f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]; acc {100 * a['diff']:+.1f} pts vs "
+                f"{t['accuracy_vs']}, [{100 * a['low']:+.1f}, {100 * a['high']:+.1f}], "
+                f"{a['wins']}+/{a['losses']}- of {a['answers']}, strict "
+                f"{'ok' if t['accuracy_strict_ok'] else 'lower'}; KL {'ok' if t['kl_ok'] else 'higher'})"
+            )
+        print(
+            f"| `{r['trace']}` | {r['slo']:g} | {cell(r)} | {t['fewest_misses_fixed']}: {cell(fastest)} | "
+            f"{best} | {verdict} |"
+        )
     print(f"\nmisses ok in {counts['misses']} of {counts['rows']} rows; quality ok in {counts['quality']} of "
           f"{counts['quality_rows']} rows with a meeting fixed level (strict accuracy comparison: ok in "
           f"{counts['strict']})")
-    print(f"the same tests on the best meeting fixed level of each row against the other meeting levels: the "
-          f"accuracy test passes in {counts['top_accuracy_ok']} of {counts['quality_rows']} rows, the ppl test in "
-          f"{counts['top_ppl_ok']}, the strict accuracy comparison in {counts['top_accuracy_strict_ok']}")
+    print(
+        f"the same tests on the best meeting fixed level of each row against the other meeting levels: the "
+        f"accuracy test passes in {counts['top_accuracy_ok']} of {counts['quality_rows']} rows, the ppl test "
+        f"in {counts['top_ppl_ok']}, the strict accuracy comparison in {counts['top_accuracy_strict_ok']}"
+    )
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ and encode them), then, over the shaped traces of benchmarks/stream.py except th
 needs recomputing, so the model in the client; `--traces` names others), fetches each context at every
 fixed level (one fetch per trace and level serves every deadline) and once per deadline with each planner
 setting. The client has no model: nothing is recomputed, every chunk is fetched and decoded. Per
-(trace, deadline, setting): the deadline misses, and the chosen levels against the best fixed level that met the deadline on every
-sample: `level_ok` counts the fetches whose every chunk is at that level or better, `mean_rank` is the
-mean level rank of the chunks (0 = lossless-ish) beside that level's rank. The level check is a proxy for
-quality, stricter than stream.py's test (a chunk one level lower fails it). Writes
+(trace, deadline, setting): the deadline misses, and the chosen levels against the best fixed level that met
+the deadline on every sample: `level_ok` counts the fetches whose every chunk is at that level or better,
+`mean_rank` is the mean level rank of the chunks (0 = lossless-ish) beside that level's rank. The level check
+is a proxy for quality, stricter than stream.py's test (a chunk one level lower fails it). Writes
 benchmarks/results/stream-policies.json and prints a table.
 """
 
@@ -43,8 +43,11 @@ SETTINGS = ["1,2", "1.3,2", "wide,2", "wide,1"]
 SCHEMA = "stream-policies/1"
 
 
-def publish_samples(client: StreamClient, tasks: list[str], samples: int, loaded: tuple | None = None) -> list[str]:
-    """Prefill and publish the samples; `loaded`: `load_model_and_weights()`'s result, if the caller has it."""
+def publish_samples(
+    client: StreamClient, tasks: list[str], samples: int, loaded: tuple | None = None
+) -> list[str]:
+    """Prefill and publish the samples; `loaded`: `load_model_and_weights()`'s result, if the caller has
+    it."""
     from kvlife import models
     from kvlife.bench.tasks import get_task
     from kvlife.session import Session
@@ -57,7 +60,10 @@ def publish_samples(client: StreamClient, tasks: list[str], samples: int, loaded
             session.prefill(sample.context)
             context_id = context_id_for(task_name, sample)
             manifest = publish(session, client, context_id, weights=weights, model_name=models.DEFAULT_MODEL)
-            print(f"published {context_id}: {len(manifest.token_ids)} tokens, {manifest.n_chunks} chunks", flush=True)
+            print(
+                f"published {context_id}: {len(manifest.token_ids)} tokens, {manifest.n_chunks} chunks",
+                flush=True,
+            )
             ids.append(context_id)
     return ids
 
@@ -92,20 +98,28 @@ def parse_setting(text: str) -> FetchConfig:
         raise ValueError(f"REFINE is 0 or 1 in {text!r}")
     parse = {"discount": parse_discount, "refine_discount": parse_discount, "refine": lambda v: v == "1",
              "window": int, "drop": float, "step_up": float, "detect": float}
-    return FetchConfig(**{FIELDS[key]: parse[key](value) for key, value in fields.items()})  # checked up front
+    return FetchConfig(
+        **{FIELDS[key]: parse[key](value) for key, value in fields.items()}
+    )  # checked up front
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--samples", type=int, default=3, help="samples per task")
-    parser.add_argument("--settings", default=";".join(SETTINGS),
-                        help="planner settings 'DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]][,KEY=VALUE...]' separated "
-                             "by ';' (DISCOUNT: a number or wide; REFINE: 1, the default, or 0; keys: "
-                             "refine_discount=D, window=N, detect=SECONDS)")
-    parser.add_argument("--traces", default=None,
-                        help="the traces and deadlines, 'TRACE@SECONDS[,SECONDS...]' separated by ';' (default: "
-                             "benchmarks/stream.py's shaped traces), e.g. 'walk:24mbit,seed=2@1,2;walk:24mbit,seed=3@1,2'")
+    parser.add_argument(
+        "--settings",
+        default=";".join(SETTINGS),
+        help="planner settings 'DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]][,KEY=VALUE...]' separated "
+        "by ';' (DISCOUNT: a number or wide; REFINE: 1, the default, or 0; keys: "
+        "refine_discount=D, window=N, detect=SECONDS)",
+    )
+    parser.add_argument(
+        "--traces",
+        default=None,
+        help="the traces and deadlines, 'TRACE@SECONDS[,SECONDS...]' separated by ';' (default: "
+        "benchmarks/stream.py's shaped traces), e.g. 'walk:24mbit,seed=2@1,2;walk:24mbit,seed=3@1,2'",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--table", type=Path, default=None,
                         help="print the table of a results file again, from its runs, and run nothing")
@@ -129,8 +143,11 @@ def main() -> int:
         try:
             parse_setting(setting)
         except (ValueError, KvlifeError) as exc:
-            parser.error(f"bad setting {setting!r} ({exc}): use DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]]"
-                         "[,KEY=VALUE...], e.g. wide,2 or 1.3,2 or wide,2,0 or wide,2,0.1,0 or wide,2,refine_discount=wide")
+            parser.error(
+                f"bad setting {setting!r} ({exc}): use DISCOUNT,DROP_FACTOR[,STEP_UP_MARGIN[,REFINE]]"
+                "[,KEY=VALUE...], e.g. wide,2 or 1.3,2 or wide,2,0 or wide,2,0.1,0 or "
+                "wide,2,refine_discount=wide"
+            )
 
     root = tempfile.mkdtemp(prefix="kvlife-stream-policies-")
     server, url = start_server(root)
@@ -169,14 +186,27 @@ def main() -> int:
         server.terminate()
         server.wait(10)
         shutil.rmtree(root, ignore_errors=True)  # the published contexts: tens of MB per sample
-    result = {"schema": SCHEMA, "commit": commit(), "command": " ".join(["benchmarks/stream_policies.py", *sys.argv[1:]]),
-              "model": "qwen2.5-coder-0.5b", "machine": machine(), "torch_threads": 1, "tasks": args.tasks.split(","),
-              "samples_per_task": args.samples, "levels": levels, "settings": settings,
-              "traces": [{"trace": t, "deadlines": d} for t, d in shaped], "wall_s": time.perf_counter() - started,
-              "notes": ("Server and client on loopback, the server's send rate following the trace; the client has no "
-                        "model (nothing recomputed). Run under the project's CPU lock. level_ok is a proxy for quality "
-                        "(every chunk at the best fixed level meeting the deadline on every sample, or better)."),
-              "fixed": fixed, "runs": runs}
+    result = {
+        "schema": SCHEMA,
+        "commit": commit(),
+        "command": " ".join(["benchmarks/stream_policies.py", *sys.argv[1:]]),
+        "model": "qwen2.5-coder-0.5b",
+        "machine": machine(),
+        "torch_threads": 1,
+        "tasks": args.tasks.split(","),
+        "samples_per_task": args.samples,
+        "levels": levels,
+        "settings": settings,
+        "traces": [{"trace": t, "deadlines": d} for t, d in shaped],
+        "wall_s": time.perf_counter() - started,
+        "notes": (
+            "Server and client on loopback, the server's send rate following the trace; the client has no "
+            "model (nothing recomputed). Run under the project's CPU lock. level_ok is a proxy for quality "
+            "(every chunk at the best fixed level meeting the deadline on every sample, or better)."
+        ),
+        "fixed": fixed,
+        "runs": runs,
+    }
     args.out.write_text(dumps(result))  # the runs are kept even if the summary below fails
     result["summary"] = table = summarize(runs, fixed, levels, settings, ids, shaped)
     args.out.write_text(dumps(result))
@@ -186,7 +216,8 @@ def main() -> int:
 
 
 def dumps(result: dict) -> str:
-    """A result as JSON with one line per run and per summary row (a third of indent=1's size, still diffable)."""
+    """A result as JSON with one line per run and per summary row (a third of indent=1's size, still
+    diffable)."""
     rows = {key: result[key] for key in ("runs", "summary") if key in result}
     text = json.dumps({key: f"\0{key}" if key in rows else value for key, value in result.items()}, indent=1)
     for key, items in rows.items():
@@ -197,7 +228,8 @@ def dumps(result: dict) -> str:
 
 
 def parse_traces(text: str) -> list[tuple[str, list[float]]]:
-    """'TRACE@SECONDS[,SECONDS...]' separated by ';' as (trace, deadlines), each trace checked by its parser."""
+    """'TRACE@SECONDS[,SECONDS...]' separated by ';' as (trace, deadlines), each trace checked by its
+    parser."""
     out = []
     for part in text.split(";"):
         trace, sep, deadlines = part.partition("@")
@@ -235,16 +267,24 @@ def summarize(runs: list[dict], fixed: dict, levels: list[str], settings: list[s
         for setting in settings:
             group = [r for r in runs if r["setting"] == setting and r["trace"] in names and r["slo"] == slo]
             ranks = [[levels.index(o) for o in r["options"]] for r in group]
-            rows.append({
-                "trace": label, "slo": slo, "setting": setting,
-                "misses": sum(r["ready_s"] > slo for r in group), "fixed_fewest_misses": fewest,
-                "fetches": len(group), "best_meeting": best,
-                "level_ok": None if best is None else sum(max(rk) <= levels.index(best) for rk in ranks),
-                "mean_rank": statistics.mean(statistics.mean(rk) for rk in ranks),
-                "best_rank": None if best is None else levels.index(best),
-                "first_rank": statistics.mean(rk[0] for rk in ranks),  # the first chunk weighs most (stream_sensitivity.py)
-                "median_ready_s": statistics.median(r["ready_s"] for r in group),
-            })
+            rows.append(
+                {
+                    "trace": label,
+                    "slo": slo,
+                    "setting": setting,
+                    "misses": sum(r["ready_s"] > slo for r in group),
+                    "fixed_fewest_misses": fewest,
+                    "fetches": len(group),
+                    "best_meeting": best,
+                    "level_ok": None if best is None else sum(max(rk) <= levels.index(best) for rk in ranks),
+                    "mean_rank": statistics.mean(statistics.mean(rk) for rk in ranks),
+                    "best_rank": None if best is None else levels.index(best),
+                    "first_rank": statistics.mean(
+                        rk[0] for rk in ranks
+                    ),  # the first chunk weighs most (stream_sensitivity.py)
+                    "median_ready_s": statistics.median(r["ready_s"] for r in group),
+                }
+            )
     return rows
 
 
@@ -262,8 +302,11 @@ def print_table(rows: list[dict], settings: list[str]) -> None:
         cells = []
         for s in settings:
             r = group[s]
-            cells.append(f"{r['misses']}/{r['fixed_fewest_misses']} {r['level_ok'] if r['level_ok'] is not None else '-'}"
-                         f"/{r['fetches']} {r['mean_rank']:.1f}  {r['first_rank']:.1f}".rjust(28))
+            cells.append(
+                f"{r['misses']}/{r['fixed_fewest_misses']} "
+                f"{r['level_ok'] if r['level_ok'] is not None else '-'}"
+                f"/{r['fetches']} {r['mean_rank']:.1f}  {r['first_rank']:.1f}".rjust(28)
+            )
         print(f"{trace:24} {slo:4g} {best:12} " + " ".join(cells))
 
 

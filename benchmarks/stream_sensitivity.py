@@ -54,7 +54,9 @@ def main() -> int:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--samples", type=int, default=3, help="samples per task")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--table", type=Path, help="run nothing: print the table of this stream-sensitivity.json")
+    parser.add_argument(
+        "--table", type=Path, help="run nothing: print the table of this stream-sensitivity.json"
+    )
     args = parser.parse_args()
     if args.table is not None:
         print_table(json.loads(args.table.read_text())["samples"])
@@ -96,19 +98,37 @@ def main() -> int:
                     logprobs, _ = score(options)
                     kl = float((ref.exp() * (ref - logprobs)).sum(-1).mean())
                     nll = -logprobs[torch.arange(len(targets)), targets]
-                    results[name] = {"kl": round(kl, 5), "nll_change": round(float(nll.mean() - ref_nll.mean()), 5)}
-                rows.append({"sample": context_id, "chunks": manifest.n_chunks, "reference_tokens": len(targets),
-                             "results": results})
-                print(f"{context_id}: {manifest.n_chunks} chunks, {len(targets)} reference tokens", flush=True)
+                    results[name] = {
+                        "kl": round(kl, 5),
+                        "nll_change": round(float(nll.mean() - ref_nll.mean()), 5),
+                    }
+                rows.append(
+                    {
+                        "sample": context_id,
+                        "chunks": manifest.n_chunks,
+                        "reference_tokens": len(targets),
+                        "results": results,
+                    }
+                )
+                print(
+                    f"{context_id}: {manifest.n_chunks} chunks, {len(targets)} reference tokens", flush=True
+                )
     finally:
         server.terminate()
         server.wait(10)
         shutil.rmtree(root, ignore_errors=True)
-    result = {"model": "qwen2.5-coder-0.5b", "machine": machine(), "torch_threads": 1, "tasks": args.tasks.split(","),
-              "samples_per_task": args.samples, "reference": REFERENCE, "wall_s": time.perf_counter() - started,
-              "notes": "KL from the lossless-ish cache's next-token distributions over the reference answers "
-                       "(teacher-forced), per configuration of per-chunk levels; no link, quality only.",
-              "samples": rows}
+    result = {
+        "model": "qwen2.5-coder-0.5b",
+        "machine": machine(),
+        "torch_threads": 1,
+        "tasks": args.tasks.split(","),
+        "samples_per_task": args.samples,
+        "reference": REFERENCE,
+        "wall_s": time.perf_counter() - started,
+        "notes": "KL from the lossless-ish cache's next-token distributions over the reference answers "
+        "(teacher-forced), per configuration of per-chunk levels; no link, quality only.",
+        "samples": rows,
+    }
     args.out.write_text(json.dumps(result, indent=1))
     print_table(rows)
     print(f"wrote {args.out}")
@@ -124,10 +144,23 @@ def print_table(rows: list[dict]) -> None:
     print(" " * width + "".join(f"{label:>14}" for label in labels) + f"{'median':>10}")
     for name in names:
         values = [row["results"][name]["kl"] for row in rows]
-        print(f"{name:<{width}}" + "".join(f"{v:>14.4f}" for v in values) + f"{statistics.median(values):>10.4f}")
-    for label, pick in (("one extreme chunk: max of 1..", max), ("one extreme chunk: median 1..", statistics.median)):
-        values = [pick([row["results"][f"extreme at {j}"]["kl"] for j in range(1, row["chunks"])]) for row in rows]
-        print(f"{label:<{width}}" + "".join(f"{v:>14.4f}" for v in values) + f"{statistics.median(values):>10.4f}")
+        print(
+            f"{name:<{width}}"
+            + "".join(f"{v:>14.4f}" for v in values)
+            + f"{statistics.median(values):>10.4f}"
+        )
+    for label, pick in (
+        ("one extreme chunk: max of 1..", max),
+        ("one extreme chunk: median 1..", statistics.median),
+    ):
+        values = [
+            pick([row["results"][f"extreme at {j}"]["kl"] for j in range(1, row["chunks"])]) for row in rows
+        ]
+        print(
+            f"{label:<{width}}"
+            + "".join(f"{v:>14.4f}" for v in values)
+            + f"{statistics.median(values):>10.4f}"
+        )
 
 
 if __name__ == "__main__":
