@@ -66,3 +66,25 @@ def test_library_progress_bars_only_with_verbose(verbose):
     assert done.returncode == 0, done.stderr
     assert f"bars {verbose} {verbose}" in done.stderr
 
+
+def test_help_lists_every_command_without_loading_torch():
+    probe = ("import sys\nfrom kvlife.cli import main\nsys.argv = ['kvlife', '--help']\n"
+             "try:\n    main()\nexcept SystemExit:\n    pass\n"
+             "print('torch' in sys.modules, file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.stderr.strip().endswith("False"), done.stderr
+    for command in ("bench", "serve", "codec", "search-patterns", "search-heads", "fetch", "stream", "tasks"):
+        assert command in done.stdout
+
+
+@pytest.mark.parametrize("command", ["codec", "search-patterns", "search-heads"])
+def test_a_heavy_command_is_listed_with_its_own_help_line(command):
+    """`kvlife --help` lists it from cli.HEAVY_COMMANDS: the line must be the one its module gives."""
+    from kvlife import cli
+
+    listed = {a.dest: a.help for a in cli.build_parser()._subparsers._group_actions[0]._choices_actions}
+    built = {a.dest: a.help for a in cli.build_parser(command)._subparsers._group_actions[0]._choices_actions}
+    assert listed[command] == built[command]
+    argv = [command, "inspect", "x.kvc"] if command == "codec" else [command, "--out", "x.json"]
+    assert callable(cli.build_parser(command).parse_args(argv).func)  # the module's own parser, runnable
+

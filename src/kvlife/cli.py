@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -217,7 +218,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # ---- parser --------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands whose parser lives in a module that loads torch (seconds): `kvlife --help` lists them from
+# here; a command's module is imported, and its own parser built, only when the command line names it.
+# (module, its help line, the module's function that runs it when add_parser does not set one)
+HEAVY_COMMANDS = {
+    "codec": ("kvlife.codec.cli", "encode, decode or inspect KV cache files with the codec", "run"),
+    "search-patterns": ("kvlife.methods.prefill.search",
+                        "search MInference's per-head sparse patterns (writes JSON)", None),
+    "search-heads": ("kvlife.methods.compress.duo_search",
+                     "find DuoAttention's retrieval and streaming heads (writes JSON)", None),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI's parser; `command`: the subcommand about to run (only its heavy parser is built)."""
     from kvlife.models import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(prog="kvlife", description="The life of a long-context LLM's KV cache.")
@@ -327,18 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="write an HTML report here")
     report.set_defaults(func=cmd_report)
 
-    try:
-        from kvlife.codec import cli as codec_cli
-
-        codec_cli.add_parser(sub).set_defaults(func=codec_cli.run)
-    except ImportError:
-        pass
-    from kvlife.methods.prefill.search import add_parser as add_search_patterns
-
-    add_search_patterns(sub)
-    from kvlife.methods.compress.duo_search import add_parser as add_search_heads
-
-    add_search_heads(sub)
+    for name, (module_name, help_text, run_name) in HEAVY_COMMANDS.items():
+        if command == name:  # the command that runs: its module's own parser
+            module = importlib.import_module(module_name)
+            command_parser = module.add_parser(sub)
+            if run_name:
+                command_parser.set_defaults(func=getattr(module, run_name))
+        else:  # listed in `kvlife --help` without importing its module
+            sub.add_parser(name, help=help_text)
     from kvlife.stream.cli import add_parser as add_stream
 
     add_stream(sub)
@@ -370,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         from kvlife.store.server import main as serve_main
 
         return serve_main(argv[1:] if argv[0] == "serve" else argv[2:], stream_alias=argv[0] == "stream")
-    parser = build_parser()
+    parser = build_parser(next((arg for arg in argv if not arg.startswith("-")), None))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
