@@ -1,4 +1,11 @@
-"""The `kvlife` command. Errors a user can cause print one line and exit non-zero."""
+"""The `kvlife` command. Errors a user can cause print one line and exit non-zero.
+
+Imports: this module's top imports nothing heavy, so that `kvlife --help`, the listings and `kvlife serve`
+start in about a second; each `cmd_*` imports the modules it runs (the benchmark, the codec, the methods
+load torch and transformers, seconds on a CPU) when it runs. That is the one place kvlife defers imports
+on purpose, beside optional dependencies (pyarrow, datasets) and three heavy libraries loaded where used
+(torch in models.py, transformers' modeling code in attention.register, faiss in methods/load/ivf.py).
+"""
 
 from __future__ import annotations
 
