@@ -30,82 +30,81 @@ def _console():
 # ---- bench ---------------------------------------------------------------------------------------
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from kvlife.bench.runner import BenchConfig, make_backend, run
+    from kvlife.bench.runner import make_backend, run
     from kvlife.bench.summary import print_tables, write_summary
-    from kvlife.bench.tasks import TASKS
-    from kvlife.models import DEFAULT_MODEL
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASKS)
-    if not tasks:
-        raise KvlifeError(
-            f"--tasks {args.tasks!r} names no task; give names such as kv,qa_eng (see `kvlife tasks`)"
-        )
-    if args.samples is not None and args.samples < 1:
-        raise KvlifeError(f"--samples must be at least 1, got {args.samples}")
-    if args.data and not args.tasks and Path(args.data).is_dir():  # the tasks DIR has files for
-        from kvlife.bench.data import TASK_FILES, data_files
-
-        tasks = [t for t in tasks if t in TASK_FILES and data_files(Path(args.data), t)] or tasks
+    tasks = _bench_tasks(args)
     modes = ["multi-turn", "multi-request"] if args.mode == "both" else [args.mode]
     _check_sizes(args, tasks)
+    _check_backend(args)
     console = _console()
     store = None
     if args.store:
-        if args.backend != "local":
-            raise KvlifeError("--store needs the local backend (a server keeps its own cache)")
         from kvlife.store import open_store
 
         store = open_store(args.store, encoding=args.store_encoding, chunk_size=args.store_chunk)
-    model = args.model
-    if args.backend == "openai":
-        if not args.base_url:
-            raise KvlifeError("--backend openai needs --base-url URL (e.g. http://127.0.0.1:8000/v1)")
-        if not model:
-            raise KvlifeError(
-                "--backend openai needs --model NAME, the name the server serves (see its /v1/models)"
-            )
-    elif args.base_url:
-        raise KvlifeError("--base-url is for --backend openai")
     for mode in modes:
-        config = BenchConfig(
-            model=model or DEFAULT_MODEL,
-            tasks=tasks,
-            mode=mode,
-            method=args.method,
-            samples=args.samples,
-            profile=args.profile,
-            seed=args.seed,
-            own_answers=args.own_answers,
-            recompress=args.recompress,
-            max_turns=args.max_turns,
-            prompt_format=args.format,
-            data=args.data,
-            max_length=args.max_length,
-            backend=args.backend,
-            base_url=args.base_url if args.backend == "openai" else None,
-            dtype=args.dtype,
-            context_tokens=args.context_tokens,
-        )
+        config = _bench_config(args, tasks, mode)
         backend = None
         if args.backend == "openai":
             backend = make_backend(config, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
                                    concurrency=args.concurrency, timeout_s=args.timeout, retries=args.retries)
-        elif args.concurrency != 1:
-            raise KvlifeError(
-                "--concurrency is for --backend openai (the local backend runs one sample at a time)"
-            )
-        out = (
-            Path(args.out) / config.run_id()
-            if args.out and len(modes) > 1
-            else (Path(args.out) if args.out else None)
-        )
-        run_dir = run(
-            config, out=out, progress=not args.no_progress, console=console, store=store, backend=backend
-        )
-        summary = write_summary(run_dir)
-        print_tables(summary, console)
+        out = Path(args.out) if args.out else None
+        if out is not None and len(modes) > 1:
+            out = out / config.run_id()
+        run_dir = run(config, out=out, progress=not args.no_progress, console=console, store=store,
+                      backend=backend)
+        print_tables(write_summary(run_dir), console)
         console.print(f"results: {run_dir}")
     return 0
+
+
+def _bench_tasks(args: argparse.Namespace) -> list[str]:
+    """The tasks --tasks names (default: all, or with --data DIR those it has files for)."""
+    from kvlife.bench.tasks import TASKS
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASKS)
+    if not tasks:
+        raise KvlifeError(f"--tasks {args.tasks!r} names no task; give names such as kv,qa_eng "
+                          "(see `kvlife tasks`)")
+    if args.samples is not None and args.samples < 1:
+        raise KvlifeError(f"--samples must be at least 1, got {args.samples}")
+    if args.data and not args.tasks and Path(args.data).is_dir():
+        from kvlife.bench.data import TASK_FILES, data_files
+
+        tasks = [t for t in tasks if t in TASK_FILES and data_files(Path(args.data), t)] or tasks
+    return tasks
+
+
+def _check_backend(args: argparse.Namespace) -> None:
+    """Refuse options that do not go with --backend before anything runs."""
+    if args.store and args.backend != "local":
+        raise KvlifeError("--store needs the local backend (a server keeps its own cache)")
+    if args.backend == "openai":
+        if not args.base_url:
+            raise KvlifeError("--backend openai needs --base-url URL (e.g. http://127.0.0.1:8000/v1)")
+        if not args.model:
+            raise KvlifeError("--backend openai needs --model NAME, the name the server serves "
+                              "(see its /v1/models)")
+        return
+    if args.base_url:
+        raise KvlifeError("--base-url is for --backend openai")
+    if args.concurrency != 1:
+        raise KvlifeError("--concurrency is for --backend openai (the local backend runs one sample "
+                          "at a time)")
+
+
+def _bench_config(args: argparse.Namespace, tasks: list[str], mode: str):
+    from kvlife.bench.runner import BenchConfig
+    from kvlife.models import DEFAULT_MODEL
+
+    return BenchConfig(model=args.model or DEFAULT_MODEL, tasks=tasks, mode=mode, method=args.method,
+                       samples=args.samples, profile=args.profile, seed=args.seed,
+                       own_answers=args.own_answers, recompress=args.recompress, max_turns=args.max_turns,
+                       prompt_format=args.format,
+                       data=args.data, max_length=args.max_length, backend=args.backend,
+                       base_url=args.base_url if args.backend == "openai" else None, dtype=args.dtype,
+                       context_tokens=args.context_tokens)
 
 
 def _check_sizes(args: argparse.Namespace, tasks: list[str]) -> None:
@@ -239,115 +238,24 @@ HEAVY_COMMANDS = {
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole CLI's parser; `command`: the subcommand about to run (only its heavy parser is built)."""
-    from kvlife.models import DEFAULT_MODEL
+    # numpy and rich come with these: imported here, `import kvlife.cli` stays at a tenth of a second
+    from kvlife.store.serve_args import add_arguments as add_serve_arguments
+    from kvlife.stream.cli import add_parser as add_stream_parsers
 
     parser = argparse.ArgumentParser(prog="kvlife", description="The life of a long-context LLM's KV cache.")
     parser.add_argument("--verbose", action="store_true",
                         help="show the libraries' own progress bars (transformers' weight loading, GGUF "
                              "conversion); accepted anywhere on the command line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    bench = sub.add_parser("bench", help="run the shared-context benchmark",
-                           description="Run tasks on one shared context per sample, scored per turn.")
-    bench.add_argument(
-        "--model",
-        default=None,
-        help=f"registered model name or HF dir (default {DEFAULT_MODEL}); with --backend openai, "
-        "the name the server serves",
-    )
-    bench.add_argument(
-        "--tasks", default="", help="comma-separated task names (default: all; see `kvlife tasks`)"
-    )
-    bench.add_argument("--mode", default="multi-turn", choices=["multi-turn", "multi-request", "both"])
-    bench.add_argument(
-        "--method", default="dense", help="recipe spec, e.g. 'dense', 'streamingllm(n_local=256)'"
-    )
-    bench.add_argument("--samples", type=int, default=None, help="samples per task (default: the profile's)")
-    bench.add_argument("--profile", default="default", help="task sizes: default | long | scbench")
-    bench.add_argument("--context-tokens", type=int, default=None, metavar="N",
-                       help="set every task's context length to about N tokens (any profile)")
-    bench.add_argument(
-        "--dtype",
-        default="auto",
-        metavar="auto|float32|bfloat16",
-        help="the local model's dtype; auto: bfloat16 on CUDA or a CPU with native bf16, else float32",
-    )
-    bench.add_argument("--out", default=None, help="run directory (default results/<run-id>; reruns resume)")
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument(
-        "--own-answers", action="store_true", help="multi-turn: feed back the model's own answers"
-    )
-    bench.add_argument(
-        "--recompress", action="store_true", help="compress at every turn, not only the first prefill"
-    )
-    bench.add_argument("--max-turns", type=int, default=None)
-    bench.add_argument("--format", default="chat", choices=["chat", "plain"], help="prompt format")
-    bench.add_argument(
-        "--data",
-        default=None,
-        metavar="DIR",
-        help="SCBench's released rows (scbench_*.jsonl/.parquet in DIR, or 'hub') instead of generated",
-    )
-    bench.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
-                       help="cut longer contexts to TOKENS tokens from the middle (as SCBench)")
-    bench.add_argument("--no-progress", action="store_true")
-    bench.add_argument("--store", default=None, metavar="URLS",
-                       help="reuse stored prefills: tiers fastest first, e.g. memory,disk:DIR,redis://H:P,http://H:P")
-    bench.add_argument(
-        "--store-encoding", default="raw", help="raw | fp16 | int8 | int8+zstd | lmcache | kvlife:LEVEL"
-    )
-    bench.add_argument("--store-chunk", type=int, default=256, help="tokens per stored chunk")
-    bench.add_argument("--backend", default="local", choices=["local", "openai"],
-                       help="local: kvlife's Session in this process; openai: an OpenAI-compatible server "
-                       "(vLLM, SGLang, llama.cpp) at --base-url, see docs/backends.md")
-    bench.add_argument("--base-url", default=None, metavar="URL", help="the server, e.g. http://127.0.0.1:8000/v1")
-    bench.add_argument(
-        "--api-key", default=None, help="bearer token for the server (default: $OPENAI_API_KEY)"
-    )
-    bench.add_argument(
-        "--concurrency", type=int, default=1, metavar="N", help="openai: samples in flight at once"
-    )
-    bench.add_argument("--timeout", type=float, default=600.0, metavar="S",
-                       help="openai: seconds to wait for the server (connect, first token, each chunk)")
-    bench.add_argument(
-        "--retries",
-        type=int,
-        default=3,
-        metavar="N",
-        help="openai: retries of a failed request (connection errors, timeouts, 429, 5xx), "
-        "backoff 0.5 s x 2^n",
-    )
-    bench.set_defaults(func=cmd_bench)
-
-    serve = sub.add_parser(
-        "serve",
-        help="serve KV chunks and streamed contexts over HTTP (--store http://..., fetch)",
-        description="An HTTP chunk store: put/get/exists/stats, streamed contexts, bearer tokens, "
-        "one directory per tenant, optionally a send rate shaped by a bandwidth trace.",
-    )
-    from kvlife.store.serve_args import add_arguments as add_serve_arguments
-
+    _add_bench(sub)
+    serve = sub.add_parser("serve", help="serve KV chunks and streamed contexts over HTTP "
+                                         "(--store http://..., fetch)",
+                           description="An HTTP chunk store: put/get/exists/stats, streamed contexts, bearer "
+                                       "tokens, one directory per tenant, optionally a send rate shaped by a "
+                                       "bandwidth trace.")
     add_serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
-
-    methods = sub.add_parser("methods", help="list methods with stage, parameters, defaults and paper")
-    methods.add_argument("--json", action="store_true")
-    methods.set_defaults(func=cmd_methods)
-
-    models = sub.add_parser("models", help="list or pull the embedded models",
-                            description="`kvlife models` lists; `kvlife models pull NAME` installs one.")
-    models.add_argument("action", nargs="?", default="list", choices=["list", "pull"])
-    models.add_argument("names", nargs="*")
-    models.set_defaults(func=cmd_models)
-
-    tasks = sub.add_parser("tasks", help="list benchmark tasks and their profiles")
-    tasks.set_defaults(func=cmd_tasks)
-
-    report = sub.add_parser("report", help="summarize run directories (tables; --out writes HTML)")
-    report.add_argument("runs", nargs="+", help="run directories")
-    report.add_argument("--out", default=None, help="write an HTML report here")
-    report.set_defaults(func=cmd_report)
-
+    _add_listings(sub)
     for name, (module_name, help_text, run_name) in HEAVY_COMMANDS.items():
         if command == name:  # the command that runs: its module's own parser
             module = importlib.import_module(module_name)
@@ -356,10 +264,70 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                 command_parser.set_defaults(func=getattr(module, run_name))
         else:  # listed in `kvlife --help` without importing its module
             sub.add_parser(name, help=help_text)
-    from kvlife.stream.cli import add_parser as add_stream
-
-    add_stream(sub)
+    add_stream_parsers(sub)
     return parser
+
+
+def _add_bench(sub) -> None:
+    from kvlife.models import DEFAULT_MODEL
+
+    bench = sub.add_parser("bench", help="run the shared-context benchmark",
+                           description="Run tasks on one shared context per sample, scored per turn.")
+    add = bench.add_argument
+    add("--model", default=None, help=f"registered model name or HF dir (default {DEFAULT_MODEL}); with "
+        "--backend openai, the name the server serves")
+    add("--tasks", default="", help="comma-separated task names (default: all; see `kvlife tasks`)")
+    add("--mode", default="multi-turn", choices=["multi-turn", "multi-request", "both"])
+    add("--method", default="dense", help="recipe spec, e.g. 'dense', 'streamingllm(n_local=256)'")
+    add("--samples", type=int, default=None, help="samples per task (default: the profile's)")
+    add("--profile", default="default", help="task sizes: default | long | scbench")
+    add("--context-tokens", type=int, default=None, metavar="N",
+        help="set every task's context length to about N tokens (any profile)")
+    add("--dtype", default="auto", metavar="auto|float32|bfloat16",
+        help="the local model's dtype; auto: bfloat16 on CUDA or a CPU with native bf16, else float32")
+    add("--out", default=None, help="run directory (default results/<run-id>; reruns resume)")
+    add("--seed", type=int, default=0)
+    add("--own-answers", action="store_true", help="multi-turn: feed back the model's own answers")
+    add("--recompress", action="store_true", help="compress at every turn, not only the first prefill")
+    add("--max-turns", type=int, default=None)
+    add("--format", default="chat", choices=["chat", "plain"], help="prompt format")
+    add("--data", default=None, metavar="DIR",
+        help="SCBench's released rows (scbench_*.jsonl/.parquet in DIR, or 'hub') instead of generated")
+    add("--max-length", type=int, default=None, metavar="TOKENS",
+        help="cut longer contexts to TOKENS tokens from the middle (as SCBench)")
+    add("--no-progress", action="store_true")
+    add("--store", default=None, metavar="URLS",
+        help="reuse stored prefills: tiers fastest first, e.g. memory,disk:DIR,redis://H:P,http://H:P")
+    add("--store-encoding", default="raw", help="raw | fp16 | int8 | int8+zstd | lmcache | kvlife:LEVEL")
+    add("--store-chunk", type=int, default=256, help="tokens per stored chunk")
+    add("--backend", default="local", choices=["local", "openai"],
+        help="local: kvlife's Session in this process; openai: an OpenAI-compatible server (vLLM, SGLang, "
+             "llama.cpp) at --base-url, see docs/backends.md")
+    add("--base-url", default=None, metavar="URL", help="the server, e.g. http://127.0.0.1:8000/v1")
+    add("--api-key", default=None, help="bearer token for the server (default: $OPENAI_API_KEY)")
+    add("--concurrency", type=int, default=1, metavar="N", help="openai: samples in flight at once")
+    add("--timeout", type=float, default=600.0, metavar="S",
+        help="openai: seconds to wait for the server (connect, first token, each chunk)")
+    add("--retries", type=int, default=3, metavar="N",
+        help="openai: retries of a failed request (connection errors, timeouts, 429, 5xx), "
+             "backoff 0.5 s x 2^n")
+    bench.set_defaults(func=cmd_bench)
+
+
+def _add_listings(sub) -> None:
+    methods = sub.add_parser("methods", help="list methods with stage, parameters, defaults and paper")
+    methods.add_argument("--json", action="store_true")
+    methods.set_defaults(func=cmd_methods)
+    models = sub.add_parser("models", help="list or pull the embedded models",
+                            description="`kvlife models` lists; `kvlife models pull NAME` installs one.")
+    models.add_argument("action", nargs="?", default="list", choices=["list", "pull"])
+    models.add_argument("names", nargs="*")
+    models.set_defaults(func=cmd_models)
+    sub.add_parser("tasks", help="list benchmark tasks and their profiles").set_defaults(func=cmd_tasks)
+    report = sub.add_parser("report", help="summarize run directories (tables; --out writes HTML)")
+    report.add_argument("runs", nargs="+", help="run directories")
+    report.add_argument("--out", default=None, help="write an HTML report here")
+    report.set_defaults(func=cmd_report)
 
 
 LIBRARY_BARS = ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")  # transformers' own bars; tqdm's (GGUF)
