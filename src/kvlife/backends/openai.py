@@ -45,9 +45,8 @@ def api_root(base_url: str) -> str:
     """`http://host:port` or `http://host:port/v1` -> the URL that /chat/completions hangs from."""
     url = (base_url or "").strip().rstrip("/")
     if not url.startswith(("http://", "https://")):
-        raise BackendError(
-            f"--base-url must be an http:// or https:// URL (e.g. http://127.0.0.1:8000/v1), got {base_url!r}"
-        )
+        raise BackendError("--base-url must be an http:// or https:// URL (e.g. http://127.0.0.1:8000/v1), "
+                           f"got {base_url!r}")
     return url if url.endswith("/v1") else url + "/v1"
 
 
@@ -194,13 +193,8 @@ class OpenAIClient:
                  prompt: str | None = None) -> Completion:
         """One greedy streamed completion: chat when `messages` are given, else plain `prompt`."""
         chat = messages is not None
-        body: dict[str, Any] = {
-            "model": self.model,
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+        body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": 0.0,
+                                "stream": True, "stream_options": {"include_usage": True}}
         if chat:
             body["messages"] = messages
         else:
@@ -242,14 +236,10 @@ class OpenAIClient:
                 timings = chunk.get("timings") or timings
         ended = time.perf_counter()
         return Completion(
-            text="".join(parts),
-            ttft_s=(first_token_at or ended) - started,
-            latency_s=ended - started,
+            text="".join(parts), ttft_s=(first_token_at or ended) - started, latency_s=ended - started,
             prompt_tokens=(usage or {}).get("prompt_tokens"),
             completion_tokens=(usage or {}).get("completion_tokens"),
-            cached_tokens=cached_tokens_of(usage, timings),
-            finish_reason=finish_reason,
-            timings=timings,
+            cached_tokens=cached_tokens_of(usage, timings), finish_reason=finish_reason, timings=timings,
             attempts=attempt,
         )
 
@@ -312,9 +302,8 @@ class ChatSession:
                "finish_reason": done.finish_reason, "attempts": done.attempts,
                "started_at": round(started_at, 3), "finished_at": round(started_at + done.latency_s, 3)}
         if "prompt_n" in timings:
-            row["server_prompt_tokens"] = timings[
-                "prompt_n"
-            ]  # llama.cpp: prompt tokens computed (not cached)
+            # llama.cpp: prompt tokens computed (not cached)
+            row["server_prompt_tokens"] = timings["prompt_n"]
         return TurnResult(prediction, [], done.prompt_tokens, prefill_s, done.ttft_s, decode_tok_s,
                           done.completion_tokens or 0, None, None, None, stats={"row": row})
 
@@ -325,16 +314,9 @@ class OpenAIBackend:
     name = "openai"
     tokenizer = None  # the server's own; check() refuses --max-length
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str | None = None,
-        concurrency: int = 1,
-        timeout_s: float = 600.0,
-        retries: int = 3,
-        backoff_s: float = 0.5,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
+    def __init__(self, base_url: str, api_key: str | None = None, concurrency: int = 1,
+                 timeout_s: float = 600.0, retries: int = 3, backoff_s: float = 0.5,
+                 transport: httpx.BaseTransport | None = None) -> None:
         if concurrency < 1:
             raise BackendError(f"--concurrency must be at least 1, got {concurrency}")
         if timeout_s <= 0:
@@ -349,45 +331,26 @@ class OpenAIBackend:
 
     def check(self, config: RunSettings, connect: bool = True) -> None:
         if config.method != "dense":
-            raise BackendError(
-                f"--method {config.method!r} needs the local backend: a server applies its own "
-                f"attention and cache (run --backend openai with the default dense method)"
-            )
+            raise BackendError(f"--method {config.method!r} needs the local backend: a server applies its "
+                               "own attention and cache (run --backend openai with the default dense method)")
         if config.max_length:
-            raise BackendError(
-                "--max-length needs kvlife's tokenizer and is not supported with --backend openai; "
-                "let the server truncate or pick shorter samples"
-            )
+            raise BackendError("--max-length needs kvlife's tokenizer and is not supported with --backend "
+                               "openai; let the server truncate or pick shorter samples")
         if config.recompress:
-            raise BackendError(
-                "--recompress has no meaning with --backend openai (the server compresses nothing)"
-            )
+            raise BackendError("--recompress has no meaning with --backend openai (the server compresses "
+                               "nothing)")
         if not connect:
             return
         if self.client is None:
-            self.client = OpenAIClient(
-                self.base_url,
-                config.model,
-                self.api_key,
-                self.timeout_s,
-                self.retries,
-                self.backoff_s,
-                max_connections=self.concurrency,
-                transport=self.transport,
-            )
+            self.client = OpenAIClient(self.base_url, config.model, self.api_key, self.timeout_s,
+                                       self.retries, self.backoff_s, max_connections=self.concurrency,
+                                       transport=self.transport)
         self.served = self.client.check_model()
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "backend": {
-                "name": self.name,
-                "base_url": self.base_url,
-                "served_models": self.served,
-                "concurrency": self.concurrency,
-                "timeout_s": self.timeout_s,
-                "retries": self.retries,
-            }
-        }
+        return {"backend": {"name": self.name, "base_url": self.base_url, "served_models": self.served,
+                            "concurrency": self.concurrency, "timeout_s": self.timeout_s,
+                            "retries": self.retries}}
 
     def prepare(self, config: RunSettings) -> None:
         pass  # the server holds the model
