@@ -49,11 +49,8 @@ from kvlife.stream.config import parse_discount  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "stream.json"
 CALIBRATION_TEXT = Path("/usr/share/common-licenses/LGPL-2.1")
-TASKS = [
-    "prefix_suffix",
-    "qa_eng",
-    "repoqa_and_kv",
-]  # dense turn-1 accuracy >= 75% (benchmarks/results/tasks.json)
+# dense turn-1 accuracy >= 75% (benchmarks/results/tasks.json)
+TASKS = ["prefix_suffix", "qa_eng", "repoqa_and_kv"]
 # (trace, deadlines in seconds); rates in bits/s as tc writes them
 TRACES = [
     ("constant:32mbit", [0.75, 1.5, 3.0]),

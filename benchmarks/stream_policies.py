@@ -98,9 +98,8 @@ def parse_setting(text: str) -> FetchConfig:
         raise ValueError(f"REFINE is 0 or 1 in {text!r}")
     parse = {"discount": parse_discount, "refine_discount": parse_discount, "refine": lambda v: v == "1",
              "window": int, "drop": float, "step_up": float, "detect": float}
-    return FetchConfig(
-        **{FIELDS[key]: parse[key](value) for key, value in fields.items()}
-    )  # checked up front
+    # checked up front
+    return FetchConfig(**{FIELDS[key]: parse[key](value) for key, value in fields.items()})
 
 
 def main() -> int:

@@ -75,9 +75,8 @@ def test_multi_turn_is_a_growing_chat_and_writes_a_run(tmp_path, small_profile):
     assert config["identity"]["backend"] == "openai" and config["identity"]["base_url"] == fake.url
     assert config["backend"]["served_models"] == ["fake-model"] and "torch" in config["versions"]
     rows = runner.read_rows(out / "predictions.jsonl")
-    assert len(rows) == 6 and all(
-        r["score"] == 1.0 for r in rows
-    )  # the fake reads the answer from the prompt
+    # the fake reads the answer from the prompt
+    assert len(rows) == 6 and all(r["score"] == 1.0 for r in rows)
     for row in rows:
         assert (
             row["ttft_s"] <= row["latency_s"] and row["cache_bytes"] is None and row["reference_nll"] is None

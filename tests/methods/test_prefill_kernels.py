@@ -170,9 +170,8 @@ def test_flash_plan_only_where_it_fits():
     vertical_slash = Layout(columns=torch.arange(5), offsets=diagonal_offsets(torch.tensor([0, 100]), n))
     assert kernels.flash_fits(vertical_slash, cpu, None)
     assert not kernels.flash_fits(vertical_slash, cpu, 5.0)  # soft-capping: the matmul kernel
-    assert not kernels.flash_fits(
-        Layout(offsets=torch.arange(-100, 40)), cpu, None
-    )  # not the whole own block
+    # not the whole own block
+    assert not kernels.flash_fits(Layout(offsets=torch.arange(-100, 40)), cpu, None)
     assert not kernels.flash_fits(a_shape_layout(n, 4, 64), cpu, None)  # a window
     assert not kernels.flash_fits(block_layout(torch.zeros(5, 1, dtype=torch.long)), cpu, None)
 

@@ -188,9 +188,8 @@ def test_recompute_estimate_learns_and_grows_with_the_prefix():
     # a short last chunk (20 of 256 tokens) that ran slow per token (fixed cost per pass) moves it a little
     s.add_recompute(20, 0, 0.1, fraction=20 / 256)
     after_short = s.recompute_s(256, 0)
-    assert after_short == pytest.approx(
-        0.5 + 0.5 * 20 / 256 * (1.28 - 0.5)
-    )  # 0.1 s / 20 tokens = 1.28 s a chunk
+    # 0.1 s / 20 tokens = 1.28 s a chunk
+    assert after_short == pytest.approx(0.5 + 0.5 * 20 / 256 * (1.28 - 0.5))
     assert after_short < 0.55
     s.add_recompute(256, 0, 0.7)  # a full chunk moves it halfway
     assert s.recompute_s(256, 0) == pytest.approx(0.5 * after_short + 0.5 * 0.7)

@@ -59,9 +59,8 @@ def test_refinement_puts_the_better_chunks_in_place(stream_url, published, tiny,
         n
     ):  # chunks held in the cache's tensors (before the recomputed one) and still pending alike
         start, stop = i * CHUNK, min((i + 1) * CHUNK, len(manifest.token_ids))
-        expected = slices(
-            best if i != RECOMPUTED else low, start, stop
-        )  # the recomputed chunk is left as it was
+        # the recomputed chunk is left as it was
+        expected = slices(best if i != RECOMPUTED else low, start, stop)
         for (k, v), (ek, ev) in zip(slices(cache, start, stop), expected):
             assert torch.equal(k, ek) and torch.equal(v, ev), (i, (k - ek).abs().max())
     assert cache.next_position == len(manifest.token_ids)
@@ -118,9 +117,8 @@ def test_a_refinement_that_would_end_late_is_given_up(stream_url, published, low
     finally:
         client.set_trace(None)
     assert asked[-1].endswith(manifest.chunk_key("lossless-ish", 0))  # it was asked for
-    assert (
-        report.options() == ["extreme"] * n and not report.chunks[0].refined
-    )  # given up: chunk 0 kept its version
+    # given up: chunk 0 kept its version
+    assert report.options() == ["extreme"] * n and not report.chunks[0].refined
     assert report.met and report.ready_s <= slo * 0.95 + 0.05
     assert (
         report.refine_stopped.startswith("lossless-ish/0 given up after")

@@ -162,9 +162,8 @@ def run_sample(
         if index == 0 and getattr(session, "store", None) is not None:
             rows[-1]["store"] = dict(session.store.last)  # --store: tokens reused from the store, times
         if index == 0 and prefilled is not None and "assembled_tokens" in prefilled.stats:
-            rows[-1]["assembly"] = dict(
-                prefilled.stats
-            )  # an assemble method: documents hit, tokens recomputed, times
+            # an assemble method: documents hit, tokens recomputed, times
+            rows[-1]["assembly"] = dict(prefilled.stats)
     return rows
 
 

@@ -140,9 +140,8 @@ class CacheStage:
     encode: Callable[[str], list[int]]  # text -> token ids, no special tokens added
     turn_end: list[int]  # what closes a user turn and opens the answer in the prompt format
     head_tokens: int = 0  # leading `ids` that are the prompt format's head (chat template, system prompt)
-    stats: dict[str, Any] = dataclasses.field(
-        default_factory=dict
-    )  # the forward's figures; record costs here
+    # the forward's figures; record costs here
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def forward(self, ids: list[int], recipe: Any) -> None:
         """Run `ids` through the model on this cache at the next positions, as a "prefill" step of
