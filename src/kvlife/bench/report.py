@@ -110,11 +110,18 @@ def _png(fig) -> str:
 
 
 def _plots(runs: list[dict[str, Any]]) -> dict[str, str]:
-    plots = {}
-    # turn curves: per turn, the mean over the tasks that have that turn (n tasks, written beside it)
     _colours(runs)
+    return {"turns": _turns_plot(runs), "bytes": _bytes_plot(runs), "modes": _modes_plot(runs)}
+
+
+def _axes():
     fig = Figure(figsize=(6.4, 3.8))  # no pyplot: no GUI backend, no global figure list
-    ax = fig.subplots()
+    return fig, fig.subplots()
+
+
+def _turns_plot(runs: list[dict[str, Any]]) -> str:
+    """Per turn, the mean over the tasks that have that turn (n tasks, written beside it)."""
+    fig, ax = _axes()
     for run in runs:
         points = turn_means(run["summary"])
         turns = sorted(points)
@@ -134,11 +141,12 @@ def _plots(runs: list[dict[str, Any]]) -> dict[str, str]:
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("Score by turn")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    plots["turns"] = _png(fig)
+    return _png(fig)
 
-    # accuracy against cache bytes: one line per method (its budgets joined, by bytes) and mode
-    fig = Figure(figsize=(6.4, 3.8))
-    ax = fig.subplots()
+
+def _bytes_plot(runs: list[dict[str, Any]]) -> str:
+    """Accuracy against cache bytes: one line per method (its budgets joined, by bytes) and mode."""
+    fig, ax = _axes()
     families: dict[tuple[str, str], list[tuple[float, float, str]]] = {}
     family_colour: dict[tuple[str, str], Any] = {}
     for run in runs:
@@ -166,31 +174,24 @@ def _plots(runs: list[dict[str, Any]]) -> dict[str, str]:
     ax.set_title("Accuracy against cache size")
     if families:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    plots["bytes"] = _png(fig)
+    return _png(fig)
 
-    # multi-turn against multi-request per recipe: one bar per run, in the run's colour
+
+def _modes_plot(runs: list[dict[str, Any]]) -> str:
+    """Multi-turn against multi-request per recipe: one bar per run, in the run's colour."""
     by_method: dict[str, dict[str, dict[str, Any]]] = {}
     for run in runs:
         if run["summary"]["overall"]["all_turns"] is not None:
             by_method.setdefault(_label(run, mode=False), {})[run["identity"].get("mode", "?")] = run
-    fig = Figure(figsize=(6.4, 3.8))
-    ax = fig.subplots()
+    fig, ax = _axes()
     methods = sorted(by_method)
     width = 0.38
     for offset, mode in ((-width / 2, "multi-turn"), (width / 2, "multi-request")):
         for i, method in enumerate(methods):
             run = by_method[method].get(mode)
             if run is None:
-                ax.text(
-                    i + offset,
-                    0.02,
-                    "not run",
-                    rotation=90,
-                    ha="center",
-                    va="bottom",
-                    fontsize=6,
-                    color="#888",
-                )
+                ax.text(i + offset, 0.02, "not run", rotation=90, ha="center", va="bottom", fontsize=6,
+                        color="#888")
                 continue
             ax.bar(i + offset, run["summary"]["overall"]["all_turns"], width=width, color=run["colour"],
                    label=_label(run), hatch="" if mode == "multi-turn" else "//", edgecolor="white")
@@ -205,8 +206,7 @@ def _plots(runs: list[dict[str, Any]]) -> dict[str, str]:
     ax.set_title("Multi-turn (MT) against multi-request (MR)")
     if methods:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    plots["modes"] = _png(fig)
-    return plots
+    return _png(fig)
 
 
 def _no_data(ax) -> None:
