@@ -134,21 +134,18 @@ def sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     padded = []
     for kv in range(kv_heads):
         group = layouts if shared else layouts[kv * groups:(kv + 1) * groups]
-        front = max(
-            [-int(lay.offsets[0]) for lay in group if lay.offsets is not None and lay.offsets.numel()] + [0]
-        )
+        front = max([-int(lay.offsets[0]) for lay in group
+                     if lay.offsets is not None and lay.offsets.numel()] + [0])
         block = group[0].block
         back = -(-n // block) * block + block - n
-        padded.append(
-            _Keys(_pad(key[kv].float(), front, back), _pad(value[kv].float(), front, back), front, n)
-        )
+        padded.append(_Keys(_pad(key[kv].float(), front, back), _pad(value[kv].float(), front, back),
+                            front, n))
     if shared:
         plans = [_plan(query[h * groups:(h + 1) * groups], padded[h], layouts[0], scaling, softcap)
                  for h in range(kv_heads)]
     else:
-        plans = [
-            _plan(query[h : h + 1], padded[h // groups], layouts[h], scaling, softcap) for h in range(q_heads)
-        ]
+        plans = [_plan(query[h:h + 1], padded[h // groups], layouts[h], scaling, softcap)
+                 for h in range(q_heads)]
     tasks = [(plan, lo, min(lo + plan.step, plan.n_blocks)) for plan in plans
              for lo in range(0, plan.n_blocks, plan.step)]
     _run(tasks, query.device)
@@ -232,9 +229,8 @@ class _Plan:
             rest = []
             for a, b in _runs(layout.offsets):
                 if b - a >= LONG_RUN or layout.window is not None:
-                    self.parts.append(
-                        _OffsetsPart(keys, layout.offsets[a:b], layout.window, block, n_blocks, g)
-                    )
+                    self.parts.append(_OffsetsPart(keys, layout.offsets[a:b], layout.window, block,
+                                                   n_blocks, g))
                 else:
                     rest.append(layout.offsets[a:b])
             if rest:
@@ -340,10 +336,8 @@ class _OffsetsPart(_Part):
         else:
             flat = (self.starts[lo:hi, None] + self.index[None, skip:]).reshape(-1)
             shape = (hi - lo, self.width - skip, self.key.shape[-1])
-            keys, values = (
-                self.key.index_select(0, flat).view(shape),
-                self.value.index_select(0, flat).view(shape),
-            )
+            keys = self.key.index_select(0, flat).view(shape)
+            values = self.value.index_select(0, flat).view(shape)
             scores = _cap(torch.matmul(rows, keys.transpose(1, 2)), self.softcap)
         for a, b, bias in self.bias:
             if b > skip:
@@ -415,10 +409,8 @@ class _BlocksPart(_Part):
         k = int(self.counts[lo:hi].max())
         index = self.safe[lo:hi, :k].reshape(-1)
         shape = (hi - lo, k * self.block, self.key.shape[-1])
-        keys, values = (
-            self.key.index_select(0, index).view(shape),
-            self.value.index_select(0, index).view(shape),
-        )
+        keys = self.key.index_select(0, index).view(shape)
+        values = self.value.index_select(0, index).view(shape)
         scores = _cap(torch.matmul(rows, keys.transpose(1, 2)), self.softcap)
         pos = self.row_pos[lo:hi].repeat(1, rows.shape[1] // self.block)
         scores.masked_fill_(self.key_pos[lo:hi, None, :k * self.block] > pos[..., None], float("-inf"))
@@ -523,9 +515,8 @@ class _FlashPlan:
             width = e - a
             first = max(lo, -e // block + 1)  # the first block that sees a key of the run
             whole = min(hi, max(first, -(a // block)))  # from here on the run lies after key 0
-            if (
-                first < whole
-            ):  # the run straddles key 0: mask the keys before it (one table, as strided views)
+            # the run straddles key 0: mask the keys before it (one table, as strided views)
+            if first < whole:
                 table = torch.zeros((whole - first) * block + width, device=self.out.device)
                 table[:max(0, -(first * block + a))] = float("-inf")
                 mask = table.as_strided((whole - first, self.g, block, width), (block, 0, 0, 1))
