@@ -1,1 +1,1 @@
-"""The shared-context benchmark: tasks/ (one file per task), score.py, runner.py, report.py."""
+"""The shared-context benchmark: tasks, scorers, the runner, summaries and the HTML report (README.md)."""
