@@ -135,7 +135,7 @@ def collect(args) -> dict:
             acc = paired_difference({k: mine[k]["accuracy"] for k in paired}, {k: dense[k]["accuracy"] for k in paired})
             nll = {k: _mean_nll(mine[k]) for k in paired}
             dense_nll = {k: _mean_nll(dense[k]) for k in paired}
-            nll_diff = paired_difference(nll, dense_nll)
+            nll_diff = paired_difference(nll, dense_nll, lower_is_better=True)
             agreement = [t["prediction"] == d["prediction"] for k in paired
                          for t, d in zip(mine[k]["turns"], dense[k]["turns"])]
             ttft = statistics.mean(mine[k]["ttft_s"] for k in paired)

@@ -106,3 +106,11 @@ def test_table_in_80_columns_keeps_names_whole_and_shows_the_interval():
     assert "-1.00" in text and "[-1.00," in text and "[-.25," in text  # the difference and its interval
     assert "turn 4" in text
     assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_a_loss_that_rises_is_worse():
+    method = {i: 2.0 + 0.01 * i for i in range(8)}
+    dense = {i: 1.0 for i in range(8)}
+    assert paired_difference(method, dense).verdict == "better"  # a score that rises
+    assert paired_difference(method, dense, lower_is_better=True).verdict == "worse"  # an NLL that rises
+    assert paired_difference(dense, method, lower_is_better=True).verdict == "better"

@@ -9,7 +9,7 @@ anything else is no difference, whatever the point estimate says.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -26,14 +26,16 @@ class Interval:
     low: float
     high: float
     n: int
+    lower_is_better: bool = False  # a loss (NLL): an interval above 0 is worse
 
     @property
     def verdict(self) -> str:
         """"worse" / "better" when the interval excludes 0, else "same" (no difference)."""
+        below, above = ("better", "worse") if self.lower_is_better else ("worse", "better")
         if self.high < 0:
-            return "worse"
+            return below
         if self.low > 0:
-            return "better"
+            return above
         return "same"
 
     def to_dict(self, digits: int = 4) -> dict[str, float | int | str]:
@@ -58,7 +60,10 @@ def bootstrap_mean(values: Sequence[float], resamples: int = RESAMPLES, level: f
 
 
 def paired_difference(method: Mapping[Hashable, float], dense: Mapping[Hashable, float],
-                      resamples: int = RESAMPLES, level: float = LEVEL) -> Interval | None:
-    """method - dense over the keys (samples) both have, with a paired bootstrap interval."""
+                      resamples: int = RESAMPLES, level: float = LEVEL,
+                      lower_is_better: bool = False) -> Interval | None:
+    """method - dense over the keys (samples) both have, with a paired bootstrap interval
+    (`lower_is_better` for a loss such as NLL: its verdict reads an increase as worse)."""
     keys = [key for key in method if key in dense and method[key] is not None and dense[key] is not None]
-    return bootstrap_mean([method[key] - dense[key] for key in keys], resamples, level)
+    found = bootstrap_mean([method[key] - dense[key] for key in keys], resamples, level)
+    return None if found is None else replace(found, lower_is_better=lower_is_better)
