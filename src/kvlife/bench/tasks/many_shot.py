@@ -81,7 +81,7 @@ class ManyShot(Task):
             unseen = sorted({(line.split("\n")[0][6:], category) for line, category in zip(lines, drawn)})
         asked = rng.sample(unseen, min(turns, len(unseen)))
         # asked by name, as a question about the examples: "Item: X / What is its label?" made the
-        # default model repeat the item (0 of 4 on turn 1); this form, 5 of 6 (benchmarks/results/tasks.json)
+        # default model repeat the item (0 of 4 on turn 1); this form, 5 of 8 (benchmarks/results/tasks.json)
         verb = "do" if not held_out else "would"
         turn_list = [Turn(f"Which label {verb} the examples above give to the item \"{item}\"? "
                           "Answer with the label only.", labels[category]) for item, category in asked]
