@@ -31,7 +31,8 @@ RESULTS = Path(__file__).parent / "results" / "foundation.json"
 
 
 
-def measure_model(name: str, lengths: list[int], decode_tokens: int, dtype: str = "auto") -> dict:
+def measure_model(name: str, lengths: list[int], decode_tokens: int, dtype: str = "auto",
+                  nll_tasks: tuple[str, ...] = (), nll_samples: int = 2) -> dict:
     """Runs in a child process: load, prefill at each length, decode."""
     import torch
 
@@ -63,19 +64,20 @@ def measure_model(name: str, lengths: list[int], decode_tokens: int, dtype: str 
     return {"convert_s": record.get("convert_s"), "load_s": round(load_s, 2), "prefill_tok_s": prefill,
             "decode_tok_s": round(decode, 2), "decode_context_tokens": lengths[-1], "peak_rss_mb": round(peak_mb),
             "dtype": models.dtype_name(next(model.parameters()).dtype),
-            "reference_nll": task_nll(model, tokenizer) if dtype != "auto" else None}
+            "reference_nll": task_nll(model, tokenizer, nll_tasks, nll_samples) if dtype != "auto" else None,
+            "reference_nll_samples": nll_samples if dtype != "auto" else None}
 
 
 NLL_TASKS = ("kv", "prefix_suffix", "qa_eng", "repoqa", "multihop", "summary")
 
 
-def task_nll(model, tokenizer, samples: int = 2) -> dict:
+def task_nll(model, tokenizer, names: tuple[str, ...] = NLL_TASKS, samples: int = 2) -> dict:
     """Mean teacher-forced NLL of the reference answers (turn 1 of the first samples of some tasks)."""
     from kvlife.bench.tasks import get_task
     from kvlife.session import Session
 
     out = {}
-    for name in NLL_TASKS:
+    for name in names or NLL_TASKS:
         session = Session(model, tokenizer, "dense", mode="multi-request")
         values = []
         for sample in get_task(name).samples("default", samples, 0):
@@ -154,12 +156,17 @@ def main() -> int:
     parser.add_argument("--dtypes", default=None, help="e.g. float32,bfloat16: the bf16 section (default model)")
     parser.add_argument("--suite", action="store_true", help="time the default suite (about an hour)")
     parser.add_argument("--vllm-decode", default=None, metavar="JSON", help="the engines benchmark's results")
+    parser.add_argument("--nll-tasks", default=",".join(NLL_TASKS),
+                        help="tasks whose reference NLL the --dtypes section compares")
+    parser.add_argument("--nll-samples", type=int, default=2, help="samples per task for that NLL")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-dtype", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     if args.child:
-        print(json.dumps(measure_model(args.child, lengths, args.decode_tokens, args.child_dtype)))
+        nll_tasks = tuple(t for t in args.nll_tasks.split(",") if t)
+        print(json.dumps(measure_model(args.child, lengths, args.decode_tokens, args.child_dtype,
+                                       nll_tasks, args.nll_samples)))
         return 0
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results = {"machine": machine(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
@@ -172,7 +179,8 @@ def main() -> int:
                         "decode_tok_s measured after the longest prefill. Accuracy from `kvlife bench` dense runs."}
     def child(name: str, dtype: str = "auto") -> dict | None:
         done = subprocess.run([sys.executable, __file__, "--child", name, "--lengths", args.lengths,
-                               "--decode-tokens", str(args.decode_tokens), "--child-dtype", dtype],
+                               "--decode-tokens", str(args.decode_tokens), "--child-dtype", dtype,
+                               "--nll-tasks", args.nll_tasks, "--nll-samples", str(args.nll_samples)],
                               capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{name} ({dtype}): failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
