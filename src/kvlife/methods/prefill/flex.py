@@ -25,6 +25,7 @@ reference implementation, which materializes every score (tests only).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -289,27 +290,13 @@ def flex_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     if softcap is not None:
         def score_mod(score, b, h, q, kv):
             return torch.tanh(score / softcap) * softcap
-    if compiled:  # past the limit: an error, never the uncompiled reference's n^2 scores
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILES, fail_on_recompile_limit_hit=True):
-            out = _compiled()(
-                padded,
-                inputs.key,
-                inputs.value,
-                score_mod=score_mod,
-                block_mask=inputs.block_mask,
-                scale=scaling,
-                enable_gqa=inputs.gqa,
-            )
-    else:
-        out = flex_attention(
-            padded,
-            inputs.key,
-            inputs.value,
-            score_mod=score_mod,
-            block_mask=inputs.block_mask,
-            scale=scaling,
-            enable_gqa=inputs.gqa,
-        )
+    run = _compiled() if compiled else flex_attention
+    # compiled, past the limit: an error, never the uncompiled reference's n^2 scores
+    limit = (torch._dynamo.config.patch(recompile_limit=RECOMPILES, fail_on_recompile_limit_hit=True)
+             if compiled else contextlib.nullcontext())
+    with limit:
+        out = run(padded, inputs.key, inputs.value, score_mod=score_mod, block_mask=inputs.block_mask,
+                  scale=scaling, enable_gqa=inputs.gqa)
     return out[0, :, :m]
 
 
