@@ -233,7 +233,7 @@ class Session:
         if compress and self.mode == "multi-request":  # compressed before any query: stored whole
             from kvlife.methods.compress import stored
 
-            identity = stored.recipe_identity(self.recipe, self.model, self.format.query_ids(""))
+            identity = self.compressed_identity()
             self.last_stats = {}  # a hit runs no forward; a miss's forward sets the compression figures
             stats = self.store.prefill_compressed(self, ids, identity, stored.stored_layers, stored.restore_layers)
             self.last_stats = {**self.last_stats, **stats}
@@ -244,6 +244,37 @@ class Session:
 
     def new_cache(self) -> KVCache:
         return KVCache.for_model(self.model)
+
+    # ---- compressed contexts as stored layers (the store's whole-context entries, streamed pieces) ------
+
+    def compressed_identity(self) -> str:
+        """What shapes this session's compressed context beyond its tokens (recipe spec, kvlife version, the
+        prompt format's turn end, method files): the recipe part of its store and stream keys."""
+        from kvlife.methods.compress import stored
+
+        return stored.recipe_identity(self.recipe, self.model, self.format.query_ids(""))
+
+    def stored_context(self) -> list:
+        """The context cache (multi-request, after prefill) as stored layers (`kvlife.store.entries`)."""
+        from kvlife.methods.compress import stored
+
+        self.cache.rollback(self.context_checkpoint)
+        return stored.stored_layers(self.cache)
+
+    def attach_stored(self, layers: list, context_ids: list[int]) -> None:
+        """`attach` the cache rebuilt from stored layers; ValueError if they do not fit this model."""
+        from kvlife.methods.compress import stored
+
+        cache = self.new_cache()
+        stored.restore_layers(cache, layers, self.device)
+        self.attach(cache, context_ids)
+
+    def recompress(self, context_ids: list[int]) -> None:
+        """Prefill and compress `context_ids` (as prefilled: after any prompt compression) as the context,
+        without the store: what a streamed compressed context falls back to."""
+        self.cache = self.new_cache()
+        self.forward(list(context_ids), phase="prefill", compress=self.recipe.compress is not None)
+        self.attach(self.cache, context_ids)
 
     def _compress_prompt(self, context_ids: list[int], query: str | None) -> list[int]:
         method = self.recipe.prompt
