@@ -153,13 +153,14 @@ def measure_llama(args, result: dict) -> None:
         "model": f"{args.model} ({gguf.name})", "threads": args.threads, "samples": args.samples,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "commit": commit(), "load_average_at_start": list(os.getloadavg())}
-    for name, mode, cache_prompt, slots, concurrency in LLAMA_SETTINGS:
+    for name, mode, cache_prompt, slots, concurrency in chosen_settings(args, LLAMA_SETTINGS):
         with LlamaServer(binary, gguf, alias=args.model, ctx_size=4096, parallel=slots, threads=args.threads,
                          cache_prompt=cache_prompt) as server:
             entry = bench_run("llama-server", name, server.url, args.model, mode, args.samples, concurrency)
         result["runs"][f"llama-server: {name}"] = {**entry, "prompt_cache": cache_prompt, "slots": slots}
     result["servers"]["llama-server"]["load_average_at_end"] = list(os.getloadavg())
-    result["findings"]["llama-server"] = finding(result, "llama-server", "multi-request, no prompt cache")
+    if {"llama-server: multi-request", "llama-server: multi-request, no prompt cache"} <= set(result["runs"]):
+        result["findings"]["llama-server"] = finding(result, "llama-server", "multi-request, no prompt cache")
 
 
 def vllm_python() -> Path:
@@ -191,6 +192,11 @@ def vllm_log_facts(server: VllmServer) -> dict:
     return {"log_lines": lines[:12]}
 
 
+def chosen_settings(args, settings: list[tuple]) -> list[tuple]:
+    """The settings `--settings` names (all by default)."""
+    return [s for s in settings if not args.settings or s[0] in args.settings]
+
+
 def measure_vllm(args, result: dict) -> None:
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
     info = {
@@ -202,11 +208,13 @@ def measure_vllm(args, result: dict) -> None:
         "created": started_at,
         "commit": commit(),
         "load_average_at_start": list(os.getloadavg()),
-        "start_s": {},
+        "start_s": dict(result["servers"].get("vllm", {}).get("start_s", {})),  # kept for runs not redone
     }
     result["servers"]["vllm"] = info
     for prefix_caching in (True, False):
-        chosen = [s for s in VLLM_SETTINGS if s[2] == prefix_caching]
+        chosen = [s for s in chosen_settings(args, VLLM_SETTINGS) if s[2] == prefix_caching]
+        if not chosen:
+            continue
         began = time.perf_counter()
         with started_vllm(args.vllm_model, args.vllm_dtype, prefix_caching, args.eager) as server:
             info["start_s"]["prefix cache on" if prefix_caching else "prefix cache off"] = round(
@@ -217,7 +225,8 @@ def measure_vllm(args, result: dict) -> None:
                 entry = bench_run("vllm", name, server.url, args.vllm_model, mode, args.samples, concurrency)
                 result["runs"][f"vllm: {name}"] = {**entry, "prefix_caching": prefix_caching}
     info["load_average_at_end"] = list(os.getloadavg())
-    result["findings"]["vllm"] = finding(result, "vllm", "multi-request, no prefix cache")
+    if {"vllm: multi-request", "vllm: multi-request, no prefix cache"} <= set(result["runs"]):
+        result["findings"]["vllm"] = finding(result, "vllm", "multi-request, no prefix cache")
 
 
 def measure_decode(args, result: dict) -> None:
@@ -335,6 +344,8 @@ def main() -> int:
         help="skip kvlife's own dense runs (float32, bfloat16) that vLLM's answers are compared with",
     )
     parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--settings", default="", help="semicolon-separated setting names to (re)measure, "
+                        "e.g. 'multi-request, no prefix cache'; the server's other runs are kept")
     parser.add_argument("--threads", type=int, default=1, help="llama-server CPU threads")
     parser.add_argument("--out", default=str(RESULTS / "openai_backend.json"))
     parser.add_argument("--table", action="store_true", help="reprint the table of --out and exit")
@@ -344,6 +355,10 @@ def main() -> int:
         print_table(json.loads(out.read_text()))
         return 0
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    args.settings = [s.strip() for s in args.settings.split(";") if s.strip()]
+    known = {s[0] for s in LLAMA_SETTINGS + VLLM_SETTINGS}
+    if unknown_settings := [s for s in args.settings if s not in known]:
+        parser.error(f"unknown setting(s) {unknown_settings}; valid: {sorted(known)}")
     unknown = sorted(set(servers) - set(SERVERS))
     if unknown:
         parser.error(f"unknown server(s) {', '.join(unknown)}; valid: {', '.join(SERVERS)}")
@@ -355,7 +370,9 @@ def main() -> int:
     for key in ("servers", "runs", "findings"):
         result.setdefault(key, {})
     for server in servers:
-        result["runs"] = {k: v for k, v in result["runs"].items() if v["server"] != server}
+        remeasured = [name for name, *_ in chosen_settings(args, LLAMA_SETTINGS + VLLM_SETTINGS)]
+        result["runs"] = {k: v for k, v in result["runs"].items()
+                          if v["server"] != server or k.split(": ", 1)[1] not in remeasured}
         (measure_llama if server == "llama-server" else measure_vllm)(args, result)
         out.write_text(json.dumps(result, indent=2) + "\n")  # written per server: a later failure keeps it
     if args.decode_dtypes:  # vLLM's decode speed (alone with --servers '')
