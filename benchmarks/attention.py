@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import commit, machine  # noqa: E402
 
 from kvlife import models  # noqa: E402
-from kvlife.attention import AttnCall, StepContext, dense_attention  # noqa: E402
+from kvlife.attention import AttnCall, StepContext, dense_attention, use_kvlife_attention  # noqa: E402
 from kvlife.cache import KVCache, cache_kwarg  # noqa: E402
 from kvlife.methods.base import PrefillMethod  # noqa: E402
 from kvlife.methods.prefill.flex import TILE, flex_inputs, flex_mask, flex_sparse_attention  # noqa: E402
@@ -460,6 +460,7 @@ def main() -> None:
     flex_lengths = [int(x) for x in args.flex.split(",") if x]
     e2e_lengths = [int(x) for x in args.e2e.split(",") if x]
     model, tokenizer = models.load(MODEL)
+    use_kvlife_attention(model)  # capture() and the prefill timings run it with kvlife=StepContext(...)
     ids = stdlib_ids(tokenizer, max(lengths + flex_lengths + e2e_lengths), first=TEXT_FROM)
     result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     result.update({"machine": machine(), "threads": args.threads, "model": MODEL,

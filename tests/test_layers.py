@@ -113,9 +113,9 @@ def children(package: Path) -> set[str]:
         p.name for p in package.iterdir() if (p / "__init__.py").exists()}
 
 
-def wrong_imports(package: str, ranks: dict[str, int]) -> list[str]:
+def wrong_imports(package: str, ranks: dict[str, int], graph: dict[str, set[str]] = GRAPH) -> list[str]:
     wrong = []
-    for module, targets in GRAPH.items():
+    for module, targets in graph.items():
         if not module.startswith(package + ".") or module == package:
             continue
         source = unit_of(module, package)
@@ -145,6 +145,17 @@ def test_every_top_module_and_package_is_in_the_readme_layer_table():
 def test_imports_follow_the_readme_layer_table():
     ranks = layer_ranks(ROOT / "README.md", "Layout")
     assert not wrong_imports("kvlife", ranks)
+
+
+def test_models_sits_below_cache_and_attention():
+    """ARCHITECTURE.md's order, session -> methods -> cache/attention -> models: models.py loads a model
+    and never imports the attention (a Session switches the model to it)."""
+    ranks = layer_ranks(ROOT / "README.md", "Layout")
+    assert ranks["models"] > ranks["attention"] == ranks["cache"] > ranks["methods"] > ranks["session"]
+    assert "kvlife.attention" not in GRAPH["kvlife.models"]
+    upward = {**GRAPH, "kvlife.models": GRAPH["kvlife.models"] | {"kvlife.attention"}}
+    assert [line.split(":")[0] for line in wrong_imports("kvlife", ranks, upward)] == [
+        "kvlife.models imports kvlife.attention"]
 
 
 @pytest.mark.parametrize("package", PACKAGE_TABLES)

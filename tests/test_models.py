@@ -73,14 +73,26 @@ def test_broken_directory_is_refused(tmp_path):
         models.load(str(tmp_path / "broken"))
 
 
-def test_local_hf_directory_loads_with_kvlife_attention(tmp_path):
+def test_local_hf_directory_loads_and_a_session_switches_it_to_kvlife_attention(tmp_path):
+    import torch
+
+    from kvlife.session import Session
     from tiny import tiny_model, tiny_tokenizer
 
-    tiny_model("qwen2", attn="sdpa").save_pretrained(tmp_path / "tiny")
+    reference = tiny_model("qwen2", attn="sdpa")
+    reference.save_pretrained(tmp_path / "tiny")
     tiny_tokenizer().save_pretrained(tmp_path / "tiny")
-    model, tokenizer = models.load(str(tmp_path / "tiny"))
-    assert model.config._attn_implementation == "kvlife"
+    model, tokenizer = models.load(str(tmp_path / "tiny"), dtype="float32")
     assert tokenizer.encode("a b", add_special_tokens=False)
+    assert model.config._attn_implementation != "kvlife"  # models.py knows nothing of kvlife's attention
+    session = Session(model, tokenizer, "dense")
+    assert model.config._attn_implementation == "kvlife"
+    ids = list(range(1, 48))
+    session.cache = session.new_cache()
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0]
+    got = session.forward(ids, "prefill", all_logits=True)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_listing_marks_pulled_state():

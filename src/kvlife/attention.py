@@ -1,6 +1,7 @@
 """kvlife's attention function, registered with transformers' `AttentionInterface` as "kvlife".
 
-A model loaded with `attn_implementation="kvlife"` calls `kvlife_attention` in every layer. The
+A model switched to it (`use_kvlife_attention(model)`, which a Session does; or loaded with
+`attn_implementation="kvlife"`) calls `kvlife_attention` in every layer. The
 active step (recipe, cache, phase, query positions) arrives through the forward call's kwargs as
 `kvlife=StepContext(...)` (transformers passes extra kwargs down to the attention interface), so
 there is no hidden global state. transformers builds no mask for this implementation: causality
@@ -21,6 +22,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from kvlife.errors import ModelError
 
 KVLIFE_ATTENTION = "kvlife"
 QUERY_CHUNK = 1024  # query rows per masked attention call: bounds the mask and score memory
@@ -276,3 +279,16 @@ def register() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(KVLIFE_ATTENTION, kvlife_attention)
+
+
+def use_kvlife_attention(model: Any) -> Any:
+    """Switch `model` (loaded with any of transformers' attentions, as `models.load` gives it) to
+    kvlife's, in place; returns it. Idempotent: a Session calls it on the model it is given, and so
+    does any code that runs the model with `kvlife=StepContext(...)` outside a Session."""
+    if model.config._attn_implementation != KVLIFE_ATTENTION:
+        register()
+        model.set_attn_implementation(KVLIFE_ATTENTION)
+        if model.config._attn_implementation != KVLIFE_ATTENTION:  # transformers only warns
+            raise ModelError(f"{type(model).__name__} does not take a custom attention function "
+                             "(its attention does not use transformers' AttentionInterface)")
+    return model

@@ -281,21 +281,17 @@ def dtype_name(dtype: Any) -> str:
 
 
 def load(name_or_dir: str, device: str | None = None, dtype: Any = "auto"):
-    """Load (model, tokenizer) with kvlife's attention, in `dtype` (see `resolve_dtype`)."""
+    """Load (model, tokenizer) with transformers' default attention, in `dtype` (see `resolve_dtype`).
+    A Session switches the model to kvlife's attention (`kvlife.attention.use_kvlife_attention`)."""
     # torch and transformers load here, not at import: the registry serves `kvlife serve` and `--help`
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kvlife.attention import KVLIFE_ATTENTION, register
 
     path = resolve(name_or_dir)
     device = device or default_device()
     dtype = resolve_dtype(dtype, device)
-    register()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, attn_implementation=KVLIFE_ATTENTION
-        )
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load a model from {path}: {str(exc).splitlines()[0]}") from None
     model.to(device).eval()

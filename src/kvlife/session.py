@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from kvlife.attention import StepContext
+from kvlife.attention import StepContext, use_kvlife_attention
 from kvlife.cache import KVCache, cache_kwarg
 from kvlife.errors import KvlifeError
 from kvlife.methods.base import CacheStage
@@ -159,7 +159,7 @@ class Session:
     ) -> None:
         if mode not in MODES:
             raise KvlifeError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
-        self.model = model
+        self.model = use_kvlife_attention(model)  # the methods run in kvlife's attention function
         self.tokenizer = tokenizer
         self.recipe = parse(recipe)
         check_recipe(self.recipe, getattr(model, "config", None))  # refuses attention methods on a pure SSM

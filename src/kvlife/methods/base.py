@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvlife.attention import AttnCall, StepContext, dense_attention
+from kvlife.attention import AttnCall, StepContext, dense_attention, use_kvlife_attention
 from kvlife.cache import KVLayer, cache_kwarg
 from kvlife.errors import SpecError
 
@@ -154,6 +154,7 @@ class CacheStage:
 def model_forward(model: Any, cache: Any, ids: list[int], recipe: Any, phase: str = "prefill",
                   all_logits: bool = False) -> torch.Tensor:
     """One forward of `model` over `ids` on `cache` at the true next positions; logits [n or 1, vocab]."""
+    use_kvlife_attention(model)
     device = next(model.parameters()).device
     start = cache.next_position
     positions = torch.arange(start, start + len(ids), device=device)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from kvlife import models
-from kvlife.attention import AttnCall, StepContext, dense_attention
+from kvlife.attention import AttnCall, StepContext, dense_attention, use_kvlife_attention
 from kvlife.cache import KVCache, cache_kwarg
 from kvlife.errors import SpecError
 from kvlife.methods.base import PrefillMethod
@@ -131,7 +131,7 @@ def search(model: Any, tokenizer: Any, model_name: str, tokens: int = 16384, tar
             f"search-patterns: --tokens {tokens} is longer than the model's {max_tokens} positions"
         )
     ids = ids if ids is not None else stdlib_ids(tokenizer, tokens)
-    device = next(model.parameters()).device
+    device = next(use_kvlife_attention(model).parameters()).device
     searcher = PatternSearch(target_recall, rows, candidates=candidates)
     cache = KVCache.for_model(model)
     positions = torch.arange(len(ids), device=device)
