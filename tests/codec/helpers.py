@@ -39,7 +39,8 @@ def real_like_layers(n_layers=3, heads=2, tokens=301, dim=16, dtype=torch.float3
         if rope is not None:
             positions = np.broadcast_to(np.arange(tokens), (heads, tokens))
             keys = rotate(keys, positions, rope, inverse=False)
-        layers.append((torch.from_numpy(keys)[None].to(dtype), torch.from_numpy(values)[None].to(dtype), None))
+        layers.append((torch.from_numpy(keys)[None].to(dtype), torch.from_numpy(values)[None].to(dtype),
+                       None))
     return layers
 
 
@@ -52,7 +53,8 @@ def assert_within_bound(original, decoded, bounds):
             b, h, t, d = x.shape
             x32, y32 = x.float().reshape(b * h, t, d), y.float().reshape(b * h, t, d)
             allowed = torch.as_tensor(bound, dtype=torch.float32)[:, None, None] * (1 + 1e-5)
-            allowed = allowed + (x32.abs() + allowed) * eps * 2 + 1e-6 * float(x32.abs().max()) if x32.numel() else allowed
+            if x32.numel():
+                allowed = allowed + (x32.abs() + allowed) * eps * 2 + 1e-6 * float(x32.abs().max())
             assert ((x32 - y32).abs() <= allowed).all(), float((x32 - y32).abs().max())
 
 

@@ -12,12 +12,14 @@ from .helpers import assert_within_bound, real_like_layers
 
 
 def test_encode_inspect_decode(tmp_path, capsys):
-    layers = [(k, v, torch.arange(k.shape[2]).expand(k.shape[1], -1)) for k, v, _ in real_like_layers(tokens=70)]
+    layers = [(k, v, torch.arange(k.shape[2]).expand(k.shape[1], -1))
+              for k, v, _ in real_like_layers(tokens=70)]
     cache = KVCache.from_tensors(layers)
     cache.save(tmp_path / "c.safetensors")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps(
-        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "hidden_size": 32, "num_attention_heads": 2}))
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "hidden_size": 32,
+         "num_attention_heads": 2}))
     assert main(["codec", "encode", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "c.kvc"),
                  "--level", "high", "--model-dir", str(tmp_path / "model")]) == 0
     assert "bits/element" in capsys.readouterr().out
@@ -30,7 +32,8 @@ def test_encode_inspect_decode(tmp_path, capsys):
         assert torch.equal(p, p2)
     bounds = error_bound((tmp_path / "c.kvc").read_bytes())
     assert_within_bound(cache.to_tensors(), decoded.to_tensors(), bounds)
-    assert main(["codec", "encode", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "b.kvc"), "--scheme", "int8+zstd"]) == 0
+    assert main(["codec", "encode", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "b.kvc"),
+                 "--scheme", "int8+zstd"]) == 0
 
 
 def test_errors_are_one_line(tmp_path, capsys):
@@ -46,9 +49,11 @@ def test_encode_with_weights_profile(tmp_path):
 
     from kvlife.codec.calibrate import save_weights
 
-    layers = [(k, v, torch.arange(k.shape[2]).expand(k.shape[1], -1)) for k, v, _ in real_like_layers(tokens=40)]
+    layers = [(k, v, torch.arange(k.shape[2]).expand(k.shape[1], -1))
+              for k, v, _ in real_like_layers(tokens=40)]
     KVCache.from_tensors(layers).save(tmp_path / "c.safetensors")
-    save_weights(tmp_path / "w.npz", [(np.ones((2, 16)), np.linspace(0.1, 2, 32).reshape(2, 16)) for _ in layers])
+    weights = [(np.ones((2, 16)), np.linspace(0.1, 2, 32).reshape(2, 16)) for _ in layers]
+    save_weights(tmp_path / "w.npz", weights)
     assert main(["codec", "encode", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "c.kvc"),
                  "--weights", str(tmp_path / "w.npz")]) == 0
     (tmp_path / "bad.npz").write_bytes(b"junk")

@@ -24,16 +24,19 @@ from .helpers import ROPE, real_like_layers
 REPO = Path(__file__).resolve().parents[2]
 
 
-def forge(scheme: str, layers: list[LayerShape], chunk_tokens: int, chunk: bytes = b"", section: bytes = b"") -> bytes:
+def forge(scheme: str, layers: list[LayerShape], chunk_tokens: int, chunk: bytes = b"",
+          section: bytes = b"") -> bytes:
     """A stream whose header claims `layers` (counting positions) and whose every chunk is `chunk`."""
-    header = Header(scheme, "float16", chunk_tokens, layers, 0, Positions.counting(layers), scheme_section=section)
+    header = Header(scheme, "float16", chunk_tokens, layers, 0, Positions.counting(layers),
+                    scheme_section=section)
     return assemble(header, [chunk] * header.n_chunks)
 
 
 def forged_streams() -> dict[str, bytes]:
     wide = [LayerShape(1, 2048, 1, 349_525)]  # the issue's 162-byte stream: 5.3 GiB of positions alone
     kvlife_section = b"\0" * (2 * 2 * 2048 * 1)  # channel means, present: they are what makes it 16 KiB
-    chunk0 = struct.pack("<BBH", 2, 0, 0) + np.ones(2 * 2048, "<f4").tobytes() + b"\0\0" + b"\0" * 4096 + b"\0" * 8
+    chunk0 = (struct.pack("<BBH", 2, 0, 0) + np.ones(2 * 2048, "<f4").tobytes() + b"\0\0" + b"\0" * 4096
+              + b"\0" * 8)
     return {
         "fp16": forge("fp16", wide, 65536),
         "int8": forge("int8", [LayerShape(1, 4096, 1, 170_000)], 32768),
@@ -50,7 +53,8 @@ CAPPED = textwrap.dedent("""
     from kvlife.codec import CodecError, decode, decode_chunk, inspect
 
     def status(field):
-        return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(field + ":")))
+        return int(next(line.split()[1] for line in open("/proc/self/status")
+                        if line.startswith(field + ":")))
 
     size = status("VmSize") * 1024
     resource.setrlimit(resource.RLIMIT_AS, (size + (1 << 30), resource.RLIM_INFINITY))
@@ -79,8 +83,8 @@ def test_forged_headers_are_refused_without_allocating_what_they_claim(tmp_path)
         paths[name] = tmp_path / f"{name}.kvc"
         paths[name].write_bytes(blob)
     assert len(forged_streams()["fp16"]) < 200
-    run = subprocess.run([sys.executable, "-c", CAPPED, *map(str, paths.values())], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    run = subprocess.run([sys.executable, "-c", CAPPED, *map(str, paths.values())], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     assert run.returncode == 0, run.stderr[-2000:]
     results = json.loads(run.stdout)
     for name, path in paths.items():
@@ -175,7 +179,8 @@ def test_a_version_2_stream_relabelled_version_1_is_refused(level):
         layers = real_like_layers(n_layers=2, tokens=50 + 7 * seed, dim=16, seed=seed)
         blob = encode(layers, level=level, chunk_tokens=32, rope=ROPE)
         blob_v2 = _revision(blob, 2, chunk_crcs=True)  # version 2 differs only in its chunk checksums
-        assert all(x.equal(y) for a, b in zip(decode_layers(blob_v2), decode_layers(blob)) for x, y in zip(a, b))
+        assert all(x.equal(y) for a, b in zip(decode_layers(blob_v2), decode_layers(blob))
+                   for x, y in zip(a, b))
         with pytest.raises(CodecError, match="entropy"):
             decode_layers(_revision(blob_v2, 1))
 
@@ -194,5 +199,6 @@ def test_baselines_read_the_same_in_every_version():
     for name in ("fp16", "int8", "lmcache"):
         blob = encode_baseline(name, layers, chunk_tokens=16)
         for version in (1, 2):
-            for (k, v, p), (k1, v1, p1) in zip(decode_layers(blob), decode_layers(_revision(blob, version, True))):
+            older = decode_layers(_revision(blob, version, True))
+            for (k, v, p), (k1, v1, p1) in zip(decode_layers(blob), older):
                 assert k.equal(k1) and v.equal(v1) and p.equal(p1)

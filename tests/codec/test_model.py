@@ -37,7 +37,8 @@ def test_decoded_cache_reproduces_logits(tiny, tmp_path):
     weights = load_weights(tmp_path / "w.npz")
     assert len(weights) == 2 and weights[0][0].shape == (2, 16) and (weights[0][0] > 0).all()
     for level, tolerance in (("lossless-ish", 1e-2), ("balanced", 0.5)):
-        blob = encode(cache, level=level, rope=rope_from_config(tiny.config), weights=weights, chunk_tokens=32)
+        blob = encode(cache, level=level, rope=rope_from_config(tiny.config), weights=weights,
+                      chunk_tokens=32)
         decoded = decode(blob)
         assert decoded.next_position == 80
         logits = tiny(ids[:, 80:], **cache_kwarg(tiny, decoded)).logits

@@ -179,7 +179,8 @@ def test_rotate_matches_the_rotate_half_formula():
     expected = keys.copy()
     expected[..., :6] = first * cos - second * sin
     expected[..., 6:12] = second * cos + first * sin
-    np.testing.assert_allclose(rotate(keys.copy(), positions, spec, inverse=False), expected, rtol=1e-6, atol=1e-6)
+    rotated = rotate(keys.copy(), positions, spec, inverse=False)
+    np.testing.assert_allclose(rotated, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_channel_stats_match_numpy():

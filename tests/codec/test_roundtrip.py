@@ -51,7 +51,8 @@ def test_uneven_layers_and_empty_layer():
 
 
 def test_kvcache_in_kvcache_out_keeps_positions():
-    layers = [(k, v, torch.arange(100, 100 + k.shape[2]).expand(k.shape[1], -1)) for k, v, _ in random_layers(tokens=20, dim=16)]
+    layers = [(k, v, torch.arange(100, 100 + k.shape[2]).expand(k.shape[1], -1))
+              for k, v, _ in random_layers(tokens=20, dim=16)]
     layers[1] = (layers[1][0], layers[1][1], torch.tensor([[0, 3, 5] + list(range(10, 27))] * 2))  # evicted
     cache = KVCache.from_tensors(layers, next_position=500)
     out = decode(encode(cache, rope=ROPE))
@@ -116,8 +117,8 @@ def test_baselines_round_trip(name):
         for x, y in ((k, k2), (v, v2)):
             err = (x.float() - y.float()).abs()
             peak = x.float().abs().amax(dim=(1, 3) if name == "lmcache" else 3, keepdim=True)
-            tol = {"fp16": 1e-3 * x.float().abs() + 1e-6, "int8": peak / 127 + 1e-3 * peak, "int8+zstd": peak / 127 + 1e-3 * peak,
-                   "lmcache": peak / 7 + 1e-2 * peak}[name]
+            tol = {"fp16": 1e-3 * x.float().abs() + 1e-6, "int8": peak / 127 + 1e-3 * peak,
+                   "int8+zstd": peak / 127 + 1e-3 * peak, "lmcache": peak / 7 + 1e-2 * peak}[name]
             assert (err <= tol).all()
     expected = {"fp16": 16, "int8": 8, "int8+zstd": 0, "lmcache": 0}[name]
     assert info["bits_per_element"] >= expected
@@ -163,7 +164,8 @@ def test_warm_up_codes_every_level_once_per_process(monkeypatch):
     monkeypatch.setattr(api, "_WARM", False)
     seen = []
     real = api.decode
-    monkeypatch.setattr(api, "decode", lambda blob: seen.append(api.inspect(blob)["chunk_levels"][0]) or real(blob))
+    monkeypatch.setattr(api, "decode",
+                        lambda blob: seen.append(api.inspect(blob)["chunk_levels"][0]) or real(blob))
     api.warm_up()
     assert sorted(seen) == sorted(api.LEVELS)
     api.warm_up()  # loaded already: nothing is coded again

@@ -6,8 +6,9 @@
     info = inspect(blob)                      # shapes, levels, sizes, bits per element
     base = encode_baseline("lmcache", cache)  # also "fp16", "int8", "int8+zstd"
 
-Layers: api (entry points) -> kvlife_scheme / baselines (chunk payloads) -> entropy (ANS tables),
-rope -> format (container, CodecError). The byte layout is in docs/codec-format.md.
+Layers: api (entry points) -> encoder / decoder -> kvlife_scheme / baselines (chunk payloads) ->
+entropy (ANS tables), rope -> format (container, CodecError). The byte layout is in
+docs/codec-format.md.
 """
 
 from kvlife.codec.api import (
@@ -31,6 +32,7 @@ from kvlife.codec.rope import RopeSpec, rope_from_config
 SCHEMES = ("kvlife", *BASELINES)
 
 __all__ = [
-    "BASELINES", "DEFAULT_LEVEL", "LEVELS", "SCHEMES", "CodecError", "Level", "RopeSpec", "decode", "decode_chunk", "decode_chunk_part",
-    "decode_layers", "encode", "encode_baseline", "encode_levels", "error_bound", "inspect", "mix", "rope_from_config", "warm_up",
+    "BASELINES", "DEFAULT_LEVEL", "LEVELS", "SCHEMES", "CodecError", "Level", "RopeSpec", "decode",
+    "decode_chunk", "decode_chunk_part", "decode_layers", "encode", "encode_baseline", "encode_levels",
+    "error_bound", "inspect", "mix", "rope_from_config", "warm_up",
 ]

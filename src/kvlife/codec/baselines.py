@@ -124,7 +124,8 @@ def decode_chunk_raw(header: Header, part: memoryview, index: int):
                 x = np.frombuffer(take(2 * s.heads * n * s.head_dim), dtype="<f2").astype(np.float32)
                 pair.append(x.reshape(s.heads, n, s.head_dim))
                 continue
-            scale = np.frombuffer(take(2 * s.heads * n), dtype="<f2").astype(np.float32).reshape(s.heads, n, 1)
+            scale = np.frombuffer(take(2 * s.heads * n), dtype="<f2").astype(np.float32)
+            scale = scale.reshape(s.heads, n, 1)
             q = np.frombuffer(take(s.heads * n * s.head_dim), dtype=np.int8).reshape(s.heads, n, s.head_dim)
             pair.append(q.astype(np.float32) * scale)
         out[li] = tuple(pair)
@@ -179,7 +180,8 @@ def decode_chunk_lmcache(header: Header, part: memoryview, index: int):
         s = header.layers[li]
         for k in range(2):
             bins = (key_bins, value_bins)[k][li]
-            cdfs = np.frombuffer(take(2 * (bins + 1) * s.heads * s.head_dim), dtype="<u2").reshape(-1, bins + 1)
+            cdfs = np.frombuffer(take(2 * (bins + 1) * s.heads * s.head_dim), dtype="<u2")
+            cdfs = cdfs.reshape(-1, bins + 1)
             models.append([_cdf_model(cdf.astype(np.int64)) for cdf in cdfs])
     rest = part[take.offset :]
     if len(rest) % 4:
@@ -193,7 +195,8 @@ def decode_chunk_lmcache(header: Header, part: memoryview, index: int):
             for k in range(2):
                 bins = (key_bins, value_bins)[k][li]
                 limit = bins // 2 - 1
-                q = np.stack([coder.decode(model, n) for model in models[j]], axis=1).astype(np.float32) - limit
+                q = np.stack([coder.decode(model, n) for model in models[j]], axis=1)
+                q = q.astype(np.float32) - limit
                 j += 1
                 x = q * (scales[(li, k)] / limit)[:, None]
                 pair.append(x.reshape(n, s.heads, s.head_dim).transpose(1, 0, 2))

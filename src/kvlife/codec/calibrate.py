@@ -27,7 +27,8 @@ def _attention_modules(model: Any) -> list[Any]:
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
     if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
-        raise CodecError("calibration needs a decoder with model.layers[i].self_attn (Llama/Qwen/Mistral style)")
+        raise CodecError("calibration needs a decoder with model.layers[i].self_attn "
+                         "(Llama/Qwen/Mistral style)")
     attns = [layer.self_attn for layer in layers]
     if not all(hasattr(a, "q_proj") and hasattr(a, "o_proj") for a in attns):
         raise CodecError("calibration needs q_proj and o_proj in every attention module")
@@ -35,7 +36,8 @@ def _attention_modules(model: Any) -> list[Any]:
 
 
 @torch.no_grad()
-def channel_weights(model: Any, input_ids: torch.Tensor, rotary_dim: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+def channel_weights(model: Any, input_ids: torch.Tensor,
+                    rotary_dim: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per layer (key weights [kv_heads, head_dim], value weights [kv_heads, head_dim]).
 
     `input_ids` [1, T]: calibration text (not the text you will encode). `rotary_dim`: pair the key
@@ -91,7 +93,8 @@ def load_weights(path) -> list[tuple[np.ndarray, np.ndarray]]:
         with np.load(path, allow_pickle=False) as data:
             return [(data[f"k{i}"], data[f"v{i}"]) for i in range(int(data["layers"]))]
     except (OSError, KeyError, ValueError) as exc:
-        raise CodecError(f"{path} is not a codec weights profile (.npz from `kvlife codec calibrate`): {exc}") from None
+        raise CodecError(f"{path} is not a codec weights profile (.npz from `kvlife codec calibrate`): "
+                         f"{exc}") from None
 
 
 @torch.no_grad()

@@ -33,13 +33,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     enc.add_argument("--scheme", default="kvlife", choices=("kvlife", *BASELINES))
     enc.add_argument("--level", default=DEFAULT_LEVEL, choices=list(LEVELS))
     enc.add_argument("--chunk-tokens", type=int, default=256)
-    enc.add_argument("--model-dir", type=Path, help="HF model dir whose config.json gives the RoPE (keys coded pre-RoPE)")
+    enc.add_argument("--model-dir", type=Path,
+                     help="HF model dir whose config.json gives the RoPE (keys coded pre-RoPE)")
     enc.add_argument("--rope-theta", type=float, help="RoPE base, to code keys pre-RoPE without a model dir")
     enc.add_argument("--rotary-dim", type=int, help="dims RoPE rotates (default: head_dim)")
     enc.add_argument("--delta", default="auto", choices=("auto", "off"))
-    enc.add_argument("--weights", type=Path, help="channel weights profile (.npz from `kvlife codec calibrate`)")
+    enc.add_argument("--weights", type=Path,
+                     help="channel weights profile (.npz from `kvlife codec calibrate`)")
 
-    cal = actions.add_parser("calibrate", help="measure a model's K/V channel weights once (an encoder profile)")
+    cal = actions.add_parser("calibrate",
+                             help="measure a model's K/V channel weights once (an encoder profile)")
     cal.add_argument("--model-dir", type=Path, required=True, help="Hugging Face model directory")
     cal.add_argument("--text", type=Path, default=Path("/usr/share/common-licenses/LGPL-2.1"),
                      help="calibration text (not the text you will encode)")

@@ -293,7 +293,8 @@ def encode(segments: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
     if len(segments) == 1:  # the usual case: no copy
         flat = np.ascontiguousarray(segments[0][0], dtype=np.int32).reshape(-1)
     else:
-        flat = np.concatenate([np.asarray(rows, dtype=np.int32).reshape(-1) for rows, _ in segments] or [np.zeros(0, np.int32)])
+        pieces = [np.asarray(rows, dtype=np.int32).reshape(-1) for rows, _ in segments]
+        flat = np.concatenate(pieces or [np.zeros(0, np.int32)])
     # each coding step (a table index, or one low piece) emits at most one word; plus the states
     steps = 1 + -(-_BANK.shift[tables] // rans.LOW_PIECE)
     words = np.empty(int((counts * steps).sum()) + 5, dtype=np.uint16)  # + states + one spare

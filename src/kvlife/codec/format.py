@@ -54,6 +54,8 @@ FLAG_CHANNEL_STEPS = 2  # the kvlife scheme section carries per-channel step mul
 _FIXED = struct.Struct("<4sHBBIIHHqdHHI")  # magic .. n_chunks (44 bytes)
 _LAYER = struct.Struct("<HHHHIi")  # batch, kv_heads, head_dim, reserved, tokens, window (-1: none)
 _CHUNK = struct.Struct("<II")  # byte length, CRC-32
+CHUNK_PREFIX = struct.Struct("<BBH")  # every chunk's first bytes: level id, exact tokens, reserved
+CUSTOM_LEVEL_ID = 255  # the level id of a chunk coded at a level that is not a named one
 
 
 class CodecError(KvlifeError):
@@ -123,7 +125,8 @@ def check_shapes(layers: list[LayerShape], chunk_tokens: int) -> None:
     channels = 0
     for index, s in enumerate(layers):
         if not (1 <= s.batch and 1 <= s.kv_heads and s.heads <= MAX_HEADS):
-            raise CodecError(f"layer {index}: batch*kv_heads must be in 1..{MAX_HEADS} (got {s.batch}x{s.kv_heads})")
+            raise CodecError(f"layer {index}: batch*kv_heads must be in 1..{MAX_HEADS} "
+                             f"(got {s.batch}x{s.kv_heads})")
         if not 1 <= s.head_dim <= MAX_HEAD_DIM:
             raise CodecError(f"layer {index}: head_dim must be in 1..{MAX_HEAD_DIM}, not {s.head_dim}")
         if not 0 <= s.tokens <= MAX_TOKENS:
@@ -180,7 +183,8 @@ class Positions(Sequence[np.ndarray]):
         if isinstance(entry, np.ndarray):
             return entry
         shape = self.layers[index]
-        return np.broadcast_to(np.arange(entry, entry + shape.tokens, dtype=np.int64), (shape.kv_heads, shape.tokens))
+        counting = np.arange(entry, entry + shape.tokens, dtype=np.int64)
+        return np.broadcast_to(counting, (shape.kv_heads, shape.tokens))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Positions):
@@ -213,7 +217,8 @@ def _unpack_positions(blob: bytes, layers: list[LayerShape]) -> list[np.ndarray 
     except zstandard.ZstdError as exc:
         raise CodecError(f"the positions section is corrupt: {exc}") from None
     except MemoryError:
-        raise CodecError(f"not enough memory for the positions of this stream ({limit / 2**30:.1f} GiB)") from None
+        raise CodecError(f"not enough memory for the positions of this stream "
+                         f"({limit / 2**30:.1f} GiB)") from None
     positions: list[np.ndarray | int] = []
     offset = 0
     for index, s in enumerate(layers):
@@ -283,7 +288,8 @@ class _Reader:
         return fmt.unpack(self.take(fmt.size, what))
 
 
-def parse_header(blob: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES, header_only: bool = False) -> Header:
+def parse_header(blob: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES,
+                 header_only: bool = False) -> Header:
     """Parse and verify a stream's header (magic, version, limits, CRC); chunks are checked on decode.
 
     `max_bytes` caps what the stream may claim to decode to (K/V in its dtype plus positions), so a
@@ -299,7 +305,8 @@ def parse_header(blob: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES, h
      rotary_dim, _, n_chunks) = reader.unpack(_FIXED, "the fixed header")
     if version not in READABLE_VERSIONS:
         readable = ", ".join(map(str, READABLE_VERSIONS))
-        raise CodecError(f"codec stream version {version} is not supported (this kvlife reads versions {readable})")
+        raise CodecError(f"codec stream version {version} is not supported "
+                         f"(this kvlife reads versions {readable})")
     if scheme >= len(SCHEMES) or dtype >= len(DTYPES):
         raise CodecError(f"unknown scheme {scheme} or dtype {dtype} in the header")
     if not 1 <= n_layers <= MAX_LAYERS:
@@ -310,7 +317,8 @@ def parse_header(blob: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES, h
         layers.append(LayerShape(batch, kv_heads, head_dim, tokens, None if window < 0 else window))
     check_shapes(layers, chunk_tokens)
     if n_chunks != chunk_count(layers, chunk_tokens):
-        raise CodecError(f"the header claims {n_chunks} chunks but its shapes need {chunk_count(layers, chunk_tokens)}")
+        raise CodecError(f"the header claims {n_chunks} chunks but its shapes need "
+                         f"{chunk_count(layers, chunk_tokens)}")
     if flags & FLAG_PRE_ROPE and not (1.0 < rope_theta < 1e30 and 2 <= rotary_dim and rotary_dim % 2 == 0):
         raise CodecError("the header asks to re-apply RoPE but its rope parameters are invalid")
     (pos_len,) = reader.unpack(struct.Struct("<I"), "the positions length")
@@ -324,7 +332,8 @@ def parse_header(blob: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES, h
     (crc,) = reader.unpack(struct.Struct("<I"), "the header checksum")
     if zlib.crc32(reader.blob[:end]) != crc:
         raise CodecError("header checksum mismatch: the stream is corrupt")
-    claimed = sum((2 * s.heads * s.head_dim * DTYPE_BYTES[DTYPES[dtype]] + 8 * s.kv_heads) * s.tokens for s in layers)
+    item = DTYPE_BYTES[DTYPES[dtype]]
+    claimed = sum((2 * s.heads * s.head_dim * item + 8 * s.kv_heads) * s.tokens for s in layers)
     if claimed > max_bytes:
         raise CodecError(
             f"the stream claims {claimed / 2**30:.1f} GiB of decoded cache, above the limit of "
@@ -335,8 +344,8 @@ def parse_header(blob: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES, h
         raise CodecError(f"header of {reader.offset} bytes followed by {len(blob) - reader.offset} more")
     if not header_only and reader.offset + sum(lengths) != len(blob):
         raise CodecError(
-            f"stream length {len(blob)} does not match its chunk table ({reader.offset + sum(lengths)} expected): "
-            "truncated or padded"
+            f"stream length {len(blob)} does not match its chunk table "
+            f"({reader.offset + sum(lengths)} expected): truncated or padded"
         )
     for s in layers:
         if rotary_dim > s.head_dim and flags & FLAG_PRE_ROPE:

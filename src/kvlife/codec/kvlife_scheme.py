@@ -8,7 +8,7 @@ costs almost nothing; no per-token scales, which spread outlier channels' range 
 Delta coding against an anchor token per group of 10 (CacheGen) is tried per (layer, K/V) and kept
 only when its estimated size is smaller. The integers go to `entropy.encode`.
 
-Chunk layout (after the common chunk prefix written by `codec.api`):
+Chunk layout (after the common chunk prefix, `format.CHUNK_PREFIX`):
     steps   float32 [sum over present layers of 2 * heads]   (layer-major, K then V, head)
     deltas  uint8   [2 * present layers]                      (1: anchor-delta coded)
     codes   uint8   [sum of 2 * heads * head_dim]             (sigma code of every channel)
@@ -324,7 +324,8 @@ def decode_chunk(header: Header, means, part: memoryview, index: int, exact_toke
         for k in range(2):
             if first > start:
                 shape = (s.heads, first - start, s.head_dim)
-                exact[(li, k)] = _from_raw(take(item * s.heads * (first - start) * s.head_dim), header.dtype, shape)
+                raw = take(item * s.heads * (first - start) * s.head_dim)
+                exact[(li, k)] = _from_raw(raw, header.dtype, shape)
     # codes are stored in block order; the entropy segments group blocks by row length
     code_mats = {n: [] for n in plan}
     cursor = 0
@@ -349,11 +350,15 @@ def decode_chunk(header: Header, means, part: memoryview, index: int, exact_toke
             filled[n] = rows + s.heads * s.head_dim
             step = steps[step_at : step_at + s.heads]
             step_at += s.heads
-            multiplier = multipliers[2 * li + k] if multipliers is not None else np.ones((s.heads, s.head_dim), np.float32)
+            if multipliers is not None:
+                multiplier = multipliers[2 * li + k]
+            else:
+                multiplier = np.ones((s.heads, s.head_dim), np.float32)
             if k == 0 and rope is not None and n:
                 positions = _head_positions(header.positions[li][:, first:stop], s.heads)
                 # layers usually share positions: reuse the previous layer's angles
-                if angles is None or angles[0].shape != positions.shape or not np.array_equal(angles[0], positions):
+                if (angles is None or angles[0].shape != positions.shape
+                        or not np.array_equal(angles[0], positions)):
                     angles = (positions, *cos_sin(positions, rope))
                 cos, sin, rotary_dim = angles[1], angles[2], rope.rotary_dim
             else:

@@ -8,8 +8,9 @@ groups; on Qwen2.5-Coder-0.5B finer early layers bought less quality per bit tha
 everywhere, so the presets do not use it). The first `exact_tokens` tokens (the attention sink)
 are kept exact: dropping that on Qwen2.5 multiplied the continuation's KL divergence by 5.
 The presets were tuned with a weights profile (`calibrate.channel_weights`); without one the same
-level is about as large and of lower quality. Each chunk stores its level id *and* the steps it used, so a stream stays decodable
-whatever these presets become; the ids below are part of the format (docs/codec-format.md).
+level is about as large and of lower quality. Each chunk stores its level id *and* the steps it
+used, so a stream stays decodable whatever these presets become; the ids below are part of the
+format (docs/codec-format.md).
 
 The error bound of a level is per element: |decoded - original| <= step / 2 for values and for
 keys coded post-RoPE, and <= step * sqrt(2) / 2 for keys coded pre-RoPE, plus the rounding of the

@@ -155,7 +155,8 @@ def encode_kernel(symbols, group_table, group_start, group_count, group_shift, g
                     words[ptr - 1] = x & 0xFFFF
                     ptr -= due
                     x >>= due << 4
-                    x = ((x >> low_bits) << PROB_BITS) + (x & ((np.int64(1) << low_bits) - 1)) + ((v & low_mask) << low_bits)
+                    x = (((x >> low_bits) << PROB_BITS) + (x & ((np.int64(1) << low_bits) - 1))
+                         + ((v & low_mask) << low_bits))
                 f = freq_row[index]
                 due = np.int64(x >= (f << (32 - PROB_BITS)))
                 words[ptr - 1] = x & 0xFFFF
@@ -282,7 +283,8 @@ def decode_kernel(words, symbols, group_table, group_start, group_count, group_s
                 while rest > 0:
                     bits = LOW_PIECE if rest > LOW_PIECE else rest
                     slot = x & (PROB_SCALE - 1)
-                    x = ((x >> PROB_BITS) << (PROB_BITS - bits)) + (slot & ((np.int64(1) << (PROB_BITS - bits)) - 1))
+                    x = (((x >> PROB_BITS) << (PROB_BITS - bits))
+                         + (slot & ((np.int64(1) << (PROB_BITS - bits)) - 1)))
                     if x < STATE_LOW:
                         if pos >= n_words:
                             return ERR_TRUNCATED

@@ -50,7 +50,8 @@ def rope_from_config(config: Any) -> RopeSpec | None:
 
 def cos_sin(positions: np.ndarray, spec: RopeSpec) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin of shape [heads, tokens, rotary_dim // 2] (float32, as transformers computes them)."""
-    exponent = np.arange(0, spec.rotary_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(spec.rotary_dim)
+    even = np.arange(0, spec.rotary_dim, 2, dtype=np.int64).astype(np.float32)
+    exponent = even / np.float32(spec.rotary_dim)
     inv_freq = (np.float32(1.0) / np.power(np.float32(spec.theta), exponent)).astype(np.float32)
     angles = positions.astype(np.float32)[..., None] * inv_freq
     return np.cos(angles), np.sin(angles)
