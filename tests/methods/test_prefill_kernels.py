@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kvlife.attention import AttnCall, reference_attention
-from kvlife.methods.prefill import kernels
+from kvlife.methods.prefill import flash_kernel, kernels, matmul_kernel
 from kvlife.methods.prefill.estimate import (
     FORCED_COLUMNS,
     FORCED_DIAGONALS,
@@ -29,8 +29,8 @@ TOL = dict(atol=2e-5, rtol=2e-5)
 @pytest.fixture(autouse=True, params=[4096, 40000])
 def small_chunks(monkeypatch, request):
     # One or several blocks per chunk, and runs of offsets read as views from 8 on: every path runs.
-    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", request.param)
-    monkeypatch.setattr(kernels, "LONG_RUN", 8)
+    monkeypatch.setattr(matmul_kernel, "CHUNK_ELEMENTS", request.param)
+    monkeypatch.setattr(matmul_kernel, "LONG_RUN", 8)
     yield  # one torch thread: conftest.py's one_thread
 
 
@@ -75,7 +75,7 @@ def expected(call: AttnCall, layouts: list[Layout]) -> torch.Tensor:
 def test_per_head_layouts_equal_reference(n, threads, flash, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     if not flash:  # the matmul kernel for every layout (as on devices without the fused kernel)
-        monkeypatch.setattr(kernels, "_FLASH", None)
+        monkeypatch.setattr(flash_kernel, "_FLASH", None)
     call = random_call(n, seed=n)
     layouts = random_layouts(n, 6, seed=n)
     got = sparse_attention(call.query[0], call.key[0], call.value[0], layouts, call.scaling)
@@ -152,8 +152,8 @@ def vertical_slash_layouts(n: int, heads: int, seed: int) -> list[Layout]:
 @pytest.mark.parametrize("n", [65, 131, 257, 450])
 @pytest.mark.parametrize("heads,kv_heads", [(6, 2), (3, 3)])
 def test_flash_plan_equals_reference(n, heads, kv_heads, monkeypatch):
-    used, plan = [], kernels._FlashPlan
-    monkeypatch.setattr(kernels, "_FlashPlan", lambda *args: used.append(1) or plan(*args))
+    used, plan = [], kernels.FlashPlan
+    monkeypatch.setattr(kernels, "FlashPlan", lambda *args: used.append(1) or plan(*args))
     call = random_call(n, heads=heads, kv_heads=kv_heads, seed=n)
     layouts = vertical_slash_layouts(n, heads, seed=n)
     for shared in (layouts, layouts[1:2]):
