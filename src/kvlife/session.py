@@ -23,6 +23,7 @@ from kvlife.attention import StepContext, use_kvlife_attention
 from kvlife.cache import KVCache, cache_kwarg
 from kvlife.errors import KvlifeError
 from kvlife.methods.base import CacheStage
+from kvlife.prompt_format import PromptFormat, stop_token_ids
 from kvlife.recipe import Recipe, parse
 from kvlife.recurrent import check_recipe
 
@@ -38,105 +39,14 @@ class TurnResult:
     ttft_s: float
     decode_tok_s: float | None
     new_tokens: int
-    cache_bytes: int | None  # K/V bytes held after this turn's prefill (what decoding attends over); None: unknown (a server's)
+    # K/V bytes held after this turn's prefill (what decoding attends over); None: unknown (a server's)
+    cache_bytes: int | None
     cache_tokens: float | None  # mean tokens held per layer at that point
     reference_nll: float | None = None
     stats: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class PromptFormat:
-    """Splits a conversation into token segments: context, query, answer.
-
-    In chat format the tokenizer's chat template is rendered with marker strings and cut at them,
-    so that context + query segments concatenate to exactly the template's text.
-    """
-
-    CTX, Q1, A1, Q2 = "\x01CTX\x01", "\x02Q1\x02", "\x03A1\x03", "\x04Q2\x04"
-
-    def __init__(self, tokenizer: Any, style: str = "chat", system_prompt: str | None = None) -> None:
-        self.tokenizer = tokenizer
-        self.style = style if style == "plain" or getattr(tokenizer, "chat_template", None) else "plain"
-        self.system_prompt = system_prompt
-        if self.style == "chat":
-            self._split_template()
-
-    def _render(self, messages: list[dict[str, str]]) -> str:
-        if self.system_prompt is not None:
-            messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def _split_template(self) -> None:
-        first = self._render([{"role": "user", "content": self.CTX + self.Q1}])
-        second = self._render([
-            {"role": "user", "content": self.CTX + self.Q1},
-            {"role": "assistant", "content": self.A1},
-            {"role": "user", "content": self.Q2},
-        ])
-        try:
-            self.head = first[: first.index(self.CTX)]
-            self.after_query = first[first.index(self.Q1) + len(self.Q1):]
-            self.after_answer = second[second.index(self.A1) + len(self.A1): second.index(self.Q2)]
-            after_q2 = second[second.index(self.Q2) + len(self.Q2):]
-        except ValueError:
-            self.style = "plain"
-            return
-        if after_q2 != self.after_query:
-            self.style = "plain"
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def context_ids(self, context: str) -> list[int]:
-        if self.style == "chat":
-            return self.encode(self.head + context + "\n\n")
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        return ([bos] if bos is not None else []) + self.encode(context + "\n\n")
-
-    def segment_ids(self, segments: list[str]) -> tuple[list[list[int]], list[int]]:
-        """A context given as segments, each tokenized on its own: ([head + first segment, then one list per
-        later segment], the tail that closes the context)."""
-        pieces = [self.head_ids() + self.encode(segments[0])] + [self.encode(text) for text in segments[1:]]
-        return pieces, self.encode("\n\n")
-
-    def head_ids(self) -> list[int]:
-        """The tokens every context starts with (chat template and system prompt, or BOS)."""
-        if self.style == "chat":
-            return self.encode(self.head)
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        return [bos] if bos is not None else []
-
-    def query_ids(self, query: str) -> list[int]:
-        if self.style == "chat":
-            return self.encode(query + self.after_query)
-        return self.encode(query + "\n")
-
-    def answer_ids(self, answer: str) -> list[int]:
-        if self.style == "chat":
-            return self.encode(answer + self.after_answer)
-        return self.encode(answer + "\n\n")
-
-    def reference_ids(self, answer: str) -> list[int]:
-        return self.encode(answer)
-
-
-def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), tokenizer):
-        eos = getattr(source, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, (list, tuple)):
-            ids.update(int(i) for i in eos)
-    for token in ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<eos>"):
-        convert = getattr(tokenizer, "convert_tokens_to_ids", None)
-        token_id = convert(token) if convert else None
-        unk = getattr(tokenizer, "unk_token_id", None)
-        if isinstance(token_id, int) and token_id != unk:
-            ids.add(token_id)
-    return ids
 
 
 class Session:
@@ -235,7 +145,8 @@ class Session:
 
             identity = self.compressed_identity()
             self.last_stats = {}  # a hit runs no forward; a miss's forward sets the compression figures
-            stats = self.store.prefill_compressed(self, ids, identity, stored.stored_layers, stored.restore_layers)
+            stats = self.store.prefill_compressed(self, ids, identity, stored.stored_layers,
+                                                  stored.restore_layers)
             self.last_stats = {**self.last_stats, **stats}
             return None
         logits, stats = self.store.prefill(self, ids, compress)
@@ -326,15 +237,17 @@ class Session:
         from kvlife.store.documents import DocumentStore
 
         if self.documents is None:  # the session's store (its tiers and tenant), else one in memory
-            self.documents = DocumentStore(self.store.store if self.store is not None else "memory", self.model,
-                                           self.tokenizer, salt=self.store_salt)
+            tiers = self.store.store if self.store is not None else "memory"
+            self.documents = DocumentStore(tiers, self.model, self.tokenizer, salt=self.store_salt)
         started = time.perf_counter()
-        head, documents = pieces[0], [piece for piece in pieces[1:] if piece]  # a segment may encode to nothing
+        # a segment may encode to nothing
+        head, documents = pieces[0], [piece for piece in pieces[1:] if piece]
         pieces = ([head] if head else []) + documents
         layers, spans, figures = self.documents.assemble(pieces)
         loaded = time.perf_counter()
         ids = [token for piece in pieces for token in piece]
-        layers, blend_stats = self.recipe.assemble.blend(self.model, layers, ids, spans[1:] if head else spans)
+        layers, blend_stats = self.recipe.assemble.blend(self.model, layers, ids,
+                                                         spans[1:] if head else spans)
         blended = time.perf_counter()
         self.attach(KVCache.from_tensors(layers, next_position=len(ids)), ids)
         if tail:
@@ -342,8 +255,9 @@ class Session:
         elapsed = time.perf_counter() - started
         self.context_ids = self.raw_context_ids = ids + tail
         self.context_checkpoint = self.cache.checkpoint()
-        stats = {**figures.as_dict(), **blend_stats, "assembled_tokens": len(ids), "documents": len(documents),
-                 "assemble_load_s": round(loaded - started, 5), "assemble_recompute_s": round(blended - loaded, 5),
+        stats = {**figures.as_dict(), **blend_stats, "assembled_tokens": len(ids),
+                 "documents": len(documents), "assemble_load_s": round(loaded - started, 5),
+                 "assemble_recompute_s": round(blended - loaded, 5),
                  "assemble_tail_s": round(elapsed - (blended - started), 5)}
         self.last_stats = stats
         self.prefill_result = TurnResult("", [], len(self.context_ids), elapsed, elapsed, None, 0,
@@ -452,10 +366,12 @@ class Session:
         from kvlife.models import model_fingerprint
 
         if metadata.get("model_fingerprint", model_fingerprint(self.model)) != model_fingerprint(self.model):
-            raise KvlifeError(f"{path} was saved from another model (or other weights); load it with that model")
+            raise KvlifeError(f"{path} was saved from another model (or other weights); "
+                              "load it with that model")
         expected = KVCache.for_model(self.model)
         if len(meta_cache.layers) != len(expected.layers):
-            raise KvlifeError(f"{path} holds {len(meta_cache.layers)} layers, the model has {len(expected.layers)}")
+            raise KvlifeError(f"{path} holds {len(meta_cache.layers)} layers, "
+                              f"the model has {len(expected.layers)}")
         self.attach(meta_cache, metadata.get("context_ids", []))
         return metadata
 
