@@ -2,9 +2,11 @@
 
     kvlife stream serve --root /srv/kvstream --trace step:40mbit,4mbit,1.5 [--token T]   # = kvlife serve
     kvlife stream put http://127.0.0.1:8766 --context-id doc-1 --text doc.txt [--levels high,balanced]
-    kvlife fetch http://127.0.0.1:8766 --context-id doc-1 --slo 2 [--ask "Who wrote it?"] [--out
-    c.safetensors] kvlife stream link http://127.0.0.1:8766 --trace constant:8mbit      # restart the server's
-    trace kvlife stream ls http://127.0.0.1:8766
+    kvlife fetch http://127.0.0.1:8766 --context-id doc-1 --slo 2 [--ask "Who wrote it?"] [--out c.st]
+    kvlife stream put URL --context-id doc-2 --text doc.txt --method "kvzip(ratio=0.25)"   # in pieces
+    kvlife fetch URL --context-id doc-2 --slo 1 --ask "Who wrote it?"      # [--method "kvzip(ratio=0.25)"]
+    kvlife stream link http://127.0.0.1:8766 --trace constant:8mbit      # restart the server's trace
+    kvlife stream ls http://127.0.0.1:8766
 
 `kvlife stream serve` is `kvlife serve` (kvlife.store.server) with its directory as --root, port 8766 and,
 without a token, open to every request. The main CLI calls `add_parser(subparsers)`; errors a user can
@@ -44,6 +46,9 @@ def _add_fetch(subparsers) -> None:
     fetch.add_argument("--slo", type=float, required=True, help="seconds the whole context may take")
     fetch.add_argument("--policy", default="adaptive", help="adaptive | recompute | a level name (fixed)")
     fetch.add_argument("--model", default=None, help="model for recomputing chunks (default: the context's)")
+    fetch.add_argument("--method", default=None,
+                       help="the recipe a compressed context must have been compressed by (default: the "
+                            "context's own); another recipe is refused")
     fetch.add_argument(
         "--no-model", action="store_true", help="fetch every chunk; never load a model or recompute"
     )
@@ -97,8 +102,14 @@ def _add_stream(subparsers) -> None:
     put.add_argument("--context-id", required=True)
     put.add_argument("--text", type=Path, required=True, help="the context, a UTF-8 text file")
     put.add_argument("--model", default=None, help="registered model or HF dir (default: the default model)")
-    put.add_argument("--levels", default="all", help="comma-separated codec levels (default: all)")
+    put.add_argument("--levels", default="all",
+                     help="comma-separated codec levels (default: all; a compressed context also raw)")
     put.add_argument("--chunk-tokens", type=int, default=256)
+    put.add_argument("--method", default="dense",
+                     help="recipe: dense (chunks) or one that compresses, e.g. \"kvzip(ratio=0.25)\" (the "
+                          "compressed cache, in pieces of --layers-per-piece layers)")
+    put.add_argument("--layers-per-piece", type=int, default=1,
+                     help="layers per piece of a compressed context")
     put.add_argument(
         "--weights", type=Path, default=None, help="codec channel weights (`kvlife codec calibrate`)"
     )
@@ -139,14 +150,21 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_put(args: argparse.Namespace) -> int:
+    from kvlife.recipe import parse
     from kvlife.session import Session
     from kvlife.stream.sessions import context_of
 
     if not args.text.is_file():
         raise KvlifeError(f"no text file at {args.text}")
-    if args.chunk_tokens < 1:
-        raise KvlifeError("--chunk-tokens must be >= 1")
+    if args.chunk_tokens < 1 or args.layers_per_piece < 1:
+        raise KvlifeError("--chunk-tokens and --layers-per-piece must be >= 1")
+    recipe = parse(args.method)  # a bad recipe or level fails before a model is loaded
+    spec = recipe.spec
     levels = None if args.levels == "all" else [lv.strip() for lv in args.levels.split(",") if lv.strip()]
+    if recipe.compress is not None:
+        from kvlife.stream.pieces import check_levels
+
+        check_levels(levels)
     weights = None
     if args.weights is not None:
         from kvlife.codec.calibrate import load_weights
@@ -154,15 +172,17 @@ def run_put(args: argparse.Namespace) -> int:
         weights = load_weights(args.weights)
     client = _client(args)
     model, tokenizer = _load_model(args.model)
-    session = Session(model, tokenizer, "dense", mode="multi-request", prompt_format=args.format)
+    session = Session(model, tokenizer, spec, mode="multi-request", prompt_format=args.format)
     session.prefill(args.text.read_text(encoding="utf-8", errors="replace"))
     name = models.model_name(args.model or models.DEFAULT_MODEL)
-    context = context_of(session, args.context_id, levels, args.chunk_tokens, weights, name)
+    context = context_of(session, args.context_id, levels, args.chunk_tokens, weights, name,
+                         args.layers_per_piece)
     client.put(context)
     manifest = context.manifest
     sizes = {lv: sum(c.bytes for c in manifest.chunks[lv]) for lv in manifest.levels}
+    what = f"pieces of {spec}" if session.recipe.compress is not None else "chunks"
     print(
-        f"stored {args.context_id}: {len(manifest.token_ids)} tokens, {manifest.n_chunks} chunks; bytes per "
+        f"stored {args.context_id}: {len(manifest.token_ids)} tokens, {manifest.n_chunks} {what}; bytes per "
         "level: "
         + ", ".join(f"{lv} {size / 1e6:.2f} MB" for lv, size in sizes.items())
     )
@@ -218,14 +238,19 @@ def run_fetch(args: argparse.Namespace) -> int:
             f"unknown policy {args.policy!r}: adaptive, recompute or one of the context's levels "
             f"({', '.join(manifest.levels)})"
         )
+    spec = _fetch_recipe(args, manifest)
     model = tokenizer = None
     if not args.no_model:
         model, tokenizer = _load_model(args.model or manifest.model or None)
-    if args.ask:
+    if spec != "dense" and args.no_model:  # a compressed context's pieces, with nothing to answer on
+        _, report = client.fetch_pieces(args.context_id, args.slo, args.policy, config)
+        cache = None
+    elif args.ask or spec != "dense":
         from kvlife.session import Session
         from kvlife.stream.sessions import fetch_into
 
-        session = Session(model, tokenizer, "dense", mode="multi-request")
+        prompt_format = manifest.extra.get("prompt_format", "chat") if spec != "dense" else "chat"
+        session = Session(model, tokenizer, spec, mode="multi-request", prompt_format=prompt_format)
         report = fetch_into(session, client, args.context_id, args.slo, args.policy, config=config)
         cache = session.cache
     else:
@@ -245,6 +270,27 @@ def run_fetch(args: argparse.Namespace) -> int:
     else:
         _print_report(report, answers)
     return 0
+
+
+def _fetch_recipe(args: argparse.Namespace, manifest: Any) -> str:
+    """The recipe of the session a fetched context goes to: "dense" for a dense prefill, the recipe a
+    compressed context was compressed by (`--method` must name it, if given)."""
+    from kvlife.recipe import parse
+    from kvlife.stream.pieces import PieceManifest
+
+    spec = parse(args.method).spec if args.method is not None else None
+    if not isinstance(manifest, PieceManifest):
+        if spec is not None and spec != "dense":
+            raise KvlifeError(f"context {manifest.context_id!r} is a dense prefill, not a cache compressed "
+                              f"by {spec}")
+        return "dense"
+    if spec is not None and spec != manifest.spec:
+        raise KvlifeError(f"context {manifest.context_id!r} holds a cache compressed by {manifest.spec}, "
+                          f"not by {spec}: a compressed cache is never served to another recipe")
+    if args.out is not None:
+        raise KvlifeError("--out saves a dense prefill's cache; a compressed context is answered on with "
+                          "--ask")
+    return manifest.spec
 
 
 def _save(cache: Any, out: Path, manifest: Any, report: Any, model: Any) -> None:
@@ -283,6 +329,8 @@ def _print_report(report: Any, answers: list[dict]) -> None:
         )
     if report.refine_stopped:
         console.print(f"refining stopped: {report.refine_stopped}")
+    if report.recompressed:
+        console.print(f"recompressed locally ({report.recompressed})")
     for answer in answers:
         console.print(
             f"{answer['query']!r} -> {answer['answer']!r} (time to first token {answer['ttft_s']:.3f} s)"

@@ -8,7 +8,8 @@
 A context's chunks are store chunks (sealed envelopes under their keys, `Manifest.keys`); the server
 lists the context only once every one of them is stored. `fetch` reads the manifest and the header,
 then runs a `Fetch` (fetch.py) with the knobs of a `FetchConfig`. Every chunk's bytes are checked
-(envelope and the manifest's SHA-256) before they are used.
+(envelope and the manifest's SHA-256) before they are used. A compressed context (pieces.py: its
+whole-context entry cut by layers) is fetched by `fetch_pieces`, the same `Fetch` with no recompute.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from kvlife.stream.config import FetchConfig
 from kvlife.stream.context import RECOMPUTE, Manifest, StreamContext, StreamError, check_context_id
 from kvlife.stream.estimate import SpeedEstimate, ThroughputEstimate
 from kvlife.stream.fetch import ChunkRecord, Fetch, FetchAborted, FetchReport
+from kvlife.stream.pieces import PIECES_FORMAT, PieceBuilder, PieceManifest, PiecesContext
 from kvlife.stream.planner import ADAPTIVE, Planner
 from kvlife.stream.recompute import CacheBuilder
 from kvlife.stream.transport import HttpTransport, TransportError
@@ -42,14 +44,16 @@ class StreamClient:
         self.transport = HttpTransport(url, token, timeout_s) if isinstance(url, str) else url
         warm_up()  # the codec's kernels load now (once per process, ~0.3 s), not inside a fetch's deadline
         self.speeds: SpeedEstimate | None = None  # kept across fetches: this machine's speeds
-        self.last_manifest: Manifest | None = None
+        self.piece_speeds: SpeedEstimate | None = None  # the same for compressed contexts' pieces
+        self.last_manifest: Manifest | PieceManifest | None = None
 
     # ---- small requests ----------------------------------------------------------------------------
 
-    def manifest(self, context_id: str) -> Manifest:
+    def manifest(self, context_id: str) -> Manifest | PieceManifest:
+        """A dense context's `Manifest` or a compressed one's `PieceManifest`."""
         return self._manifest(context_id)[0]
 
-    def _manifest(self, context_id: str) -> tuple[Manifest, int]:
+    def _manifest(self, context_id: str) -> tuple[Manifest | PieceManifest, int]:
         try:
             data = self.transport.get(f"/v1/contexts/{check_context_id(context_id)}/manifest")
         except TransportError as exc:
@@ -58,15 +62,19 @@ class StreamClient:
                                   "(store it with `kvlife stream put`)") from None
             raise
         try:
-            return Manifest.from_json(json.loads(data)), len(data)
+            parsed = json.loads(data)
+            if isinstance(parsed, dict) and parsed.get("format") == PIECES_FORMAT:
+                return PieceManifest.from_json(parsed), len(data)
+            return Manifest.from_json(parsed), len(data)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise StreamError(f"the manifest of {context_id!r} is not JSON: {exc}") from None
 
     def contexts(self) -> list[str]:
         return self.transport.request_json("GET", "/v1/contexts")["contexts"]
 
-    def put(self, context: StreamContext) -> dict:
-        """Upload the chunks the server does not hold yet (the header, every level's), then the manifest."""
+    def put(self, context: StreamContext | PiecesContext) -> dict:
+        """Upload the chunks the server does not hold yet (the header, every level's), then the manifest; a
+        `PiecesContext` (a compressed context) likewise, its pieces for chunks."""
         payloads = context.payloads()
         keys = list(payloads)
         held: list[bool] = []
@@ -123,6 +131,10 @@ class StreamClient:
         started = time.perf_counter()
         manifest, manifest_bytes = self._manifest(context_id)
         self.last_manifest = manifest
+        if isinstance(manifest, PieceManifest):
+            raise StreamError(f"context {context_id!r} is a cache compressed by {manifest.spec}: fetch it "
+                              "into a session of that recipe (`kvlife fetch --method`, fetch_into) or with "
+                              "fetch_pieces")
         header_blob = self.header(manifest)
         setup_s = time.perf_counter() - started
         header = parse_header(header_blob, header_only=True)
@@ -146,6 +158,49 @@ class StreamClient:
         report.chunks = [ChunkRecord(i, tokens[i]) for i in range(n)]
         fetch = Fetch(manifest, planner, self._speeds(header, model), config, source=self,
                       builder=CacheBuilder(header, model), report=report, link=link, started=started)
+        return fetch.run()
+
+    def fetch_pieces(self, context_id: str, slo: float, policy: str = ADAPTIVE,
+                     config: FetchConfig | None = None, model: Any = None,
+                     recipe: str | None = None) -> tuple[list[Any], FetchReport]:
+        """A compressed context's stored layers (`kvlife.store.entries.StoredLayer`, every layer in order),
+        each piece at the best level that lets the whole be ready by `slo` seconds, and what happened.
+
+        `model` / `recipe` (a recipe identity, `Session.compressed_identity`): if given, the context must have
+        been compressed from that model (fingerprint) and by that recipe, or StreamError before any piece is
+        fetched. `policy`: "adaptive" or a level name. A compressed cache has no per-piece recompute: when no
+        plan meets the deadline the soonest (the cheapest level) is taken, and a piece that fails
+        `max_attempts` times fails the fetch (`fetch_into` then recompresses the context)."""
+        config = config or FetchConfig()
+        started = time.perf_counter()
+        manifest, manifest_bytes = self._manifest(context_id)
+        self.last_manifest = manifest
+        if not isinstance(manifest, PieceManifest):
+            raise StreamError(f"context {context_id!r} is a dense prefill, not a compressed cache: fetch it "
+                              "with fetch")
+        if model is not None and model_fingerprint(model) != manifest.model_fingerprint:
+            raise StreamError(f"context {context_id!r} was compressed from another model "
+                              f"({manifest.model or 'unnamed'}); fetch it with that model")
+        if recipe is not None and recipe != manifest.recipe:
+            raise StreamError(f"context {context_id!r} was compressed by {manifest.recipe}, not {recipe}")
+        if policy == RECOMPUTE:
+            raise StreamError("a compressed context has no per-piece recompute: recompress it with its "
+                              "session")
+        setup_s = time.perf_counter() - started
+        work = manifest.work
+        usable = [lv for lv in manifest.levels if config.levels is None or lv in config.levels]
+        sizes = {lv: [manifest.size(lv, i) for i in range(manifest.n_chunks)] for lv in usable}
+        planner = Planner(sizes, work, slo, policy, allow_recompute=False, config=config)
+        link = ThroughputEstimate(prior_bytes_s=manifest_bytes / max(setup_s, 1e-6),
+                                  window=config.throughput_window)
+        report = FetchReport(context_id, policy, slo, len(manifest.token_ids), setup_s=setup_s,
+                             bytes=manifest_bytes)
+        report.chunks = [ChunkRecord(i, w) for i, w in enumerate(work)]
+        if self.piece_speeds is None or self.piece_speeds.fp16_chunk_bytes != max(work):
+            self.piece_speeds = SpeedEstimate(max(work))
+        fetch = Fetch(manifest, planner, self.piece_speeds, config, source=self,
+                      builder=PieceBuilder(manifest), report=report, link=link, started=started,
+                      no_recompute="a compressed context has no per-piece recompute")
         return fetch.run()
 
     def _speeds(self, header: Any, model: Any) -> SpeedEstimate:

@@ -19,8 +19,9 @@ from kvlife.stream.config import FetchConfig
 from kvlife.stream.context import StreamError
 
 # fp16 MB/s the codec (format version 2) decodes at, one core (benchmarks/results/codec.json); only their
-# ratios matter once this machine's speed has been measured
-DECODE_PRIOR_BYTES_S = {"lossless-ish": 220e6, "high": 300e6, "balanced": 318e6, "compact": 324e6,
+# ratios matter once this machine's speed has been measured. "raw" (a compressed context's exact pieces)
+# is a safetensors load: a guess, replaced by the first measurement
+DECODE_PRIOR_BYTES_S = {"raw": 2e9, "lossless-ish": 220e6, "high": 300e6, "balanced": 318e6, "compact": 324e6,
                         "aggressive": 337e6, "extreme": 349e6}
 ATTENTION_KNEE_TOKENS = 5000.0
 

@@ -63,6 +63,7 @@ class FetchReport:
     met: bool = False
     complete_s: float = 0.0  # when every chunk was first in the cache (before refinement)
     refine_stopped: str = ""  # why refining ended early: a fetch given up, failures in transit ("" if not)
+    recompressed: str = ""  # a compressed context recompressed locally instead: why ("" if not)
     setup_s: float = 0.0  # manifest and header
     bytes: int = 0
     chunks: list[ChunkRecord] = field(default_factory=list)
@@ -125,6 +126,7 @@ class Fetch:
     started: float = field(default_factory=time.perf_counter)
     clock: Callable[[], float] | None = None  # seconds since the fetch began
     backlog: Backlog = field(default_factory=Backlog)
+    no_recompute: str = "there is no model to recompute it"  # why a chunk that keeps failing ends the fetch
 
     def __post_init__(self) -> None:
         if self.clock is None:
@@ -273,8 +275,8 @@ class Fetch:
                 record.failures.append(str(exc))
                 if attempts >= self.config.max_attempts and not self.planner.allow_recompute:
                     context_id = self.manifest.context_id
-                    raise StreamError(f"chunk {index} of {context_id!r} failed {attempts} times and there is "
-                                      f"no model to recompute it: {exc}") from None
+                    raise StreamError(f"chunk {index} of {context_id!r} failed {attempts} times and "
+                                      f"{self.no_recompute}: {exc}") from None
                 continue
             elapsed = time.perf_counter() - fetch_started
             received = len(data) + HEADER.size
