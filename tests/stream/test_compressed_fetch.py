@@ -223,3 +223,10 @@ def test_cli_errors_are_one_line(argv, message, stream_url, published, compresse
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and err.startswith("kvlife: error:"), err
+
+
+def test_when_nothing_meets_the_deadline_every_piece_comes_at_the_cheapest_level(stream_url, compressed):
+    _, manifest = compressed["qwen2", "adakv(ratio=0.25)"]
+    layers, report = StreamClient(stream_url).fetch_pieces(manifest.context_id, slo=1e-4)
+    assert report.options() == [manifest.levels[-1]] * manifest.n_chunks and not report.met
+    assert len(layers) == manifest.n_chunks
