@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 
 from kvlife.backends.loopback import free_port
+from kvlife.store.disk import DiskBackend
+from kvlife.store.memory import MemoryBackend
+from kvlife.store.redis_backend import RedisBackend
+from kvlife.store.remote import RemoteBackend
 
 TOKENS = {"alice": "token-alice", "bob": "token-bob"}
 
@@ -76,3 +80,18 @@ def server_url(tmp_path_factory):
         yield f"http://127.0.0.1:{port}"
     finally:
         _stop(process)
+
+
+@pytest.fixture(params=["memory", "disk", "redis", "remote"])
+def tier(request, tmp_path):
+    """One backend of each kind (redis and remote on the loopback services above)."""
+    if request.param == "memory":
+        backend = MemoryBackend(1 << 30)
+    elif request.param == "disk":
+        backend = DiskBackend(tmp_path / "disk")
+    elif request.param == "redis":
+        backend = RedisBackend(request.getfixturevalue("redis_url"), ttl_s=60, prefix=f"test:{tmp_path.name}:")
+    else:
+        backend = RemoteBackend(request.getfixturevalue("server_url"), token=TOKENS["alice"])
+    yield backend
+    backend.close()

@@ -3,32 +3,15 @@
 import hashlib
 
 import pytest
-from tests.store.conftest import TOKENS
 
 from kvlife.store import KVStore, StoreError, open_store, open_tier
 from kvlife.store.disk import DiskBackend
 from kvlife.store.envelope import seal_chunk
 from kvlife.store.memory import MemoryBackend
-from kvlife.store.redis_backend import RedisBackend
-from kvlife.store.remote import RemoteBackend
 
 
 def key(n: int) -> str:
     return hashlib.sha256(str(n).encode()).hexdigest()
-
-
-@pytest.fixture(params=["memory", "disk", "redis", "remote"])
-def tier(request, tmp_path):
-    if request.param == "memory":
-        backend = MemoryBackend(1 << 30)
-    elif request.param == "disk":
-        backend = DiskBackend(tmp_path / "disk")
-    elif request.param == "redis":
-        backend = RedisBackend(request.getfixturevalue("redis_url"), ttl_s=60, prefix=f"test:{tmp_path.name}:")
-    else:
-        backend = RemoteBackend(request.getfixturevalue("server_url"), token=TOKENS["alice"])
-    yield backend
-    backend.close()
 
 
 def test_put_get_round_trip(tier):

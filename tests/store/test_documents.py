@@ -10,14 +10,8 @@ from kvlife.errors import KvlifeError
 from kvlife.session import Session
 from kvlife.store import KVStore, open_store
 from kvlife.store.chunks import encode_chunk
-from kvlife.store.disk import DiskBackend
 from kvlife.store.documents import DocumentStore, model_rope, place
-from kvlife.store.memory import MemoryBackend
-from kvlife.store.redis_backend import RedisBackend
-from kvlife.store.remote import RemoteBackend
 from tiny import ByteTokenizer, tiny_model, tiny_tokenizer
-
-from .conftest import TOKENS
 
 DOC = [((7 * i) % 200) + 20 for i in range(45)]  # 45 tokens: two whole chunks of 16 and a tail of 13
 
@@ -132,19 +126,10 @@ def test_models_the_documents_cannot_serve_fail_in_one_line():
     assert "\n" not in str(info.value)
 
 
-@pytest.fixture(params=["memory", "disk", "redis", "remote"])
-def tier_store(request, tmp_path):
-    if request.param == "memory":
-        backend = MemoryBackend(1 << 30)
-    elif request.param == "disk":
-        backend = DiskBackend(tmp_path / "disk")
-    elif request.param == "redis":
-        backend = RedisBackend(request.getfixturevalue("redis_url"), ttl_s=60, prefix=f"test:{tmp_path.name}:")
-    else:
-        backend = RemoteBackend(request.getfixturevalue("server_url"), token=TOKENS["alice"])
-    store = KVStore([backend], chunk_size=16)
-    yield store
-    store.close()
+@pytest.fixture
+def tier_store(tier):
+    """A store of one tier of each kind (the `tier` fixture, tests/store/conftest.py)."""
+    return KVStore([tier], chunk_size=16)
 
 
 SEGMENTS = ["Read these notes.", "\n\nthe fox is red and runs far away from home.",
