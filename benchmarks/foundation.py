@@ -62,7 +62,8 @@ def measure_model(name: str, lengths: list[int], decode_tokens: int, dtype: str 
     decode = decode_tokens / (time.perf_counter() - started)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"convert_s": record.get("convert_s"), "load_s": round(load_s, 2), "prefill_tok_s": prefill,
-            "decode_tok_s": round(decode, 2), "decode_context_tokens": lengths[-1], "peak_rss_mb": round(peak_mb),
+            "decode_tok_s": round(decode, 2), "decode_context_tokens": lengths[-1],
+            "peak_rss_mb": round(peak_mb),
             "dtype": models.dtype_name(next(model.parameters()).dtype),
             "reference_nll": task_nll(model, tokenizer, nll_tasks, nll_samples) if dtype != "auto" else None,
             "reference_nll_samples": nll_samples if dtype != "auto" else None}
@@ -98,8 +99,9 @@ def bf16_section(float32: dict, bfloat16: dict, lengths: list[int]) -> dict:
     changes = {t: round(100 * (nll16[t] - nll32[t]) / nll32[t], 3) for t in nll32 if nll32[t]}
     mean32, mean16 = sum(nll32.values()) / len(nll32), sum(nll16.values()) / len(nll16)
     return {
-        "prefill_speedup": {str(n): round(bfloat16["prefill_tok_s"][str(n)] / float32["prefill_tok_s"][str(n)], 3)
-                            for n in lengths},
+        "prefill_speedup": {
+            str(n): round(bfloat16["prefill_tok_s"][str(n)] / float32["prefill_tok_s"][str(n)], 3)
+            for n in lengths},
         "decode_speedup": round(bfloat16["decode_tok_s"] / float32["decode_tok_s"], 3),
         "nll_change_pct": round(100 * (mean16 - mean32) / mean32, 3),
         "nll_change_pct_per_task": changes,
@@ -148,12 +150,14 @@ def dense_accuracy(run_dirs: list[Path]) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="qwen2.5-coder-0.5b,smollm2-135m,gemma3-270m")
     parser.add_argument("--lengths", default="1024,4096,8192")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--accuracy-runs", nargs="*", default=[])
-    parser.add_argument("--dtypes", default=None, help="e.g. float32,bfloat16: the bf16 section (default model)")
+    parser.add_argument("--dtypes", default=None,
+                        help="e.g. float32,bfloat16: the bf16 section (default model)")
     parser.add_argument("--suite", action="store_true", help="time the default suite (about an hour)")
     parser.add_argument("--vllm-decode", default=None, metavar="JSON", help="the engines benchmark's results")
     parser.add_argument("--nll-tasks", default=",".join(NLL_TASKS),
@@ -169,14 +173,17 @@ def main() -> int:
                                        nll_tasks, args.nll_samples)))
         return 0
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    # written by other runs (the bf16 section, the default suite's timing, vLLM's decode)
+    kept = ("bf16", "default_suite_minutes", "default_suite_run", "default_suite_turn1",
+            "default_suite_dtype", "decode_tok_s", "vllm_cpu_decode_tok_s", "vllm_cpu_decode")
     results = {"machine": machine(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-               "torch_threads": os.environ.get("OMP_NUM_THREADS", "default"), "models": existing.get("models", {}),
+               "torch_threads": os.environ.get("OMP_NUM_THREADS", "default"),
+               "models": existing.get("models", {}),
                "dense_accuracy": existing.get("dense_accuracy", {}), "commit": _commit(),
-               **{key: existing[key] for key in ("bf16", "default_suite_minutes", "default_suite_run",
-                                                  "default_suite_turn1", "default_suite_dtype", "decode_tok_s",
-                                                  "vllm_cpu_decode_tok_s", "vllm_cpu_decode") if key in existing},
-               "notes": "prefill/decode: dense kvlife attention, float32, batch 1, plain text from torch's sources; "
-                        "decode_tok_s measured after the longest prefill. Accuracy from `kvlife bench` dense runs."}
+               **{key: existing[key] for key in kept if key in existing},
+               "notes": "prefill/decode: dense kvlife attention, float32, batch 1, plain text from torch's "
+                        "sources; decode_tok_s measured after the longest prefill. Accuracy from "
+                        "`kvlife bench` dense runs."}
     def child(name: str, dtype: str = "auto") -> dict | None:
         done = subprocess.run([sys.executable, __file__, "--child", name, "--lengths", args.lengths,
                                "--decode-tokens", str(args.decode_tokens), "--child-dtype", dtype,

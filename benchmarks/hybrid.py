@@ -87,7 +87,8 @@ def formula_rows(name: str, config, dtype: torch.dtype, source: str) -> list[dic
     for tokens in TOKENS:
         model = cache_bytes_model(config, tokens, width)
         rows.append({"model": name, "kind": kind_of(config), "tokens": tokens, "bytes": model["total"],
-                     "kv_bytes": model["kv"], "state_bytes": model["state"], "dtype": str(dtype).replace("torch.", ""),
+                     "kv_bytes": model["kv"], "state_bytes": model["state"],
+                     "dtype": str(dtype).replace("torch.", ""),
                      "source": source})
     return rows
 
@@ -108,7 +109,8 @@ def measured_row(name: str, model, tokens: int, source: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", default=[], help="a local HF model directory (repeatable)")
+    parser.add_argument("--model", action="append", default=[],
+                        help="a local HF model directory (repeatable)")
     parser.add_argument("--measure-tokens", type=int, default=512, help="prefill length measured on --model")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/hybrid.json"))
     args = parser.parse_args()
@@ -131,11 +133,13 @@ def main() -> None:
         rows.append(measured_row(name, model, args.measure_tokens, directory))
         rows += formula_rows(name, model.config, next(model.parameters()).dtype, directory)
     mismatches = [row for row in rows if "measured_bytes" in row and row["measured_bytes"] != row["bytes"]]
-    payload = {"machine": machine(), "commit": commit(), "dtype": "bfloat16 for the published configs, float32 "
-               "for the tiny ones", "tokens": list(TOKENS), "missing": MISSING,
+    payload = {"machine": machine(), "commit": commit(),
+               "dtype": "bfloat16 for the published configs, float32 for the tiny ones",
+               "tokens": list(TOKENS), "missing": MISSING,
                "formula_matches_measured": not mismatches, "rows": rows}
     Path(args.out).write_text(json.dumps(payload, indent=1) + "\n")
-    print(f"{'model':22} {'kind':11} {'tokens':>7} {'K/V MiB':>10} {'state MiB':>10} {'total MiB':>10} {'measured':>10}")
+    print(f"{'model':22} {'kind':11} {'tokens':>7} {'K/V MiB':>10} {'state MiB':>10} {'total MiB':>10} "
+          f"{'measured':>10}")
     for row in rows:
         measured = f"{row['measured_bytes'] / 2**20:10.3f}" if "measured_bytes" in row else " " * 10
         print(f"{row['model']:22} {row['kind']:11} {row['tokens']:7d} {row['kv_bytes'] / 2**20:10.1f} "

@@ -94,7 +94,8 @@ def findings(rows: dict[tuple[str, str], list[dict]]) -> list[dict]:
     def interval(found):
         return found.to_dict() if found else None
 
-    # 1. Sub-O(n)-memory methods decay across turns (multi-turn): turn 1 against dense, later turns against dense.
+    # 1. Sub-O(n)-memory methods decay across turns (multi-turn): turn 1 against dense, later turns
+    # against dense.
     for spec, mode in rows:
         if family(spec) in BOUNDED_MEMORY and mode == "multi-turn" and ("dense", mode) in rows:
             mine, dense = rows[(spec, mode)], rows[("dense", mode)]
@@ -106,9 +107,11 @@ def findings(rows: dict[tuple[str, str], list[dict]]) -> list[dict]:
             holds = bool(rest and rest.verdict == "worse" and (first is None or first.verdict != "worse"))
             out.append({"finding": "sub-O(n) memory decays across turns", "method": spec, "mode": mode,
                         "turn1_vs_dense": interval(first), "later_turns_vs_dense": interval(rest),
-                        "later_minus_turn1": interval(decay), "dense_later_minus_turn1": interval(dense_decay),
+                        "later_minus_turn1": interval(decay),
+                        "dense_later_minus_turn1": interval(dense_decay),
                         "holds": holds,
-                        "reads": "holds when later turns are worse than dense beyond noise while turn 1 is not"})
+                        "reads": "holds when later turns are worse than dense beyond noise while turn 1 "
+                                 "is not"})
     # 2. Multi-request (compressed before any query) hurts query-aware eviction more than multi-turn.
     for spec in {s for s, _ in rows if family(s) in QUERY_AWARE}:
         if all(key in rows for key in ((spec, "multi-turn"), (spec, "multi-request"),
@@ -119,12 +122,14 @@ def findings(rows: dict[tuple[str, str], list[dict]]) -> list[dict]:
                     for mode in MODES}
             found = paired_difference(loss["multi-request"], loss["multi-turn"])
             out.append({"finding": "multi-request hurts query-aware eviction", "method": spec,
-                        "multi_turn_vs_dense": interval(diff(rows[(spec, "multi-turn")], rows[("dense", "multi-turn")])),
+                        "multi_turn_vs_dense": interval(diff(rows[(spec, "multi-turn")],
+                                                             rows[("dense", "multi-turn")])),
                         "multi_request_vs_dense": interval(diff(rows[(spec, "multi-request")],
                                                                 rows[("dense", "multi-request")])),
                         "request_loss_minus_turn_loss": interval(found),
                         "holds": bool(found and found.verdict == "worse"),
-                        "reads": "holds when the loss against dense is larger in multi-request, beyond noise"})
+                        "reads": "holds when the loss against dense is larger in multi-request, "
+                                 "beyond noise"})
     # 3. Dynamic sparse prefill beats static patterns.
     for mode in MODES:
         for dynamic in [s for s, m in rows if m == mode and family(s) in DYNAMIC_PREFILL]:
@@ -133,7 +138,8 @@ def findings(rows: dict[tuple[str, str], list[dict]]) -> list[dict]:
                 out.append({"finding": "dynamic sparse prefill beats static patterns", "mode": mode,
                             "dynamic": dynamic, "static": static, "dynamic_minus_static": interval(found),
                             "holds": bool(found and found.verdict == "better"),
-                            "reads": "holds when the dynamic method scores higher on the same samples, beyond noise"})
+                            "reads": "holds when the dynamic method scores higher on the same samples, "
+                                     "beyond noise"})
     return out
 
 
@@ -148,22 +154,24 @@ def write_outputs(run_dirs: dict[tuple[str, str], Path], settings: dict) -> None
                "rows": table_rows(rows, settings["context_tokens"]), "findings": findings(rows),
                "notes": "accuracy: mean over every turn of every sample; diff_vs_dense, ci_low, ci_high: the "
                         "paired difference against dense's run of the same mode on the same samples, 95% "
-                        "bootstrap interval over samples (a turn's scores stay with their sample). A row with "
-                        "fewer samples than settings.samples is a run still in progress."}
+                        "bootstrap interval over samples (a turn's scores stay with their sample). A row "
+                        "with fewer samples than settings.samples is a run still in progress."}
     (RESULTS / "long.json").write_text(json.dumps(payload, indent=2))
     write_html(list(run_dirs.values()), RESULTS / "long-report.html")
     print(f"{'method':28} {'mode':13} {'task':8} {'n':>3} {'acc':>5} {'vs dense [95% CI]':>24}")
     for r in payload["rows"]:
         ci = (f"{r['diff_vs_dense']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
               if r["diff_vs_dense"] is not None else "-")
-        print(f"{r['method']:28} {r['mode']:13} {r['task']:8} {r['samples']:3d} {r['accuracy']:5.2f} {ci:>24}")
+        print(f"{r['method']:28} {r['mode']:13} {r['task']:8} {r['samples']:3d} {r['accuracy']:5.2f} "
+              f"{ci:>24}")
     for f in payload["findings"]:
         print(f"finding: {f['finding']} ({f.get('method') or f.get('dynamic') + ' vs ' + f['static']}, "
               f"{f.get('mode', 'both modes')}): {'holds' if f['holds'] else 'not shown'}")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=models.DEFAULT_MODEL)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--tasks", default="kv,qa_eng")
@@ -172,7 +180,8 @@ def main() -> int:
     parser.add_argument("--specs", default=";".join(SPECS), help="';'-separated recipes (dense first)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", default="results/long", help="run directories' parent")
-    parser.add_argument("--collect", action="store_true", help="run nothing: rewrite the results from the runs here")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: rewrite the results from the runs here")
     args = parser.parse_args()
     specs = [s for s in args.specs.split(";") if s]
     settings = {"model": args.model, "tasks": args.tasks, "samples": args.samples,
@@ -183,7 +192,8 @@ def main() -> int:
     for spec in specs:
         for mode in args.modes.split(","):
             config = BenchConfig(model=args.model, tasks=args.tasks.split(","), mode=mode, method=spec,
-                                 samples=args.samples, context_tokens=args.context_tokens, dtype=settings["dtype"])
+                                 samples=args.samples, context_tokens=args.context_tokens,
+                                 dtype=settings["dtype"])
             run_dir = Path(args.out) / config.run_id()
             if args.collect:
                 if (run_dir / "predictions.jsonl").is_file():

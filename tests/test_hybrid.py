@@ -79,7 +79,8 @@ def test_multi_turn_carries_the_state_forward(models, kind):
     method.prefill(CONTEXT)
     fed: list[int] = []
     for index, query in enumerate(QUERIES):
-        turn = (method.context_ids if index == 0 else method.format.answer_ids("a fox")) + method.format.query_ids(query)
+        before = method.context_ids if index == 0 else method.format.answer_ids("a fox")
+        turn = before + method.format.query_ids(query)
         fed += turn
         result = method.ask(query, max_new_tokens=3, reference="a fox")
         assert method.cache.next_position == len(fed) and result.prompt_tokens == len(turn)
@@ -123,7 +124,8 @@ def test_attention_methods_leave_the_state_exact(models, kind, recipe):
     method.prefill(CONTEXT)
     assert all(torch.equal(a, b) for a, b in zip(states(method.cache), states(dense.cache)))
     if "ratio" in recipe:
-        assert method.cache.bytes() - method.cache.state_bytes() < dense.cache.bytes() - dense.cache.state_bytes()
+        kv_bytes = method.cache.bytes() - method.cache.state_bytes()
+        assert kv_bytes < dense.cache.bytes() - dense.cache.state_bytes()
     for query in QUERIES:
         method.ask(query, max_new_tokens=3)
         assert all(torch.equal(a, b) for a, b in zip(states(method.cache), states(dense.cache)))
@@ -175,7 +177,8 @@ def test_store_refuses_recurrent_models_and_matches_a_full_prefill(models, kind,
             assert "recurrent" in stored.store.last["store_skipped"]
             assert all(torch.equal(a, b) for a, b in zip(states(stored.cache), states(plain.cache)))
     assert sum("recurrent" in record.getMessage() for record in caplog.records) == 1
-    assert stored.ask(QUERIES[0], max_new_tokens=4).output_ids == plain.ask(QUERIES[0], max_new_tokens=4).output_ids
+    answer = stored.ask(QUERIES[0], max_new_tokens=4).output_ids
+    assert answer == plain.ask(QUERIES[0], max_new_tokens=4).output_ids
 
 
 def test_saving_a_cache_with_state_is_refused(models, tmp_path):
@@ -198,8 +201,8 @@ def test_cli_refuses_in_one_line(tmp_path, capsys, kind, method, message):
         model.config.layer_types = ["conv", "chunked_attention", "conv", "full_attention"]
     model.save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")
-    argv = ["bench", "--model", str(tmp_path / "model"), "--method", method, "--tasks", "kv", "--samples", "1",
-            "--dtype", "float32", "--no-progress", "--out", str(tmp_path / "run")]
+    argv = ["bench", "--model", str(tmp_path / "model"), "--method", method, "--tasks", "kv",
+            "--samples", "1", "--dtype", "float32", "--no-progress", "--out", str(tmp_path / "run")]
     capsys.readouterr()
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' weight-loading progress bar

@@ -6,8 +6,8 @@ state: a short convolution window (`conv_states`) and, for SSM and gated-delta l
 recurrent state (`recurrent_states`). transformers (>= 5.2x) reads and writes that state through
 `Cache.get_conv_state` / `update_conv_state` / `get_recurrent_state` / `update_recurrent_state` on
 layers that subclass its `LinearAttentionLayer`, so kvlife's `KVCache` holds one `StateLayer` (or,
-for Zamba-style layers that carry both, one `kvlife.cache.HybridLayer`) at each recurrent layer and transformers'
-own model code runs unchanged.
+for Zamba-style layers that carry both, one `kvlife.kv_layer.HybridLayer`) at each recurrent layer
+and transformers' own model code runs unchanged.
 
 The state is updated in place (transformers copies into its tensors, and the single-token conv
 step writes the window in place), so unlike K/V a checkpoint must copy it: `checkpoint()` clones
@@ -16,8 +16,9 @@ The state is small and fixed-size (it does not grow with the context), so the co
 
 Layer types (transformers' `layer_types` names): full_attention and sliding_attention become
 `KVLayer`s, linear_attention and conv become `StateLayer`s, hybrid and hybrid_sliding become
-`HybridLayer`s (`layer_plan` says which; `kvlife.cache` builds them, this module imports no cache). Any other type (chunked or indexed attention, cache-less MoE/MLP layers) fails
-with one line naming it (`ModelError`).
+`HybridLayer`s (`layer_plan` says which; `kvlife.cache` builds them, this module imports no cache).
+Any other type (chunked or indexed attention, cache-less MoE/MLP layers) fails with one line naming
+it (`ModelError`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ SUPPORTED_TYPES = ATTENTION_TYPES + STATE_TYPES + HYBRID_TYPES
 
 # transformers' Mamba-1 selective scan (mamba, falcon_mamba, jamba) ignores the stored state when more
 # than one token is fed on a non-empty cache (its own TODO says so in modeling_jamba.py); the per-token
-# recurrent step does use it. kvlife feeds such extends through that step (see `StateLayer.sequential_extend`).
+# recurrent step does use it. kvlife feeds such extends through that step (see
+# `StateLayer.sequential_extend`).
 SCAN_IGNORES_STATE = ("mamba", "falcon_mamba", "jamba")
 SEQUENTIAL = 1 << 40  # "keep this many intermediate states": more than any extend, so every token steps
 
@@ -97,7 +99,8 @@ class StateLayer(LinearAttentionLayer):
     def state_checkpoint(self) -> StateCheckpoint:
         inited_conv, inited_rec = self.is_conv_states_initialized, self.is_recurrent_states_initialized
         return StateCheckpoint(
-            conv={i: _clone(self.conv_states[i]) if inited_conv[i] else None for i in range(self.number_of_states)},
+            conv={i: _clone(self.conv_states[i]) if inited_conv[i] else None
+                  for i in range(self.number_of_states)},
             recurrent={i: _clone(self.recurrent_states[i]) if inited_rec[i] else None
                        for i in range(self.number_of_states)},
             has_previous=dict(self.has_previous_state),
@@ -194,9 +197,9 @@ def check_recipe(recipe: Any, config: Any) -> None:
         method = getattr(recipe, stage, None)
         if method is None or (stage == "prefill" and method.name == "dense"):
             continue
-        raise SpecError(f"{stage} method {method.spec()} acts on attention layers, and {model_type} has none "
-                        f"(a pure state-space model: its cache is a fixed-size recurrent state); use a recipe "
-                        f"without it")
+        raise SpecError(f"{stage} method {method.spec()} acts on attention layers, and {model_type} has "
+                        "none (a pure state-space model: its cache is a fixed-size recurrent state); "
+                        "use a recipe without it")
 
 
 # ---- memory model: bytes of K/V and state from a config's published numbers -----------------------------
@@ -212,7 +215,8 @@ def _get(config: Any, *names: str) -> Any:
 def state_elements(config: Any) -> int:
     """Elements of one recurrent layer's state (conv window + SSM / delta-rule state), batch 1.
 
-    Per family (what transformers allocates, checked against `StateLayer.state_nbytes` in tests/test_hybrid.py):
+    Per family (what transformers allocates, checked against `StateLayer.state_nbytes` in
+    tests/test_hybrid.py):
     Mamba-2 (mamba2, zamba2, bamba, falcon_h1, granitemoehybrid): conv (d_inner + 2*groups*d_state) x kernel,
     SSM heads x head_dim x d_state; Mamba-1 (mamba, falcon_mamba, jamba): conv d_inner x kernel, SSM
     d_inner x d_state; LFM2: conv hidden x L_cache; Qwen3-Next (gated delta net): conv (2*k_heads*k_dim +
@@ -258,7 +262,8 @@ def cache_bytes_model(config: Any, tokens: int, dtype_bytes: int) -> dict[str, i
     plan = layer_plan(config)
     kv_total = state_total = 0
     if any(each.kind != "attention" for each in plan):
-        state_total = sum(1 for each in plan if each.kind != "attention") * state_elements(config) * dtype_bytes
+        state_layers = sum(1 for each in plan if each.kind != "attention")
+        state_total = state_layers * state_elements(config) * dtype_bytes
     if any(each.kind != "state" for each in plan):
         kv_heads, head_dim = attention_geometry(config)
         for each in plan:

@@ -30,8 +30,10 @@ def test_segments_cut_the_context_and_documents_recur_at_other_positions():
         assert all(segment.startswith("\n\nDocument ") for segment in segments[1:])
         for place, (name, text) in enumerate(zip(sample.meta["documents"], segments[1:])):
             positions.setdefault(name, set()).add(place)
-            assert text == next(s for other in samples for n, s in zip(other.meta["documents"], other.meta["segments"][1:])
-                                if n == name)  # a document is the same text in every sample
+            # a document is the same text in every sample
+            assert text == next(s for other in samples
+                                for n, s in zip(other.meta["documents"], other.meta["segments"][1:])
+                                if n == name)
     counts = Counter(name for sample in samples for name in sample.meta["documents"])
     assert max(counts.values()) >= 3 and any(len(places) >= 2 for places in positions.values())
 

@@ -64,7 +64,8 @@ def test_qa_choice_and_chinese_scores():
 
 
 def test_repoqa_score_needs_the_best_match_to_be_the_target():
-    target = "def scale(values, factor):\n    out = []\n    for v in values:\n        out.append(v * factor)\n    return out"
+    target = ("def scale(values, factor):\n    out = []\n    for v in values:\n"
+              "        out.append(v * factor)\n    return out")
     near = target.replace("factor", "k")
     other = "def add(a, b):\n    total = a + b\n    return total"
     assert score.repoqa_score(f"```python\n{target}\n```", target, [target, other]) == 1.0
@@ -121,7 +122,8 @@ def test_many_shot_labels_follow_the_examples(held_out):
 
 
 def test_mixed_tasks_alternate_kinds():
-    for name, is_second in (("summary_with_needles", str.isdigit), ("repoqa_and_kv", lambda a: a.count("-") == 4)):
+    for name, is_second in (("summary_with_needles", str.isdigit),
+                            ("repoqa_and_kv", lambda a: a.count("-") == 4)):
         sample = get_task(name).samples("default", 1)[0]
         kinds = [bool(is_second(turn.answer)) for turn in sample.turns]
         assert kinds == [i % 2 == 1 for i in range(len(kinds))]
@@ -129,7 +131,8 @@ def test_mixed_tasks_alternate_kinds():
 
 def test_scbench_profiles_are_scbench_sized():
     expected = {"repoqa": (88, 5), "qa_eng": (69, 5), "choice_eng": (58, 5), "qa_chn": (35, 5),
-                "many_shot": (54, 5), "summary": (70, 5), "summary_with_needles": (70, 8), "repoqa_and_kv": (88, 8)}
+                "many_shot": (54, 5), "summary": (70, 5), "summary_with_needles": (70, 8),
+                "repoqa_and_kv": (88, 8)}
     for name, (samples, turns) in expected.items():
         profile = get_task(name).profiles["scbench"]
         assert profile["samples"] == samples and profile["turns"] == turns

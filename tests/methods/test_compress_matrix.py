@@ -21,7 +21,8 @@ from kvlife.session import Session
 from tiny import ByteTokenizer, tiny_model
 
 COMPRESS = sorted(name for name, cls in registry.METHODS.items() if cls.stage == "compress")
-KINDS = ["llama", "qwen2", "gemma3", "lfm2"]  # lfm2: a hybrid (conv layers with recurrent state, attention layers)
+# lfm2: a hybrid (conv layers with recurrent state, attention layers)
+KINDS = ["llama", "qwen2", "gemma3", "lfm2"]
 CONTEXT = " ".join("".join(random.Random(seed).choices("abcdefghij", k=4)) for seed in range(40))
 QUERIES = ["abc?", "jihgf?"]
 RATIO = 0.25
@@ -46,7 +47,8 @@ def splits(models, tmp_path_factory):
     folder = tmp_path_factory.mktemp("splits")
     settings = HeadSearch(samples=1, tokens=150, passkeys=2, queries=1, n_sink=4, n_local=16)
     for kind, model in models.items():
-        head_split.write(folder / f"{kind}.json", search(model, ByteTokenizer(), kind, settings, log=lambda _: None))
+        found = search(model, ByteTokenizer(), kind, settings, log=lambda _: None)
+        head_split.write(folder / f"{kind}.json", found)
     return folder
 
 
@@ -147,7 +149,8 @@ def test_storage_positions_and_keys(models, spec, name, kind):
             # A kept token keeps its original position: its (RoPE'd) key is the dense one there.
             got_k, got_v = keys[0, head][real], values[0, head][real]
             if evicts(name):
-                assert torch.equal(got_k, want_keys[0, head, row]) and torch.equal(got_v, want_values[0, head, row])
+                assert torch.equal(got_k, want_keys[0, head, row])
+                assert torch.equal(got_v, want_values[0, head, row])
             else:
                 assert torch.equal(row, want.positions[head])
                 scale = want_keys[0, head].abs().max()

@@ -77,8 +77,8 @@ def test_kvzip_chunks_bound_the_pass_and_leave_the_cache_as_it_was():
     scores, fed, chunks = reconstruction_scores(stage, [0, 1, 2, 3], chunk_size=64)
     n = len(sess.context_ids)
     assert chunks == -(-n // 64)
-    prompts = len(stage.encode(FIRST_PROMPT)) + (chunks - 1) * (len(stage.encode("Repeat the part of the previous "
-                                                                                "context exactly, starting with ")) + 8)
+    repeat = stage.encode("Repeat the part of the previous context exactly, starting with ")
+    prompts = len(stage.encode(FIRST_PROMPT)) + (chunks - 1) * (len(repeat) + 8)
     assert fed == n + prompts + chunks * len(stage.turn_end)
     assert all(s.shape == (2, n) for s in scores.values())
     for (keys, values, positions, next_position), layer in zip(before, sess.cache.layers):
@@ -150,7 +150,8 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> to
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-    config = LlamaConfig(hidden_size=x.shape[-1] * 2, num_attention_heads=2, rope_theta=theta, head_dim=x.shape[-1])
+    config = LlamaConfig(hidden_size=x.shape[-1] * 2, num_attention_heads=2, rope_theta=theta,
+                         head_dim=x.shape[-1])
     cos, sin = LlamaRotaryEmbedding(config)(x, positions[None])
     return apply_rotary_pos_emb(x[None], x[None], cos, sin)[0][0]
 
@@ -219,9 +220,11 @@ def test_chunkkv_in_a_session_keeps_runs_of_contiguous_tokens():
         whole = []
         for head in range(2):
             kept = set(layer.positions[head].tolist())
-            assert sum(0 < len(kept & chunk) < len(chunk) for chunk in chunks) <= 1  # one chunk at most is cut
+            # one chunk at most is cut
+            assert sum(0 < len(kept & chunk) < len(chunk) for chunk in chunks) <= 1
             whole.append([index for index, chunk in enumerate(chunks) if chunk <= kept])
-        assert whole[0] == whole[1] and len(whole[0]) >= round(0.25 * n) // 8 - 1  # the same chunks in every head
+        # the same chunks in every head
+        assert whole[0] == whole[1] and len(whole[0]) >= round(0.25 * n) // 8 - 1
 
 
 # ---- duo_attention ---------------------------------------------------------------------------
@@ -303,7 +306,8 @@ def test_search_heads_scores_what_streaming_hides(tmp_path):
     assert split["signature"] == head_split.model_signature(model)
     assert len(split["scores"]) == 4 and all(len(row) == 2 and min(row) > 0 for row in split["scores"])
     wide = HeadSearch(samples=1, tokens=200, passkeys=3, queries=2, n_sink=4, n_local=100_000)
-    assert all(row == [0.0, 0.0] for row in search(model, ByteTokenizer(), "t", wide, log=lambda _: None)["scores"])
+    found = search(model, ByteTokenizer(), "t", wide, log=lambda _: None)
+    assert all(row == [0.0, 0.0] for row in found["scores"])
     path = tmp_path / "split.json"
     head_split.write(path, split)
     loaded = head_split.load(str(path))
@@ -329,7 +333,8 @@ def test_search_heads_gradient_is_the_gate_derivative():
         model_forward(model, cache, context_ids, None)
         gates = {i: torch.zeros(2) for i in range(4)}
         gates[layer][head] = value
-        recipe = SimpleNamespace(prefill=GatedStreaming(gates, len(context_ids), 4, 16), compress=None, load=None)
+        recipe = SimpleNamespace(prefill=GatedStreaming(gates, len(context_ids), 4, 16), compress=None,
+                                 load=None)
         logits = model_forward(model, cache, question_ids + answer_ids, recipe, all_logits=True)
         logits = logits[len(question_ids) - 1:-1]
         return float(torch.nn.functional.cross_entropy(logits, torch.tensor(answer_ids), reduction="mean"))
@@ -344,7 +349,8 @@ def test_search_heads_gradient_is_the_gate_derivative():
 def test_shipped_splits_load():
     for name in ("qwen2.5-coder-0.5b", "smollm2-135m"):
         split = head_split.load(name)
-        assert split.model == name and len(split.signature) == 16 and (split.n_sink, split.n_local) == (64, 256)
+        assert split.model == name and len(split.signature) == 16
+        assert (split.n_sink, split.n_local) == (64, 256)
         assert all(row is not None and min(row) >= 0 for row in split.scores)
 
 

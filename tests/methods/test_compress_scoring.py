@@ -113,8 +113,8 @@ def test_pyramid_budgets_decrease_and_sum_exactly():
 def test_pyramidkv_layer_budgets_in_a_session():
     context = "abcdefghij " * 20
     for kind, ratio in (("qwen2", 0.25), ("gemma3", 0.25)):
-        session = Session(tiny_model(kind), ByteTokenizer(), f"pyramidkv(ratio={ratio})", mode="multi-request",
-                          prompt_format="plain")
+        session = Session(tiny_model(kind), ByteTokenizer(), f"pyramidkv(ratio={ratio})",
+                          mode="multi-request", prompt_format="plain")
         session.prefill(context)
         target = round(ratio * len(session.context_ids))
         held = [layer.get_seq_length() for layer in session.cache.layers if not layer.is_sliding]
@@ -166,7 +166,8 @@ def test_tova_keeps_same_tokens_in_all_heads_unless_head_wise():
     keys = 0.3 * torch.randn(KV_HEADS, N, HEAD_DIM, generator=gen)
     keys[0, 30], keys[1, 60] = 4 * torch.eye(HEAD_DIM)[0], 4 * torch.eye(HEAD_DIM)[1]
     # Head group 0 looks for token 30's key, group 1 for token 60's.
-    queries = torch.stack([4 * torch.eye(HEAD_DIM)[0]] * GROUPS + [4 * torch.eye(HEAD_DIM)[1]] * GROUPS)[:, None]
+    queries = torch.stack([4 * torch.eye(HEAD_DIM)[0]] * GROUPS
+                          + [4 * torch.eye(HEAD_DIM)[1]] * GROUPS)[:, None]
     call, cache = make_call(keys, queries)
     TOVA(budget=3).compress_layer(call, cache.layers[0])
     shared = kept(cache)

@@ -54,9 +54,8 @@ class HeadwiseLayer(KVLayer):
         if not self.is_initialized:
             return 0
         real = int(self.real_mask().sum())
-        per_token = self.keys.shape[0] * (
-            self.keys.shape[-1] * self.keys.element_size() + self.values.shape[-1] * self.values.element_size()
-        )
+        key_bytes = self.keys.shape[-1] * self.keys.element_size()
+        per_token = self.keys.shape[0] * (key_bytes + self.values.shape[-1] * self.values.element_size())
         return real * per_token
 
 
@@ -104,7 +103,8 @@ class AdaKV(CompressMethod):
         super().__post_init__()
         scorer_cls = SCORERS[self.scorer]
         fields = {item.name for item in dataclasses.fields(scorer_cls)}
-        shared = {key: getattr(self, key) for key in ("window_size", "kernel_size", "pooling") if key in fields}
+        shared = {key: getattr(self, key) for key in ("window_size", "kernel_size", "pooling")
+                  if key in fields}
         self.inner = scorer_cls(ratio=self.ratio, budget=self.budget, **shared)
 
     def compress_layer(self, call: AttnCall, layer: KVLayer) -> None:

@@ -31,12 +31,13 @@ def chunk_ranked(scores: torch.Tensor, chunk_length: int) -> torch.Tensor:
     finite = scores.isfinite()
     chunk_of = torch.arange(slots, device=scores.device) // chunk_length
     n_chunks = int(chunk_of[-1]) + 1 if slots else 0
-    sums = torch.zeros(n_chunks, device=scores.device).index_add_(0, chunk_of, scores.where(finite, 0.0).sum(0))
+    sums = torch.zeros(n_chunks, device=scores.device).index_add_(0, chunk_of,
+                                                                   scores.where(finite, 0.0).sum(0))
     counts = torch.zeros(n_chunks, device=scores.device).index_add_(0, chunk_of, finite.sum(0).float())
     chunk_scores = (sums / counts.clamp(min=1)).masked_fill(counts == 0, float("-inf"))
     place = torch.empty(n_chunks, device=scores.device)
-    place[chunk_scores.argsort(descending=True, stable=True)] = torch.arange(n_chunks, 0, -1, device=scores.device,
-                                                                             dtype=place.dtype)
+    ranked = chunk_scores.argsort(descending=True, stable=True)
+    place[ranked] = torch.arange(n_chunks, 0, -1, device=scores.device, dtype=place.dtype)
     tie_break = scores.argsort(dim=-1).argsort(dim=-1).float() / (slots + 1)
     return (place[chunk_of][None] + tie_break).masked_fill(~finite, float("-inf"))
 

@@ -51,7 +51,8 @@ def budget_counts(held: list[int], total: int, window: int) -> tuple[list[int], 
 
 
 def streaming_mask(positions: torch.Tensor, real: torch.Tensor, count: int, n_sink: int) -> torch.Tensor:
-    """Bool [slots]: a head's first `min(n_sink, count)` tokens by position and its newest ones, `count` in all."""
+    """Bool [slots]: a head's first `min(n_sink, count)` tokens by position and its newest ones,
+    `count` in all."""
     order = positions.masked_fill(~real, torch.iinfo(positions.dtype).max).argsort()
     n_real, sinks = int(real.sum()), min(n_sink, count)
     rank = torch.empty_like(order)
@@ -93,7 +94,8 @@ class DuoAttention(CacheCompressMethod):
 
     name: ClassVar[str] = "duo_attention"
     paper: ClassVar[str] = (
-        "Xiao et al., 2024, DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads"
+        "Xiao et al., 2024, DuoAttention: Efficient Long-Context LLM Inference with Retrieval and "
+        "Streaming Heads"
     )
     config: str | None = None
     sparsity: float = 0.5
@@ -105,7 +107,8 @@ class DuoAttention(CacheCompressMethod):
         if not 0 <= self.sparsity <= 1:
             raise SpecError(f"duo_attention: sparsity must be in [0, 1], got {self.sparsity}")
         if (self.n_sink is not None and self.n_sink < 0) or (self.n_local is not None and self.n_local < 1):
-            raise SpecError(f"duo_attention: n_sink must be >= 0 and n_local >= 1, got {self.n_sink}, {self.n_local}")
+            raise SpecError(f"duo_attention: n_sink must be >= 0 and n_local >= 1, "
+                            f"got {self.n_sink}, {self.n_local}")
         if self.config is not None:
             head_split.load(str(self.config))  # an unknown or broken split fails at parse time
 
@@ -126,7 +129,8 @@ class DuoAttention(CacheCompressMethod):
         n_sink = split.n_sink if self.n_sink is None else self.n_sink
         window = n_sink + (split.n_local if self.n_local is None else self.n_local)
         full = [i for i, layer in cache.kv_layers() if not layer.is_sliding and split.scores[i] is not None]
-        heads = sorted(((i, h) for i in full for h in range(kv_heads)), key=lambda ih: -split.scores[ih[0]][ih[1]])
+        heads = sorted(((i, h) for i in full for h in range(kv_heads)),
+                       key=lambda ih: -split.scores[ih[0]][ih[1]])
         held = [int(real_slots(cache.layers[i])[h].sum()) for i, h in heads]
         if self.ratio is None and self.budget is None:
             retrieval = len(heads) - round(self.sparsity * len(heads))

@@ -59,7 +59,8 @@ class HeadSearch:
 @lru_cache(maxsize=1)
 def filler_lines() -> tuple[str, ...]:
     files = sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py") if p.name >= "m")
-    return tuple(line for path in files for line in path.read_text(errors="replace").splitlines() if line.strip())
+    return tuple(line for path in files for line in path.read_text(errors="replace").splitlines()
+                 if line.strip())
 
 
 def haystack(tokenizer: Any, search: HeadSearch, index: int) -> tuple[str, list[tuple[str, str]]]:
@@ -161,7 +162,9 @@ def search(model: Any, tokenizer: Any, model_name: str, search: HeadSearch | Non
             for question, answer in asked:
                 context_ids, question_ids = prompt_ids(tokenizer, context, question)
                 answer_ids = list(tokenizer.encode(answer, add_special_tokens=False))
-                totals += gate_gradients(model, context_ids, question_ids, answer_ids, full, kv_heads, search).abs()
+                gradients = gate_gradients(model, context_ids, question_ids, answer_ids, full, kv_heads,
+                                           search)
+                totals += gradients.abs()
                 answers += 1
             log(f"sample {index + 1}/{search.samples}: {len(context_ids)} context tokens, "
                 f"{time.perf_counter() - started:.0f} s")
@@ -174,7 +177,8 @@ def search(model: Any, tokenizer: Any, model_name: str, search: HeadSearch | Non
     return {
         "format": head_split.FORMAT, "model": model_name, "signature": head_split.model_signature(model),
         "n_layers": len(layers), "kv_heads": kv_heads, "n_sink": search.n_sink, "n_local": search.n_local,
-        "method": "mean |d(answer NLL)/d(gate)| of DuoAttention's per-head streaming gate at the all-dense start",
+        "method": "mean |d(answer NLL)/d(gate)| of DuoAttention's per-head streaming gate "
+                  "at the all-dense start",
         "calibration": {**asdict(search), "answers": answers,
                         "text": "multi-passkey haystacks in Python standard library sources (modules m..)",
                         "seconds": round(time.perf_counter() - started, 1)},
@@ -202,10 +206,12 @@ def add_parser(sub: Any) -> None:
     from kvlife.models import DEFAULT_MODEL
 
     defaults = HeadSearch()
-    parser = sub.add_parser("search-heads", help="find DuoAttention's retrieval and streaming heads (writes JSON)",
-                            description="Score each KV head by the gradient of passkey answers' NLL with respect "
-                                        "to DuoAttention's gate between its full and its streaming attention.")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model name or HF dir (default {DEFAULT_MODEL})")
+    parser = sub.add_parser(
+        "search-heads", help="find DuoAttention's retrieval and streaming heads (writes JSON)",
+        description="Score each KV head by the gradient of passkey answers' NLL with respect to "
+                    "DuoAttention's gate between its full and its streaming attention.")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"registered model name or HF dir (default {DEFAULT_MODEL})")
     parser.add_argument("--out", required=True, help="JSON file to write")
     for flag, value, meaning in (("samples", defaults.samples, "haystacks"),
                                  ("tokens", defaults.tokens, "tokens per haystack"),

@@ -45,7 +45,8 @@ def mean_rotation(positions: torch.Tensor, theta: float, rotary_dim: int, head_d
     return rotation
 
 
-def query_statistics(call: AttnCall, rows: slice, future: torch.Tensor, rope: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def query_statistics(call: AttnCall, rows: slice, future: torch.Tensor,
+                     rope: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean [q_heads, d] and covariance [q_heads, d, d] of the queries at `future` positions, from
     the RoPE'd queries of the call's `rows`: un-rotated to position 0, averaged, then rotated by
     RoPE's average rotation over the future positions. Without a known RoPE, the rows' own statistics."""
@@ -106,7 +107,8 @@ class ExpectedAttention(ScoreCompressMethod):
             raise SpecError(f"expected_attention: window_size and n_future_positions must be >= 1, got "
                             f"{self.window_size} and {self.n_future_positions}")
         if self.n_sink < 0 or self.epsilon < 0:
-            raise SpecError(f"expected_attention: n_sink and epsilon must be >= 0, got {self.n_sink} and {self.epsilon}")
+            raise SpecError(f"expected_attention: n_sink and epsilon must be >= 0, "
+                            f"got {self.n_sink} and {self.epsilon}")
 
     def score(self, call: AttnCall, layer: KVLayer) -> torch.Tensor:
         from kvlife.codec.rope import rope_from_config
@@ -115,7 +117,8 @@ class ExpectedAttention(ScoreCompressMethod):
         q_pos = call.q_pos
         usable = int((q_pos >= self.n_sink).sum())  # the call's newest queries that are not sinks
         rows = slice(q_pos.shape[0] - min(self.window_size, max(1, usable)), None)
-        future = torch.arange(layer.next_position, layer.next_position + self.n_future_positions, device=q_pos.device)
+        future = torch.arange(layer.next_position, layer.next_position + self.n_future_positions,
+                              device=q_pos.device)
         mean, cov = query_statistics(call, rows, future, rope)
         keys, values = layer.dense_kv()
         keys, values = keys[0].float(), values[0].float()

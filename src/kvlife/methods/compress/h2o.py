@@ -37,7 +37,8 @@ class H2O(ScoreCompressMethod):
 
     name: ClassVar[str] = "h2o"
     paper: ClassVar[str] = (
-        "Zhang et al., 2023, H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models"
+        "Zhang et al., 2023, H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large "
+        "Language Models"
     )
     recent_ratio: float = 0.5
     chunk_rows: int = 512

@@ -44,8 +44,9 @@ class HeadSplit:
         width = next((len(row) for row in self.scores if row is not None), kv_heads)
         if (len(self.scores), width) != (n_layers, kv_heads):
             raise SpecError(
-                f"duo_attention: head split {self.path} is for a model with {len(self.scores)} layers x {width} "
-                f"KV heads ({self.model}); this model has {n_layers} x {kv_heads}: run `kvlife search-heads` for it")
+                f"duo_attention: head split {self.path} is for a model with {len(self.scores)} layers x "
+                f"{width} KV heads ({self.model}); this model has {n_layers} x {kv_heads}: run "
+                "`kvlife search-heads` for it")
 
 
 def model_signature(model: Any) -> str:
@@ -104,11 +105,14 @@ def _load(path: str, mtime_ns: int) -> HeadSplit:
         raise SpecError(f"{where} must list {n_layers} layers of scores")
     scores = []
     for layer, row in enumerate(rows):
-        if row is not None and (not isinstance(row, list) or len(row) != kv_heads
-                                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)):
-            raise SpecError(f"{where}: layer {layer} must list {kv_heads} numbers (or null for a sliding layer)")
+        numbers = isinstance(row, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                for v in row)
+        if row is not None and (not numbers or len(row) != kv_heads):
+            raise SpecError(f"{where}: layer {layer} must list {kv_heads} numbers "
+                            "(or null for a sliding layer)")
         scores.append(None if row is None else tuple(float(v) for v in row))
-    return HeadSplit(path, str(raw.get("model", "?")), str(raw.get("signature", "")), n_sink, n_local, tuple(scores))
+    return HeadSplit(path, str(raw.get("model", "?")), str(raw.get("signature", "")), n_sink, n_local,
+                     tuple(scores))
 
 
 def write(path: str | Path, split: dict) -> None:

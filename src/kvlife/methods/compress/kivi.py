@@ -148,7 +148,8 @@ class KiviLayer(KVLayer):
 
     def dense_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.dequantized()
-        return (torch.cat([keys, self.residual_keys], dim=-2), torch.cat([values, self.residual_values], dim=-2))
+        return (torch.cat([keys, self.residual_keys], dim=-2),
+                torch.cat([values, self.residual_values], dim=-2))
 
     def store(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         raise NotImplementedError("a KiviLayer is written by update(); build a new one with from_layer()")
@@ -205,9 +206,11 @@ class Kivi(Method):
         if self.bits not in BITS:
             raise SpecError(f"kivi: bits must be one of {', '.join(map(str, BITS))}, got {self.bits}")
         if self.group_size < 1 or self.residual < 0:
-            raise SpecError(f"kivi: group_size must be >= 1 and residual >= 0 (got {self.group_size}, {self.residual})")
+            raise SpecError(f"kivi: group_size must be >= 1 and residual >= 0 "
+                            f"(got {self.group_size}, {self.residual})")
 
     def compress_layer(self, call: AttnCall, layer: KVLayer) -> None:
         if layer.is_sliding or isinstance(layer, KiviLayer) or call.step is None:
             return
-        call.step.cache.replace_layer(call.layer_idx, KiviLayer.from_layer(layer, self.bits, self.group_size, self.residual))
+        quantized = KiviLayer.from_layer(layer, self.bits, self.group_size, self.residual)
+        call.step.cache.replace_layer(call.layer_idx, quantized)

@@ -69,7 +69,8 @@ class PyramidKV(SnapKV):
         if average is None or call.step is None:
             return average
         full_layers = [index for index, each in call.step.cache.kv_layers() if not each.is_sliding]
-        budgets = pyramid_budgets(average, window_size_for(call, self.window_size), len(full_layers), self.beta)
+        budgets = pyramid_budgets(average, window_size_for(call, self.window_size), len(full_layers),
+                                  self.beta)
         if budgets is None or budgets[0] >= layer.get_seq_length():
             return average
         return budgets[full_layers.index(call.layer_idx)]

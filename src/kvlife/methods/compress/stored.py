@@ -68,9 +68,11 @@ def stored_layers(cache: KVCache) -> list[StoredLayer]:
         elif isinstance(layer, HeadwiseLayer):
             real = layer.real_mask()
             counts = real.sum(dim=-1)
-            packed = bool((real == (torch.arange(real.shape[-1], device=real.device)[None] < counts[:, None])).all())
+            leading = torch.arange(real.shape[-1], device=real.device)[None] < counts[:, None]
+            packed = bool((real == leading).all())
             meta.update(width=int(real.shape[-1]), layout="packed" if packed else "slots")
-            pieces = [(layer.keys[:, h:h + 1, real[h]], layer.values[:, h:h + 1, real[h]], layer.positions[h:h + 1, real[h]])
+            pieces = [(layer.keys[:, h:h + 1, real[h]], layer.values[:, h:h + 1, real[h]],
+                       layer.positions[h:h + 1, real[h]])
                       for h in range(real.shape[0])]
             exact = {} if packed else {"slots": real.nonzero()[:, 1]}
             out.append(StoredLayer("headwise", meta, pieces, exact))
@@ -86,7 +88,8 @@ def restore_layers(cache: KVCache, stored: list[StoredLayer], device: torch.devi
     built = []
     for index, (layer, item) in enumerate(zip(cache.layers, stored)):
         if item.meta.get("window") != layer.sliding_window:
-            raise ValueError(f"layer {index}: stored window {item.meta.get('window')}, the model's {layer.sliding_window}")
+            raise ValueError(f"layer {index}: stored window {item.meta.get('window')}, "
+                             f"the model's {layer.sliding_window}")
         built.append(_layer(item, layer.sliding_window, torch.device(device)))
     cache.layers[:] = built
 

@@ -36,7 +36,8 @@ class StreamingLLM(CompressMethod):
     def validate(self) -> None:
         super().validate()
         if self.n_sink < 0 or self.n_local < 1:
-            raise SpecError(f"streamingllm: n_sink must be >= 0 and n_local >= 1 (got {self.n_sink}, {self.n_local})")
+            raise SpecError(f"streamingllm: n_sink must be >= 0 and n_local >= 1 "
+                            f"(got {self.n_sink}, {self.n_local})")
 
     def default_target(self, seen: int) -> int | None:
         return self.n_sink + self.n_local
@@ -52,5 +53,7 @@ class StreamingLLM(CompressMethod):
         n_local = target - n_sink
         # Rank by position so that a previously compressed (head-wise) cache is handled too.
         order = layer.positions.argsort(dim=-1)
-        keep = torch.cat([order[:, :n_sink], order[:, held - n_local:]], dim=-1) if n_local else order[:, :n_sink]
+        keep = order[:, :n_sink]
+        if n_local:
+            keep = torch.cat([keep, order[:, held - n_local:]], dim=-1)
         layer.keep(keep.sort(dim=-1).values)

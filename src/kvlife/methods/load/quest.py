@@ -28,7 +28,8 @@ class PageBounds:
 
 
 def page_bounds(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """keys [kv_heads, n, d] -> (mins, maxs) [kv_heads, ceil(n / page_size), d]; the last page may be partial."""
+    """keys [kv_heads, n, d] -> (mins, maxs) [kv_heads, ceil(n / page_size), d]; the last page may
+    be partial."""
     kv_heads, n, dim = keys.shape
     full = n // page_size
     body = keys[:, : full * page_size].reshape(kv_heads, full, page_size, dim)
@@ -68,7 +69,9 @@ class Quest(LoadMethod):
     """
 
     name: ClassVar[str] = "quest"
-    paper: ClassVar[str] = "Tang et al., 2024, Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference"
+    paper: ClassVar[str] = (
+        "Tang et al., 2024, Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference"
+    )
     budget: int = 1024
     ratio: float | None = None
     page_size: int = 16
@@ -171,12 +174,15 @@ class Quest(LoadMethod):
     def _gathered(self, call: AttnCall, pages: torch.Tensor) -> torch.Tensor:
         """One query row: gather the chosen pages' keys and values and attend over those only."""
         tokens, dim = call.key.shape[2], call.key.shape[3]
-        slots = (pages[:, :, None] * self.page_size + torch.arange(self.page_size, device=pages.device)).flatten(1)
+        in_page = torch.arange(self.page_size, device=pages.device)
+        slots = (pages[:, :, None] * self.page_size + in_page).flatten(1)
         valid = slots < tokens
         slots = slots.clamp(max=tokens - 1)
         index = slots[:, :, None].expand(-1, -1, dim)
-        visible = visibility_mask(call.q_pos, call.k_pos.gather(1, slots), call.sliding_window) & valid[:, None]
-        output, _ = grouped_attention(call, call.key[0].gather(1, index), call.value[0].gather(1, index), visible)
+        visible = visibility_mask(call.q_pos, call.k_pos.gather(1, slots), call.sliding_window)
+        visible = visible & valid[:, None]
+        output, _ = grouped_attention(call, call.key[0].gather(1, index), call.value[0].gather(1, index),
+                                      visible)
         return output.to(call.value.dtype)[None]
 
     def byte_split(self, cache: Any) -> dict[str, int]:

@@ -48,8 +48,9 @@ class RetrievalAttention(LoadMethod):
 
     Decode queries are distributed unlike keys, so the index is attention-aware: an IVF whose
     lists are cut by k-means under the metric the prefill's queries induce on keys (see `ivf.py`;
-    the paper builds a graph from the same query-key relation), probed by each list's mean score. The index is built once per context, at the first decode
-    step, and reused while the cache still descends from that context (multi-turn turns and
+    the paper builds a graph from the same query-key relation), probed by each list's mean score.
+    The index is built once per context, at the first decode step, and reused while the cache
+    still descends from that context (multi-turn turns and
     multi-request rollbacks keep it; a new context or a compressed cache rebuilds it). Tokens after
     the context (queries, answers, generated tokens) stay in the exact part. Sliding-window layers
     stay dense, as does a layer whose context has no middle.
@@ -119,7 +120,8 @@ class RetrievalAttention(LoadMethod):
         if layer.is_sliding:
             return
         if call.step.phase == "prefill":
-            self._layers[call.layer_idx] = LayerIndex(Lineage(call.key), call.key.shape[2], self._sample(call))
+            self._layers[call.layer_idx] = LayerIndex(Lineage(call.key), call.key.shape[2],
+                                                      self._sample(call))
             return
         state = self._layers.get(call.layer_idx)
         if state is not None:
@@ -151,7 +153,9 @@ class RetrievalAttention(LoadMethod):
         heads = []
         for head in range(call.key.shape[1]):
             keys = call.key[0, head, lo:hi]
-            queries = state.queries[head] if self.partition == "queries" and state.queries is not None else None
+            queries = None
+            if self.partition == "queries" and state.queries is not None:
+                queries = state.queries[head]
             heads.append(AttentionIVF(keys, queries, nlist, self.scan, seed=call.layer_idx * 131 + head))
         return heads
 
@@ -222,12 +226,14 @@ class RetrievalAttention(LoadMethod):
 
     def _recall(self, call: AttnCall, exact: torch.Tensor, ids: torch.Tensor, lo: int, hi: int, k: int):
         tokens, device = call.key.shape[2], call.key.device
-        attended = torch.zeros(call.query.shape[1], call.query.shape[2], tokens, dtype=torch.bool, device=device)
+        attended = torch.zeros(call.query.shape[1], call.query.shape[2], tokens, dtype=torch.bool,
+                               device=device)
         # ids -1 (lists held fewer than k) point at the newest slot, which is exact anyway
         slots = torch.where(ids >= 0, ids + lo, tokens - 1).to(device)
         attended.scatter_(-1, slots, True)
         attended[:, :, exact] = True
-        eligible = torch.zeros(call.key.shape[1], call.query.shape[2], tokens, dtype=torch.bool, device=device)
+        eligible = torch.zeros(call.key.shape[1], call.query.shape[2], tokens, dtype=torch.bool,
+                               device=device)
         eligible[..., lo:hi] = True
         return recall_figures(call, attended, k, eligible)
 
