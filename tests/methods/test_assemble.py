@@ -8,7 +8,7 @@ from kvlife.bench.runner import run_sample
 from kvlife.bench.tasks import get_task
 from kvlife.errors import SpecError
 from kvlife.methods import registry
-from kvlife.methods.assemble.base import document_rows
+from kvlife.methods.assemble.base import document_rows, selective_recompute
 from kvlife.recipe import parse
 from kvlife.session import Session
 from kvlife.store import open_store
@@ -69,6 +69,47 @@ def test_partial_recompute_counts_and_differs_from_dense(model):
         assert last == {"concat": 0, "cacheblend(ratio=0.25)": round(0.25 * documents), "epic(k=4)": 12}[spec]
         assert result.stats["assembled_tokens"] == sum(len(piece) for piece in pieces)
     assert min(errors.values()) > 1e-4  # documents computed alone are not the full prefill
+
+
+def assembled(model):
+    """The concat-assembled layers of CONTEXT (before its tail), their ids, the documents' spans, dense's layers."""
+    dense, _ = prefilled(model, "dense")
+    concat, _ = prefilled(model, "concat", open_store("memory", chunk_size=16))
+    pieces = dense.format.segment_ids(SEGMENTS)[0]
+    ids = [token for piece in pieces for token in piece]
+    starts = [sum(len(piece) for piece in pieces[:i]) for i in range(len(pieces) + 1)]
+    spans = list(zip(starts[1:-1], starts[2:]))
+    layers = [(k[:, :, :len(ids)].clone(), v[:, :, :len(ids)].clone(), p[:, :len(ids)].clone())
+              for k, v, p in concat.cache.to_tensors()]
+    return layers, ids, spans, dense.cache.to_tensors()
+
+
+def test_cacheblend_check_layer_compares_the_full_prefill_keys_and_runs_only_the_chosen_rows(model):
+    layers, ids, spans, dense = assembled(model)
+    rows = document_rows(spans)
+    stored_keys = layers[1][0][0, :, rows].clone()
+    seen, deviations = {}, []
+    hooks = [layer.register_forward_pre_hook(lambda module, args, kwargs, index=index: seen.__setitem__(
+        index, (args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True)
+        for index, layer in enumerate(model.model.layers)]
+
+    def chooser(deviation, chosen_from):
+        deviations.append(deviation)
+        return torch.arange(0, chosen_from.numel(), 4)
+
+    try:
+        last = selective_recompute(model, layers, ids, rows, check_layer=1, chooser=chooser)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    kept = len(range(0, rows.numel(), 4))
+    # layer 0 recomputes every document row; from the check layer on, only the chosen rows run attention and MLP
+    assert seen[0] == rows.numel() and all(seen[i] == kept for i in range(1, len(model.model.layers)))
+    assert last == kept
+    # layer 0 recomputed in full, so the check layer's fresh keys are the full prefill's: the deviation is the
+    # distance between dense's and the stored keys there
+    expected = dense[1][0][0, :, rows] - stored_keys
+    torch.testing.assert_close(deviations[0], expected.pow(2).sum(dim=(0, 2)), rtol=1e-4, atol=1e-5)
 
 
 def test_cacheblend_recomputes_the_tokens_that_deviate_most():

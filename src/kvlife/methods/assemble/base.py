@@ -9,8 +9,11 @@ replace the stored ones, the other tokens' K/V stay as stored. A method names th
 
 - `rows(spans)`: the tokens recomputed from the first layer on (EPIC: the first k of each document;
   CacheBlend: all document tokens, until its check layer);
-- `check_layer` and `choose(deviation, rows)`: at that layer, after the fresh K/V of `rows` are
-  computed, keep recomputing only the rows `choose` picks from their K deviation (CacheBlend).
+- `check_layer` and `choose(deviation, rows)`: at that layer, the fresh keys of `rows` are computed
+  (norm, key projection and RoPE only) and compared with the stored ones; only the rows `choose`
+  picks run that layer's attention and MLP and the layers after it (CacheBlend). As in LMCache's
+  blender, the rows not picked never run the check layer's attention or MLP, so its cost is that of
+  the picked rows plus one key projection of all rows.
 
 The first span (the prompt format's head and the instruction, at positions 0..p-1) is exact as
 stored and never recomputed. Models must be decoder stacks with `embed_tokens`, `layers` and
@@ -67,19 +70,27 @@ class SpliceLayer(KVLayer):
         self.attn_positions = positions
         self.next_position = int(positions.shape[-1])
         self.rows: torch.Tensor | None = None
-        self.chooser = None  # set on the check layer: (deviation, rows) -> kept indices into rows
-        self.kept: torch.Tensor | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        rows = self.rows
-        if self.chooser is not None:
-            stored = self.keys[:, :, rows].to(torch.float32)
-            deviation = (key_states.to(torch.float32) - stored).pow(2).sum(dim=(0, 1, 3))
-            self.kept = self.chooser(deviation, rows).to(rows.device)
-            rows, key_states, value_states = rows[self.kept], key_states[:, :, self.kept], value_states[:, :, self.kept]
-        self.keys[:, :, rows] = key_states.to(self.keys.dtype)
-        self.values[:, :, rows] = value_states.to(self.values.dtype)
+        self.keys[:, :, self.rows] = key_states.to(self.keys.dtype)
+        self.values[:, :, self.rows] = value_states.to(self.values.dtype)
         return self.keys, self.values
+
+
+def fresh_keys(layer: Any, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The keys [1, kv_heads, n, head_dim] a Llama-like decoder `layer` computes for `hidden` (input norm, key
+    projection, key norm where the model has one, RoPE), without running its attention or MLP."""
+    attn = getattr(layer, "self_attn", None)
+    if attn is None or not hasattr(attn, "k_proj") or not hasattr(layer, "input_layernorm"):
+        raise KvlifeError(f"cacheblend's check layer needs a decoder layer with input_layernorm and self_attn.k_proj; "
+                          f"{type(layer).__name__} has another layout")
+    keys = attn.k_proj(layer.input_layernorm(hidden)).view(*hidden.shape[:-1], -1, attn.head_dim)
+    if getattr(attn, "k_norm", None) is not None:  # Qwen3-style per-head key norm, before RoPE
+        keys = attn.k_norm(keys)
+    keys = keys.transpose(1, 2)
+    cos, sin = (part.unsqueeze(1) for part in position_embeddings)
+    half = keys.shape[-1] // 2
+    return keys * cos + torch.cat((-keys[..., half:], keys[..., :half]), dim=-1) * sin
 
 
 def decoder(model: Any) -> Any:
@@ -114,19 +125,23 @@ def selective_recompute(model: Any, layers: Layers, ids: list[int], rows: torch.
     keyword = _cache_keyword(type(inner.layers[0]))
     for index, layer in enumerate(inner.layers):
         splice = splices[index]
-        splice.rows = rows
-        splice.chooser = chooser if index == check_layer else None
         position_ids = rows[None]
-        step = StepContext(cache, rows, phase="extend")
-        hidden = layer(hidden, attention_mask=None, position_ids=position_ids,
-                       position_embeddings=inner.rotary_emb(hidden, position_ids), use_cache=True, kvlife=step,
-                       **{keyword: cache})
-        if isinstance(hidden, tuple):  # older transformers return (hidden, ...) from a decoder layer
-            hidden = hidden[0]
-        if splice.kept is not None:
-            hidden, rows = hidden[:, splice.kept], rows[splice.kept]
+        embeddings = inner.rotary_emb(hidden, position_ids)
+        if index == check_layer and chooser is not None:
+            # squared L2 of fresh against stored keys over heads and dims (LMCache's `topk` blend mode)
+            stored = splice.keys[:, :, rows].to(torch.float32)
+            deviation = (fresh_keys(layer, hidden, embeddings).to(torch.float32) - stored).pow(2).sum(dim=(0, 1, 3))
+            kept = chooser(deviation, rows).to(rows.device)
+            hidden, rows = hidden[:, kept], rows[kept]
             if rows.numel() == 0:
                 break
+            position_ids, embeddings = rows[None], tuple(part[:, kept] for part in embeddings)
+        splice.rows = rows
+        step = StepContext(cache, rows, phase="extend")
+        hidden = layer(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=embeddings,
+                       use_cache=True, kvlife=step, **{keyword: cache})
+        if isinstance(hidden, tuple):  # older transformers return (hidden, ...) from a decoder layer
+            hidden = hidden[0]
     return int(rows.numel())
 
 
