@@ -15,7 +15,8 @@ Cases (one row each):
                          explicit positions that decompress to hundreds of MB), checksums valid
     codec_random         random bytes, with and without the magic
     store_disk_kill      a writer process SIGKILLed at a random moment of its puts into a disk tier that a
-                         long-running backend (opened before, as `kvlife serve` holds one) reads after each kill
+                         long-running backend (opened before, as `kvlife serve` holds one) reads after
+                         each kill
     server_auth          requests to every authenticated endpoint of `kvlife serve` with a missing, wrong,
                          malformed or oversized token
     server_tenant        one tenant's reads, existence checks, deletes and context calls aimed at another's
@@ -23,8 +24,8 @@ Cases (one row each):
     server_traversal     chunk keys and context ids that try to leave the tenant's directory
 
 Outcomes (counts; they add up to `tried`):
-    clean_error  refused with kvlife's own one-line error (CodecError; an HTTP 4xx); for a kill: the store came
-                 through clean (every chunk the reader got verifies)
+    clean_error  refused with kvlife's own one-line error (CodecError; an HTTP 4xx); for a kill: the store
+                 came through clean (every chunk the reader got verifies)
     accepted     taken as valid: a stream that decodes (recomputed checksums make an edited stream valid; a
                  baseline's version does not change its layout); an isolation probe answered "absent"
     crash        any other exception, a multi-line error, a dead process, an HTTP 5xx
@@ -112,9 +113,10 @@ def _seed_streams() -> dict[str, bytes]:
     def layers(n_layers, heads, tokens, dim, dtype=torch.float32):
         out = []
         for _ in range(n_layers):
-            keys = torch.randn(1, heads, tokens, dim, generator=generator) * 2 + torch.randn(1, heads, 1, dim,
-                                                                                              generator=generator)
-            out.append((keys.to(dtype), torch.randn(1, heads, tokens, dim, generator=generator).to(dtype), None))
+            keys = (torch.randn(1, heads, tokens, dim, generator=generator) * 2
+                    + torch.randn(1, heads, 1, dim, generator=generator))
+            values = torch.randn(1, heads, tokens, dim, generator=generator)
+            out.append((keys.to(dtype), values.to(dtype), None))
         return out
 
     small = layers(2, 2, 40, 16)
@@ -125,7 +127,8 @@ def _seed_streams() -> dict[str, bytes]:
         "kvlife-extreme-weights": encode(small, "extreme", chunk_tokens=16, weights=weights),
         "kvlife-lossless-uneven-fp16": encode(uneven, "lossless-ish", chunk_tokens=16),
     }
-    seeds.update({name: encode_baseline(name, small, chunk_tokens=16) for name in ("fp16", "int8", "int8+zstd", "lmcache")})
+    seeds.update({name: encode_baseline(name, small, chunk_tokens=16)
+                  for name in ("fp16", "int8", "int8+zstd", "lmcache")})
     v1 = REPO / "tests" / "codec" / "data" / "v1-balanced.kvc"  # a version-1 stream (constriction's coder)
     if v1.is_file():
         seeds["kvlife-v1"] = v1.read_bytes()
@@ -184,8 +187,8 @@ def _forge(scheme: int, dtype: int, chunk_tokens: int, layers: list[tuple[int, i
     """A version-2 stream written from docs/codec-format.md's byte layout (not with the codec's own writer,
     so that the forger does not share what it tests): `layers` as (kv_heads, head_dim, tokens)."""
     n_chunks = -(-max(t for _, _, t in layers) // chunk_tokens)
-    out = bytearray(struct.pack("<4sHBBIIHHqdHHI", b"KVLC", 2, scheme, dtype, 0, chunk_tokens, len(layers), 0, 0,
-                                0.0, 0, 0, n_chunks))
+    out = bytearray(struct.pack("<4sHBBIIHHqdHHI", b"KVLC", 2, scheme, dtype, 0, chunk_tokens, len(layers),
+                                0, 0, 0.0, 0, 0, n_chunks))
     for heads, dim, tokens in layers:
         out += struct.pack("<HHHHIi", 1, heads, dim, 0, tokens, -1)
     out += struct.pack("<I", len(positions)) + positions + struct.pack("<I", len(section)) + section
@@ -215,7 +218,8 @@ def _forged(rng: random.Random) -> bytes:
         dim = rng.choice((1, 2, 16, 64, 128))
         per_token = n_layers * (2 * heads * dim * (4 if dtype == 0 else 2) + 8 * heads)
         tokens = rng.randint(1, max(1, min(1 << 26, DEFAULT_MAX_BYTES // per_token)))
-        chunk_tokens = min(rng.choice((16, 256, 4096, 65536)), max(1, MAX_CHUNK_ELEMENTS // (2 * n_layers * heads * dim)))
+        chunk_tokens = min(rng.choice((16, 256, 4096, 65536)),
+                           max(1, MAX_CHUNK_ELEMENTS // (2 * n_layers * heads * dim)))
         try:
             check_shapes([LayerShape(1, heads, dim, tokens)] * n_layers, chunk_tokens)
         except CodecError:
@@ -269,11 +273,13 @@ def codec_cases(scale: int, seed: int) -> tuple[dict[str, bytes], list[tuple[str
         for length in header.chunk_lengths:
             bounds += [offset + 1, offset + length - 1]
             offset += length
-        cuts = sorted({b for b in bounds if 0 <= b < len(blob)} | {rng.randrange(len(blob)) for _ in range(6 * scale)})
+        cuts = sorted({b for b in bounds if 0 <= b < len(blob)}
+                      | {rng.randrange(len(blob)) for _ in range(6 * scale)})
         cases += [("codec_truncate", name, blob[:cut]) for cut in cuts]
         cases += [("codec_bitflip", name, _flip(blob, rng)) for _ in range(12 * scale)]
         cases += [("codec_bitflip_recrc", name, _recrc(blob, _flip(blob, rng))) for _ in range(12 * scale)]
-        cases += [("codec_version", name, _relabel(blob, version)) for version in (0, 1, 2, 3) if version != header.version]
+        cases += [("codec_version", name, _relabel(blob, version)) for version in (0, 1, 2, 3)
+                  if version != header.version]
     # more kvlife streams, relabelled only: whether a version-1 decoder refuses a version-2 section is a
     # matter of its bytes, so it takes many streams to see
     for index in range(8 * scale):
@@ -330,7 +336,8 @@ def codec_worker(scale: int, seed: int, start: int) -> None:
             handle.write("5")  # the peak (VmHWM) restarts from the current RSS
         outcome, note = _judge(case, blob, references.get(name) if name else None)
         grew = max(0, _status_kb("VmHWM") - before) / 1024
-        print(json.dumps({"i": index, "case": case, "outcome": outcome, "rss_mb": grew, "note": note}), flush=True)
+        print(json.dumps({"i": index, "case": case, "outcome": outcome, "rss_mb": grew, "note": note}),
+              flush=True)
 
 
 def _readline(process: subprocess.Popen, timeout: float) -> str | None:
@@ -343,8 +350,9 @@ def run_codec(scale: int, seed: int, tallies: dict[str, Tally]) -> None:
     names: list[str] | None = None
     start = 0
     while names is None or start < len(names):
-        process = subprocess.Popen([sys.executable, __file__, "--codec-worker", str(scale), str(seed), str(start)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        worker = [sys.executable, __file__, "--codec-worker", str(scale), str(seed), str(start)]
+        process = subprocess.Popen(worker, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                   bufsize=1)
         try:
             line = _readline(process, START_S)
             if not line:
@@ -354,7 +362,8 @@ def run_codec(scale: int, seed: int, tallies: dict[str, Tally]) -> None:
                 line = _readline(process, CASE_S)
                 if line is None or not line:
                     outcome = "hang" if line is None else "crash"
-                    note = f"{names[start]} input {start}: " + ("no answer in time" if line is None else "the worker died")
+                    why = "no answer in time" if line is None else "the worker died"
+                    note = f"{names[start]} input {start}: {why}"
                     tallies.setdefault(names[start], Tally()).add(outcome, note=note)
                     start += 1
                     break
@@ -452,7 +461,10 @@ class Server:
         self.port = _free_port()
         self.root = root
         exe = Path(sys.executable).with_name("kvlife")
-        command = [str(exe)] if exe.is_file() else [sys.executable, "-c", "from kvlife.cli import main; main()"]
+        if exe.is_file():
+            command = [str(exe)]
+        else:
+            command = [sys.executable, "-c", "from kvlife.cli import main; main()"]
         command += ["serve", "--store", str(root), "--port", str(self.port), "--max-chunk-bytes", "2000000"]
         for name, token in TOKENS.items():
             command += ["--tenant", f"{name}={token}"]
@@ -498,9 +510,21 @@ class Server:
             self.process.wait()
 
 
-def _probe(tally: Tally, server: Server, method: str, path: str, ok: set[int], *, body: bytes | None = None,
-           headers: dict | None = None, tenant: str | None = None, bad: set[int] = frozenset(), note: str = "") -> int:
-    """One request: `ok` statuses are clean refusals, `bad` ones wrong data, 5xx crashes, the rest accepted."""
+def _probe(
+    tally: Tally,
+    server: Server,
+    method: str,
+    path: str,
+    ok: set[int],
+    *,
+    body: bytes | None = None,
+    headers: dict | None = None,
+    tenant: str | None = None,
+    bad: set[int] = frozenset(),
+    note: str = "",
+) -> int:
+    """One request: `ok` statuses are clean refusals, `bad` ones wrong data, 5xx crashes, the rest
+    accepted."""
     try:
         status, _ = server.request(method, path, body, headers, tenant)
     except TimeoutError:
@@ -559,7 +583,8 @@ def _auth_probes(server: Server, auth: Tally, scale: int, key: str, chunk: bytes
                  ("DELETE", "/v1/contexts/alice-ctx", None), ("GET", "/v1/link", None),
                  ("POST", "/v1/link", b'{"trace": "constant:1mbit"}')]
     token = TOKENS["alice"]
-    headers = [{}, {"Authorization": "Bearer"}, {"Authorization": "Bearer "}, {"Authorization": "Bearer wrong"},
+    headers = [{}, {"Authorization": "Bearer"}, {"Authorization": "Bearer "},
+               {"Authorization": "Bearer wrong"},
                {"Authorization": f"Basic {token}"}, {"Authorization": f"Bearer {token[:-1]}"},
                {"Authorization": f"Bearer {token}x"}, {"Authorization": f"Bearer {token} {token}"},
                {"Authorization": "Bearer " + "A" * 6000}, {"Authorization": f"Token {token}"},
@@ -578,10 +603,13 @@ def _tenant_probes(server: Server, tenant: Tally, scale: int, seed: int, key: st
     from kvlife.store.base import ChunkCorrupt
     from kvlife.store.envelope import open_chunk
 
-    _probe(tenant, server, "GET", f"/v1/chunks/{key}", {404}, tenant="bob", bad={200}, note="bob reads alice's")
+    _probe(tenant, server, "GET", f"/v1/chunks/{key}", {404}, tenant="bob", bad={200},
+           note="bob reads alice's")
     status, data = server.request("POST", "/v1/exists", json.dumps({"keys": [key]}).encode(), tenant="bob")
-    _check(tenant, status == 200 and json.loads(data)["exists"] == [False], f"bob's exists of alice's key: {status}")
-    _probe(tenant, server, "DELETE", f"/v1/chunks/{key}", {200, 404}, tenant="bob", note="bob deletes alice's")
+    _check(tenant, status == 200 and json.loads(data)["exists"] == [False],
+           f"bob's exists of alice's key: {status}")
+    _probe(tenant, server, "DELETE", f"/v1/chunks/{key}", {200, 404}, tenant="bob",
+           note="bob deletes alice's")
     _probe(tenant, server, "GET", "/v1/contexts/alice-ctx/manifest", {404}, tenant="bob", bad={200})
     _probe(tenant, server, "DELETE", "/v1/contexts/alice-ctx", {404}, tenant="bob", bad={200})
     status, data = server.request("GET", "/v1/contexts", tenant="bob")
@@ -654,7 +682,8 @@ def _traversal_probes(server: Server, traversal: Tally, scale: int, root: Path, 
     _check(traversal, outside == ["canary.txt"] and (root / "canary.txt").read_text() == "outside the store",
            f"files outside the store: {outside}")
     status, data = server.request("GET", f"/v1/chunks/{key_b}", tenant="bob")
-    _check(traversal, status == 200 and data.endswith(b"bob's secret"), f"bob's chunk after the probes: HTTP {status}")
+    _check(traversal, status == 200 and data.endswith(b"bob's secret"),
+           f"bob's chunk after the probes: HTTP {status}")
 
 
 # ---- the campaign -------------------------------------------------------------------------------------
@@ -683,8 +712,9 @@ def campaign(scale: int = 1, parts: tuple[str, ...] = ("codec", "store", "server
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True)
+        return done.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -708,7 +738,8 @@ def main(argv: list[str] | None = None) -> int:
                "memory_cap_mb": MEMORY_CAP >> 20, **results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"{'case':22} {'tried':>6} {'clean':>6} {'accept':>6} {'crash':>6} {'hang':>5} {'wrong':>6} {'rss MB':>7}")
+    print(f"{'case':22} {'tried':>6} {'clean':>6} {'accept':>6} {'crash':>6} {'hang':>5} {'wrong':>6} "
+          f"{'rss MB':>7}")
     for name, row in results["cases"].items():
         print(f"{name:22} {row['tried']:6} {row['clean_error']:6} {row['accepted']:6} {row['crash']:6} "
               f"{row['hang']:5} {row['wrong_data']:6} {row['max_rss_mb']:7.1f}")
