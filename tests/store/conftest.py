@@ -51,8 +51,9 @@ def redis_url():
     import redis
 
     port = free_port()
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                "--protected-mode", "yes"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--protected-mode", "yes"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     try:
         _wait(lambda: redis.Redis.from_url(url).ping(), process, "redis-server")
@@ -68,7 +69,8 @@ def start_server(root: Path, port: int, *extra: str) -> subprocess.Popen:
     process = subprocess.Popen(args + list(extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     import httpx
 
-    _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200, process, "kvlife serve")
+    _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200, process,
+          "kvlife serve")
     return process
 
 
@@ -90,7 +92,8 @@ def tier(request, tmp_path):
     elif request.param == "disk":
         backend = DiskBackend(tmp_path / "disk")
     elif request.param == "redis":
-        backend = RedisBackend(request.getfixturevalue("redis_url"), ttl_s=60, prefix=f"test:{tmp_path.name}:")
+        backend = RedisBackend(request.getfixturevalue("redis_url"), ttl_s=60,
+                               prefix=f"test:{tmp_path.name}:")
     else:
         backend = RemoteBackend(request.getfixturevalue("server_url"), token=TOKENS["alice"])
     yield backend

@@ -28,7 +28,8 @@ def models():
 
 
 def session(model, spec, store=None, salt="", mode="multi-request"):
-    return Session(model, ByteTokenizer(), spec, mode=mode, prompt_format="plain", store=store, store_salt=salt)
+    return Session(model, ByteTokenizer(), spec, mode=mode, prompt_format="plain", store=store,
+                   store_salt=salt)
 
 
 def held(s: Session) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
@@ -36,7 +37,8 @@ def held(s: Session) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor
     out = []
     for keys, values, positions in s.cache.to_tensors():
         real = positions != PAD_POSITION
-        out.append([(keys[0, h, real[h]], values[0, h, real[h]], positions[h, real[h]]) for h in range(real.shape[0])])
+        out.append([(keys[0, h, real[h]], values[0, h, real[h]], positions[h, real[h]])
+                    for h in range(real.shape[0])])
     return out
 
 
@@ -209,8 +211,9 @@ def test_cli_bench_stores_compressed_contexts_and_refuses_bad_parameters(tmp_pat
     tiny_model("qwen2", attn="sdpa").save_pretrained(tmp_path / "tiny")
     tiny_tokenizer().save_pretrained(tmp_path / "tiny")
     capsys.readouterr()  # the save's progress bar
-    base = ["bench", "--model", str(tmp_path / "tiny"), "--tasks", "kv", "--profile", "test", "--samples", "1",
-            "--mode", "multi-request", "--no-progress", "--store", f"disk:{tmp_path / 'store'}", "--max-turns", "1"]
+    base = ["bench", "--model", str(tmp_path / "tiny"), "--tasks", "kv", "--profile", "test", "--samples",
+            "1", "--mode", "multi-request", "--no-progress", "--store", f"disk:{tmp_path / 'store'}",
+            "--max-turns", "1"]
     for method in ("kvzip(ratio=0)", "duo_attention(config=/nowhere/split.json)"):
         assert cli.main([*base, "--method", method, "--out", str(tmp_path / "bad")]) == cli.EXIT_USER_ERROR
         err = capsys.readouterr().err.strip()
@@ -242,6 +245,7 @@ def test_entries_through_kvlife_serve_stay_with_their_tenant(models, server_url)
     spec = "kvzip(ratio=0.25,level=pair)"
     fresh = answer(session(models["qwen2"], spec, store_of("alice")))
     bob = session(models["qwen2"], spec, store_of("bob"))
-    assert answer(bob) == fresh and bob.store.last["store_hit_tokens"] == 0  # same key, another tenant's directory
+    # the same key, in another tenant's directory
+    assert answer(bob) == fresh and bob.store.last["store_hit_tokens"] == 0
     alice = session(models["qwen2"], spec, store_of("alice"))
     assert answer(alice) == fresh and alice.store.last["store_hit_tokens"] == len(alice.context_ids)

@@ -29,8 +29,8 @@ WRITER = textwrap.dedent("""
 
 
 def start_writer(root, key: str, size: int) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-c", WRITER, str(root), key, str(size)], stdout=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen([sys.executable, "-c", WRITER, str(root), key, str(size)],
+                               stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "writing"
     return process
 
@@ -73,7 +73,8 @@ def test_a_running_writers_file_is_kept_and_counted(tmp_path):
     assert DiskBackend(tmp_path).stats()["bytes"] == 0  # reopening removes the dead writer's file
 
 
-@pytest.mark.parametrize("name", [".abcdef0123456789.1234.deadbeef.tmp", ".abcdef0123456789.cafe0123.00000000-1.tmp"])
+@pytest.mark.parametrize("name", [".abcdef0123456789.1234.deadbeef.tmp",
+                                  ".abcdef0123456789.cafe0123.00000000-1.tmp"])
 def test_other_writers_files_go_by_age_only(tmp_path, name):
     sub = tmp_path / "ab"
     sub.mkdir()

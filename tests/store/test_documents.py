@@ -28,8 +28,8 @@ def fresh(model, ids, start=0):
     for layer in cache.layers:
         layer.next_position = start
     positions = torch.arange(start, start + len(ids))
-    model(input_ids=torch.tensor([ids]), position_ids=positions[None], **cache_kwarg(model, cache), use_cache=True,
-          logits_to_keep=1, kvlife=StepContext(cache, positions, phase="prefill"))
+    model(input_ids=torch.tensor([ids]), position_ids=positions[None], **cache_kwarg(model, cache),
+          use_cache=True, logits_to_keep=1, kvlife=StepContext(cache, positions, phase="prefill"))
     return cache.to_tensors()
 
 
@@ -140,8 +140,8 @@ def test_every_tier_serves_assembled_contexts(model, tier_store):
     context = "".join(SEGMENTS)
 
     def run():
-        s = Session(model, ByteTokenizer(), "cacheblend(ratio=0.5)", mode="multi-request", prompt_format="plain",
-                    store=tier_store)
+        s = Session(model, ByteTokenizer(), "cacheblend(ratio=0.5)", mode="multi-request",
+                    prompt_format="plain", store=tier_store)
         result = s.prefill(context, segments=SEGMENTS)
         state = s.cache.checkpoint()
         logits = s.forward(s.format.query_ids("what is red?"), phase="extend")

@@ -1,4 +1,5 @@
-"""Failures: backends down, wrong token, disk full, corrupt chunks, concurrent processes, SIGKILLed writers."""
+"""Failures: backends down, wrong token, disk full, corrupt chunks, concurrent processes, SIGKILLed
+writers."""
 
 import errno
 import json
@@ -163,8 +164,8 @@ def _check_dir(root: Path) -> int:
 def test_writer_killed_mid_write_leaves_no_corrupt_chunk(tmp_path):
     rng = random.Random(0)
     for _ in range(6):
-        writer = subprocess.Popen([sys.executable, str(WORKERS), "writer", f"disk:{tmp_path}", "30", "1", "8000000"],
-                                  stdout=subprocess.PIPE, text=True)
+        writer = subprocess.Popen([sys.executable, str(WORKERS), "writer", f"disk:{tmp_path}", "30", "1",
+                                   "8000000"], stdout=subprocess.PIPE, text=True)
         assert writer.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.05, 0.4))
         os.kill(writer.pid, signal.SIGKILL)

@@ -30,11 +30,12 @@ def test_put_counts_only_acknowledged_bytes():
     assert size > len(b"payload") and both.counters["put_bytes"] == size and both.counters["put_chunks"] == 1
 
 
-@pytest.mark.parametrize("tiers, stored", [("redis://127.0.0.1:{port}/0", False), ("memory,redis://127.0.0.1:{port}/0", True)])
+@pytest.mark.parametrize("tiers, stored", [("redis://127.0.0.1:{port}/0", False),
+                                           ("memory,redis://127.0.0.1:{port}/0", True)])
 def test_prefill_with_redis_down_reports_what_was_stored(tiers, stored):
     store = open_store(tiers.format(port=free_port()), chunk_size=16)
-    session = Session(tiny_model("qwen2"), ByteTokenizer(), "dense", mode="multi-request", prompt_format="plain",
-                      store=store)
+    session = Session(tiny_model("qwen2"), ByteTokenizer(), "dense", mode="multi-request",
+                      prompt_format="plain", store=store)
     session.prefill("the quick brown fox jumps over the lazy dog and keeps running far away. " * 3)
     assert (session.store.last["store_put_bytes"] > 0) == stored
     assert (store.counters["put_bytes"] > 0) == stored

@@ -39,7 +39,8 @@ def test_tenants_never_read_each_other(server_url):
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}])
 def test_wrong_or_missing_token_is_rejected(server_url, headers):
     k = key("x")
-    for method, path, body in [("GET", f"/v1/chunks/{k}", None), ("PUT", f"/v1/chunks/{k}", seal_chunk(k, b"1")),
+    for method, path, body in [("GET", f"/v1/chunks/{k}", None),
+                               ("PUT", f"/v1/chunks/{k}", seal_chunk(k, b"1")),
                                ("POST", "/v1/exists", b'{"keys": []}'), ("GET", "/v1/stats", None)]:
         response = httpx.request(method, server_url + path, content=body, headers=headers)
         assert response.status_code == 401, (method, path)
@@ -164,7 +165,8 @@ def test_serve_imports_no_torch(tmp_path):
     code = f"""
 import sys
 import kvlife.store.server as server
-server.web.run_app = lambda *args, **kwargs: print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
+loaded = lambda: sorted(m for m in ("torch", "transformers") if m in sys.modules)
+server.web.run_app = lambda *args, **kwargs: print(loaded())
 from kvlife.cli import main
 main(["serve", "--store", {str(tmp_path)!r}, "--token", "t"])
 main(["stream", "serve", "--root", {str(tmp_path)!r}])

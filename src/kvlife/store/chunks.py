@@ -32,8 +32,10 @@ def check_encoding(encoding: str) -> str:
         level = encoding.split(":", 1)[1]
         if level in LEVELS:
             return encoding
-        raise StoreError(f"unknown codec level {level!r} in encoding {encoding!r}; levels: {', '.join(LEVELS)}")
-    raise StoreError(f"unknown store encoding {encoding!r}; use raw, {', '.join(BASELINE_ENCODINGS)} or kvlife:LEVEL")
+        raise StoreError(f"unknown codec level {level!r} in encoding {encoding!r}; levels: "
+                         f"{', '.join(LEVELS)}")
+    raise StoreError(f"unknown store encoding {encoding!r}; use raw, {', '.join(BASELINE_ENCODINGS)} or "
+                     "kvlife:LEVEL")
 
 
 def encode_chunk(layers: Layers, encoding: str = "raw", rope: Any = None) -> bytes:

@@ -41,7 +41,8 @@ class DiskBackend(Backend):
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreUnavailable(f"cannot create store directory {self.root}: {exc.strerror or exc}") from None
+            raise StoreUnavailable(f"cannot create store directory {self.root}: "
+                                   f"{exc.strerror or exc}") from None
         self.scanned_at = 0.0
         self.bytes_held = self._scan(clean=True)[1]
 
@@ -63,7 +64,8 @@ class DiskBackend(Backend):
                 except FileNotFoundError:
                     continue
                 if entry.name.endswith(".tmp"):
-                    if not (clean and _writer_gone(entry.name, now - info.st_mtime) and remove_file(Path(entry.path))):
+                    gone = clean and _writer_gone(entry.name, now - info.st_mtime)
+                    if not (gone and remove_file(Path(entry.path))):
                         total += info.st_size  # a write in progress, or a leftover not yet removable
                     continue
                 if entry.name.endswith(SUFFIX):
@@ -82,7 +84,8 @@ class DiskBackend(Backend):
                 out.append(None)
                 continue
             except OSError as exc:
-                raise StoreUnavailable(f"{self.name}: cannot read {path.name}: {exc.strerror or exc}") from None
+                raise StoreUnavailable(f"{self.name}: cannot read {path.name}: "
+                                       f"{exc.strerror or exc}") from None
             try:
                 os.utime(path)
             except OSError:
@@ -103,7 +106,8 @@ class DiskBackend(Backend):
             write_atomic(path, parts)
         except OSError as exc:
             full = " (disk full)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-            raise StoreUnavailable(f"{self.name}: cannot write a chunk{full}: {exc.strerror or exc}") from None
+            raise StoreUnavailable(f"{self.name}: cannot write a chunk{full}: "
+                                   f"{exc.strerror or exc}") from None
         with self.lock:
             self.bytes_held += size
             over = self.bytes_held > self.max_bytes
@@ -134,7 +138,8 @@ class DiskBackend(Backend):
     def stats(self) -> dict[str, Any]:
         """Chunks, and bytes held by chunks and temporary files (what the budget counts)."""
         files, total = self._scan()
-        return {"chunks": len(files), "bytes": total, "max_bytes": self.max_bytes, "evictions": self.evictions}
+        return {"chunks": len(files), "bytes": total, "max_bytes": self.max_bytes,
+                "evictions": self.evictions}
 
 
 def write_atomic(path: Path, parts: Sequence[bytes]) -> None:

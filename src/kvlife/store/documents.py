@@ -3,7 +3,8 @@
 Non-prefix reuse (CacheBlend, EPIC): the same document comes back after other documents and other
 system prompts, so its prefix chunks never hit; its cache computed alone does, wherever it lands.
 
-    namespace = Namespace(model fingerprint, dtype, "document-kv;tokenizer=<hash>", encoding, chunk size, tenant)
+    namespace = Namespace(model fingerprint, dtype, "document-kv;tokenizer=<hash>", encoding, chunk size,
+                          tenant)
     keys      = chunk_keys(document tokens, namespace, tail=True)     one per chunk, the last may be partial
 
 so equal keys mean the same model, dtype, tokenizer, encoding, tenant and the same document tokens
@@ -38,7 +39,8 @@ from kvlife.store.chunks import Layers, concat_layers, decode_chunk, encode_chun
 from kvlife.store.keys import Namespace, chunk_keys
 from kvlife.store.tiers import KVStore, open_store
 
-DOCUMENT_KV = "document-kv"  # the recipe part of a document entry's namespace: a dense prefill of the document alone
+# the recipe part of a document entry's namespace: a dense prefill of the document alone
+DOCUMENT_KV = "document-kv"
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -64,13 +66,14 @@ def model_rope(model: Any) -> RopeSpec:
     """The model's plain RoPE, which re-rotation needs; a StoreError for any other position encoding."""
     rope = rope_from_config(model.config)
     if rope is None:
-        raise StoreError("per-document caches need a model with plain RoPE (Llama, Qwen2, Mistral); this model "
-                         "uses another position encoding, so its document caches cannot be moved")
+        raise StoreError("per-document caches need a model with plain RoPE (Llama, Qwen2, Mistral); this "
+                         "model uses another position encoding, so its document caches cannot be moved")
     return rope
 
 
 def place(layers: Layers, start: int, rope: RopeSpec) -> Layers:
-    """A document's per-layer (keys, values, positions), computed at positions 0..n-1, moved to start..start+n-1."""
+    """A document's per-layer (keys, values, positions), computed at positions 0..n-1, moved to
+    start..start+n-1."""
     if start == 0:
         return layers
     n = layers[0][0].shape[-2]
@@ -122,17 +125,20 @@ class DocumentStore:
         self.namespace = Namespace(model_fingerprint(model), dtype,
                                    f"{DOCUMENT_KV};tokenizer={tokenizer_fingerprint(tokenizer)}",
                                    self.store.encoding, self.store.chunk_size, salt)
-        self.codec_rope = rope_from_config(model.config) if self.store.encoding.startswith("kvlife:") else None
+        coded = self.store.encoding.startswith("kvlife:")
+        self.codec_rope = rope_from_config(model.config) if coded else None
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         if any(kind == "sliding_attention" for kind in (getattr(config, "layer_types", None) or [])):
-            raise StoreError("per-document caches need full-attention layers; this model has sliding-window layers "
-                             "(they keep only the last window, so a document's cache is not its whole K/V)")
+            raise StoreError("per-document caches need full-attention layers; this model has sliding-window "
+                             "layers (they keep only the last window, so a document's cache is not its whole "
+                             "K/V)")
         self.shape = (config.num_hidden_layers, config.num_key_value_heads,
                       getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
     def assemble(self, pieces: list[list[int]]) -> tuple[Layers, list[tuple[int, int]], DocumentFigures]:
-        """The cache of the pieces placed one after another (each looked up, or computed and stored, then moved
-        to its place): per-layer (keys, values, positions 0..n-1), each piece's (start, stop), the figures."""
+        """The cache of the pieces placed one after another (each looked up, or computed and stored, then
+        moved to its place): per-layer (keys, values, positions 0..n-1), each piece's (start, stop), the
+        figures."""
         rope = model_rope(self.model)
         figures, placed, spans, start = DocumentFigures(), [], [], 0
         for ids in pieces:
@@ -147,8 +153,8 @@ class DocumentStore:
         return chunk_keys(ids, self.namespace, tail=True)
 
     def get_or_compute(self, ids: list[int]) -> tuple[Layers, DocumentFigures]:
-        """The document's per-layer (keys [1, H, n, D], values, positions [H, n]) at positions 0..n-1: from the
-        store when it holds them, else computed (the missing part only) and stored."""
+        """The document's per-layer (keys [1, H, n, D], values, positions [H, n]) at positions 0..n-1: from
+        the store when it holds them, else computed (the missing part only) and stored."""
         figures = DocumentFigures()
         if not ids:
             raise StoreError("a document needs at least one token")
@@ -176,7 +182,8 @@ class DocumentStore:
         size = self.store.chunk_size
         for index in range(have // size, len(keys)):
             part = slice_layers(layers, index * size, min(len(ids), (index + 1) * size))
-            figures.put_bytes += self.store.put(keys[index], encode_chunk(part, self.store.encoding, self.codec_rope))
+            payload = encode_chunk(part, self.store.encoding, self.codec_rope)
+            figures.put_bytes += self.store.put(keys[index], payload)
         return layers, figures
 
     def _check(self, layers: Layers, tokens: int) -> Layers:
@@ -186,7 +193,8 @@ class DocumentStore:
         expected = torch.arange(tokens)
         for keys, values, positions in layers:
             if tuple(keys.shape) != (1, heads, tokens, dim) or keys.shape != values.shape:
-                raise StoreError(f"stored document K/V of shape {tuple(keys.shape)}, expected {(1, heads, tokens, dim)}")
+                raise StoreError(f"stored document K/V of shape {tuple(keys.shape)}, expected "
+                                 f"{(1, heads, tokens, dim)}")
             if positions.shape != (heads, tokens) or not bool((positions == expected).all()):
                 raise StoreError("stored document is not at positions 0..n-1")
         return layers

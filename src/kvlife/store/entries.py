@@ -50,7 +50,8 @@ class StoredLayer:
 
     kind: str  # "dense", "headwise", "kivi": which layer class rebuilds it
     meta: dict[str, Any] = field(default_factory=dict)  # json-able parameters (window, next position, ...)
-    pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # k, v [1,H,n,D], p [H,n]
+    # k, v [1, H, n, D], p [H, n]
+    pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     exact: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -65,7 +66,8 @@ def entry_key(namespace: Namespace, token_ids: Sequence[int]) -> str:
     import numpy as np
 
     ids = np.asarray(token_ids, dtype="<i8")
-    digest = hashlib.sha256(namespace.digest() + b"whole-context" + struct.pack("<Q", len(ids)) + ids.tobytes())
+    digest = hashlib.sha256(namespace.digest() + b"whole-context" + struct.pack("<Q", len(ids))
+                            + ids.tobytes())
     return digest.hexdigest()
 
 
@@ -84,7 +86,8 @@ def encode_entry(layers: Sequence[StoredLayer], encoding: str = "raw", rope: Any
         from kvlife import codec
 
         if encoding.startswith("kvlife:"):
-            stream = codec.encode(pieces, level=encoding.split(":", 1)[1], chunk_tokens=chunk_tokens, rope=rope)
+            level = encoding.split(":", 1)[1]
+            stream = codec.encode(pieces, level=level, chunk_tokens=chunk_tokens, rope=rope)
         else:
             stream = codec.encode_baseline(encoding, pieces, chunk_tokens=chunk_tokens)
         tensors["codec"] = torch.frombuffer(bytearray(stream), dtype=torch.uint8)
@@ -122,7 +125,8 @@ def decode_entry(payload: bytes) -> list[StoredLayer]:
             if coded:
                 own = [next(pieces) for _ in range(count)]
             else:
-                own = [(tensors[f"L{i}.P{j}.k"], tensors[f"L{i}.P{j}.v"], tensors[f"L{i}.P{j}.p"]) for j in range(count)]
+                own = [(tensors[f"L{i}.P{j}.k"], tensors[f"L{i}.P{j}.v"], tensors[f"L{i}.P{j}.p"])
+                       for j in range(count)]
             exact = {name: tensors[f"L{i}.X.{name}"] for name in item["exact"]}
             layers.append(StoredLayer(str(item["kind"]), dict(item["meta"]), own, exact))
         if next(pieces, None) is not None:

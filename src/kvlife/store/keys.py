@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 KEY_FORMAT = "kvlife-store/1"
-DENSE_PREFILL = "dense-prefill"  # the recipe part of every stored cache's namespace: a dense, uncompressed prefill
+# the recipe part of a prefix chunk's namespace: a dense, uncompressed prefill
+DENSE_PREFILL = "dense-prefill"
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,12 @@ class Namespace:
     recipe: str  # what shaped the stored cache (DENSE_PREFILL: the only kind stored today)
     encoding: str  # "raw" or a codec scheme, e.g. "kvlife:balanced", "int8+zstd"
     chunk_size: int = 256
-    salt: str = ""  # keeps key spaces apart (a tenant's; a streamed context's codec header): never share a key
+    # keeps key spaces apart (a tenant's; a streamed context's codec header): never share a key
+    salt: str = ""
 
     def digest(self) -> bytes:
-        return hashlib.sha256(json.dumps({"format": KEY_FORMAT, **asdict(self)}, sort_keys=True).encode()).digest()
+        described = json.dumps({"format": KEY_FORMAT, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(described.encode()).digest()
 
 
 def chunk_keys(token_ids: Sequence[int], namespace: Namespace, tail: bool = False) -> list[str]:

@@ -5,13 +5,13 @@ compression. A compressed context in multi-request mode (compressed before any q
 instead (`prefill_compressed`, `kvlife.store.entries`): one entry under a namespace that holds the
 recipe, found only by the same recipe, model, dtype, encoding, tenant salt and every context token.
 In multi-turn mode a compress method sees the first query with the context, so that cache serves one
-conversation only and is not stored (the log says so). A sparse prefill method (its keys depend on what the prefill attended to), a compress
-method (the prefix cache depends on the whole prefill and, in multi-turn, on the query), a load
-method that indexes the prefill (`observe`, e.g. retrieval_attention) and sliding-window layers
-(they keep only the last window, so a prefix is not a slice of the cache) all prefill as usual;
-the session logs once that the store is not used and why. Load methods that only act at decode
-(quest) reuse the dense prefix, so `dense` and `quest` runs share their stored prefills. The key's
-recipe part is therefore "dense-prefill" for every stored chunk.
+conversation only and is not stored (the log says so). A sparse prefill method (its keys depend on
+what the prefill attended to), a compress method (the prefix cache depends on the whole prefill and,
+in multi-turn, on the query), a load method that indexes the prefill (`observe`, e.g.
+retrieval_attention) and sliding-window layers (they keep only the last window, so a prefix is not
+a slice of the cache) all prefill as usual; the session logs once that the store is not used and
+why. Load methods that only act at decode (quest) reuse the dense prefix, so `dense` and `quest` runs
+share their stored prefills. The key's recipe part is therefore "dense-prefill" for every stored chunk.
 
 Positions: a hit of k chunks holds tokens 0..k*C-1 at positions 0..k*C-1; the rest of the prompt is
 prefilled at k*C onwards, exactly as in one full prefill. At least one token is always prefilled
@@ -43,17 +43,17 @@ def reuse_blocker(recipe: Any, compress: bool, cache: Any) -> str | None:
     if prefill is not None and prefill.name != "dense":
         return f"prefill method {prefill.spec()} shapes the prefix cache"
     if compress:
-        return (f"compress method {recipe.compress.spec()} changes the prefix cache (multi-turn: it compresses "
-                "the context together with the first query, so the cache serves that conversation only; "
-                "multi-request mode stores compressed contexts)")
+        return (f"compress method {recipe.compress.spec()} changes the prefix cache (multi-turn: it "
+                "compresses the context together with the first query, so the cache serves that conversation "
+                "only; multi-request mode stores compressed contexts)")
     load = getattr(recipe, "load", None)
     if load is not None and hasattr(load, "observe"):
         return f"load method {load.spec()} indexes the prefill as it runs"
     if any(getattr(layer, "sliding_window", None) for layer in cache.layers):
         return "the model has sliding-window layers"
     if getattr(cache, "has_state", False):  # see docs/hybrid.md
-        return ("the model has recurrent (SSM/conv) layers: a prefix's K/V is of no use without the recurrent "
-                "state at the chunk boundary, which the store does not hold")
+        return ("the model has recurrent (SSM/conv) layers: a prefix's K/V is of no use without the "
+                "recurrent state at the chunk boundary, which the store does not hold")
     return None
 
 
@@ -109,14 +109,15 @@ class PrefixStore:
                 self.noted.add("put")
                 log.warning("kvlife store: could not encode chunks for storing (%s); continuing without", exc)
         self.last = {"store_hit_tokens": hit * size, "store_fetch_s": round(fetched - started, 5),
-                     "store_load_s": round(loaded - fetched, 5), "store_prefill_s": round(computed - loaded, 5),
+                     "store_load_s": round(loaded - fetched, 5),
+                     "store_prefill_s": round(computed - loaded, 5),
                      "store_put_s": round(time.perf_counter() - computed, 5), "store_put_bytes": put_bytes}
         return logits, self.last
 
     @staticmethod
     def _load(cache: Any, payloads: list[bytes], device: torch.device) -> int:
-        """Put the decoded `payloads` into the empty `cache`; returns how many chunks it holds. Chunks that do not
-        fit this model leave the cache as it was (through its own rollback) and count as misses."""
+        """Put the decoded `payloads` into the empty `cache`; returns how many chunks it holds. Chunks that do
+        not fit this model leave the cache as it was (through its own rollback) and count as misses."""
         if not payloads:
             return 0
         empty = cache.checkpoint()
@@ -152,8 +153,8 @@ class PrefixStore:
     @torch.no_grad()
     def prefill_compressed(self, session: Any, ids: list[int], identity: str, to_stored: Any,
                            restore: Any) -> dict[str, Any]:
-        """Fill `session.cache` (empty) with the compressed cache of `ids`: the stored entry when there is one,
-        else a prefill that compresses (then stored). `identity`: the recipe's (`recipe_identity`);
+        """Fill `session.cache` (empty) with the compressed cache of `ids`: the stored entry when there is
+        one, else a prefill that compresses (then stored). `identity`: the recipe's (`recipe_identity`);
         `to_stored(cache)` / `restore(cache, layers, device)` convert layers (kvlife.methods.compress.stored).
         A lossy encoding hands the session the decoded entry on a miss too, so that every run answers on
         what the store holds. Returns the figures for the prefill's stats."""
@@ -162,7 +163,8 @@ class PrefixStore:
         if load is not None and hasattr(load, "observe"):
             blocker = f"load method {load.spec()} indexes the prefill as it runs"
         elif getattr(session.cache, "has_state", False):
-            blocker = "the model has recurrent (SSM/conv) layers, whose state whole-context entries do not hold"
+            blocker = ("the model has recurrent (SSM/conv) layers, whose state whole-context entries do not "
+                       "hold")
         if blocker is not None:
             if blocker not in self.noted:
                 self.noted.add(blocker)
@@ -186,25 +188,30 @@ class PrefixStore:
                 restore(session.cache, decode_entry(payloads[0]), session.device)
             except (ChunkCorrupt, ValueError, KeyError) as exc:  # never served: recomputed and stored again
                 session.cache.rollback(empty)
-                log.warning("kvlife store: stored compressed context %s does not load (%s); recomputing", key[:12], exc)
+                log.warning("kvlife store: stored compressed context %s does not load (%s); recomputing",
+                            key[:12], exc)
             else:
-                self.last = {"store_hit_tokens": len(ids), "store_entry": key, "store_fetch_s": round(fetched - started, 5),
-                             "store_load_s": round(time.perf_counter() - fetched, 5), "store_entry_bytes": len(payloads[0])}
+                self.last = {"store_hit_tokens": len(ids), "store_entry": key,
+                             "store_fetch_s": round(fetched - started, 5),
+                             "store_load_s": round(time.perf_counter() - fetched, 5),
+                             "store_entry_bytes": len(payloads[0])}
                 return self.last
         session.forward(ids, phase="prefill", compress=True)
         computed = time.perf_counter()
         put_bytes, payload = 0, b""
         try:
-            payload = encode_entry(to_stored(session.cache), self.store.encoding, self.rope, self.store.chunk_size)
+            payload = encode_entry(to_stored(session.cache), self.store.encoding, self.rope,
+                                   self.store.chunk_size)
             put_bytes = self.store.put(key, payload)
         except Exception as exc:  # a cache the codec refuses (e.g. a limit): the answer goes on, unstored
             if "put" not in self.noted:
                 self.noted.add("put")
-                log.warning("kvlife store: could not encode the compressed context for storing (%s); continuing "
-                            "without", exc)
+                log.warning("kvlife store: could not encode the compressed context for storing (%s); "
+                            "continuing without", exc)
         if payload and self.store.encoding != "raw":
             restore(session.cache, decode_entry(payload), session.device)
-        self.last = {"store_hit_tokens": 0, "store_entry": key, "store_prefill_s": round(computed - fetched, 5),
+        self.last = {"store_hit_tokens": 0, "store_entry": key,
+                     "store_prefill_s": round(computed - fetched, 5),
                      "store_put_s": round(time.perf_counter() - computed, 5), "store_put_bytes": put_bytes,
                      "store_entry_bytes": len(payload)}
         return self.last

@@ -27,7 +27,8 @@ class RedisBackend(Backend):
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
         self._redis_error = redis.exceptions.RedisError
         try:
-            self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+            self.client = redis.Redis.from_url(url, socket_timeout=timeout_s,
+                                               socket_connect_timeout=timeout_s)
         except ValueError as exc:
             raise StoreError(f"bad redis URL {url!r}: {exc}") from None
 

@@ -37,7 +37,8 @@ class RemoteBackend(Backend):
             raise StoreUnavailable(f"{self.name} rejected the token ({response.status_code}); "
                                    f"set the right one with ?token= or {TOKEN_ENV}")
         if response.status_code >= 400 and response.status_code != 404:
-            raise StoreUnavailable(f"{self.name}: {method} {path} -> {response.status_code} {response.text[:200]}")
+            raise StoreUnavailable(f"{self.name}: {method} {path} -> {response.status_code} "
+                                   f"{response.text[:200]}")
         return response
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:

@@ -346,8 +346,8 @@ def serve(args: argparse.Namespace) -> int:
     if args.piece_bytes < 512:
         raise StoreError("--piece-bytes must be at least 512")
     link = Shaper(parse_trace(args.trace) if args.trace else None, piece_bytes=args.piece_bytes)
-    server = ChunkServer(Path(args.store).expanduser(), tokens, int(args.max_bytes), int(args.max_chunk_bytes),
-                         link, open_access=args.stream_alias and not tokens)
+    server = ChunkServer(Path(args.store).expanduser(), tokens, int(args.max_bytes),
+                         int(args.max_chunk_bytes), link, open_access=args.stream_alias and not tokens)
     log_redacted(list(tokens))
     name = "kvlife stream serve" if args.stream_alias else "kvlife serve"
     access = "open: no token" if server.open_access else f"{len(set(tokens.values()))} tenant(s)"

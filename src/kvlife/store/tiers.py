@@ -42,8 +42,8 @@ class KVStore:
         self.retry_s = retry_s
         self.down_until = [0.0] * len(self.tiers)
         self.warned: set[int] = set()
-        self.counters = {"lookups": 0, "hit_chunks": 0, "miss_chunks": 0, "corrupt_chunks": 0, "put_chunks": 0,
-                         "put_bytes": 0, "tier_failures": 0}
+        self.counters = {"lookups": 0, "hit_chunks": 0, "miss_chunks": 0, "corrupt_chunks": 0,
+                         "put_chunks": 0, "put_bytes": 0, "tier_failures": 0}
 
     # ---- failure handling ------------------------------------------------------------------------
 
@@ -61,7 +61,8 @@ class KVStore:
             self.counters["tier_failures"] += 1
             if index not in self.warned:
                 self.warned.add(index)
-                log.warning("kvlife store: tier %s failed (%s); recomputing without it", self.tiers[index], exc)
+                log.warning("kvlife store: tier %s failed (%s); recomputing without it", self.tiers[index],
+                            exc)
             return default
 
     # ---- reads -----------------------------------------------------------------------------------
@@ -91,7 +92,8 @@ class KVStore:
             if not missing:
                 break
             tier = self.tiers[index]
-            blobs = self._guard(index, lambda t=tier, m=missing: t.get_many([keys[i] for i in m]), [None] * len(missing))
+            blobs = self._guard(index, lambda t=tier, m=missing: t.get_many([keys[i] for i in m]),
+                                [None] * len(missing))
             for i, blob in zip(missing, blobs):
                 if blob is None:
                     continue
@@ -141,7 +143,8 @@ class KVStore:
             tier.close()
 
     def __repr__(self) -> str:
-        return f"KVStore({', '.join(map(str, self.tiers))}; encoding={self.encoding}, chunk_size={self.chunk_size})"
+        tiers = ", ".join(map(str, self.tiers))
+        return f"KVStore({tiers}; encoding={self.encoding}, chunk_size={self.chunk_size})"
 
 
 def _size(text: str) -> int:

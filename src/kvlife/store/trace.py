@@ -109,10 +109,12 @@ def _seconds(text: str) -> float:
 
 
 def parse_trace(spec: str) -> Trace:
-    """A Trace from `constant:R`, `step:R1,R2,T`, `walk:R[,seed=..,every=..,sigma=..,min=..,max=..]` or `file:PATH`."""
+    """A Trace from `constant:R`, `step:R1,R2,T`, `walk:R[,seed=..,every=..,sigma=..,min=..,max=..]` or
+    `file:PATH`."""
     kind, sep, rest = spec.strip().partition(":")
     if not sep:
-        raise TraceError(f"bad trace {spec!r}: use constant:40mbit, step:40mbit,4mbit,1.5, walk:20mbit or file:PATH")
+        raise TraceError(f"bad trace {spec!r}: use constant:40mbit, step:40mbit,4mbit,1.5, walk:20mbit "
+                         "or file:PATH")
     parts = [p.strip() for p in rest.split(",") if p.strip()]
     if kind == "constant" and len(parts) == 1:
         return Trace((0.0,), (parse_rate(parts[0]),), spec)
@@ -134,7 +136,8 @@ def parse_trace(spec: str) -> Trace:
     if kind == "file" and rest.strip():
         path = Path(rest.strip()).expanduser()
         try:
-            lines = [line.split() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+            lines = [line.split() for line in path.read_text().splitlines()
+                     if line.strip() and not line.startswith("#")]
         except OSError as exc:
             raise TraceError(f"cannot read trace file {path}: {exc.strerror or exc}") from None
         if not lines or any(len(line) != 2 for line in lines):
@@ -144,4 +147,5 @@ def parse_trace(spec: str) -> Trace:
         except ValueError:
             raise TraceError(f"trace file {path}: bad time in {lines}") from None
         return Trace(starts, tuple(parse_rate(line[1]) for line in lines), spec)
-    raise TraceError(f"bad trace {spec!r}: use constant:40mbit, step:40mbit,4mbit,1.5, walk:20mbit or file:PATH")
+    raise TraceError(f"bad trace {spec!r}: use constant:40mbit, step:40mbit,4mbit,1.5, walk:20mbit "
+                     "or file:PATH")

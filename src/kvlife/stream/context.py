@@ -95,9 +95,11 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": CONTEXT_FORMAT, "context_id": self.context_id, "model": self.model,
-            "model_fingerprint": self.model_fingerprint, "dtype": self.dtype, "chunk_tokens": self.chunk_tokens,
-            "levels": self.levels, "header_sha256": self.header_sha256, "header_bytes": self.header_bytes,
-            "chunks": {level: [[c.bytes, c.sha256, c.crc32] for c in infos] for level, infos in self.chunks.items()},
+            "model_fingerprint": self.model_fingerprint, "dtype": self.dtype,
+            "chunk_tokens": self.chunk_tokens, "levels": self.levels, "header_sha256": self.header_sha256,
+            "header_bytes": self.header_bytes,
+            "chunks": {level: [[c.bytes, c.sha256, c.crc32] for c in infos]
+                       for level, infos in self.chunks.items()},
             "token_ids": self.token_ids, "extra": self.extra,
         }
 
@@ -115,11 +117,13 @@ class Manifest:
             for level in levels:
                 rows = data["chunks"][level]
                 if len(rows) != n_chunks:
-                    raise StreamError(f"manifest level {level}: {len(rows)} chunks, the tokens need {n_chunks}")
+                    raise StreamError(f"manifest level {level}: {len(rows)} chunks, the tokens need "
+                                      f"{n_chunks}")
                 chunks[level] = [ChunkInfo(int(b), str(s), int(c)) for b, s, c in rows]
             manifest = cls(check_context_id(str(data["context_id"])), ids, chunk_tokens, levels, chunks,
-                           str(data["header_sha256"]), int(data["header_bytes"]), str(data["model_fingerprint"]),
-                           str(data.get("model", "")), str(data.get("dtype", "float32")), dict(data.get("extra", {})))
+                           str(data["header_sha256"]), int(data["header_bytes"]),
+                           str(data["model_fingerprint"]), str(data.get("model", "")),
+                           str(data.get("dtype", "float32")), dict(data.get("extra", {})))
         except StreamError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
@@ -177,6 +181,7 @@ def build_context(
                         for p, crc in zip(parts, header.chunk_crcs)]
     dtype = str(cache.layers[0].keys.dtype).replace("torch.", "")
     manifest = Manifest(context_id, [int(t) for t in token_ids], chunk_tokens, levels, infos,
-                        hashlib.sha256(header_blob).hexdigest(), len(header_blob), model_fingerprint, model, dtype)
+                        hashlib.sha256(header_blob).hexdigest(), len(header_blob), model_fingerprint, model,
+                        dtype)
     return StreamContext(manifest, header_blob, chunks)
 
