@@ -7,7 +7,8 @@ chunk by the measured bandwidth, or the chunk recomputed (CacheGen's streaming i
     fetch_into(session, URL, "doc-1", slo=2.0)                         # then session.ask(...)
 
 A streamed context is store chunks (one namespace per codec level) plus a manifest, served by the one
-server, `kvlife serve` (kvlife.store.server). Layers: README.md. See docs/streaming.md.
+server, `kvlife serve` (kvlife.store.server); a compressed context's chunks are its whole-context entry
+cut by layers (pieces.py). Layers: README.md. See docs/streaming.md.
 """
 
 import importlib
@@ -17,6 +18,7 @@ _EXPORTS = {
     "FetchConfig": "config", "RECOMPUTE": "context", "Manifest": "context", "StreamContext": "context",
     "StreamError": "context", "build_context": "context", "ADAPTIVE": "planner", "Decision": "planner",
     "Planner": "planner", "context_of": "sessions", "fetch_into": "sessions", "publish": "sessions",
+    "PieceManifest": "pieces", "PiecesContext": "pieces", "build_pieces": "pieces",
 }
 __all__ = sorted(_EXPORTS)
 
