@@ -40,11 +40,15 @@ def add_parser(subparsers) -> None:
 def _add_fetch(subparsers) -> None:
     fetch = subparsers.add_parser("fetch", help="stream a context's KV cache by a deadline (adaptive levels)",
                                   description="Fetch a context's KV from `kvlife serve`, choosing per chunk "
-                                              "the best codec level that meets the deadline, or recomputing.")
+                                              "the best codec level that meets the deadline, or recomputing; "
+                                              "a compressed context (`kvlife stream put --method`) piece by "
+                                              "piece, into a session of its recipe.")
     fetch.add_argument("url", help="server, e.g. http://127.0.0.1:8766")
     fetch.add_argument("--context-id", required=True)
     fetch.add_argument("--slo", type=float, required=True, help="seconds the whole context may take")
-    fetch.add_argument("--policy", default="adaptive", help="adaptive | recompute | a level name (fixed)")
+    fetch.add_argument("--policy", default="adaptive",
+                       help="adaptive | recompute (a compressed context: recompress it locally) | a level "
+                            "name (fixed)")
     fetch.add_argument("--model", default=None, help="model for recomputing chunks (default: the context's)")
     fetch.add_argument("--method", default=None,
                        help="the recipe a compressed context must have been compressed by (default: the "
