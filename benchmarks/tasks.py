@@ -44,7 +44,11 @@ def scbench_length(task, tokenizer) -> dict:
     except Exception as exc:  # a profile that cannot generate is a finding to record, not a crash
         return {"error": f"{type(exc).__name__}: {exc}", "samples": task.profiles["scbench"].get("samples")}
     ids = tokenizer.encode(sample.context, add_special_tokens=False)
-    return {"context_tokens": len(ids), "turns": len(sample.turns), "samples": task.profiles["scbench"]["samples"]}
+    return {
+        "context_tokens": len(ids),
+        "turns": len(sample.turns),
+        "samples": task.profiles["scbench"]["samples"],
+    }
 
 
 def run_mode(name: str, mode: str, args, model, tokenizer, store) -> dict:
@@ -52,8 +56,9 @@ def run_mode(name: str, mode: str, args, model, tokenizer, store) -> dict:
     from kvlife.bench.runner import BenchConfig, read_rows, run
     from kvlife.bench.summary import write_summary
 
-    config = BenchConfig(model=args.model, tasks=[name], mode=mode, samples=args.samples, prompt_format="chat",
-                         context_tokens=args.context_tokens, dtype=args.dtype, max_turns=args.max_turns)
+    config = BenchConfig(model=args.model, tasks=[name], mode=mode, samples=args.samples,
+                         prompt_format="chat", context_tokens=args.context_tokens, dtype=args.dtype,
+                         max_turns=args.max_turns)
     out = Path(args.root) / config.run_id()
     started = time.perf_counter()
     run(config, out=out, model=model, tokenizer=tokenizer, progress=False, store=store)
@@ -97,15 +102,19 @@ def ceiling(task, args, model, tokenizer) -> dict | None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tasks", default="")
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--context-tokens", type=int, default=None, help="resize the default profile (long rows)")
+    parser.add_argument("--context-tokens", type=int, default=None,
+                        help="resize the default profile (long rows)")
     parser.add_argument("--max-turns", type=int, default=None,
-                        help="answer only the first N turns of each sample (turn-1 calibration: --max-turns 1)")
+                        help="answer only the first N turns of each sample "
+                             "(turn-1 calibration: --max-turns 1)")
     parser.add_argument("--ceiling", action="store_true", help="measure the metric ceiling of summary tasks")
     parser.add_argument("--root", default="results/tasks-bench")
     parser.add_argument("--no-write", action="store_true", help="print only (calibration)")
@@ -129,7 +138,10 @@ def main() -> int:
         entry = results["tasks"].setdefault(name, {})
         entry["group"] = task.group
         by_mode = {mode: run_mode(name, mode, args, model, tokenizer, store) for mode in modes}
-        worst = min(by_mode.values(), key=lambda figures: figures["turn1"] if figures["turn1"] is not None else -1)
+        worst = min(
+            by_mode.values(),
+            key=lambda figures: figures["turn1"] if figures["turn1"] is not None else -1,
+        )
         summary = {"turn1": worst["turn1"], "turn1_ci": worst["turn1_ci"], "samples": worst["samples"],
                    "context_tokens": worst["context_tokens"], "modes": by_mode, "commit": commit()}
         if args.context_tokens:
@@ -146,7 +158,9 @@ def main() -> int:
             entry["default"] = summary
             entry["scbench"] = scbench_length(task, tokenizer)
         where = f"long {args.context_tokens}" if args.context_tokens else "default"
-        cells = "  ".join(f"{mode}: turn1={f['turn1']} {f['turn1_ci']} n={f['samples']}" for mode, f in by_mode.items())
+        cells = "  ".join(
+            f"{mode}: turn1={f['turn1']} {f['turn1_ci']} n={f['samples']}" for mode, f in by_mode.items()
+        )
         print(f"{name:22} {where:10} ctx={summary['context_tokens']}  {cells}"
               + (f"  ceiling={summary['ceiling']['turn1']}" if summary.get("ceiling") else ""), flush=True)
         if not args.no_write:

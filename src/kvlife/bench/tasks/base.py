@@ -50,7 +50,9 @@ class Task:
     def settings(self, profile: str, context_tokens: int | None = None) -> dict[str, Any]:
         """A profile's generator settings; `context_tokens` resizes its context to about that many tokens."""
         if profile not in self.profiles:
-            raise TaskError(f"task {self.name} has no profile {profile!r}; profiles: {', '.join(self.profiles)}")
+            raise TaskError(
+                f"task {self.name} has no profile {profile!r}; profiles: {', '.join(self.profiles)}"
+            )
         settings = dict(self.profiles[profile])
         if context_tokens is not None:
             if context_tokens <= 0:
@@ -94,30 +96,36 @@ class Task:
 
 # ---- filler text: plain, varied English sentences with no facts the questions could ask about ----
 
-_SUBJECTS = ["The committee", "A traveller", "The old library", "Our neighbour", "The river", "A small company",
-             "The museum", "Every gardener", "The orchestra", "A young engineer", "The village baker",
-             "The city council", "A curious student", "The lighthouse keeper", "The morning train"]
+_SUBJECTS = ["The committee", "A traveller", "The old library", "Our neighbour", "The river",
+             "A small company", "The museum", "Every gardener", "The orchestra", "A young engineer",
+             "The village baker", "The city council", "A curious student", "The lighthouse keeper",
+             "The morning train"]
 _VERBS = ["discussed", "remembered", "painted", "described", "repaired", "visited", "studied", "ignored",
           "celebrated", "measured", "collected", "explained", "questioned", "admired", "planned"]
-_OBJECTS = ["the long winter", "a forgotten map", "the quiet harbour", "an unusual harvest", "the narrow bridge",
-            "a box of letters", "the evening market", "the mountain path", "a set of old tools",
-            "the summer festival", "a broken clock", "the empty stadium", "the garden wall", "a row of lanterns"]
-_TAILS = ["before the rain began", "with great patience", "for most of the afternoon", "without saying much",
-          "while the bells rang", "as the sun went down", "in a careful way", "after a long delay",
-          "with a few friends", "near the edge of town", "despite the cold wind", "for no clear reason"]
+_OBJECTS = ["the long winter", "a forgotten map", "the quiet harbour", "an unusual harvest",
+            "the narrow bridge", "a box of letters", "the evening market", "the mountain path",
+            "a set of old tools", "the summer festival", "a broken clock", "the empty stadium",
+            "the garden wall", "a row of lanterns"]
+_TAILS = ["before the rain began", "with great patience", "for most of the afternoon",
+          "without saying much", "while the bells rang", "as the sun went down", "in a careful way",
+          "after a long delay", "with a few friends", "near the edge of town", "despite the cold wind",
+          "for no clear reason"]
 
 
 def filler_sentences(rng: random.Random, n_chars: int) -> list[str]:
     """Seeded filler of about `n_chars` characters, as a list of sentences."""
     sentences, total = [], 0
     while total < n_chars:
-        sentence = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}."
+        sentence = (f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} "
+                    f"{rng.choice(_OBJECTS)} {rng.choice(_TAILS)}.")
         sentences.append(sentence)
         total += len(sentence) + 1
     return sentences
 
 
-def hide_in_filler(rng: random.Random, needles: list[str], n_chars: int, depths: list[float] | None = None) -> str:
+def hide_in_filler(
+    rng: random.Random, needles: list[str], n_chars: int, depths: list[float] | None = None
+) -> str:
     """Filler text with each needle inserted as its own sentence at a depth in [0, 1]."""
     sentences = filler_sentences(rng, n_chars)
     if depths is None:
@@ -140,6 +148,7 @@ LONG_CONTEXT_TOKENS = 8192  # the `long` profile: the default profile's needles 
 def register(cls):
     """Register a task; it gains a `long` profile (its default resized to 8K tokens) unless it has one."""
     if "long" not in cls.profiles and "default" in cls.profiles:
-        cls.profiles = {**cls.profiles, "long": cls().resize(dict(cls.profiles["default"]), LONG_CONTEXT_TOKENS)}
+        long_settings = cls().resize(dict(cls.profiles["default"]), LONG_CONTEXT_TOKENS)
+        cls.profiles = {**cls.profiles, "long": long_settings}
     TASKS[cls.name] = cls
     return cls

@@ -83,7 +83,9 @@ def all_functions() -> tuple[Function, ...]:
     root = stdlib_dir()
     found: list[Function] = []
     seen: set[str] = set()
-    top_level = sorted(p.name for p in root.glob("*.py") if not p.name.startswith("_") and "test" not in p.name)
+    top_level = sorted(
+        p.name for p in root.glob("*.py") if not p.name.startswith("_") and "test" not in p.name
+    )
     for relative in top_level + PACKAGE_MODULES:
         for function in _functions_in(root / relative, relative):
             if function.code not in seen:  # identical bodies would make retrieval ambiguous
@@ -104,7 +106,9 @@ def describe(function: Function) -> str:
     return f"{text} It takes {args}."
 
 
-def repository(rng: random.Random, n_chars: int, must_have: int) -> tuple[str, list[Function], list[Function]]:
+def repository(
+    rng: random.Random, n_chars: int, must_have: int
+) -> tuple[str, list[Function], list[Function]]:
     """A repository of whole functions grouped by file, about `n_chars` long.
 
     Returns (code, every function in it, the `must_have` target functions, in asking order)."""

@@ -19,8 +19,9 @@ _VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "o", "a", "e"]
 _CODAS = ["", "n", "r", "l", "m", "s", "th", "nd", "rk", "ll", "t"]
 _TOWN_ENDS = ["moor", "ford", "wick", "stead", "holm", "bury", "mere", "dale", "haven", "field"]
 
-FIRST_NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Frank", "Grace", "Henry", "Iris", "Jack", "Kate", "Leo",
-               "Maria", "Noah", "Olivia", "Peter", "Rosa", "Sam", "Tina", "Victor", "Wendy", "Yusuf", "Zoe", "Oscar"]
+FIRST_NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Frank", "Grace", "Henry", "Iris", "Jack", "Kate",
+               "Leo", "Maria", "Noah", "Olivia", "Peter", "Rosa", "Sam", "Tina", "Victor", "Wendy", "Yusuf",
+               "Zoe", "Oscar"]
 TRADES = ["glassblower", "carpenter", "beekeeper", "cartographer", "locksmith", "weaver", "potter",
           "bookbinder", "stonemason", "clockmaker", "tailor", "shipwright", "brewer", "saddler", "printer"]
 INSTRUMENTS = ["oboe", "cello", "harp", "trumpet", "violin", "flute", "banjo", "accordion", "clarinet",
@@ -51,10 +52,10 @@ class Person:
     instrument: str
 
     def paragraph(self) -> str:
-        return (f"{self.name} was born in the town of {self.town}. For most of a long life, {self.name} worked "
-                f"as a {self.trade}. In {self.year}, {self.name} opened a small workshop near the market. "
-                f"{self.name} kept a {self.pet} called {self.pet_name}, and on Sundays played the {self.instrument} "
-                f"for the neighbours.")
+        return (f"{self.name} was born in the town of {self.town}. For most of a long life, "
+                f"{self.name} worked as a {self.trade}. In {self.year}, {self.name} opened a small "
+                f"workshop near the market. {self.name} kept a {self.pet} called {self.pet_name}, "
+                f"and on Sundays played the {self.instrument} for the neighbours.")
 
     # (attribute, question, answer)
     def questions(self) -> list[tuple[str, str, str]]:
@@ -95,8 +96,8 @@ def with_filler(rng: random.Random, paragraphs: list[str], n_chars: int) -> str:
 
 # ---- stories with reference summaries ------------------------------------------------------------
 
-_ORGS = ["fishing guild", "town council", "school board", "railway company", "farmers' union", "library society",
-         "harbour authority", "choir", "football club", "water board"]
+_ORGS = ["fishing guild", "town council", "school board", "railway company", "farmers' union",
+         "library society", "harbour authority", "choir", "football club", "water board"]
 _ACTIONS = [("rebuild the old bridge", "the new bridge opened to carts and walkers"),
             ("plant an orchard on the hill", "the first apples were picked two years later"),
             ("open a night school", "forty adults learned to read and write"),

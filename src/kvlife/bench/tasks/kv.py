@@ -32,7 +32,9 @@ class KVRetrieval(Task):
     scbench_config = "scbench_kv"
     scbench_instruction = " Answer with the value only."
     description = "Find the value of a UUID key among key-value records in a long context."
-    differs_from_scbench = "default hides a few JSON records in filler text; scbench profile is SCBench's JSON dict"
+    differs_from_scbench = (
+        "default hides a few JSON records in filler text; scbench profile is SCBench's JSON dict"
+    )
     profiles = {
         "default": {"samples": 8, "pairs": 4, "turns": 4, "context_tokens": 2000, "dense_json": False},
         "scbench": {"samples": 100, "pairs": 2500, "turns": 5, "context_tokens": 0, "dense_json": True},
@@ -54,7 +56,10 @@ class KVRetrieval(Task):
             context = PREAMBLE + hide_in_filler(rng, needles, chars_for_tokens(context_tokens))
         asked = rng.sample(range(pairs), min(turns, pairs))
         turn_list = [
-            Turn(f'What is the value associated with the key "{keys[i]}"? Answer with the value only.', values[i])
+            Turn(
+                f'What is the value associated with the key "{keys[i]}"? Answer with the value only.',
+                values[i],
+            )
             for i in asked
         ]
         return Sample(f"kv-{index}", self.name, context, turn_list, max_new_tokens=40)

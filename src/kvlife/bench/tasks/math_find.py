@@ -50,7 +50,10 @@ class MathFind(Task):
         context = " ".join(part for part in (before, listing, after) if part)
         picked = [_QUESTIONS[i % len(_QUESTIONS)] for i in range(turns)]
         turn_list = [
-            Turn(f"What is the {word} number in the list of numbers? Answer with the number only.", str(fn(values)))
+            Turn(
+                f"What is the {word} number in the list of numbers? Answer with the number only.",
+                str(fn(values)),
+            )
             for word, fn in picked
         ]
         return Sample(f"math_find-{index}", self.name, context, turn_list, max_new_tokens=8)

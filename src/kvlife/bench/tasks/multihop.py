@@ -45,10 +45,12 @@ class MultiHop(Task):
         for _ in range(chains):
             value = str(rng.randint(10000, 99999))
             names = [_name(rng, taken) for _ in range(hops + 1)]
-            chain = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, hops + 1)]
+            links = [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, hops + 1)]
+            chain = [f"VAR {names[0]} = {value}."] + links
             needles.append(chain)
             turn_list.append(Turn(
-                f"Find all variables that are assigned the value {value}, directly or through other variables. "
+                f"Find all variables that are assigned the value {value}, "
+                "directly or through other variables. "
                 "Answer with the variable names only, separated by commas.",
                 ", ".join(names),
             ))

@@ -29,8 +29,12 @@ class PrefixSuffix(Task):
     description = "Find the code that starts with a given prefix and ends with a given suffix."
     differs_from_scbench = "default hides a few codes in filler; scbench profile is SCBench's long list"
     profiles = {
-        "default": {"samples": 8, "codes": 4, "turns": 4, "length": 12, "context_tokens": 2000, "dense_list": False},
-        "scbench": {"samples": 100, "codes": 9000, "turns": 5, "length": 40, "context_tokens": 0, "dense_list": True},
+        "default": {
+            "samples": 8, "codes": 4, "turns": 4, "length": 12, "context_tokens": 2000, "dense_list": False,
+        },
+        "scbench": {
+            "samples": 100, "codes": 9000, "turns": 5, "length": 40, "context_tokens": 0, "dense_list": True,
+        },
     }
 
     def resize(self, settings, tokens):
@@ -48,7 +52,8 @@ class PrefixSuffix(Task):
         asked = rng.sample(range(codes), min(turns, codes))
         turn_list = [
             Turn(
-                f"Which {'string' if dense_list else 'special code'} starts with \"{items[i][:4]}\" and ends with "
+                f"Which {'string' if dense_list else 'special code'} "
+                f"starts with \"{items[i][:4]}\" and ends with "
                 f"\"{items[i][-3:]}\"? Answer with the full string only.",
                 items[i],
             )

@@ -17,18 +17,23 @@ import random
 from kvlife.bench.score import zh_qa_score
 from kvlife.bench.tasks.base import Sample, Task, Turn, register
 
-_SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘蒋蔡余杜叶程苏魏吕丁任沈"
+_SURNAMES = ("王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐"
+             "许韩冯邓曹彭曾肖田董袁潘蒋蔡余杜叶程苏魏吕丁任沈")
 _GIVEN = "明华强伟芳敏静丽军磊洋勇艳杰涛超秀霞平刚桂英晨宇欣怡浩然思远雨泽梓涵子轩嘉琪文博一诺天佑若曦"
 _PLACE = "青石白云松竹桃柳金银河山东西南北清水长风月光春秋"
-_TRADES = ["木匠", "铁匠", "裁缝", "医生", "教师", "渔夫", "陶工", "织工", "厨师", "画家", "船工", "药师", "钟表匠", "书商"]
+_TRADES = ["木匠", "铁匠", "裁缝", "医生", "教师", "渔夫", "陶工", "织工", "厨师", "画家", "船工", "药师",
+           "钟表匠", "书商"]
 _PETS = ["狗", "猫", "鹦鹉", "山羊", "马", "乌龟", "兔子"]
-_FILLER_SUBJECTS = ["村里的老人", "一位旅行者", "小镇的图书馆", "邻居家的孩子", "那条小河", "一家小商店", "博物馆的馆长",
-                    "每个园丁", "乐队的成员", "一位年轻的工程师", "面包师", "县里的官员", "灯塔的看守人", "早班火车"]
-_FILLER_VERBS = ["谈起了", "想起了", "画下了", "描述了", "修好了", "参观了", "研究了", "忽略了", "庆祝了", "测量了"]
-_FILLER_OBJECTS = ["漫长的冬天", "一张旧地图", "安静的港口", "不寻常的收成", "狭窄的石桥", "一箱旧信件", "傍晚的集市",
-                   "山间的小路", "一套旧工具", "夏天的节日", "一只坏了的钟", "空荡荡的广场", "花园的围墙"]
-_FILLER_TAILS = ["在雨开始之前", "非常耐心地", "整个下午", "一句话也没说", "在钟声响起的时候", "在太阳落山时",
-                 "经过很长的等待", "和几个朋友一起", "在镇子的边上", "尽管风很冷"]
+_FILLER_SUBJECTS = ["村里的老人", "一位旅行者", "小镇的图书馆", "邻居家的孩子", "那条小河", "一家小商店",
+                    "博物馆的馆长", "每个园丁", "乐队的成员", "一位年轻的工程师", "面包师", "县里的官员",
+                    "灯塔的看守人", "早班火车"]
+_FILLER_VERBS = ["谈起了", "想起了", "画下了", "描述了", "修好了", "参观了", "研究了", "忽略了", "庆祝了",
+                 "测量了"]
+_FILLER_OBJECTS = ["漫长的冬天", "一张旧地图", "安静的港口", "不寻常的收成", "狭窄的石桥", "一箱旧信件",
+                   "傍晚的集市", "山间的小路", "一套旧工具", "夏天的节日", "一只坏了的钟", "空荡荡的广场",
+                   "花园的围墙"]
+_FILLER_TAILS = ["在雨开始之前", "非常耐心地", "整个下午", "一句话也没说", "在钟声响起的时候",
+                 "在太阳落山时", "经过很长的等待", "和几个朋友一起", "在镇子的边上", "尽管风很冷"]
 
 
 def _unique(rng: random.Random, make, taken: set[str]) -> str:
@@ -84,10 +89,13 @@ class QAChinese(Task):
             town = _unique(rng, lambda: "".join(rng.sample(_PLACE, 2)) + "镇", taken)
             pet_name = _pet_name(rng, taken)
             trade, pet, year = rng.choice(_TRADES), rng.choice(_PETS), str(rng.randint(1850, 1990))
-            paragraph = (f"{name}出生在{town}。{name}一生中大部分时间都是一名{trade}。{year}年，{name}在集市旁边开了一家"
-                         f"小作坊。{name}养了一只{pet}，名字叫{pet_name}。")
-            questions = [(f"{name}出生在哪个镇？", town), (f"{name}的职业是什么？", trade),
-                         (f"{name}在哪一年开了作坊？", f"{year}年"), (f"{name}养的{pet}叫什么名字？", pet_name)]
+            paragraph = (f"{name}出生在{town}。{name}一生中大部分时间都是一名{trade}。"
+                         f"{year}年，{name}在集市旁边开了一家小作坊。"
+                         f"{name}养了一只{pet}，名字叫{pet_name}。")
+            questions = [(f"{name}出生在哪个镇？", town),
+                         (f"{name}的职业是什么？", trade),
+                         (f"{name}在哪一年开了作坊？", f"{year}年"),
+                         (f"{name}养的{pet}叫什么名字？", pet_name)]
             facts.append((paragraph, questions))
         gap = max(0, context_chars - sum(len(p) for p, _ in facts)) // (persons + 1)
         parts = ["下面是山谷里一些人的生平记录。"]

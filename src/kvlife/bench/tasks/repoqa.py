@@ -66,7 +66,8 @@ class RepoQA(RepoScoring, Task):
     def make_sample(self, rng, index, turns, context_tokens, max_target_chars):
         context, turn_list, functions = repo_turns(rng, int(context_tokens * 3.6), turns, max_target_chars)
         self.remember_repository([t.answer for t in turn_list], functions)
-        return Sample(f"repoqa-{index}", self.name, context, turn_list, max_new_tokens=max_target_chars // 3 + 24)
+        max_new_tokens = max_target_chars // 3 + 24
+        return Sample(f"repoqa-{index}", self.name, context, turn_list, max_new_tokens=max_new_tokens)
 
     def released_turn(self, question: str, answer: str, options: list[str]) -> Turn:
         return Turn(QUERY.format(description=question), answer)

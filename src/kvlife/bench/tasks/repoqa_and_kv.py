@@ -32,7 +32,9 @@ class RepoQAAndKV(RepoScoring, Task):
     differs_from_scbench = "standard-library repository; few records by default"
     profiles = {
         "default": {"samples": 8, "turns": 4, "context_tokens": 1200, "pairs": 4, "max_target_chars": 320},
-        "scbench": {"samples": 88, "turns": 8, "context_tokens": 60000, "pairs": 200, "max_target_chars": 900},
+        "scbench": {
+            "samples": 88, "turns": 8, "context_tokens": 60000, "pairs": 200, "max_target_chars": 900,
+        },
     }
 
     def make_sample(self, rng, index, turns, context_tokens, pairs, max_target_chars):
