@@ -12,9 +12,10 @@ Per row (recipe, encoding, task, context length), in priority order (`ROWS`):
    whole-context entry for a compressed recipe, prefix chunks for dense);
 2. times on the first sample, back to back in one process: the first token after a full prefill (with its
    compression; compression seconds from the prefill's stats) and after a disk-store hit of the same context;
-3. with --fetch (no model): one context's stored bytes fetched from `kvlife serve --trace constant:100mbit`
-   (the server's shaped link), timed: the entry itself for a compressed recipe, a blob of the stored
-   chunks' size for dense.
+3. with --fetch (no model): one context fetched from `kvlife serve --trace constant:100mbit` (the server's
+   shaped link), timed: a compressed recipe's stored entry streamed as `kvlife fetch` streams it (pieces of
+   one layer at the row's encoding, `StreamClient.fetch_pieces`: manifest, pieces, checksums, decode), a
+   blob of the stored chunks' size for dense.
 Each finished row is saved as results/lifecycle/rows/<slug>.json at once (a killed run resumes at the next
 row); after every row benchmarks/results/lifecycle.json and lifecycle.md are rewritten. Each row takes
 /tmp/kvlife-heavy.lock while it runs a model, so other model jobs interleave.
@@ -195,8 +196,9 @@ class Lifecycle:
             self.write(keys)
 
     def fetch(self, keys: list[tuple]) -> None:
-        """Time each row's stored bytes for one context through `kvlife serve --trace constant:100mbit`: the
-        entry itself (compressed rows, read from the disk tier) or a blob of the stored chunks' size (dense)."""
+        """Time one context of each row through `kvlife serve --trace constant:100mbit`: a compressed row's
+        stored entry (read from the disk tier) streamed in pieces (`stream_entry`), or a blob of the stored
+        chunks' size (dense)."""
         import hashlib
         import os
         import socket
@@ -204,6 +206,7 @@ class Lifecycle:
 
         from kvlife.store.envelope import open_chunk, seal_chunk
         from kvlife.store.remote import RemoteBackend
+        from kvlife.stream import StreamClient
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -225,12 +228,18 @@ class Lifecycle:
                 if not path.exists():
                     continue
                 row = json.loads(path.read_text())
-                if row.get("fetch_100mbit_s") is not None:
-                    continue
                 payload = None
                 if row.get("stored_key"):
                     blob = self.store(row["encoding"]).tiers[0].get(row["stored_key"])
                     payload = open_chunk(row["stored_key"], blob) if blob else None
+                if payload is not None and row["recipe"] != "dense":
+                    if row.get("fetch_path") != "stream-pieces":  # rows timed as one blob are timed again
+                        self.stream_entry(StreamClient(f"http://127.0.0.1:{port}", "lifecycle", timeout_s=600),
+                                          row, payload)
+                        path.write_text(json.dumps(row, indent=2))
+                    continue
+                if row.get("fetch_100mbit_s") is not None:
+                    continue
                 if payload is None:
                     payload = os.urandom(int(row["bytes_per_token"] * row["context_tokens"]))
                 name = hashlib.sha256(payload).hexdigest()
@@ -244,6 +253,31 @@ class Lifecycle:
         finally:
             server.terminate()
             server.wait(10)
+
+    def stream_entry(self, client, row: dict, payload: bytes) -> None:
+        """A compressed context's stored entry put on the server as `kvlife stream put --method` puts it
+        (pieces of one layer, at the row's encoding) and fetched as `kvlife fetch` fetches it, timed. No model
+        is loaded: the entry's key stands in for the model fingerprint and the token ids are placeholders of
+        the context's length (their bytes are in the manifest, as real ids would be)."""
+        from transformers import AutoConfig
+
+        from kvlife.codec import rope_from_config
+        from kvlife.store.entries import decode_entry
+        from kvlife.stream.pieces import build_pieces
+
+        layers = decode_entry(payload)
+        level = "raw" if row["encoding"] == RAW else row["encoding"].split(":", 1)[1]
+        rope = None if level == "raw" else rope_from_config(AutoConfig.from_pretrained(models.resolve(self.args.model)))
+        context_id = "lifecycle-" + row["stored_key"][:16]
+        context = build_pieces(layers, list(range(row["context_tokens"])), context_id, row["stored_key"],
+                               self.args.dtype, row["recipe"], row["recipe"], [level], 1, rope)
+        client.put(context)
+        fetched, report = client.fetch_pieces(context_id, slo=600.0, policy=level)
+        assert len(fetched) == len(layers) and report.options() == [level] * len(layers)
+        row["fetch_100mbit_s"], row["fetch_bytes"] = round(report.ready_s, 3), report.bytes
+        row["fetch_pieces"], row["fetch_path"] = len(layers), "stream-pieces"
+        print(f"# fetch {row['recipe']} {row['encoding']} {row['task']}: {len(layers)} pieces, "
+              f"{report.bytes:,} bytes in {row['fetch_100mbit_s']} s", flush=True)
 
     def write(self, keys: list[tuple]) -> None:
         done = {(r["recipe"], r["encoding"], r["task"], r["target_context_tokens"]): r for r in self.rows()}
@@ -280,8 +314,11 @@ class Lifecycle:
                      "dense_fp16_bytes_per_token: K+V of every layer at 2 bytes an element. ttft_full_s: prefill "
                      "(with compression) + first token on sample 1 without a store; ttft_hit_s: the same context "
                      "from the disk store (warm page cache) + first token; compress_s: the compression's own "
-                     "seconds in that prefill. fetch_100mbit_s: one context's stored bytes (fetch_bytes) fetched from kvlife "
-                     "serve shaped to a constant 100 Mbit/s (--fetch). 'missing': rows of the full plan not measured yet.",
+                     "seconds in that prefill. fetch_100mbit_s: one context from kvlife serve shaped to a constant 100 "
+                     "Mbit/s (--fetch), fetch_bytes received: a compressed recipe's stored entry streamed as kvlife "
+                     "fetch streams it (fetch_path stream-pieces: fetch_pieces layers, each at the row's encoding, "
+                     "manifest, checksums and decode included), dense a blob of its stored chunks' size fetched "
+                     "whole. 'missing': rows of the full plan not measured yet.",
         }
         target = Path(self.args.json)
         target.write_text(json.dumps(payload, indent=2))
