@@ -133,7 +133,7 @@ def _fetch_compressed(session: Any, client: StreamClient, context_id: str, slo: 
             return report
         except FetchAborted:
             raise
-        except (StreamError, ValueError) as exc:  # a piece that cannot be had or does not fit: never used
+        except (StreamError, ValueError, KeyError) as exc:  # a piece that cannot be had or does not fit
             reason = f"{type(exc).__name__}: {exc}"
             log.warning("kvlife stream: %s: recompressing the context locally (%s)", context_id, reason)
     else:
