@@ -155,6 +155,10 @@ def test_a_piece_bad_every_time_makes_the_session_recompress(models, stream_url,
     again = session(models["qwen2"], "kvzip(ratio=0.25)")
     assert fetch_into(again, stream_url, manifest.context_id, 30.0, policy="recompute").recompressed
     assert_same_cache(again, local)
+    for policy, slo in (("fastest", 30.0), ("raw", 0.0)):  # the caller's mistakes are errors, not a fallback
+        with pytest.raises(StreamError, match="not valid"):
+            fetch_into(session(models["qwen2"], "kvzip(ratio=0.25)"), stream_url, manifest.context_id, slo,
+                       policy=policy)
 
 
 def test_pieces_are_store_chunks_under_the_recipe_namespace(compressed):

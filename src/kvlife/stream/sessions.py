@@ -124,6 +124,9 @@ def _fetch_compressed(session: Any, client: StreamClient, context_id: str, slo: 
     started = time.perf_counter()
     manifest = client.manifest(context_id)
     check_compressed(session, manifest)
+    if policy not in (ADAPTIVE, RECOMPUTE, *manifest.levels) or not slo > 0:  # an error, not a fallback
+        raise StreamError(f"policy {policy!r} (adaptive, recompute or one of {', '.join(manifest.levels)}) "
+                          f"and slo {slo} (> 0 seconds): one of them is not valid")
     ids = manifest.token_ids
     if policy != RECOMPUTE:
         try:
