@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/blend.py [--sizes 4096,8192] [--samples 16]
         [--methods "dense;concat;cacheblend(ratio=0.15);epic(k=16)"] [--model qwen2.5-coder-0.5b]
-        [--store memory,disk:/tmp/runs/blend-docs] [--collect]
+        [--store memory,disk:/tmp/runs/blend-docs] [--collect] [--diagnose 0,2]
 
 Per size (assembled tokens) and sample, in multi-request mode: dense prefills the context; each assemble
 method builds it from per-document caches. The documents are stored first (the offline ingestion
@@ -14,6 +14,12 @@ and with --collect without running anything, it writes benchmarks/results/blend.
 assembled_tokens, samples, accuracy, dense_accuracy, ci_low/ci_high of accuracy minus dense's (paired
 95% bootstrap over samples), ttft_s, full_prefill_ttft_s, speedup, reference NLL and its paired
 difference, agreement with dense's answers, tokens recomputed) and blend-report.md.
+
+--diagnose I,J (sample indices, at the first size) asks where the assembled cache loses what dense
+knows, and writes benchmarks/results/blend-diagnosis.json: per document, the relative deviation of
+concat's values from the full prefill's (mean over layers, heads, tokens), then the answers (accuracy,
+reference NLL) on concat's cache with some documents' K/V swapped for the full prefill's: the asked
+documents, the others, the first half, the second half.
 """
 
 from __future__ import annotations
@@ -218,6 +224,73 @@ def write_report(payload: dict, results: Path) -> None:
     print("\n".join(lines))
 
 
+def diagnose(args) -> None:
+    """Which documents' stale K/V cost the answers: oracle caches mixing concat's and the full prefill's."""
+    import torch
+
+    from kvlife import models
+    from kvlife.cache import KVCache
+    from kvlife.session import Session
+    from kvlife.store import open_store
+    from kvlife.store.documents import DocumentStore
+
+    torch.set_num_threads(1)
+    model, tokenizer = models.load(args.model, dtype=args.dtype)
+    documents = DocumentStore(open_store(args.store, chunk_size=256), model, tokenizer)
+    task, size = get_task("rag"), args.sizes[0]
+    samples = task.samples("default", max(args.diagnose) + 1, seed=args.seed, context_tokens=size)
+    out = []
+    for index in args.diagnose:
+        sample = samples[index]
+        segments = sample.meta["segments"]
+
+        def answer(session, sample=sample) -> dict:
+            turns = [session.ask(t.query, max_new_tokens=sample.max_new_tokens, reference=t.answer) for t in sample.turns]
+            return {"accuracy": statistics.mean(task.score(r.prediction, t.answer) for r, t in zip(turns, sample.turns)),
+                    "reference_nll": round(statistics.mean(r.reference_nll for r in turns), 4),
+                    "predictions": [r.prediction for r in turns]}
+
+        dense = Session(model, tokenizer, "dense", mode="multi-request")
+        dense.prefill(sample.context, segments=segments)
+        concat = Session(model, tokenizer, "concat", mode="multi-request")
+        concat.documents = documents
+        concat.prefill(sample.context, segments=segments)
+        variants = {"dense": answer(dense), "concat": answer(concat)}
+        pieces, _ = dense.format.segment_ids(segments)
+        starts = [sum(len(piece) for piece in pieces[:i]) for i in range(len(pieces) + 1)]
+        spans = list(zip(starts[1:-1], starts[2:]))
+        dense_layers, concat_layers = dense.cache.to_tensors(), concat.cache.to_tensors()
+        deviation = [round(statistics.mean(
+            float(((c[1][..., a:b, :] - d[1][..., a:b, :]).norm(dim=-1) / d[1][..., a:b, :].norm(dim=-1)).mean())
+            for c, d in zip(concat_layers, dense_layers)), 4) for a, b in spans]
+        asked = [next(i for i, text in enumerate(segments[1:]) if f"record of {name}." in text)
+                 for name in sample.meta["asked"]]
+        n = len(spans)
+        mixes = {"asked documents from dense": sorted(set(asked)),
+                 "other documents from dense": [i for i in range(n) if i not in asked],
+                 "first half from dense": list(range(n // 2)), "second half from dense": list(range(n // 2, n))}
+        for name, chosen in mixes.items():
+            layers = []
+            for (keys, values, positions), (dense_keys, dense_values, _) in zip(concat_layers, dense_layers):
+                keys, values = keys.clone(), values.clone()
+                for i in chosen:
+                    a, b = spans[i]
+                    keys[:, :, a:b], values[:, :, a:b] = dense_keys[:, :, a:b], dense_values[:, :, a:b]
+                layers.append((keys, values, positions.clone()))
+            mixed = Session(model, tokenizer, "dense", mode="multi-request")
+            mixed.attach(KVCache.from_tensors(layers, next_position=len(concat.context_ids)), concat.context_ids)
+            variants[name] = {**answer(mixed), "documents": chosen}
+        row = {"sample_id": sample.id, "documents": n, "asked_documents": asked,
+               "value_deviation_per_document": deviation, "variants": variants}
+        out.append(row)
+        print(f"{sample.id}: asked {asked}, value deviation per document {deviation}")
+        for name, v in variants.items():
+            print(f"  {name:28s} acc {v['accuracy']:.2f} nll {v['reference_nll']:.3f} {v['predictions']}", flush=True)
+        payload = {"machine": machine(), "commit": commit(), "model": args.model, "dtype": args.dtype,
+                   "assembled_tokens": size, "mode": "multi-request", "store": args.store, "samples": out}
+        (args.out / "blend-diagnosis.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="4096,8192", help="assembled tokens per context, comma-separated")
@@ -229,12 +302,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of blend-rows.jsonl, blend.json, the report")
     parser.add_argument("--collect", action="store_true", help="only rewrite blend.json from the rows so far")
+    parser.add_argument("--diagnose", default="", help="sample indices (e.g. 0,2): write blend-diagnosis.json instead")
     args = parser.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     args.methods = [m.strip() for m in args.methods.split(";") if m.strip()]
     if "dense" not in args.methods:
         args.methods.insert(0, "dense")
-    if args.collect:
+    args.diagnose = [int(i) for i in args.diagnose.split(",") if i.strip()]
+    if args.diagnose:
+        diagnose(args)
+    elif args.collect:
         collect(args)
     else:
         measure(args)
