@@ -25,6 +25,7 @@ def main(url: str) -> None:
         (a[0] - b[0]).abs().max().item() for a, b in zip(cache.to_tensors(), session.cache.to_tensors())
     )
     out["adaptive"] = {"slo": slo, "ready_s": report.ready_s, "met": report.met, "options": report.options(),
+                       "bytes": report.bytes,
                        "max_key_error": error}
     print(json.dumps(out))
 
