@@ -1,4 +1,5 @@
-"""A shared context's life: compress once (multi-request: before any query), store, fetch, answer many queries.
+"""A shared context's life: compress once (multi-request: before any query), store, fetch, answer
+many queries.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lifecycle.py [--set first|all] [--samples 8] [--collect]
         [--only "kvzip(ratio=0.25)"]
@@ -48,8 +49,8 @@ from kvlife.store import open_store  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 LOCK = "/tmp/kvlife-heavy.lock"
 RAW, BALANCED = "raw", "kvlife:balanced"
-AGNOSTIC = ["kvzip(ratio=0.25)", "expected_attention(ratio=0.25)", "keydiff(ratio=0.25)", "chunkkv(ratio=0.25)",
-            "duo_attention(ratio=0.25)"]
+AGNOSTIC = ["kvzip(ratio=0.25)", "expected_attention(ratio=0.25)", "keydiff(ratio=0.25)",
+            "chunkkv(ratio=0.25)", "duo_attention(ratio=0.25)"]
 # (recipe, encoding, task, context tokens or None for the profile's), most important first
 FIRST = [(spec, RAW, task, None) for task in ("kv", "prefix_suffix")
          for spec in ["dense", "kvzip(ratio=0.25)", "snapkv(ratio=0.25)", *AGNOSTIC[1:]]]
@@ -127,8 +128,8 @@ class Lifecycle:
         accuracy_s = time.perf_counter() - started
         rows = read_rows(run_dir / "predictions.jsonl")
         firsts = [r for r in rows if r["turn"] == 1]
-        stored = [r["store"].get("store_put_bytes", 0) or r["store"].get("store_entry_bytes", 0) for r in firsts
-                  if r.get("store")]
+        stored = [r["store"].get("store_put_bytes", 0) or r["store"].get("store_entry_bytes", 0)
+                  for r in firsts if r.get("store")]
         stored_tokens = [self.stored_tokens(r, spec) for r in firsts if r.get("store")]
         times = self.times(spec, encoding, task, context_tokens)
         nll = [r["reference_nll"] for r in rows if r.get("reference_nll") is not None]
@@ -150,11 +151,13 @@ class Lifecycle:
         chunks of a dense prefill (its shorter-than-a-chunk tail is recomputed, not stored)."""
         store = row["store"]
         if spec == "dense":
-            return (row["context_tokens"] - 1) // 256 * 256 if store.get("store_put_bytes") else store["store_hit_tokens"]
+            return ((row["context_tokens"] - 1) // 256 * 256 if store.get("store_put_bytes")
+                    else store["store_hit_tokens"])
         return row["context_tokens"]
 
     def times(self, spec: str, encoding: str, task: str, context_tokens: int | None) -> dict:
-        """First token after a full prefill (and compression) and after a disk-store hit, on the first sample."""
+        """First token after a full prefill (and compression) and after a disk-store hit, on the first
+        sample."""
         model, tokenizer = self.load()
         sample = next(iter(get_task(task).samples("default", 1, 0, context_tokens)))
         query = sample.turns[0].query
@@ -170,7 +173,8 @@ class Lifecycle:
             else:
                 last = session.store.last
                 figures["hit_tokens"] = last.get("store_hit_tokens")
-                figures["hit_fetch_s"], figures["hit_load_s"] = last.get("store_fetch_s"), last.get("store_load_s")
+                figures["hit_fetch_s"], figures["hit_load_s"] = (last.get("store_fetch_s"),
+                                                                 last.get("store_load_s"))
                 figures["stored_key"] = last.get("store_entry")
         figures["ttft_speedup"] = round(figures["ttft_full_s"] / figures["ttft_hit_s"], 1)
         return figures
@@ -212,9 +216,9 @@ class Lifecycle:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         root = tempfile.mkdtemp(prefix="lifecycle-serve-")
-        server = subprocess.Popen([sys.executable, "-m", "kvlife.store.server", "--store", root, "--port", str(port),
-                                   "--token", "lifecycle", "--trace", "constant:100mbit", "--max-chunk-bytes", "4e9"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server_command = [sys.executable, "-m", "kvlife.store.server", "--store", root, "--port", str(port),
+                          "--token", "lifecycle", "--trace", "constant:100mbit", "--max-chunk-bytes", "4e9"]
+        server = subprocess.Popen(server_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             remote = RemoteBackend(f"http://127.0.0.1:{port}", token="lifecycle", timeout_s=600)
             for _ in range(100):
@@ -234,8 +238,8 @@ class Lifecycle:
                     payload = open_chunk(row["stored_key"], blob) if blob else None
                 if payload is not None and row["recipe"] != "dense":
                     if row.get("fetch_path") != "stream-pieces":  # rows timed as one blob are timed again
-                        self.stream_entry(StreamClient(f"http://127.0.0.1:{port}", "lifecycle", timeout_s=600),
-                                          row, payload)
+                        client = StreamClient(f"http://127.0.0.1:{port}", "lifecycle", timeout_s=600)
+                        self.stream_entry(client, row, payload)
                         path.write_text(json.dumps(row, indent=2))
                     continue
                 if row.get("fetch_100mbit_s") is not None:
@@ -249,7 +253,8 @@ class Lifecycle:
                 row["fetch_100mbit_s"] = round(time.perf_counter() - started, 3)
                 row["fetch_bytes"] = len(fetched or b"")
                 path.write_text(json.dumps(row, indent=2))
-                print(f"# fetch {path.stem}: {row['fetch_bytes']:,} bytes in {row['fetch_100mbit_s']} s", flush=True)
+                print(f"# fetch {path.stem}: {row['fetch_bytes']:,} bytes in {row['fetch_100mbit_s']} s",
+                      flush=True)
         finally:
             server.terminate()
             server.wait(10)
@@ -267,7 +272,8 @@ class Lifecycle:
 
         layers = decode_entry(payload)
         level = "raw" if row["encoding"] == RAW else row["encoding"].split(":", 1)[1]
-        rope = None if level == "raw" else rope_from_config(AutoConfig.from_pretrained(models.resolve(self.args.model)))
+        rope = (None if level == "raw"
+                else rope_from_config(AutoConfig.from_pretrained(models.resolve(self.args.model))))
         context_id = "lifecycle-" + row["stored_key"][:16]
         context = build_pieces(layers, list(range(row["context_tokens"])), context_id, row["stored_key"],
                                self.args.dtype, row["recipe"], row["recipe"], [level], 1, rope)
@@ -290,34 +296,40 @@ class Lifecycle:
                 mine = read_rows(self.out / row["run"] / "predictions.jsonl")
                 base = read_rows(self.out / dense["run"] / "predictions.jsonl")
                 found = paired_difference(by_sample(mine), by_sample(base))
-                row.update(dense_accuracy=dense["accuracy"], diff_vs_dense=round(found.mean, 4) if found else None,
-                           ci_low=round(found.low, 4) if found else None, ci_high=round(found.high, 4) if found else None,
+                row.update(dense_accuracy=dense["accuracy"],
+                           diff_vs_dense=round(found.mean, 4) if found else None,
+                           ci_low=round(found.low, 4) if found else None,
+                           ci_high=round(found.high, 4) if found else None,
                            verdict=found.verdict if found else None,
-                           accuracy_vs_dense=round(row["accuracy"] / dense["accuracy"], 3) if dense["accuracy"] else None)
+                           accuracy_vs_dense=(round(row["accuracy"] / dense["accuracy"], 3)
+                                              if dense["accuracy"] else None))
             else:
                 row.update(dense_accuracy=None, diff_vs_dense=None, ci_low=None, ci_high=None, verdict=None)
             if row.get("bytes_per_token"):
-                row["fp16_dense_over_stored"] = round(row["dense_fp16_bytes_per_token"] / row["bytes_per_token"], 2)
+                dense_over_stored = row["dense_fp16_bytes_per_token"] / row["bytes_per_token"]
+                row["fp16_dense_over_stored"] = round(dense_over_stored, 2)
             rows.append(row)
         order = {key: index for index, key in enumerate(SETS["all"])}
-        rows.sort(key=lambda r: order.get((r["recipe"], r["encoding"], r["task"], r["target_context_tokens"]), 1 << 30))
+        rows.sort(key=lambda r: order.get((r["recipe"], r["encoding"], r["task"], r["target_context_tokens"]),
+                                          1 << 30))
         missing = [slug(*key) for key in SETS["all"] if key not in done]
         payload = {
             "machine": machine(), "commit": commit(), "model": self.args.model, "dtype": self.args.dtype,
             "settings": {"samples": self.args.samples, "profile": "default", "mode": "multi-request"},
             "rows": rows, "missing": missing,
-            "notes": "accuracy: mean over every turn of every sample (multi-request: the context compressed before "
-                     "any query, each query answered on it). diff_vs_dense, ci_low, ci_high: the paired difference "
-                     "against dense (raw store) on the same samples, 95% bootstrap interval over samples; inside "
-                     "the interval is no difference. bytes_per_token: bytes the store took for a context / its "
-                     "tokens (the model computes in float32, so raw entries are float32); "
-                     "dense_fp16_bytes_per_token: K+V of every layer at 2 bytes an element. ttft_full_s: prefill "
-                     "(with compression) + first token on sample 1 without a store; ttft_hit_s: the same context "
-                     "from the disk store (warm page cache) + first token; compress_s: the compression's own "
-                     "seconds in that prefill. fetch_100mbit_s: one context from kvlife serve shaped to a constant 100 "
-                     "Mbit/s (--fetch), fetch_bytes received: a compressed recipe's stored entry streamed as kvlife "
-                     "fetch streams it (fetch_path stream-pieces: fetch_pieces layers, each at the row's encoding, "
-                     "manifest, checksums and decode included), dense a blob of its stored chunks' size fetched "
+            "notes": "accuracy: mean over every turn of every sample (multi-request: the context compressed "
+                     "before any query, each query answered on it). diff_vs_dense, ci_low, ci_high: the "
+                     "paired difference against dense (raw store) on the same samples, 95% bootstrap "
+                     "interval over samples; inside the interval is no difference. bytes_per_token: bytes "
+                     "the store took for a context / its tokens (the model computes in float32, so raw "
+                     "entries are float32); dense_fp16_bytes_per_token: K+V of every layer at 2 bytes an "
+                     "element. ttft_full_s: prefill (with compression) + first token on sample 1 without a "
+                     "store; ttft_hit_s: the same context from the disk store (warm page cache) + first "
+                     "token; compress_s: the compression's own seconds in that prefill. fetch_100mbit_s: "
+                     "one context from kvlife serve shaped to a constant 100 Mbit/s (--fetch), fetch_bytes "
+                     "received: a compressed recipe's stored entry streamed as kvlife fetch streams it "
+                     "(fetch_path stream-pieces: fetch_pieces layers, each at the row's encoding, manifest, "
+                     "checksums and decode included), dense a blob of its stored chunks' size fetched "
                      "whole. 'missing': rows of the full plan not measured yet.",
         }
         target = Path(self.args.json)
@@ -335,35 +347,42 @@ def report(payload: dict) -> str:
              f"{payload['commit']})", "",
              "Multi-request mode; paired 95% interval against dense (raw) on the same samples. "
              "Generated by benchmarks/lifecycle.py from lifecycle.json.", "",
-             "| recipe | encoding | task | tokens | n | accuracy | dense | diff [95% CI] | NLL | bytes/token | "
-             "fp16 dense / stored | compress s | TTFT full s | TTFT hit s | speed-up | fetch 100 Mbit/s s |",
+             "| recipe | encoding | task | tokens | n | accuracy | dense | diff [95% CI] | NLL | "
+             "bytes/token | fp16 dense / stored | compress s | TTFT full s | TTFT hit s | speed-up | "
+             "fetch 100 Mbit/s s |",
              "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in payload["rows"]:
         ci = (f"{r['diff_vs_dense']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
               if r.get("diff_vs_dense") is not None else "-")
-        lines.append(f"| {r['recipe']} | {r['encoding']} | {r['task']} | {r['context_tokens']} | {r['samples']} | "
+        lines.append(f"| {r['recipe']} | {r['encoding']} | {r['task']} | {r['context_tokens']} | "
+                     f"{r['samples']} | "
                      f"{r['accuracy']:.2f} | {fmt(r.get('dense_accuracy'), '.2f')} | {ci} | "
                      f"{fmt(r.get('reference_nll'), '.3f')} | {fmt(r.get('bytes_per_token'), ',.0f')} | "
                      f"{fmt(r.get('fp16_dense_over_stored'), '.1f')} | {fmt(r.get('compress_s'), '.1f')} | "
                      f"{r['ttft_full_s']:.2f} | {r['ttft_hit_s']:.3f} | {r['ttft_speedup']:.0f}x | "
                      f"{fmt(r.get('fetch_100mbit_s'), '.2f')} |")
     if payload["missing"]:
-        lines += ["", f"Not measured yet ({len(payload['missing'])} rows of the plan): " + ", ".join(payload["missing"])]
+        lines += ["", f"Not measured yet ({len(payload['missing'])} rows of the plan): "
+                  + ", ".join(payload["missing"])]
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=models.DEFAULT_MODEL)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--set", default="first", choices=sorted(SETS))
     parser.add_argument("--only", default=None, help="';'-separated recipes: run only these rows of the set")
     parser.add_argument("--out", default="results/lifecycle")
-    parser.add_argument("--json", default=str(RESULTS / "lifecycle.json"), help="results file (and its .md report)")
-    parser.add_argument("--fetch", action="store_true", help="run no model: time the saved rows' stored bytes over "
+    parser.add_argument("--json", default=str(RESULTS / "lifecycle.json"),
+                        help="results file (and its .md report)")
+    parser.add_argument("--fetch", action="store_true",
+                        help="run no model: time the saved rows' stored bytes over "
                         "kvlife serve's 100 Mbit/s shaped link, then rewrite the results")
-    parser.add_argument("--collect", action="store_true", help="run nothing: rewrite the results from saved rows")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: rewrite the results from saved rows")
     args = parser.parse_args()
     keys = SETS[args.set]
     if args.only:
