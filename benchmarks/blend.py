@@ -16,7 +16,7 @@ assembled_tokens, samples, accuracy, dense_accuracy, ci_low/ci_high of accuracy 
 difference, agreement with dense's answers, tokens recomputed) and blend-report.md.
 
 --diagnose I,J (sample indices, at the first size) asks where the assembled cache loses what dense
-knows, and writes benchmarks/results/blend-diagnosis.json: per document, the relative deviation of
+knows, and writes benchmarks/results/blend-diagnosis.json (a rerun at the same size adds its samples): per document, the relative deviation of
 concat's values from the full prefill's (mean over layers, heads, tokens), then the answers (accuracy,
 reference NLL) on concat's cache with some documents' K/V swapped for the full prefill's: the asked
 documents, the others, the first half, the second half.
@@ -239,7 +239,11 @@ def diagnose(args) -> None:
     documents = DocumentStore(open_store(args.store, chunk_size=256), model, tokenizer)
     task, size = get_task("rag"), args.sizes[0]
     samples = task.samples("default", max(args.diagnose) + 1, seed=args.seed, context_tokens=size)
-    out = []
+    path = args.out / "blend-diagnosis.json"
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    same = (earlier.get("model"), earlier.get("dtype"), earlier.get("assembled_tokens")) == (args.model, args.dtype, size)
+    wanted = {samples[i].id for i in args.diagnose}
+    out = [row for row in earlier.get("samples", []) if same and row["sample_id"] not in wanted]  # rerun: added to
     for index in args.diagnose:
         sample = samples[index]
         segments = sample.meta["segments"]
@@ -288,7 +292,7 @@ def diagnose(args) -> None:
             print(f"  {name:28s} acc {v['accuracy']:.2f} nll {v['reference_nll']:.3f} {v['predictions']}", flush=True)
         payload = {"machine": machine(), "commit": commit(), "model": args.model, "dtype": args.dtype,
                    "assembled_tokens": size, "mode": "multi-request", "store": args.store, "samples": out}
-        (args.out / "blend-diagnosis.json").write_text(json.dumps(payload, indent=2) + "\n")
+        path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def main() -> None:
