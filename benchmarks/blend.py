@@ -16,10 +16,11 @@ assembled_tokens, samples, accuracy, dense_accuracy, ci_low/ci_high of accuracy 
 difference, agreement with dense's answers, tokens recomputed) and blend-report.md.
 
 --diagnose I,J (sample indices, at the first size) asks where the assembled cache loses what dense
-knows, and writes benchmarks/results/blend-diagnosis.json (a rerun at the same size adds its samples): per document, the relative deviation of
-concat's values from the full prefill's (mean over layers, heads, tokens), then the answers (accuracy,
-reference NLL) on concat's cache with some documents' K/V swapped for the full prefill's: the asked
-documents, the others, the first half, the second half.
+knows, and writes benchmarks/results/blend-diagnosis.json (a rerun at the same size adds its
+samples): per document, the relative deviation of concat's values from the full prefill's (mean over
+layers, heads, tokens), then the answers (accuracy, reference NLL) on concat's cache with some
+documents' K/V swapped for the full prefill's: the asked documents, the others, the first half, the
+second half.
 """
 
 from __future__ import annotations
@@ -77,14 +78,14 @@ def run_one(session, sample, task) -> dict:
     for turn in sample.turns:
         result = session.ask(turn.query, max_new_tokens=sample.max_new_tokens, reference=turn.answer)
         turns.append({"prediction": result.prediction, "reference": turn.answer,
-                      "score": task.score(result.prediction, turn.answer), "reference_nll": result.reference_nll,
-                      "ttft_s": result.ttft_s})
+                      "score": task.score(result.prediction, turn.answer),
+                      "reference_nll": result.reference_nll, "ttft_s": result.ttft_s})
     stats = prefilled.stats
     return {"context_tokens": session.context_tokens, "prefill_s": prefilled.prefill_s,
             "ttft_s": prefilled.prefill_s + turns[0]["ttft_s"], "turns": turns,
             "accuracy": statistics.mean(t["score"] for t in turns),
-            "assembly": {k: v for k, v in stats.items() if k.startswith(("doc_", "recomputed", "assemble", "documents",
-                                                                         "assembled"))}}
+            "assembly": {k: v for k, v in stats.items()
+                         if k.startswith(("doc_", "recomputed", "assemble", "documents", "assembled"))}}
 
 
 def measure(args) -> None:
@@ -119,8 +120,8 @@ def measure(args) -> None:
             for spec in todo:
                 started = time.perf_counter()
                 row = run_one(sessions[spec], sample, task)
-                row.update({"size": size, "sample_id": sample.id, "method": spec, "model": args.model, "dtype": dtype,
-                            "wall_s": round(time.perf_counter() - started, 3),
+                row.update({"size": size, "sample_id": sample.id, "method": spec, "model": args.model,
+                            "dtype": dtype, "wall_s": round(time.perf_counter() - started, 3),
                             **({"warm": warm_figures} if spec != "dense" else {})})
                 append_row(args.out, row)
                 print(f"{size} {sample.id} {spec}: acc {row['accuracy']:.2f} ttft {row['ttft_s']:.2f}s "
@@ -138,7 +139,8 @@ def collect(args) -> dict:
             paired = sorted(set(mine) & set(dense))
             if not paired or any(t["method"] == spec for t in table if t["assembled_tokens"] == size):
                 continue
-            acc = paired_difference({k: mine[k]["accuracy"] for k in paired}, {k: dense[k]["accuracy"] for k in paired})
+            acc = paired_difference({k: mine[k]["accuracy"] for k in paired},
+                                    {k: dense[k]["accuracy"] for k in paired})
             nll = {k: _mean_nll(mine[k]) for k in paired}
             dense_nll = {k: _mean_nll(dense[k]) for k in paired}
             nll_diff = paired_difference(nll, dense_nll, lower_is_better=True)
@@ -148,23 +150,27 @@ def collect(args) -> dict:
             full = statistics.mean(dense[k]["ttft_s"] for k in paired)
             assembled = [mine[k]["assembly"]["assembled_tokens"] for k in paired]
             recomputed = [mine[k]["assembly"].get("recomputed_rows_last_layer", 0) for k in paired]
+            recomputed_first = [mine[k]["assembly"].get("recomputed_rows_first_layer", 0) for k in paired]
             table.append({
                 "method": spec, "assembled_tokens": size, "samples": len(paired),
                 "assembled_tokens_mean": round(statistics.mean(assembled)),
                 "accuracy": round(statistics.mean(mine[k]["accuracy"] for k in paired), 4),
                 "dense_accuracy": round(statistics.mean(dense[k]["accuracy"] for k in paired), 4),
                 "ci_low": round(acc.low, 4), "ci_high": round(acc.high, 4), "verdict": acc.verdict,
-                "ttft_s": round(ttft, 3), "full_prefill_ttft_s": round(full, 3), "speedup": round(full / ttft, 2),
+                "ttft_s": round(ttft, 3), "full_prefill_ttft_s": round(full, 3),
+                "speedup": round(full / ttft, 2),
                 "ttft_interval_s": _interval([mine[k]["ttft_s"] for k in paired]),
                 "reference_nll": round(statistics.mean(v for v in nll.values() if v is not None), 4),
-                "dense_reference_nll": round(statistics.mean(v for v in dense_nll.values() if v is not None), 4),
+                "dense_reference_nll": round(statistics.mean(v for v in dense_nll.values()
+                                                             if v is not None), 4),
                 "reference_nll_diff": nll_diff.to_dict() if nll_diff else None,
                 "agreement_with_dense": round(sum(agreement) / len(agreement), 4),
                 "recomputed_tokens": round(statistics.mean(recomputed), 1),
-                "recomputed_share": round(sum(recomputed) / max(1, sum(assembled)), 4),  # of all assembled tokens
-                "recomputed_first_layer": round(statistics.mean(mine[k]["assembly"].get("recomputed_rows_first_layer", 0)
-                                                                for k in paired), 1),
-                "assemble_load_s": round(statistics.mean(mine[k]["assembly"]["assemble_load_s"] for k in paired), 3),
+                # of all assembled tokens
+                "recomputed_share": round(sum(recomputed) / max(1, sum(assembled)), 4),
+                "recomputed_first_layer": round(statistics.mean(recomputed_first), 1),
+                "assemble_load_s": round(statistics.mean(mine[k]["assembly"]["assemble_load_s"]
+                                                         for k in paired), 3),
                 "assemble_recompute_s": round(statistics.mean(mine[k]["assembly"]["assemble_recompute_s"]
                                                               for k in paired), 3),
                 "doc_misses_in_measured_runs": sum(mine[k]["assembly"].get("doc_misses", 0) for k in paired),
@@ -175,16 +181,18 @@ def collect(args) -> dict:
     counts = {f"{size}/{spec}": sum(1 for r in rows if r["size"] == size and r["method"] == spec)
               for size, spec in wanted}
     missing = [f"{key}: {n} of {args.samples} samples" for key, n in counts.items() if n < args.samples]
-    target = [t for t in table if t["assembled_tokens"] == 8192 and t["method"].startswith(("cacheblend", "epic"))]
+    target = [t for t in table
+              if t["assembled_tokens"] == 8192 and t["method"].startswith(("cacheblend", "epic"))]
     payload = {
         "machine": machine(), "commit": commit(), "dtype": next((r["dtype"] for r in rows), None),
         "model": next((r["model"] for r in rows), None), "mode": "multi-request",
-        "settings": {"sizes": sizes, "samples_wanted": args.samples, "methods": args.methods, "store": args.store,
-                     "seed": args.seed, "threads": 1, "documents_warm": True},
+        "settings": {"sizes": sizes, "samples_wanted": args.samples, "methods": args.methods,
+                     "store": args.store, "seed": args.seed, "threads": 1, "documents_warm": True},
         "rows": table,
-        "target": {"rule": f"cacheblend or epic at 8192 assembled tokens: accuracy interval against dense includes or "
-                           f"exceeds 0, at >= {TARGET_SPEEDUP}x lower TTFT than a full prefill",
-                   "met_by": [t["method"] for t in target if t["ci_high"] >= 0 and t["speedup"] >= TARGET_SPEEDUP],
+        "target": {"rule": "cacheblend or epic at 8192 assembled tokens: accuracy interval against dense "
+                           f"includes or exceeds 0, at >= {TARGET_SPEEDUP}x lower TTFT than a full prefill",
+                   "met_by": [t["method"] for t in target
+                              if t["ci_high"] >= 0 and t["speedup"] >= TARGET_SPEEDUP],
                    "measured": bool(target)},
         "missing": missing, "complete": not missing and all(key in have for key in wanted),
     }
@@ -207,17 +215,21 @@ def write_report(payload: dict, results: Path) -> None:
     lines = ["# Contexts assembled from stored documents: rag task", "",
              f"{payload['model']}, {payload['dtype']}, {payload['machine']}, commit {payload['commit']}, "
              f"multi-request, documents stored before the measured runs.", "",
-             "| tokens | method | n | accuracy | dense | diff 95% CI | verdict | TTFT s | full prefill s | speedup | "
-             "NLL | dense NLL | agree | recomputed (share) |",
+             "| tokens | method | n | accuracy | dense | diff 95% CI | verdict | TTFT s | full prefill s | "
+             "speedup | NLL | dense NLL | agree | recomputed (share) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in payload["rows"]:
         lines.append(f"| {r['assembled_tokens']} | {r['method']} | {r['samples']} | {r['accuracy']:.3f} | "
-                     f"{r['dense_accuracy']:.3f} | [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {r['verdict']} | "
-                     f"{r['ttft_s']:.2f} | {r['full_prefill_ttft_s']:.2f} | {r['speedup']:.1f}x | "
-                     f"{r['reference_nll']:.3f} | {r['dense_reference_nll']:.3f} | {r['agreement_with_dense']:.2f} | "
+                     f"{r['dense_accuracy']:.3f} | [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | "
+                     f"{r['verdict']} | {r['ttft_s']:.2f} | {r['full_prefill_ttft_s']:.2f} | "
+                     f"{r['speedup']:.1f}x | {r['reference_nll']:.3f} | {r['dense_reference_nll']:.3f} | "
+                     f"{r['agreement_with_dense']:.2f} | "
                      f"{r['recomputed_tokens']:.0f} ({r['recomputed_share']:.1%}) |")
-    lines += ["", f"Target: {payload['target']['rule']}. Met by: {', '.join(payload['target']['met_by']) or 'none'}"
-              f"{'' if payload['target']['measured'] else ' (8K not measured yet)'}.", ""]
+    lines += ["",
+              f"Target: {payload['target']['rule']}. "
+              f"Met by: {', '.join(payload['target']['met_by']) or 'none'}"
+              f"{'' if payload['target']['measured'] else ' (8K not measured yet)'}.",
+              ""]
     if payload["missing"]:
         lines += ["Missing (rerun benchmarks/blend.py to resume): " + "; ".join(payload["missing"]), ""]
     (results / "blend-report.md").write_text("\n".join(lines))
@@ -241,16 +253,20 @@ def diagnose(args) -> None:
     samples = task.samples("default", max(args.diagnose) + 1, seed=args.seed, context_tokens=size)
     path = args.out / "blend-diagnosis.json"
     earlier = json.loads(path.read_text()) if path.exists() else {}
-    same = (earlier.get("model"), earlier.get("dtype"), earlier.get("assembled_tokens")) == (args.model, args.dtype, size)
+    same = ((earlier.get("model"), earlier.get("dtype"), earlier.get("assembled_tokens"))
+            == (args.model, args.dtype, size))
     wanted = {samples[i].id for i in args.diagnose}
-    out = [row for row in earlier.get("samples", []) if same and row["sample_id"] not in wanted]  # rerun: added to
+    # a rerun at the same model, dtype and size adds to the samples already written
+    out = [row for row in earlier.get("samples", []) if same and row["sample_id"] not in wanted]
     for index in args.diagnose:
         sample = samples[index]
         segments = sample.meta["segments"]
 
         def answer(session, sample=sample) -> dict:
-            turns = [session.ask(t.query, max_new_tokens=sample.max_new_tokens, reference=t.answer) for t in sample.turns]
-            return {"accuracy": statistics.mean(task.score(r.prediction, t.answer) for r, t in zip(turns, sample.turns)),
+            turns = [session.ask(t.query, max_new_tokens=sample.max_new_tokens, reference=t.answer)
+                     for t in sample.turns]
+            return {"accuracy": statistics.mean(task.score(r.prediction, t.answer)
+                                                for r, t in zip(turns, sample.turns)),
                     "reference_nll": round(statistics.mean(r.reference_nll for r in turns), 4),
                     "predictions": [r.prediction for r in turns]}
 
@@ -265,14 +281,16 @@ def diagnose(args) -> None:
         spans = list(zip(starts[1:-1], starts[2:]))
         dense_layers, concat_layers = dense.cache.to_tensors(), concat.cache.to_tensors()
         deviation = [round(statistics.mean(
-            float(((c[1][..., a:b, :] - d[1][..., a:b, :]).norm(dim=-1) / d[1][..., a:b, :].norm(dim=-1)).mean())
+            float(((c[1][..., a:b, :] - d[1][..., a:b, :]).norm(dim=-1)
+                   / d[1][..., a:b, :].norm(dim=-1)).mean())
             for c, d in zip(concat_layers, dense_layers)), 4) for a, b in spans]
         asked = [next(i for i, text in enumerate(segments[1:]) if f"record of {name}." in text)
                  for name in sample.meta["asked"]]
         n = len(spans)
         mixes = {"asked documents from dense": sorted(set(asked)),
                  "other documents from dense": [i for i in range(n) if i not in asked],
-                 "first half from dense": list(range(n // 2)), "second half from dense": list(range(n // 2, n))}
+                 "first half from dense": list(range(n // 2)),
+                 "second half from dense": list(range(n // 2, n))}
         for name, chosen in mixes.items():
             layers = []
             for (keys, values, positions), (dense_keys, dense_values, _) in zip(concat_layers, dense_layers):
@@ -282,31 +300,37 @@ def diagnose(args) -> None:
                     keys[:, :, a:b], values[:, :, a:b] = dense_keys[:, :, a:b], dense_values[:, :, a:b]
                 layers.append((keys, values, positions.clone()))
             mixed = Session(model, tokenizer, "dense", mode="multi-request")
-            mixed.attach(KVCache.from_tensors(layers, next_position=len(concat.context_ids)), concat.context_ids)
+            mixed.attach(KVCache.from_tensors(layers, next_position=len(concat.context_ids)),
+                         concat.context_ids)
             variants[name] = {**answer(mixed), "documents": chosen}
         row = {"sample_id": sample.id, "documents": n, "asked_documents": asked,
                "value_deviation_per_document": deviation, "variants": variants}
         out.append(row)
         print(f"{sample.id}: asked {asked}, value deviation per document {deviation}")
         for name, v in variants.items():
-            print(f"  {name:28s} acc {v['accuracy']:.2f} nll {v['reference_nll']:.3f} {v['predictions']}", flush=True)
+            print(f"  {name:28s} acc {v['accuracy']:.2f} nll {v['reference_nll']:.3f} {v['predictions']}",
+                  flush=True)
         payload = {"machine": machine(), "commit": commit(), "model": args.model, "dtype": args.dtype,
                    "assembled_tokens": size, "mode": "multi-request", "store": args.store, "samples": out}
         path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="4096,8192", help="assembled tokens per context, comma-separated")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--methods", default=";".join(METHODS), help="recipes separated by ';' (dense first)")
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--store", default="memory,disk:/tmp/runs/blend-docs", help="tiers for the document caches")
+    parser.add_argument("--store", default="memory,disk:/tmp/runs/blend-docs",
+                        help="tiers for the document caches")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="directory of blend-rows.jsonl, blend.json, the report")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="directory of blend-rows.jsonl, blend.json, the report")
     parser.add_argument("--collect", action="store_true", help="only rewrite blend.json from the rows so far")
-    parser.add_argument("--diagnose", default="", help="sample indices (e.g. 0,2): write blend-diagnosis.json instead")
+    parser.add_argument("--diagnose", default="",
+                        help="sample indices (e.g. 0,2): write blend-diagnosis.json instead")
     args = parser.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     args.methods = [m.strip() for m in args.methods.split(";") if m.strip()]

@@ -14,8 +14,10 @@ from kvlife.session import Session
 from kvlife.store import open_store
 from tiny import ByteTokenizer, tiny_model
 
-SEGMENTS = ["Read these notes, then answer.", "\n\nthe fox is red and runs far away from home every day.",
-            "\n\nthe dog is blue and sleeps all day long under the tree.", "\n\nthe cat is green and sings at night."]
+SEGMENTS = ["Read these notes, then answer.",
+            "\n\nthe fox is red and runs far away from home every day.",
+            "\n\nthe dog is blue and sleeps all day long under the tree.",
+            "\n\nthe cat is green and sings at night."]
 CONTEXT = "".join(SEGMENTS)
 ASSEMBLE = sorted(name for name, cls in registry.METHODS.items() if cls.stage == "assemble")
 
@@ -72,7 +74,8 @@ def test_partial_recompute_counts_and_differs_from_dense(model):
 
 
 def assembled(model):
-    """The concat-assembled layers of CONTEXT (before its tail), their ids, the documents' spans, dense's layers."""
+    """The concat-assembled layers of CONTEXT (before its tail), their ids, the documents' spans,
+    dense's layers."""
     dense, _ = prefilled(model, "dense")
     concat, _ = prefilled(model, "concat", open_store("memory", chunk_size=16))
     pieces = dense.format.segment_ids(SEGMENTS)[0]
@@ -103,7 +106,8 @@ def test_cacheblend_check_layer_compares_the_full_prefill_keys_and_runs_only_the
         for hook in hooks:
             hook.remove()
     kept = len(range(0, rows.numel(), 4))
-    # layer 0 recomputes every document row; from the check layer on, only the chosen rows run attention and MLP
+    # layer 0 recomputes every document row; from the check layer on, only the chosen rows run attention
+    # and MLP
     assert seen[0] == rows.numel() and all(seen[i] == kept for i in range(1, len(model.model.layers)))
     assert last == kept
     # layer 0 recomputed in full, so the check layer's fresh keys are the full prefill's: the deviation is the
@@ -130,7 +134,8 @@ def test_multi_turn_assembles_before_turn_one(model):
     dense = Session(model, ByteTokenizer(), "dense", mode="multi-turn", prompt_format="plain")
     dense.prefill(CONTEXT, segments=SEGMENTS)
     for query in ["what is red?", "who sleeps?"]:
-        assert blended.ask(query, max_new_tokens=5).output_ids == dense.ask(query, max_new_tokens=5).output_ids
+        assert (blended.ask(query, max_new_tokens=5).output_ids
+                == dense.ask(query, max_new_tokens=5).output_ids)
 
 
 def test_contexts_without_segments_prefill_densely(model):
@@ -169,12 +174,17 @@ def test_kvlife_bench_assembles_rag_contexts_from_a_store(tmp_path):
 
     tiny_model("qwen2", attn="sdpa").save_pretrained(tmp_path / "tiny")
     tiny_tokenizer().save_pretrained(tmp_path / "tiny")
-    common = ["bench", "--model", str(tmp_path / "tiny"), "--tasks", "rag", "--samples", "2", "--context-tokens", "150",
-              "--store", f"disk:{tmp_path / 'docs'}", "--mode", "multi-request", "--no-progress"]
+    common = ["bench", "--model", str(tmp_path / "tiny"), "--tasks", "rag", "--samples", "2",
+              "--context-tokens", "150", "--store", f"disk:{tmp_path / 'docs'}", "--mode", "multi-request",
+              "--no-progress"]
     for spec, out in [("epic(k=4)", "first"), ("cacheblend(ratio=0.15)", "second")]:
         assert main([*common, "--method", spec, "--out", str(tmp_path / out)]) == 0
-    first, second = ([json.loads(line) for line in (tmp_path / out / "predictions.jsonl").read_text().splitlines()]
-                     for out in ("first", "second"))
-    assert first[0]["assembly"]["doc_misses"] == 4 and first[0]["assembly"]["recomputed_rows_last_layer"] == 12
-    assert second[0]["assembly"]["doc_misses"] == 0 and second[0]["assembly"]["doc_hits"] == 4  # stored by the first run
+    first, second = (
+        [json.loads(line) for line in (tmp_path / out / "predictions.jsonl").read_text().splitlines()]
+        for out in ("first", "second")
+    )
+    assert (first[0]["assembly"]["doc_misses"] == 4
+            and first[0]["assembly"]["recomputed_rows_last_layer"] == 12)
+    # the second run finds every document stored by the first
+    assert second[0]["assembly"]["doc_misses"] == 0 and second[0]["assembly"]["doc_hits"] == 4
     assert second[0]["ttft_s"] > 0 and "assembly" not in second[1]

@@ -46,18 +46,22 @@ class AssembleMethod(Method):
     check_layer: ClassVar[int | None] = None  # the layer where `choose` narrows the recomputed rows
 
     def rows(self, spans: list[Span]) -> torch.Tensor:
-        """Token indices recomputed from the first layer on (sorted); `spans` are the documents' (start, stop)."""
+        """Token indices recomputed from the first layer on (sorted); `spans` are the documents'
+        (start, stop)."""
         raise NotImplementedError
 
     def choose(self, deviation: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """At `check_layer`: indices into `rows` (sorted) to keep recomputing, given each row's K deviation."""
+        """At `check_layer`: indices into `rows` (sorted) to keep recomputing, given each row's K
+        deviation."""
         return torch.arange(rows.numel())
 
-    def blend(self, model: Any, layers: Layers, ids: list[int], spans: list[Span]) -> tuple[Layers, dict[str, Any]]:
+    def blend(self, model: Any, layers: Layers, ids: list[int],
+              spans: list[Span]) -> tuple[Layers, dict[str, Any]]:
         """The assembled `layers` (positions 0..len(ids)-1) with this method's tokens recomputed in place."""
         rows = self.rows(spans)
         recomputed = selective_recompute(model, layers, ids, rows, self.check_layer, self.choose)
-        return layers, {"recomputed_rows_first_layer": int(rows.numel()), "recomputed_rows_last_layer": recomputed}
+        return layers, {"recomputed_rows_first_layer": int(rows.numel()),
+                        "recomputed_rows_last_layer": recomputed}
 
 
 class SpliceLayer(KVLayer):
@@ -77,13 +81,14 @@ class SpliceLayer(KVLayer):
         return self.keys, self.values
 
 
-def fresh_keys(layer: Any, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def fresh_keys(layer: Any, hidden: torch.Tensor,
+               position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The keys [1, kv_heads, n, head_dim] a Llama-like decoder `layer` computes for `hidden` (input norm, key
     projection, key norm where the model has one, RoPE), without running its attention or MLP."""
     attn = getattr(layer, "self_attn", None)
     if attn is None or not hasattr(attn, "k_proj") or not hasattr(layer, "input_layernorm"):
-        raise KvlifeError(f"cacheblend's check layer needs a decoder layer with input_layernorm and self_attn.k_proj; "
-                          f"{type(layer).__name__} has another layout")
+        raise KvlifeError("cacheblend's check layer needs a decoder layer with input_layernorm and "
+                          f"self_attn.k_proj; {type(layer).__name__} has another layout")
     keys = attn.k_proj(layer.input_layernorm(hidden)).view(*hidden.shape[:-1], -1, attn.head_dim)
     if getattr(attn, "k_norm", None) is not None:  # Qwen3-style per-head key norm, before RoPE
         keys = attn.k_norm(keys)
@@ -109,9 +114,9 @@ def _cache_keyword(layer_class: type) -> str:
 @torch.no_grad()
 def selective_recompute(model: Any, layers: Layers, ids: list[int], rows: torch.Tensor,
                         check_layer: int | None = None, chooser=None) -> int:
-    """Run the tokens `rows` of `ids` through every decoder layer over the assembled cache `layers` (changed in
-    place: the fresh K/V of the rows replace the stored ones); at `check_layer`, `chooser` narrows the rows.
-    Returns how many rows the last layer recomputed."""
+    """Run the tokens `rows` of `ids` through every decoder layer over the assembled cache `layers`
+    (changed in place: the fresh K/V of the rows replace the stored ones); at `check_layer`, `chooser`
+    narrows the rows. Returns how many rows the last layer recomputed."""
     if rows.numel() == 0:
         return 0
     inner = decoder(model)
@@ -130,7 +135,8 @@ def selective_recompute(model: Any, layers: Layers, ids: list[int], rows: torch.
         if index == check_layer and chooser is not None:
             # squared L2 of fresh against stored keys over heads and dims (LMCache's `topk` blend mode)
             stored = splice.keys[:, :, rows].to(torch.float32)
-            deviation = (fresh_keys(layer, hidden, embeddings).to(torch.float32) - stored).pow(2).sum(dim=(0, 1, 3))
+            fresh = fresh_keys(layer, hidden, embeddings).to(torch.float32)
+            deviation = (fresh - stored).pow(2).sum(dim=(0, 1, 3))
             kept = chooser(deviation, rows).to(rows.device)
             hidden, rows = hidden[:, kept], rows[kept]
             if rows.numel() == 0:
@@ -147,5 +153,6 @@ def selective_recompute(model: Any, layers: Layers, ids: list[int], rows: torch.
 
 def document_rows(spans: list[Span], first: int | None = None) -> torch.Tensor:
     """Every token of the documents, or the first `first` tokens of each."""
-    parts = [torch.arange(start, stop if first is None else min(stop, start + first)) for start, stop in spans]
+    parts = [torch.arange(start, stop if first is None else min(stop, start + first))
+             for start, stop in spans]
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)

@@ -27,8 +27,10 @@ class CacheBlend(AssembleMethod):
     """
 
     name: ClassVar[str] = "cacheblend"
-    paper: ClassVar[str] = "Yao et al., EuroSys 2025, CacheBlend: Fast LLM Serving for RAG with Cached Knowledge Fusion"
-    check_layer: ClassVar[int] = 1  # layer 0's K/V depend on the token and its position only: no deviation to see
+    paper: ClassVar[str] = ("Yao et al., EuroSys 2025, "
+                            "CacheBlend: Fast LLM Serving for RAG with Cached Knowledge Fusion")
+    # layer 0's K/V depend on the token and its position only: no deviation to see
+    check_layer: ClassVar[int] = 1
     ratio: float = 0.15
 
     def validate(self) -> None:

@@ -26,7 +26,8 @@ class Epic(AssembleMethod):
     """
 
     name: ClassVar[str] = "epic"
-    paper: ClassVar[str] = "Hu et al., 2024, EPIC: Efficient Position-Independent Context Caching for Serving LLMs"
+    paper: ClassVar[str] = ("Hu et al., 2024, "
+                            "EPIC: Efficient Position-Independent Context Caching for Serving LLMs")
     k: int = 16
 
     def validate(self) -> None:
