@@ -11,7 +11,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from kvlife.attention import AttnCall, StepContext, dense_attention, reference_attention
 from kvlife.errors import SpecError
 from kvlife.methods import registry
-from kvlife.methods.prefill import flex, kernels, patterns
+from kvlife.methods.prefill import flex, matmul_kernel, patterns
 from kvlife.methods.prefill import sparse as sparse_module
 from kvlife.methods.prefill.a_shape import AShape
 from kvlife.methods.prefill.sparse import SparsePrefill, density
@@ -64,8 +64,8 @@ def test_every_registered_prefill_method_is_tested():
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 8192)
-    monkeypatch.setattr(kernels, "LONG_RUN", 16)
+    monkeypatch.setattr(matmul_kernel, "CHUNK_ELEMENTS", 8192)
+    monkeypatch.setattr(matmul_kernel, "LONG_RUN", 16)
     # Small inputs make dense-ish patterns: keep them sparse here (the fallback has its own test).
     monkeypatch.setattr(SparsePrefill, "DENSE_ABOVE", 1.0)
     monkeypatch.setattr(AShape, "DENSE_ABOVE", 1.0)
