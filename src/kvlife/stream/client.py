@@ -38,6 +38,12 @@ RECOMPUTE_FLOPS_PRIOR = 1.5e11  # float32 prefill FLOP/s of this project's CPU c
 EXISTS_BATCH = 4096  # keys per POST /v1/exists
 
 
+def level_sizes(manifest: Manifest | PieceManifest, config: FetchConfig) -> dict[str, list[int]]:
+    """Bytes of every chunk (piece) at each level the manifest holds and `config.levels` allows."""
+    usable = [lv for lv in manifest.levels if config.levels is None or lv in config.levels]
+    return {lv: [manifest.size(lv, i) for i in range(manifest.n_chunks)] for lv in usable}
+
+
 class StreamClient:
     def __init__(self, url: str | Any, token: str | None = None, timeout_s: float = 30.0) -> None:
         """`url`: the server, or a transport (with `HttpTransport`'s `get`, `put` and `request_json`)."""
@@ -145,8 +151,7 @@ class StreamClient:
             raise StreamError("policy 'recompute' needs the model")
         n = manifest.n_chunks
         tokens = [len(manifest.chunk_ids(i)) for i in range(n)]
-        usable = [lv for lv in manifest.levels if config.levels is None or lv in config.levels]
-        sizes = {lv: [manifest.size(lv, i) for i in range(n)] for lv in usable}
+        sizes = level_sizes(manifest, config)
         planner = Planner(sizes, tokens, slo, policy, allow_recompute=model is not None, config=config)
         setup_bytes = manifest_bytes + len(header_blob) + HEADER.size
         # the manifest and header are small: their rate says little about a chunk's (the round trips
@@ -188,8 +193,7 @@ class StreamClient:
                               "session")
         setup_s = time.perf_counter() - started
         work = manifest.work
-        usable = [lv for lv in manifest.levels if config.levels is None or lv in config.levels]
-        sizes = {lv: [manifest.size(lv, i) for i in range(manifest.n_chunks)] for lv in usable}
+        sizes = level_sizes(manifest, config)
         planner = Planner(sizes, work, slo, policy, allow_recompute=False, config=config)
         link = ThroughputEstimate(prior_bytes_s=manifest_bytes / max(setup_s, 1e-6),
                                   window=config.throughput_window)
