@@ -59,6 +59,12 @@ class StreamClient:
         """A dense context's `Manifest` or a compressed one's `PieceManifest`."""
         return self._manifest(context_id)[0]
 
+    def read_manifest(self, context_id: str) -> tuple[Manifest | PieceManifest, int, float]:
+        """The manifest, its size in bytes and the seconds its request took."""
+        started = time.perf_counter()
+        manifest, size = self._manifest(context_id)
+        return manifest, size, time.perf_counter() - started
+
     def _manifest(self, context_id: str) -> tuple[Manifest | PieceManifest, int]:
         try:
             data = self.transport.get(f"/v1/contexts/{check_context_id(context_id)}/manifest")
@@ -167,7 +173,8 @@ class StreamClient:
 
     def fetch_pieces(self, context_id: str, slo: float, policy: str = ADAPTIVE,
                      config: FetchConfig | None = None, model: Any = None,
-                     recipe: str | None = None) -> tuple[list[Any], FetchReport]:
+                     recipe: str | None = None,
+                     read: tuple[PieceManifest, int, float] | None = None) -> tuple[list[Any], FetchReport]:
         """A compressed context's stored layers (`kvlife.store.entries.StoredLayer`, every layer in order),
         each piece at the best level that lets the whole be ready by `slo` seconds, and what happened.
 
@@ -175,10 +182,12 @@ class StreamClient:
         been compressed from that model (fingerprint) and by that recipe, or StreamError before any piece is
         fetched. `policy`: "adaptive" or a level name. A compressed cache has no per-piece recompute: when no
         plan meets the deadline the soonest (the cheapest level) is taken, and a piece that fails
-        `max_attempts` times fails the fetch (`fetch_into` then recompresses the context)."""
+        `max_attempts` times fails the fetch (`fetch_into` then recompresses the context). `read`: what
+        `read_manifest` gave when the caller has read the manifest already, so it is not requested twice
+        (its read time still counts in the setup, the link's first throughput sample)."""
         config = config or FetchConfig()
-        started = time.perf_counter()
-        manifest, manifest_bytes = self._manifest(context_id)
+        manifest, manifest_bytes, read_s = read or self.read_manifest(context_id)
+        started = time.perf_counter() - read_s
         self.last_manifest = manifest
         if not isinstance(manifest, PieceManifest):
             raise StreamError(f"context {context_id!r} is a dense prefill, not a compressed cache: fetch it "

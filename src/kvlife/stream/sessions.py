@@ -122,7 +122,8 @@ def check_compressed(session: Any, manifest: Any) -> None:
 def _fetch_compressed(session: Any, client: StreamClient, context_id: str, slo: float, policy: str,
                       config: FetchConfig | None) -> FetchReport:
     started = time.perf_counter()
-    manifest = client.manifest(context_id)
+    read = client.read_manifest(context_id)
+    manifest = read[0]
     check_compressed(session, manifest)
     if policy not in (ADAPTIVE, RECOMPUTE, *manifest.levels) or not slo > 0:  # an error, not a fallback
         raise StreamError(f"policy {policy!r} (adaptive, recompute or one of {', '.join(manifest.levels)}) "
@@ -131,7 +132,7 @@ def _fetch_compressed(session: Any, client: StreamClient, context_id: str, slo: 
     if policy != RECOMPUTE:
         try:
             layers, report = client.fetch_pieces(context_id, slo, policy, config, model=session.model,
-                                                 recipe=manifest.recipe)
+                                                 recipe=manifest.recipe, read=read)
             session.attach_stored(layers, ids)
             return report
         except FetchAborted:
