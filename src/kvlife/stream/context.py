@@ -10,14 +10,18 @@ and chunk the byte size, SHA-256 and CRC-32, the model fingerprint, the header's
 Any mix of levels decodes (CacheGen's per-chunk choice), and any chunk can instead be recomputed from
 its token ids on top of the chunks before it. The client checks every chunk's envelope and SHA-256
 (and the codec its CRC-32) before using it.
+
+`ManifestBase` holds what this manifest and a compressed context's (`kvlife.stream.pieces.PieceManifest`)
+share: the common fields, their JSON and its validation, and the store-key cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from kvlife.codec import LEVELS, encode_levels
 from kvlife.codec.format import chunk_bytes, parse_header
@@ -47,20 +51,126 @@ class ChunkInfo:
     crc32: int
 
 
-@dataclass
-class Manifest:
+M = TypeVar("M", bound="ManifestBase")
+
+
+@dataclass(kw_only=True)
+class ManifestBase(ABC):
+    """What a dense `Manifest` and a compressed context's `PieceManifest` share: the context, the model
+    it fits, its levels and per level a table of its chunks; their JSON and the store-key cache.
+
+    A subclass names its FORMAT and adds its own fields: how they go to JSON (`_own_json`) and back
+    (`_own_from_json`), how many rows a level's table has (`n_chunks`, `_table_length`), what else a
+    valid manifest needs (`_check`) and a level's store keys (`_level_keys`)."""
+
+    FORMAT: ClassVar[str]
+    TABLE: ClassVar[tuple[str, str]]  # for messages: what a table's rows are, what their number comes from
+    DEFAULT_DTYPE: ClassVar[str | None] = None  # what a manifest without "dtype" means (None: it needs one)
+
     context_id: str
     token_ids: list[int]
-    chunk_tokens: int
     levels: list[str]  # best quality first
-    chunks: dict[str, list[ChunkInfo]]  # level -> per chunk
-    header_sha256: str
-    header_bytes: int
+    chunks: dict[str, list[ChunkInfo]]  # level -> per chunk (the name `Fetch` and `StreamClient.chunk` read)
     model_fingerprint: str
+    dtype: str
     model: str = ""
-    dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
     _keys: dict[str, list[str]] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    @abstractmethod
+    def n_chunks(self) -> int:
+        """Rows in each level's chunk table."""
+
+    @abstractmethod
+    def _level_keys(self, level: str) -> list[str]:
+        """The store key of every chunk at `level`, in order."""
+
+    @abstractmethod
+    def _own_json(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The subclass's fields as JSON: those its format puts before `levels`, and those after it."""
+
+    @classmethod
+    @abstractmethod
+    def _own_from_json(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """The subclass's fields read from JSON, as constructor keywords (KeyError etc. if malformed)."""
+
+    @classmethod
+    @abstractmethod
+    def _table_length(cls, own: dict[str, Any], token_ids: list[int]) -> int:
+        """How many rows each level's chunk table needs, given the fields `_own_from_json` read."""
+
+    @abstractmethod
+    def _check(self) -> None:
+        """Raise StreamError if the parsed manifest cannot be used (no tokens, unknown levels, ...)."""
+
+    def size(self, level: str, index: int) -> int:
+        return self.chunks[level][index].bytes
+
+    def chunk_key(self, level: str, index: int) -> str:
+        if level not in self._keys:
+            self._keys[level] = self._level_keys(level)
+        return self._keys[level][index]
+
+    def keys(self) -> list[str]:
+        """Every chunk's store key: each level's chunks in order."""
+        return [self.chunk_key(level, i) for level in self.levels for i in range(self.n_chunks)]
+
+    def to_json(self) -> dict[str, Any]:
+        before, after = self._own_json()
+        return {
+            "format": self.FORMAT, "context_id": self.context_id, "model": self.model,
+            "model_fingerprint": self.model_fingerprint, "dtype": self.dtype,
+            **before, "levels": self.levels, **after,
+            "chunks": {level: [[c.bytes, c.sha256, c.crc32] for c in infos]
+                       for level, infos in self.chunks.items()},
+            "token_ids": self.token_ids, "extra": self.extra,
+        }
+
+    @classmethod
+    def from_json(cls: type[M], data: Any) -> M:
+        """Validate a manifest read from the network; raises StreamError naming what is wrong."""
+        if not isinstance(data, dict) or data.get("format") != cls.FORMAT:
+            raise StreamError(f"not a {cls.FORMAT} manifest")
+        try:
+            token_ids = [int(t) for t in data["token_ids"]]
+            own = cls._own_from_json(data)
+            levels = [str(level) for level in data["levels"]]
+            length = cls._table_length(own, token_ids)
+            chunks = {}
+            for level in levels:
+                rows = data["chunks"][level]
+                if len(rows) != length:
+                    row_name, counted_from = cls.TABLE
+                    raise StreamError(f"manifest level {level}: {len(rows)} {row_name}, the {counted_from} "
+                                      f"need {length}")
+                chunks[level] = [ChunkInfo(int(b), str(s), int(c)) for b, s, c in rows]
+            dtype = data["dtype"] if cls.DEFAULT_DTYPE is None else data.get("dtype", cls.DEFAULT_DTYPE)
+            manifest = cls(context_id=check_context_id(str(data["context_id"])), token_ids=token_ids,
+                           levels=levels, chunks=chunks, model_fingerprint=str(data["model_fingerprint"]),
+                           dtype=str(dtype), model=str(data.get("model", "")),
+                           extra=dict(data.get("extra", {})), **own)
+        except StreamError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StreamError(f"malformed manifest: {type(exc).__name__}: {exc}") from None
+        manifest._check()
+        return manifest
+
+
+@dataclass(kw_only=True)
+class Manifest(ManifestBase):
+    """A dense context's manifest: chunks of `chunk_tokens` tokens, decoded with the codec header stored
+    under `header_sha256`."""
+
+    FORMAT = CONTEXT_FORMAT
+    TABLE = ("chunks", "tokens")
+    DEFAULT_DTYPE = "float32"
+
+    chunk_tokens: int
+    header_sha256: str
+    header_bytes: int
+    dtype: str = DEFAULT_DTYPE
 
     @property
     def n_chunks(self) -> int:
@@ -69,18 +179,13 @@ class Manifest:
     def chunk_ids(self, index: int) -> list[int]:
         return self.token_ids[index * self.chunk_tokens:(index + 1) * self.chunk_tokens]
 
-    def size(self, level: str, index: int) -> int:
-        return self.chunks[level][index].bytes
-
     def namespace(self, level: str) -> Namespace:
         """The store namespace of the context's chunks at `level`."""
         return Namespace(self.model_fingerprint, self.dtype, DENSE_PREFILL, f"kvlife:{level}",
                          self.chunk_tokens, salt=f"stream-header:{self.header_sha256}")
 
-    def chunk_key(self, level: str, index: int) -> str:
-        if level not in self._keys:
-            self._keys[level] = chunk_keys(self.token_ids, self.namespace(level), tail=True)
-        return self._keys[level][index]
+    def _level_keys(self, level: str) -> list[str]:
+        return chunk_keys(self.token_ids, self.namespace(level), tail=True)
 
     @property
     def header_key(self) -> str:
@@ -89,48 +194,25 @@ class Manifest:
 
     def keys(self) -> list[str]:
         """Every store key the context names: the header's, then each level's chunks in order."""
-        chunks = [self.chunk_key(level, i) for level in self.levels for i in range(self.n_chunks)]
-        return [self.header_key, *chunks]
+        return [self.header_key, *super().keys()]
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": CONTEXT_FORMAT, "context_id": self.context_id, "model": self.model,
-            "model_fingerprint": self.model_fingerprint, "dtype": self.dtype,
-            "chunk_tokens": self.chunk_tokens, "levels": self.levels, "header_sha256": self.header_sha256,
-            "header_bytes": self.header_bytes,
-            "chunks": {level: [[c.bytes, c.sha256, c.crc32] for c in infos]
-                       for level, infos in self.chunks.items()},
-            "token_ids": self.token_ids, "extra": self.extra,
-        }
+    def _own_json(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        return ({"chunk_tokens": self.chunk_tokens},
+                {"header_sha256": self.header_sha256, "header_bytes": self.header_bytes})
 
     @classmethod
-    def from_json(cls, data: Any) -> Manifest:
-        """Validate a manifest read from the network; raises StreamError naming what is wrong."""
-        if not isinstance(data, dict) or data.get("format") != CONTEXT_FORMAT:
-            raise StreamError(f"not a {CONTEXT_FORMAT} manifest")
-        try:
-            ids = [int(t) for t in data["token_ids"]]
-            chunk_tokens = int(data["chunk_tokens"])
-            levels = [str(level) for level in data["levels"]]
-            n_chunks = -(-len(ids) // max(chunk_tokens, 1))
-            chunks = {}
-            for level in levels:
-                rows = data["chunks"][level]
-                if len(rows) != n_chunks:
-                    raise StreamError(f"manifest level {level}: {len(rows)} chunks, the tokens need "
-                                      f"{n_chunks}")
-                chunks[level] = [ChunkInfo(int(b), str(s), int(c)) for b, s, c in rows]
-            manifest = cls(check_context_id(str(data["context_id"])), ids, chunk_tokens, levels, chunks,
-                           str(data["header_sha256"]), int(data["header_bytes"]),
-                           str(data["model_fingerprint"]), str(data.get("model", "")),
-                           str(data.get("dtype", "float32")), dict(data.get("extra", {})))
-        except StreamError:
-            raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StreamError(f"malformed manifest: {type(exc).__name__}: {exc}") from None
-        if chunk_tokens < 1 or not ids or not levels or any(level not in LEVELS for level in levels):
+    def _own_from_json(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return {"chunk_tokens": int(data["chunk_tokens"]), "header_sha256": str(data["header_sha256"]),
+                "header_bytes": int(data["header_bytes"])}
+
+    @classmethod
+    def _table_length(cls, own: dict[str, Any], token_ids: list[int]) -> int:
+        return -(-len(token_ids) // max(own["chunk_tokens"], 1))
+
+    def _check(self) -> None:
+        levels = self.levels
+        if self.chunk_tokens < 1 or not self.token_ids or not levels or set(levels) - set(LEVELS):
             raise StreamError(f"manifest needs tokens, chunk_tokens >= 1 and known levels (got {levels})")
-        return manifest
 
 
 @dataclass
@@ -180,8 +262,9 @@ def build_context(
         infos[level] = [ChunkInfo(len(p), hashlib.sha256(p).hexdigest(), crc)  # the chunk table's checksum
                         for p, crc in zip(parts, header.chunk_crcs)]
     dtype = str(cache.layers[0].keys.dtype).replace("torch.", "")
-    manifest = Manifest(context_id, [int(t) for t in token_ids], chunk_tokens, levels, infos,
-                        hashlib.sha256(header_blob).hexdigest(), len(header_blob), model_fingerprint, model,
-                        dtype)
+    manifest = Manifest(context_id=context_id, token_ids=[int(t) for t in token_ids], levels=levels,
+                        chunks=infos, model_fingerprint=model_fingerprint, dtype=dtype, model=model,
+                        chunk_tokens=chunk_tokens, header_sha256=hashlib.sha256(header_blob).hexdigest(),
+                        header_bytes=len(header_blob))
     return StreamContext(manifest, header_blob, chunks)
 

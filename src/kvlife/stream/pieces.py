@@ -26,14 +26,14 @@ from __future__ import annotations
 import hashlib
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kvlife.codec import LEVELS
 from kvlife.store.base import ChunkCorrupt
 from kvlife.store.entries import StoredLayer, compressed_namespace, decode_entry, encode_entry, entry_key
 from kvlife.store.keys import Namespace
-from kvlife.stream.context import ChunkInfo, StreamError, check_context_id
+from kvlife.stream.context import ChunkInfo, ManifestBase, StreamError, check_context_id
 
 PIECES_FORMAT = "kvlife-stream-compressed/1"
 RAW = "raw"
@@ -55,22 +55,19 @@ def check_levels(levels: Sequence[str] | None) -> list[str]:
     return [level for level in PIECE_LEVELS if level in levels]
 
 
-@dataclass
-class PieceManifest:
-    context_id: str
-    token_ids: list[int]
-    levels: list[str]  # best quality first
-    chunks: dict[str, list[ChunkInfo]]  # level -> per piece (the name `Fetch` and `StreamClient.chunk` read)
+@dataclass(kw_only=True)
+class PieceManifest(ManifestBase):
+    """A compressed context's manifest: per piece its layers (`groups`) and work, and the recipe a session
+    must match to use the pieces."""
+
+    FORMAT = PIECES_FORMAT
+    TABLE = ("pieces", "groups")
+
     groups: list[tuple[int, int]]  # per piece: its first and last layer (inclusive)
     work: list[int]  # per piece: bytes of its layers as fp16 (what decoding it produces)
-    model_fingerprint: str
-    dtype: str
     recipe: str  # the recipe identity (`Session.compressed_identity`): spec, kvlife version, turn end, files
     spec: str  # the recipe's spec alone, for messages and `kvlife fetch --method`
     codec_tokens: int = 256  # the codec's chunk tokens inside each piece
-    model: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-    _keys: dict[str, list[str]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def n_chunks(self) -> int:
@@ -79,69 +76,39 @@ class PieceManifest:
     def chunk_ids(self, index: int) -> list[int]:
         raise StreamError("a compressed context's pieces have no tokens of their own to recompute")
 
-    def size(self, level: str, index: int) -> int:
-        return self.chunks[level][index].bytes
-
     def namespace(self, level: str, index: int) -> Namespace:
         first, last = self.groups[index]
         return compressed_namespace(self.model_fingerprint, self.dtype, self.recipe, level_encoding(level),
                                     self.codec_tokens, salt=f"stream-piece:{index}:{first}-{last}")
 
-    def chunk_key(self, level: str, index: int) -> str:
-        if level not in self._keys:
-            self._keys[level] = [entry_key(self.namespace(level, i), self.token_ids)
-                                 for i in range(self.n_chunks)]
-        return self._keys[level][index]
+    def _level_keys(self, level: str) -> list[str]:
+        return [entry_key(self.namespace(level, i), self.token_ids) for i in range(self.n_chunks)]
 
-    def keys(self) -> list[str]:
-        """Every store key the context names: each level's pieces in order."""
-        return [self.chunk_key(level, i) for level in self.levels for i in range(self.n_chunks)]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": PIECES_FORMAT, "context_id": self.context_id, "model": self.model,
-            "model_fingerprint": self.model_fingerprint, "dtype": self.dtype, "recipe": self.recipe,
-            "spec": self.spec, "codec_tokens": self.codec_tokens, "levels": self.levels,
-            "groups": [list(g) for g in self.groups], "work": self.work,
-            "chunks": {level: [[c.bytes, c.sha256, c.crc32] for c in infos]
-                       for level, infos in self.chunks.items()},
-            "token_ids": self.token_ids, "extra": self.extra,
-        }
+    def _own_json(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        return ({"recipe": self.recipe, "spec": self.spec, "codec_tokens": self.codec_tokens},
+                {"groups": [list(g) for g in self.groups], "work": self.work})
 
     @classmethod
-    def from_json(cls, data: Any) -> PieceManifest:
-        """Validate a manifest read from the network; raises StreamError naming what is wrong."""
-        if not isinstance(data, dict) or data.get("format") != PIECES_FORMAT:
-            raise StreamError(f"not a {PIECES_FORMAT} manifest")
-        try:
-            groups = [(int(first), int(last)) for first, last in data["groups"]]
-            levels = [str(level) for level in data["levels"]]
-            chunks = {}
-            for level in levels:
-                rows = data["chunks"][level]
-                if len(rows) != len(groups):
-                    raise StreamError(f"manifest level {level}: {len(rows)} pieces, the groups need "
-                                      f"{len(groups)}")
-                chunks[level] = [ChunkInfo(int(b), str(s), int(c)) for b, s, c in rows]
-            manifest = cls(check_context_id(str(data["context_id"])), [int(t) for t in data["token_ids"]],
-                           levels, chunks, groups, [int(w) for w in data["work"]],
-                           str(data["model_fingerprint"]), str(data["dtype"]), str(data["recipe"]),
-                           str(data["spec"]), int(data["codec_tokens"]), str(data.get("model", "")),
-                           dict(data.get("extra", {})))
-        except StreamError:
-            raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StreamError(f"malformed manifest: {type(exc).__name__}: {exc}") from None
+    def _own_from_json(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return {"groups": [(int(first), int(last)) for first, last in data["groups"]],
+                "work": [int(w) for w in data["work"]], "recipe": str(data["recipe"]),
+                "spec": str(data["spec"]), "codec_tokens": int(data["codec_tokens"])}
+
+    @classmethod
+    def _table_length(cls, own: dict[str, Any], token_ids: list[int]) -> int:
+        return len(own["groups"])
+
+    def _check(self) -> None:
+        groups, levels = self.groups, self.levels
         expected = 0
         for first, last in groups:
             if first != expected or last < first:
                 raise StreamError(f"manifest layer groups do not cover the layers in order: {groups}")
             expected = last + 1
-        if not groups or not manifest.token_ids or len(manifest.work) != len(groups) or \
+        if not groups or not self.token_ids or len(self.work) != len(groups) or \
                 any(level not in PIECE_LEVELS for level in levels) or not levels:
             raise StreamError(f"manifest needs tokens, layer groups, their work and known levels "
                               f"(got {levels})")
-        return manifest
 
 
 @dataclass
@@ -186,8 +153,10 @@ def build_pieces(layers: Sequence[StoredLayer], token_ids: Sequence[int], contex
         chunks[level] = parts
         infos[level] = [ChunkInfo(len(p), hashlib.sha256(p).hexdigest(), zlib.crc32(p)) for p in parts]
     work = [sum(fp16_bytes(layer) for layer in layers[first:last + 1]) for first, last in groups]
-    manifest = PieceManifest(context_id, [int(t) for t in token_ids], levels, infos, groups, work,
-                             model_fingerprint, dtype, recipe, spec, codec_tokens, model, dict(extra or {}))
+    manifest = PieceManifest(context_id=context_id, token_ids=[int(t) for t in token_ids], levels=levels,
+                             chunks=infos, model_fingerprint=model_fingerprint, dtype=dtype, model=model,
+                             extra=dict(extra or {}), groups=groups, work=work, recipe=recipe, spec=spec,
+                             codec_tokens=codec_tokens)
     return PiecesContext(manifest, chunks)
 
 
