@@ -129,6 +129,19 @@ def test_never_served_to_another_recipe_model_dtype_or_tenant(models):
     assert same.store.last["store_hit_tokens"] == len(same.context_ids)
 
 
+def test_an_entry_made_under_another_default_is_not_served(models, monkeypatch):
+    """The spec names only non-default parameters: after a default changes (a new kvlife), the same spec
+    is another cache, and an entry stored before must be a miss."""
+    from kvlife.methods.compress.kvzip import KVzip
+    store = open_store("memory", chunk_size=16)
+    answer(session(models["qwen2"], "kvzip(ratio=0.25)", store))
+    monkeypatch.setattr(KVzip.__dataclass_fields__["n_sink"], "default", 5)  # a release where 5 is default
+    changed = session(models["qwen2"], "kvzip(ratio=0.25,n_sink=5)", store)
+    assert changed.recipe.spec == "kvzip(ratio=0.25)" and changed.recipe.methods[-1].n_sink == 5
+    answer(changed)
+    assert changed.store.last["store_hit_tokens"] == 0
+
+
 def test_a_raw_store_and_a_coded_store_never_share_an_entry(models):
     tiers = open_store("memory", chunk_size=16).tiers
     raw = open_store("memory", chunk_size=16)

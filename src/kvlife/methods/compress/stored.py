@@ -7,13 +7,15 @@ Every layer kind a compress method leaves behind is stored with every kept token
   padding slots zero with `PAD_POSITION` (no query sees them, so attention is exactly as before);
 - `kivi` (`KiviLayer`): the packed codes, scales, minimums and the exact residual, as they are.
 
-`recipe_identity` names what shapes a compressed cache beyond the tokens: the recipe's spec, the
+`recipe_identity` names what shapes a compressed cache beyond the tokens: the recipe's spec, every
+method's parameters with their defaults (a changed default is another cache, not the same spec), the
 kvlife version (a method's code), the prompt format's turn end (kvzip feeds it) and what a method
 reads from files (`store_identity`, e.g. duo_attention's head split).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -35,6 +37,8 @@ def recipe_identity(recipe: Any, model: Any, turn_end: list[int]) -> str:
     parts = [recipe.spec, f"kvlife={__version__}",
              "turn_end=" + hashlib.sha256(json.dumps(list(turn_end)).encode()).hexdigest()[:16]]
     for method in recipe.methods:
+        params = {item.name: getattr(method, item.name) for item in dataclasses.fields(method)}
+        parts.append(f"{method.name}:{json.dumps(params, sort_keys=True, default=str)}")
         identity = getattr(method, "store_identity", None)
         if identity is not None:
             parts.append(f"{method.name}={identity(model)}")
