@@ -54,6 +54,7 @@ AGNOSTIC = ["kvzip(ratio=0.25)", "expected_attention(ratio=0.25)", "keydiff(rati
 # (recipe, encoding, task, context tokens or None for the profile's), most important first
 FIRST = [(spec, RAW, task, None) for task in ("kv", "prefix_suffix")
          for spec in ["dense", "kvzip(ratio=0.25)", "snapkv(ratio=0.25)", *AGNOSTIC[1:]]]
+FIRST += [("kvzip(ratio=0.25,level=uniform)", RAW, "kv", None)]  # the default until KVzip's "pair" replaced it
 LATER = ([(spec, RAW, task, None) for task in ("qa_eng", "repoqa")
           for spec in ["dense", "kvzip(ratio=0.25)", "snapkv(ratio=0.25)", *AGNOSTIC[1:]]]
          + [(spec, RAW, task, None) for task in ("kv", "prefix_suffix", "qa_eng", "repoqa")

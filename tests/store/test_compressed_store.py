@@ -18,7 +18,7 @@ from tiny import ByteTokenizer, tiny_model, tiny_tokenizer
 
 CONTEXT = "the quick brown fox jumps over the lazy dog and keeps running far away. " * 3
 QUERY = "what jumps?"
-RECIPES = ["kvzip(ratio=0.25)", "kvzip(ratio=0.25,level=pair)", "adakv(ratio=0.25)", "kivi(bits=2)",
+RECIPES = ["kvzip(ratio=0.25,level=uniform)", "kvzip(ratio=0.25)", "adakv(ratio=0.25)", "kivi(bits=2)",
            "snapkv(ratio=0.25)", "streamingllm(budget=40)"]
 
 

@@ -20,7 +20,7 @@ from kvlife.stream.pieces import PieceManifest
 TEXT = "The lighthouse keeper counted 41 boats; the baker sold 17 loaves at dawn. " * 4 + "End."
 QUERY = "How many boats?"
 LEVELS = ["raw", "high", "balanced", "extreme"]
-CASES = [("qwen2", "kvzip(ratio=0.25)"), ("qwen2", "kvzip(ratio=0.25,level=head)"),
+CASES = [("qwen2", "kvzip(ratio=0.25,level=uniform)"), ("qwen2", "kvzip(ratio=0.25,level=head)"),
          ("qwen2", "adakv(ratio=0.25)"), ("qwen2", "kivi(bits=2)"),
          ("gemma3", "kvzip(ratio=0.25,level=head)")]
 
@@ -95,7 +95,7 @@ def test_a_lossy_level_decodes_with_every_position_kept(models, stream_url, comp
 
 
 def test_never_served_to_another_recipe_model_or_dtype(models, stream_url, compressed):
-    _, manifest = compressed["qwen2", "kvzip(ratio=0.25)"]
+    _, manifest = compressed["qwen2", "kvzip(ratio=0.25,level=uniform)"]
     others = [session(models["qwen2"], "kvzip(ratio=0.5)"),
               session(models["qwen2"], "kvzip(ratio=0.25,level=head)"),
               session(models["qwen2"], "snapkv(ratio=0.25)"),
@@ -141,33 +141,33 @@ def test_a_corrupt_or_lost_piece_is_fetched_again_never_used(models, stream_url,
 
 
 def test_a_piece_bad_every_time_makes_the_session_recompress(models, stream_url, compressed):
-    local, manifest = compressed["qwen2", "kvzip(ratio=0.25)"]
+    local, manifest = compressed["qwen2", "kvzip(ratio=0.25,level=uniform)"]
     faults = {0: ["corrupt", "corrupt"]}
     with pytest.raises(StreamError, match="no per-piece recompute"):
         StreamClient(FaultyLink(StreamClient(stream_url).transport, dict(faults), manifest)).fetch_pieces(
             manifest.context_id, 30.0, "raw", FetchConfig(max_attempts=2))
-    streamed = session(models["qwen2"], "kvzip(ratio=0.25)")
+    streamed = session(models["qwen2"], "kvzip(ratio=0.25,level=uniform)")
     link = FaultyLink(StreamClient(stream_url).transport, faults, manifest)
     report = fetch_into(streamed, StreamClient(link), manifest.context_id, slo=30.0, policy="raw",
                         config=FetchConfig(max_attempts=2))
     assert "failed 2 times" in report.recompressed
     assert_same_cache(streamed, local)  # recompressed from the manifest's tokens: the same cache
-    again = session(models["qwen2"], "kvzip(ratio=0.25)")
+    again = session(models["qwen2"], "kvzip(ratio=0.25,level=uniform)")
     assert fetch_into(again, stream_url, manifest.context_id, 30.0, policy="recompute").recompressed
     assert_same_cache(again, local)
     for policy, slo in (("fastest", 30.0), ("raw", 0.0)):  # the caller's mistakes are errors, not a fallback
         with pytest.raises(StreamError, match="not valid"):
-            fetch_into(session(models["qwen2"], "kvzip(ratio=0.25)"), stream_url, manifest.context_id, slo,
-                       policy=policy)
+            fetch_into(session(models["qwen2"], "kvzip(ratio=0.25,level=uniform)"), stream_url,
+                       manifest.context_id, slo, policy=policy)
 
 
 def test_pieces_are_store_chunks_under_the_recipe_namespace(compressed):
-    _, first = compressed["qwen2", "kvzip(ratio=0.25)"]
+    _, first = compressed["qwen2", "kvzip(ratio=0.25,level=uniform)"]
     _, other = compressed["qwen2", "kvzip(ratio=0.25,level=head)"]
     keys = first.keys()
     assert len(set(keys)) == len(LEVELS) * first.n_chunks
     assert not set(keys) & set(other.keys())  # another recipe: other keys
-    assert first.namespace("raw", 0).recipe.startswith("compressed:kvzip(ratio=0.25)|kvlife=")
+    assert first.namespace("raw", 0).recipe.startswith("compressed:kvzip(ratio=0.25,level=uniform)|kvlife=")
     assert PieceManifest.from_json(json.loads(json.dumps(first.to_json()))).keys() == keys
 
 
@@ -222,7 +222,7 @@ def test_cli_errors_are_one_line(argv, message, stream_url, published, compresse
     """`published` puts the dense context tiny-doc; `compressed` the compressed contexts (CMP below)."""
     text = tmp_path / "doc.txt"
     text.write_text(TEXT)
-    cmp = context_id("qwen2", "kvzip(ratio=0.25)")
+    cmp = context_id("qwen2", "kvzip(ratio=0.25,level=uniform)")
     argv = [a.format(url=stream_url, text=text, tmp=tmp_path, cmp=cmp) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
