@@ -164,6 +164,19 @@ def test_resume_refuses_a_different_run(tmp_path, small_profile):
         _run(tmp_path, tiny_model(), method="streamingllm(n_local=8)", out=tmp_path / "run")
 
 
+def test_resume_refuses_a_run_made_under_another_default(tmp_path, small_profile, monkeypatch):
+    """The spec names only non-default parameters; config.json holds them all, and a resume after a
+    default changed (the same spec, another computation) is refused."""
+    from kvlife.methods.compress.streamingllm import StreamingLLM
+    out = _run(tmp_path, tiny_model(), method="streamingllm(n_local=8)")
+    params = json.loads((out / "config.json").read_text())["method_params"]
+    assert params["streamingllm"]["n_local"] == 8 and "n_sink" in params["streamingllm"]
+    _run(tmp_path, tiny_model(), method="streamingllm(n_local=8)")  # the same parameters: resumes
+    monkeypatch.setattr(StreamingLLM.__dataclass_fields__["n_sink"], "default", 2)  # a release where 2 is
+    with pytest.raises(ResultsError, match="other parameters"):
+        _run(tmp_path, tiny_model(), method="streamingllm(n_local=8,n_sink=2)")
+
+
 def test_unwritable_output_dir(tmp_path, small_profile):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -7,6 +7,7 @@ run loses at most the sample in flight, and a restarted run recomputes nothing a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -88,6 +89,13 @@ def versions() -> dict[str, str]:
     }
 
 
+def method_params(recipe) -> dict[str, dict[str, Any]]:
+    """Each method of the recipe by name, with every parameter (defaults included), JSON-ready."""
+    return {method.name: json.loads(json.dumps({item.name: getattr(method, item.name)
+                                                for item in dataclasses.fields(method)}, default=str))
+            for method in recipe.methods}
+
+
 def prepare_out(out: Path, config: BenchConfig) -> None:
     """Create the run directory, or check that an existing one belongs to the same run."""
     try:
@@ -107,6 +115,10 @@ def prepare_out(out: Path, config: BenchConfig) -> None:
             raise ResultsError(
                 f"{out} holds a different run (its config.json differs); use another --out directory"
             )
+        params = config.extra.get("method_params")
+        if "method_params" in existing and params is not None and existing["method_params"] != params:
+            raise ResultsError(f"{out} was run with other parameters for {config.method} (a default "
+                               "changed since); use another --out directory")
         return
     payload = {
         "identity": config.identity(),
@@ -186,6 +198,9 @@ def run(config: BenchConfig, out: Path | None = None, model=None, tokenizer=None
     `backend`: what computes the turns (kvlife.backends); default: the one `config.backend` names."""
     recipe = parse(config.method)  # fail on a bad spec, task or model before writing anything
     config.method = recipe.spec
+    # every parameter with its default: the spec names only non-default ones, so a run made under
+    # another default has the same identity; a resume checks these
+    config.extra = {"method_params": method_params(recipe), **config.extra}
     if config.backend == "local":  # the dtype the run computes in, recorded resolved ("auto" is not a dtype)
         config.dtype = dtype_name(
             next(model.parameters()).dtype if model is not None else resolve_dtype(config.dtype)
