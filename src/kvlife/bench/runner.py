@@ -200,7 +200,7 @@ def run(config: BenchConfig, out: Path | None = None, model=None, tokenizer=None
     config.method = recipe.spec
     # every parameter with its default: the spec names only non-default ones, so a run made under
     # another default has the same identity; a resume checks these
-    config.extra = {"method_params": method_params(recipe), **config.extra}
+    config.extra = {**config.extra, "method_params": method_params(recipe)}
     if config.backend == "local":  # the dtype the run computes in, recorded resolved ("auto" is not a dtype)
         config.dtype = dtype_name(
             next(model.parameters()).dtype if model is not None else resolve_dtype(config.dtype)
