@@ -116,7 +116,7 @@ def test_cache_bytes_count_state_and_match_the_memory_model(models, kind):
 
 @pytest.mark.parametrize("kind", ["jamba", "zamba2", "lfm2", "qwen3_next"])
 @pytest.mark.parametrize("recipe", ["snapkv(ratio=0.25)", "streamingllm(ratio=0.25)", "pyramidkv(ratio=0.25)",
-                                    "kvzip(ratio=0.25)", "dense+quest"])
+                                    "kvzip(ratio=0.25,level=uniform)", "dense+quest"])
 def test_attention_methods_leave_the_state_exact(models, kind, recipe):
     model = models[kind]
     dense, method = session(model), session(model, recipe)
@@ -132,10 +132,11 @@ def test_attention_methods_leave_the_state_exact(models, kind, recipe):
 
 
 def test_layer_replacing_methods_refuse_hybrid_layers(models):
-    """kivi replaces a layer's cache object; on Zamba2's hybrid layers that would drop the state."""
-    method = session(models["zamba2"], "kivi")
-    with pytest.raises(KvlifeError, match="recurrent state"):
-        method.prefill(CONTEXT)
+    """kivi (and kvzip at its default pair level, head-ragged) replace a layer's cache object; on Zamba2's
+    hybrid layers that would drop the state."""
+    for spec in ("kivi", "kvzip(ratio=0.25)"):
+        with pytest.raises(KvlifeError, match="recurrent state"):
+            session(models["zamba2"], spec).prefill(CONTEXT)
     lfm2 = session(models["lfm2"], "kivi")  # attention layers without state: quantized as usual
     lfm2.prefill(CONTEXT)
     assert lfm2.cache.bytes() < session(models["lfm2"]).prefill(CONTEXT).cache_bytes
