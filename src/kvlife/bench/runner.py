@@ -7,7 +7,6 @@ run loses at most the sample in flight, and a restarted run recomputes nothing a
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -91,9 +90,7 @@ def versions() -> dict[str, str]:
 
 def method_params(recipe) -> dict[str, dict[str, Any]]:
     """Each method of the recipe by name, with every parameter (defaults included), JSON-ready."""
-    return {method.name: json.loads(json.dumps({item.name: getattr(method, item.name)
-                                                for item in dataclasses.fields(method)}, default=str))
-            for method in recipe.methods}
+    return {method.name: json.loads(json.dumps(method.params(), default=str)) for method in recipe.methods}
 
 
 def prepare_out(out: Path, config: BenchConfig) -> None:

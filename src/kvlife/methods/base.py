@@ -47,6 +47,11 @@ class Method:
                 parts.append(f"{item.name}={value}")
         return f"{self.name}({','.join(parts)})" if parts else self.name
 
+    def params(self) -> dict[str, Any]:
+        """Every parameter with its value, defaults included (the spec names only non-default ones, so a
+        changed default leaves the spec as it was: what identifies a computation uses these)."""
+        return {item.name: getattr(self, item.name) for item in dataclasses.fields(self)}
+
     @classmethod
     def describe(cls) -> dict[str, Any]:
         params = {item.name: item.default for item in dataclasses.fields(cls)}

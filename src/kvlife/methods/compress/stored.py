@@ -15,7 +15,6 @@ reads from files (`store_identity`, e.g. duo_attention's head split).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -37,8 +36,7 @@ def recipe_identity(recipe: Any, model: Any, turn_end: list[int]) -> str:
     parts = [recipe.spec, f"kvlife={__version__}",
              "turn_end=" + hashlib.sha256(json.dumps(list(turn_end)).encode()).hexdigest()[:16]]
     for method in recipe.methods:
-        params = {item.name: getattr(method, item.name) for item in dataclasses.fields(method)}
-        parts.append(f"{method.name}:{json.dumps(params, sort_keys=True, default=str)}")
+        parts.append(f"{method.name}:{json.dumps(method.params(), sort_keys=True, default=str)}")
         identity = getattr(method, "store_identity", None)
         if identity is not None:
             parts.append(f"{method.name}={identity(model)}")
