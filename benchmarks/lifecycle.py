@@ -37,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from foundation import machine  # noqa: E402
+from lifecycle_fetch import fetch_rows  # noqa: E402
 
 from kvlife import models  # noqa: E402
 from kvlife.bench.runner import BenchConfig, read_rows, run  # noqa: E402
@@ -54,14 +55,16 @@ AGNOSTIC = ["kvzip(ratio=0.25)", "expected_attention(ratio=0.25)", "keydiff(rati
 # (recipe, encoding, task, context tokens or None for the profile's), most important first
 FIRST = [(spec, RAW, task, None) for task in ("kv", "prefix_suffix")
          for spec in ["dense", "kvzip(ratio=0.25)", "snapkv(ratio=0.25)", *AGNOSTIC[1:]]]
-FIRST += [("kvzip(ratio=0.25,level=uniform)", RAW, "kv", None)]  # the default until KVzip's "pair" replaced it
+# the default until KVzip's "pair" replaced it
+FIRST += [("kvzip(ratio=0.25,level=uniform)", RAW, "kv", None)]
 LATER = ([(spec, RAW, task, None) for task in ("qa_eng", "repoqa")
           for spec in ["dense", "kvzip(ratio=0.25)", "snapkv(ratio=0.25)", *AGNOSTIC[1:]]]
          + [(spec, RAW, task, None) for task in ("kv", "prefix_suffix", "qa_eng", "repoqa")
             for spec in ["kivi(bits=2)", "kvzip(ratio=0.1)", "kvzip(ratio=0.5)"]]
          + [(spec, BALANCED, task, None) for task in ("kv", "prefix_suffix", "qa_eng", "repoqa")
             for spec in ["dense", "kvzip(ratio=0.25)"]]
-         + [(spec, enc, "kv", 8192) for spec in ["dense", "kvzip(ratio=0.25)"] for enc in (RAW, BALANCED)])
+         + [(spec, enc, "kv", 8192) for spec in ["dense", "kvzip(ratio=0.25)"] for enc in (RAW, BALANCED)]
+         + [("kvzip(ratio=0.25)", "kvlife:high", "kv", None)])  # does a finer step keep kv's UUIDs?
 SETS = {"first": FIRST, "all": FIRST + LATER}
 
 
@@ -107,9 +110,13 @@ class Lifecycle:
     def store(self, encoding: str):
         return open_store(f"disk:{self.out / 'store' / encoding.replace(':', '-')}", encoding=encoding)
 
+    def samples(self, context_tokens: int | None) -> int:
+        return self.args.long_samples if context_tokens else self.args.samples
+
     def config(self, spec: str, task: str, context_tokens: int | None) -> BenchConfig:
         return BenchConfig(model=self.args.model, tasks=[task], mode="multi-request", method=spec,
-                           samples=self.args.samples, context_tokens=context_tokens, dtype=self.args.dtype)
+                           samples=self.samples(context_tokens), context_tokens=context_tokens,
+                           dtype=self.args.dtype)
 
     def run_dir(self, spec: str, encoding: str, task: str, context_tokens: int | None) -> Path:
         return self.out / f"{self.config(spec, task, context_tokens).run_id()}-{encoding.replace(':', '-')}"
@@ -124,6 +131,7 @@ class Lifecycle:
         model, tokenizer = self.load()
         config = self.config(spec, task, context_tokens)
         run_dir = self.run_dir(*key)
+        seeded = self.seed(spec, encoding, task, context_tokens) if spec != "dense" and encoding != RAW else 0
         started = time.perf_counter()
         run(config, out=run_dir, model=model, tokenizer=tokenizer, progress=False, store=self.store(encoding))
         accuracy_s = time.perf_counter() - started
@@ -132,7 +140,9 @@ class Lifecycle:
         stored = [r["store"].get("store_put_bytes", 0) or r["store"].get("store_entry_bytes", 0)
                   for r in firsts if r.get("store")]
         stored_tokens = [self.stored_tokens(r, spec) for r in firsts if r.get("store")]
-        times = self.times(spec, encoding, task, context_tokens)
+        raw_row = self.row_path((spec, RAW, task, context_tokens))
+        full = json.loads(raw_row.read_text()) if encoding != RAW and raw_row.exists() else None
+        times = self.times(spec, encoding, task, context_tokens, full)
         nll = [r["reference_nll"] for r in rows if r.get("reference_nll") is not None]
         return {
             "recipe": spec, "encoding": encoding, "task": task, "target_context_tokens": context_tokens,
@@ -144,7 +154,42 @@ class Lifecycle:
             "dense_fp16_bytes_per_token": fp16_bytes_per_token(model),
             "cache_bytes_turn1": round(sum(r["cache_bytes"] for r in firsts) / max(1, len(firsts))),
             **times, "accuracy_run_s": round(accuracy_s, 1), "run": run_dir.name,
+            "entries_transcoded_from_raw": seeded,
         }
+
+    def seed(self, spec: str, encoding: str, task: str, context_tokens: int | None) -> int:
+        """Put in the `encoding` store each sample's compressed context read from the raw store (the raw
+        row's entries), re-encoded: exactly the entry a miss would compute and put (the compression is
+        deterministic; the raw entry holds its cache exactly), without spending the compression again.
+        Samples the raw store lacks are left to the run. Returns how many entries were put."""
+        from kvlife.methods.compress import stored
+        from kvlife.models import model_fingerprint
+        from kvlife.store.entries import compressed_namespace, encode_entry, entry_key
+
+        model, tokenizer = self.load()
+        target = self.store(encoding)
+        put = 0
+        for sample in get_task(task).samples("default", self.samples(context_tokens), 0, context_tokens):
+            session = Session(model, tokenizer, spec, mode="multi-request", store=self.store(RAW))
+            session.prefill(sample.context)
+            if not session.store.last.get("store_hit_tokens"):
+                continue  # computed (and put raw) just now: the run below computes its own
+            identity = session.compressed_identity()
+            fingerprint = model_fingerprint(model)
+            raw_key, key = (entry_key(compressed_namespace(fingerprint, self.args.dtype, identity, enc,
+                                                           target.chunk_size), session.context_ids)
+                            for enc in (RAW, encoding))
+            if raw_key != session.store.last.get("store_entry"):  # the store's own key, computed here
+                raise RuntimeError("lifecycle: the raw entry's key is not the one computed here")
+            if target.fetch_prefix([key]):
+                continue
+            from kvlife.codec import rope_from_config
+
+            payload = encode_entry(stored.stored_layers(session.cache), encoding,
+                                   rope_from_config(model.config), target.chunk_size)
+            target.put(key, payload)
+            put += 1
+        return put
 
     @staticmethod
     def stored_tokens(row: dict, spec: str) -> int:
@@ -156,14 +201,21 @@ class Lifecycle:
                     else store["store_hit_tokens"])
         return row["context_tokens"]
 
-    def times(self, spec: str, encoding: str, task: str, context_tokens: int | None) -> dict:
+    def times(self, spec: str, encoding: str, task: str, context_tokens: int | None,
+              raw_row: dict | None = None) -> dict:
         """First token after a full prefill (and compression) and after a disk-store hit, on the first
-        sample."""
+        sample. The full prefill does not depend on the store's encoding: a `raw_row` (this recipe's raw
+        row, measured the same way) gives it."""
         model, tokenizer = self.load()
         sample = next(iter(get_task(task).samples("default", 1, 0, context_tokens)))
         query = sample.turns[0].query
         figures = {}
-        for name, store in (("full", None), ("hit", self.store(encoding))):
+        passes = (("full", None), ("hit", self.store(encoding)))
+        if raw_row is not None:
+            figures.update(ttft_full_s=raw_row["ttft_full_s"], compress_s=raw_row.get("compress_s"),
+                           ttft_full_from="raw row")
+            passes = passes[1:]
+        for name, store in passes:
             session = Session(model, tokenizer, spec, mode="multi-request", store=store)
             prefilled = session.prefill(sample.context)
             turn = session.ask(query, max_new_tokens=1, score_reference=False)
@@ -200,92 +252,6 @@ class Lifecycle:
             print(f"# {slug(*key)}: {time.perf_counter() - started:.0f} s", flush=True)
             self.write(keys)
 
-    def fetch(self, keys: list[tuple]) -> None:
-        """Time one context of each row through `kvlife serve --trace constant:100mbit`: a compressed row's
-        stored entry (read from the disk tier) streamed in pieces (`stream_entry`), or a blob of the stored
-        chunks' size (dense)."""
-        import hashlib
-        import os
-        import socket
-        import tempfile
-
-        from kvlife.store.envelope import open_chunk, seal_chunk
-        from kvlife.store.remote import RemoteBackend
-        from kvlife.stream import StreamClient
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        root = tempfile.mkdtemp(prefix="lifecycle-serve-")
-        server_command = [sys.executable, "-m", "kvlife.store.server", "--store", root, "--port", str(port),
-                          "--token", "lifecycle", "--trace", "constant:100mbit", "--max-chunk-bytes", "4e9"]
-        server = subprocess.Popen(server_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            remote = RemoteBackend(f"http://127.0.0.1:{port}", token="lifecycle", timeout_s=600)
-            for _ in range(100):
-                try:
-                    remote.stats()
-                    break
-                except Exception:
-                    time.sleep(0.2)
-            for key in keys:
-                path = self.row_path(key)
-                if not path.exists():
-                    continue
-                row = json.loads(path.read_text())
-                payload = None
-                if row.get("stored_key"):
-                    blob = self.store(row["encoding"]).tiers[0].get(row["stored_key"])
-                    payload = open_chunk(row["stored_key"], blob) if blob else None
-                if payload is not None and row["recipe"] != "dense":
-                    if row.get("fetch_path") != "stream-pieces":  # rows timed as one blob are timed again
-                        client = StreamClient(f"http://127.0.0.1:{port}", "lifecycle", timeout_s=600)
-                        self.stream_entry(client, row, payload)
-                        path.write_text(json.dumps(row, indent=2))
-                    continue
-                if row.get("fetch_100mbit_s") is not None:
-                    continue
-                if payload is None:
-                    payload = os.urandom(int(row["bytes_per_token"] * row["context_tokens"]))
-                name = hashlib.sha256(payload).hexdigest()
-                remote.put(name, seal_chunk(name, payload))
-                started = time.perf_counter()
-                fetched = remote.get_many([name])[0]
-                row["fetch_100mbit_s"] = round(time.perf_counter() - started, 3)
-                row["fetch_bytes"] = len(fetched or b"")
-                path.write_text(json.dumps(row, indent=2))
-                print(f"# fetch {path.stem}: {row['fetch_bytes']:,} bytes in {row['fetch_100mbit_s']} s",
-                      flush=True)
-        finally:
-            server.terminate()
-            server.wait(10)
-
-    def stream_entry(self, client, row: dict, payload: bytes) -> None:
-        """A compressed context's stored entry put on the server as `kvlife stream put --method` puts it
-        (pieces of one layer, at the row's encoding) and fetched as `kvlife fetch` fetches it, timed. No model
-        is loaded: the entry's key stands in for the model fingerprint and the token ids are placeholders of
-        the context's length (their bytes are in the manifest, as real ids would be)."""
-        from transformers import AutoConfig
-
-        from kvlife.codec import rope_from_config
-        from kvlife.store.entries import decode_entry
-        from kvlife.stream.pieces import build_pieces
-
-        layers = decode_entry(payload)
-        level = "raw" if row["encoding"] == RAW else row["encoding"].split(":", 1)[1]
-        rope = (None if level == "raw"
-                else rope_from_config(AutoConfig.from_pretrained(models.resolve(self.args.model))))
-        context_id = "lifecycle-" + row["stored_key"][:16]
-        context = build_pieces(layers, list(range(row["context_tokens"])), context_id, row["stored_key"],
-                               self.args.dtype, row["recipe"], row["recipe"], [level], 1, rope)
-        client.put(context)
-        fetched, report = client.fetch_pieces(context_id, slo=600.0, policy=level)
-        assert len(fetched) == len(layers) and report.options() == [level] * len(layers)
-        row["fetch_100mbit_s"], row["fetch_bytes"] = round(report.ready_s, 3), report.bytes
-        row["fetch_pieces"], row["fetch_path"] = len(layers), "stream-pieces"
-        print(f"# fetch {row['recipe']} {row['encoding']} {row['task']}: {len(layers)} pieces, "
-              f"{report.bytes:,} bytes in {row['fetch_100mbit_s']} s", flush=True)
-
     def write(self, keys: list[tuple]) -> None:
         done = {(r["recipe"], r["encoding"], r["task"], r["target_context_tokens"]): r for r in self.rows()}
         rows = []
@@ -304,8 +270,20 @@ class Lifecycle:
                            verdict=found.verdict if found else None,
                            accuracy_vs_dense=(round(row["accuracy"] / dense["accuracy"], 3)
                                               if dense["accuracy"] else None))
+                # against the dense prefill alone (no compression): what a reader of "a full prefill" means
+                row["ttft_speedup_vs_dense_prefill"] = round(dense["ttft_full_s"] / row["ttft_hit_s"], 1)
             else:
-                row.update(dense_accuracy=None, diff_vs_dense=None, ci_low=None, ci_high=None, verdict=None)
+                row.update(dense_accuracy=None, diff_vs_dense=None, ci_low=None, ci_high=None, verdict=None,
+                           ttft_speedup_vs_dense_prefill=None)
+            raw = done.get((key[0], RAW, key[2], key[3])) if key[1] != RAW else None
+            if raw is not None:  # what the encoding costs: against the same recipe stored raw
+                mine = read_rows(self.out / row["run"] / "predictions.jsonl")
+                found = paired_difference(by_sample(mine),
+                                          by_sample(read_rows(self.out / raw["run"] / "predictions.jsonl")))
+                if found:
+                    row["vs_raw"] = {"raw_accuracy": raw["accuracy"], "diff": round(found.mean, 4),
+                                     "ci_low": round(found.low, 4), "ci_high": round(found.high, 4),
+                                     "verdict": found.verdict}
             if row.get("bytes_per_token"):
                 dense_over_stored = row["dense_fp16_bytes_per_token"] / row["bytes_per_token"]
                 row["fp16_dense_over_stored"] = round(dense_over_stored, 2)
@@ -318,20 +296,28 @@ class Lifecycle:
             "machine": machine(), "commit": commit(), "model": self.args.model, "dtype": self.args.dtype,
             "settings": {"samples": self.args.samples, "profile": "default", "mode": "multi-request"},
             "rows": rows, "missing": missing,
-            "notes": "accuracy: mean over every turn of every sample (multi-request: the context compressed "
-                     "before any query, each query answered on it). diff_vs_dense, ci_low, ci_high: the "
-                     "paired difference against dense (raw store) on the same samples, 95% bootstrap "
-                     "interval over samples; inside the interval is no difference. bytes_per_token: bytes "
-                     "the store took for a context / its tokens (the model computes in float32, so raw "
-                     "entries are float32); dense_fp16_bytes_per_token: K+V of every layer at 2 bytes an "
-                     "element. ttft_full_s: prefill (with compression) + first token on sample 1 without a "
-                     "store; ttft_hit_s: the same context from the disk store (warm page cache) + first "
-                     "token; compress_s: the compression's own seconds in that prefill. fetch_100mbit_s: "
-                     "one context from kvlife serve shaped to a constant 100 Mbit/s (--fetch), fetch_bytes "
-                     "received: a compressed recipe's stored entry streamed as kvlife fetch streams it "
-                     "(fetch_path stream-pieces: fetch_pieces layers, each at the row's encoding, manifest, "
-                     "checksums and decode included), dense a blob of its stored chunks' size fetched "
-                     "whole. 'missing': rows of the full plan not measured yet.",
+            "notes": "accuracy: mean over every turn of every sample (multi-request: the context "
+                     "compressed before any query, each query answered on it). diff_vs_dense, ci_low, "
+                     "ci_high: the paired difference against dense (raw store) on the same samples, 95% "
+                     "bootstrap interval over samples; inside the interval is no difference. "
+                     "bytes_per_token: bytes the store took for a context / its tokens (the model computes"
+                     " in float32, so raw entries are float32); dense_fp16_bytes_per_token: K+V of every "
+                     "layer at 2 bytes an element. ttft_full_s: prefill (with compression) + first token "
+                     "on sample 1 without a store (a coded row takes it from its raw row: it does not "
+                     "depend on the store); ttft_hit_s: the same context from the disk store (warm page "
+                     "cache) + first token; ttft_speedup: ttft_full_s / ttft_hit_s; "
+                     "ttft_speedup_vs_dense_prefill: the dense row's ttft_full_s (the prefill alone, no "
+                     "compression) / ttft_hit_s; compress_s: the compression's own seconds in that "
+                     "prefill. fetch_100mbit_s: one context from kvlife serve shaped to a constant 100 "
+                     "Mbit/s (--fetch), fetch_bytes received: a compressed recipe's stored entry streamed "
+                     "as kvlife fetch streams it (fetch_path stream-pieces: fetch_pieces layers, each at "
+                     "the row's encoding, manifest, checksums and decode included), dense a blob of its "
+                     "stored chunks' size fetched whole. entries_transcoded_from_raw: how many of a coded "
+                     "row's entries were put by re-encoding its raw row's stored entries (the same "
+                     "compressed cache) instead of compressing again; its answers come from the coded "
+                     "entries, as on any hit. Rows at a set context length (8K) have --long-samples "
+                     "samples. vs_raw (a coded row): the paired difference against the same recipe "
+                     "stored raw. 'missing': rows of the full plan not measured yet.",
         }
         target = Path(self.args.json)
         target.write_text(json.dumps(payload, indent=2))
@@ -350,8 +336,8 @@ def report(payload: dict) -> str:
              "Generated by benchmarks/lifecycle.py from lifecycle.json.", "",
              "| recipe | encoding | task | tokens | n | accuracy | dense | diff [95% CI] | NLL | "
              "bytes/token | fp16 dense / stored | compress s | TTFT full s | TTFT hit s | speed-up | "
-             "fetch 100 Mbit/s s |",
-             "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "vs dense prefill | fetch 100 Mbit/s s |",
+             "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in payload["rows"]:
         ci = (f"{r['diff_vs_dense']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
               if r.get("diff_vs_dense") is not None else "-")
@@ -361,6 +347,7 @@ def report(payload: dict) -> str:
                      f"{fmt(r.get('reference_nll'), '.3f')} | {fmt(r.get('bytes_per_token'), ',.0f')} | "
                      f"{fmt(r.get('fp16_dense_over_stored'), '.1f')} | {fmt(r.get('compress_s'), '.1f')} | "
                      f"{r['ttft_full_s']:.2f} | {r['ttft_hit_s']:.3f} | {r['ttft_speedup']:.0f}x | "
+                     f"{fmt(r.get('ttft_speedup_vs_dense_prefill'), '.0f')}x | "
                      f"{fmt(r.get('fetch_100mbit_s'), '.2f')} |")
     if payload["missing"]:
         lines += ["", f"Not measured yet ({len(payload['missing'])} rows of the plan): "
@@ -374,8 +361,13 @@ def main() -> int:
     parser.add_argument("--model", default=models.DEFAULT_MODEL)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--long-samples", type=int, default=4,
+                        help="samples of the rows at a set context length (8K tokens: each costs minutes)")
     parser.add_argument("--set", default="first", choices=sorted(SETS))
     parser.add_argument("--only", default=None, help="';'-separated recipes: run only these rows of the set")
+    parser.add_argument("--match", default=None,
+                        help="run only the rows whose slug (as `missing` names them) "
+                        "matches this regular expression")
     parser.add_argument("--out", default="results/lifecycle")
     parser.add_argument("--json", default=str(RESULTS / "lifecycle.json"),
                         help="results file (and its .md report)")
@@ -389,9 +381,11 @@ def main() -> int:
     if args.only:
         keep = set(args.only.split(";"))
         keys = [key for key in keys if key[0] in keep]
+    if args.match:
+        keys = [key for key in keys if re.search(args.match, slug(*key))]
     lifecycle = Lifecycle(args)
     if args.fetch:
-        lifecycle.fetch(keys)
+        fetch_rows(lifecycle, keys)
         lifecycle.write(keys)
     elif args.collect:
         lifecycle.write(keys)
