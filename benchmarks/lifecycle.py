@@ -64,7 +64,8 @@ LATER = ([(spec, RAW, task, None) for task in ("qa_eng", "repoqa")
          + [(spec, BALANCED, task, None) for task in ("kv", "prefix_suffix", "qa_eng", "repoqa")
             for spec in ["dense", "kvzip(ratio=0.25)"]]
          + [(spec, enc, "kv", 8192) for spec in ["dense", "kvzip(ratio=0.25)"] for enc in (RAW, BALANCED)]
-         + [("kvzip(ratio=0.25)", "kvlife:high", "kv", None)])  # does a finer step keep kv's UUIDs?
+         # does a finer step keep the exact strings (UUIDs, prefixes) that kvlife:balanced loses?
+         + [("kvzip(ratio=0.25)", "kvlife:high", task, None) for task in ("kv", "prefix_suffix")])
 SETS = {"first": FIRST, "all": FIRST + LATER}
 
 
