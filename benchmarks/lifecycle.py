@@ -370,7 +370,7 @@ def main() -> int:
     parser.add_argument("--model", default=models.DEFAULT_MODEL)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--long-samples", type=int, default=4,
+    parser.add_argument("--long-samples", type=int, default=3,
                         help="samples of the rows at a set context length (8K tokens: each costs minutes)")
     parser.add_argument("--set", default="first", choices=sorted(SETS))
     parser.add_argument("--only", default=None, help="';'-separated recipes: run only these rows of the set")
