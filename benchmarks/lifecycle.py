@@ -168,7 +168,9 @@ class Lifecycle:
         """Put in the `encoding` store each sample's compressed context read from the raw store (the raw
         row's entries), re-encoded: exactly the entry a miss would compute and put (the compression is
         deterministic; the raw entry holds its cache exactly), without spending the compression again.
-        Samples the raw store lacks are left to the run. Returns how many entries were put."""
+        A sample the raw store lacks is compressed here once and stored both ways. Returns how many coded
+        entries were put."""
+        from kvlife.codec import rope_from_config
         from kvlife.methods.compress import stored
         from kvlife.models import model_fingerprint
         from kvlife.store.entries import compressed_namespace, encode_entry, entry_key
@@ -178,9 +180,7 @@ class Lifecycle:
         put = 0
         for sample in get_task(task).samples("default", self.samples(context_tokens), 0, context_tokens):
             session = Session(model, tokenizer, spec, mode="multi-request", store=self.store(RAW))
-            session.prefill(sample.context)
-            if not session.store.last.get("store_hit_tokens"):
-                continue  # computed (and put raw) just now: the run below computes its own
+            session.prefill(sample.context)  # a hit, or computed and put raw: the exact compressed cache
             identity = session.compressed_identity()
             fingerprint = model_fingerprint(model)
             raw_key, key = (entry_key(compressed_namespace(fingerprint, self.args.dtype, identity, enc,
@@ -190,8 +190,6 @@ class Lifecycle:
                 raise RuntimeError("lifecycle: the raw entry's key is not the one computed here")
             if target.fetch_prefix([key]):
                 continue
-            from kvlife.codec import rope_from_config
-
             payload = encode_entry(stored.stored_layers(session.cache), encoding,
                                    rope_from_config(model.config), target.chunk_size)
             target.put(key, payload)
