@@ -65,7 +65,8 @@ LATER = ([(spec, RAW, task, None) for task in ("qa_eng", "repoqa")
             for spec in ["dense", "kvzip(ratio=0.25)"]]
          + [(spec, enc, "kv", 8192) for spec in ["dense", "kvzip(ratio=0.25)"] for enc in (RAW, BALANCED)]
          # does a finer step keep the exact strings (UUIDs, prefixes) that kvlife:balanced loses?
-         + [("kvzip(ratio=0.25)", "kvlife:high", task, None) for task in ("kv", "prefix_suffix")])
+         + [("kvzip(ratio=0.25)", "kvlife:high", task, None) for task in ("kv", "prefix_suffix")]
+         + [("kvzip(ratio=0.25)", "kvlife:high", "kv", 8192)])
 SETS = {"first": FIRST, "all": FIRST + LATER}
 
 
