@@ -1,8 +1,8 @@
 """A shared context's life: compress once (multi-request: before any query), store, fetch, answer
 many queries.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lifecycle.py [--set first|all] [--samples 8] [--collect]
-        [--only "kvzip(ratio=0.25)"]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/lifecycle.py [--set first|all] [--samples 8] [--collect]
+        [--long-samples 3] [--only "kvzip(ratio=0.25)"] [--match 'kv-8192$']
     .venv/bin/python benchmarks/lifecycle.py --set all --fetch    # no model: the 100 Mbit/s fetch times
 
 Per row (recipe, encoding, task, context length), in priority order (`ROWS`):
@@ -10,9 +10,12 @@ Per row (recipe, encoding, task, context length), in priority order (`ROWS`):
    results/lifecycle/<run-id>-<encoding>/ (resumable: rows are written a sample at a time); accuracy over
    every turn, reference NLL, the paired difference against dense (raw) on the same samples with its 95%
    bootstrap interval, the stored bytes per context token (what the store took for the context: a
-   whole-context entry for a compressed recipe, prefix chunks for dense);
+   whole-context entry for a compressed recipe, prefix chunks for dense). A coded row of a compressed
+   recipe first re-encodes its raw row's stored entries (`seed`: the same compressed cache, not computed
+   twice); its answers come from the decoded entries;
 2. times on the first sample, back to back in one process: the first token after a full prefill (with its
-   compression; compression seconds from the prefill's stats) and after a disk-store hit of the same context;
+   compression; compression seconds from the prefill's stats) and after a disk-store hit of the same context
+   (a coded row takes the full prefill's from its raw row; an 8K row from its first sample if that missed);
 3. with --fetch (no model): one context fetched from `kvlife serve --trace constant:100mbit` (the server's
    shaped link), timed: a compressed recipe's stored entry streamed as `kvlife fetch` streams it (pieces of
    one layer at the row's encoding, `StreamClient.fetch_pieces`: manifest, pieces, checksums, decode), a
