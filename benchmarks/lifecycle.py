@@ -262,17 +262,19 @@ class Lifecycle:
             print(f"# {slug(*key)}: {time.perf_counter() - started:.0f} s", flush=True)
             self.write(keys)
 
+    def by_sample(self, row: dict) -> dict:
+        """A saved row's run, scores by sample (for paired differences)."""
+        return by_sample(read_rows(self.out / row["run"] / "predictions.jsonl"))
+
     def write(self, keys: list[tuple]) -> None:
         done = {(r["recipe"], r["encoding"], r["task"], r["target_context_tokens"]): r for r in self.rows()}
         rows = []
         for key, row in done.items():
             row = dict(row)
-            dense_key = ("dense", RAW, key[2], key[3])
-            dense = done.get(dense_key)
+            mine = self.by_sample(row)
+            dense = done.get(("dense", RAW, key[2], key[3]))
             if dense is not None:
-                mine = read_rows(self.out / row["run"] / "predictions.jsonl")
-                base = read_rows(self.out / dense["run"] / "predictions.jsonl")
-                found = paired_difference(by_sample(mine), by_sample(base))
+                found = paired_difference(mine, self.by_sample(dense))
                 row.update(dense_accuracy=dense["accuracy"],
                            diff_vs_dense=round(found.mean, 4) if found else None,
                            ci_low=round(found.low, 4) if found else None,
@@ -286,14 +288,12 @@ class Lifecycle:
                 row.update(dense_accuracy=None, diff_vs_dense=None, ci_low=None, ci_high=None, verdict=None,
                            ttft_speedup_vs_dense_prefill=None)
             raw = done.get((key[0], RAW, key[2], key[3])) if key[1] != RAW else None
-            if raw is not None:  # what the encoding costs: against the same recipe stored raw
-                mine = read_rows(self.out / row["run"] / "predictions.jsonl")
-                found = paired_difference(by_sample(mine),
-                                          by_sample(read_rows(self.out / raw["run"] / "predictions.jsonl")))
-                if found:
-                    row["vs_raw"] = {"raw_accuracy": raw["accuracy"], "diff": round(found.mean, 4),
-                                     "ci_low": round(found.low, 4), "ci_high": round(found.high, 4),
-                                     "verdict": found.verdict}
+            # what the encoding costs: against the same recipe stored raw
+            found = paired_difference(mine, self.by_sample(raw)) if raw is not None else None
+            if found:
+                row["vs_raw"] = {"raw_accuracy": raw["accuracy"], "diff": round(found.mean, 4),
+                                 "ci_low": round(found.low, 4), "ci_high": round(found.high, 4),
+                                 "verdict": found.verdict}
             if row.get("bytes_per_token"):
                 dense_over_stored = row["dense_fp16_bytes_per_token"] / row["bytes_per_token"]
                 row["fp16_dense_over_stored"] = round(dense_over_stored, 2)
@@ -304,7 +304,8 @@ class Lifecycle:
         missing = [slug(*key) for key in SETS["all"] if key not in done]
         payload = {
             "machine": machine(), "commit": commit(), "model": self.args.model, "dtype": self.args.dtype,
-            "settings": {"samples": self.args.samples, "profile": "default", "mode": "multi-request"},
+            "settings": {"samples": self.args.samples, "long_samples": self.args.long_samples,
+                         "profile": "default", "mode": "multi-request"},
             "rows": rows, "missing": missing,
             "notes": "accuracy: mean over every turn of every sample (multi-request: the context "
                      "compressed before any query, each query answered on it). diff_vs_dense, ci_low, "
@@ -364,7 +365,11 @@ def main() -> int:
         keep = set(args.only.split(";"))
         keys = [key for key in keys if key[0] in keep]
     if args.match:
-        keys = [key for key in keys if re.search(args.match, slug(*key))]
+        try:
+            pattern = re.compile(args.match)
+        except re.error as exc:
+            parser.error(f"--match: not a regular expression ({exc})")
+        keys = [key for key in keys if pattern.search(slug(*key))]
     lifecycle = Lifecycle(args)
     if args.fetch:
         fetch_rows(lifecycle, keys)
