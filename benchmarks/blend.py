@@ -1,6 +1,6 @@
 """Contexts assembled from stored documents (CacheBlend, EPIC) against a full prefill, on the rag task.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/blend.py [--sizes 4096,8192] [--samples 16]
+    .venv/bin/python benchmarks/blend.py [--sizes 4096,8192] [--samples 16] [--threads 2]
         [--methods "dense;concat;cacheblend(ratio=0.15);epic(k=16)"] [--model qwen2.5-coder-0.5b]
         [--store memory,disk:/tmp/runs/blend-docs] [--collect] [--diagnose 0,2]
 
@@ -12,7 +12,8 @@ token, against dense's full prefill + the same. Every (size, sample, method) is 
 benchmarks/results/blend-rows.jsonl, appended as it finishes: rerun to resume. After every sample,
 and with --collect without running anything, it writes benchmarks/results/blend.json (rows: method,
 assembled_tokens, samples, accuracy, dense_accuracy, ci_low/ci_high of accuracy minus dense's (paired
-95% bootstrap over samples), ttft_s, full_prefill_ttft_s, speedup, reference NLL and its paired
+95% bootstrap over samples), ttft_s, full_prefill_ttft_s, speedup (over the samples whose dense and
+method rows ran at the same thread count; each row records its threads), reference NLL and its paired
 difference, agreement with dense's answers, tokens recomputed) and blend-report.md.
 
 --diagnose I,J (sample indices, at the first size) asks where the assembled cache loses what dense
@@ -96,7 +97,7 @@ def measure(args) -> None:
     from kvlife.store import open_store
     from kvlife.store.documents import DocumentStore
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     model, tokenizer = models.load(args.model, dtype=args.dtype)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     store = open_store(args.store, chunk_size=256)
@@ -121,7 +122,8 @@ def measure(args) -> None:
                 started = time.perf_counter()
                 row = run_one(sessions[spec], sample, task)
                 row.update({"size": size, "sample_id": sample.id, "method": spec, "model": args.model,
-                            "dtype": dtype, "wall_s": round(time.perf_counter() - started, 3),
+                            "dtype": dtype, "threads": args.threads,
+                            "wall_s": round(time.perf_counter() - started, 3),
                             **({"warm": warm_figures} if spec != "dense" else {})})
                 append_row(args.out, row)
                 print(f"{size} {sample.id} {spec}: acc {row['accuracy']:.2f} ttft {row['ttft_s']:.2f}s "
@@ -146,8 +148,11 @@ def collect(args) -> dict:
             nll_diff = paired_difference(nll, dense_nll, lower_is_better=True)
             agreement = [t["prediction"] == d["prediction"] for k in paired
                          for t, d in zip(mine[k]["turns"], dense[k]["turns"])]
-            ttft = statistics.mean(mine[k]["ttft_s"] for k in paired)
-            full = statistics.mean(dense[k]["ttft_s"] for k in paired)
+            # TTFT only where dense and the method ran at the same thread count (rows before the
+            # --threads option ran at 1)
+            timed = [k for k in paired if mine[k].get("threads", 1) == dense[k].get("threads", 1)]
+            ttft = statistics.mean(mine[k]["ttft_s"] for k in timed) if timed else float("nan")
+            full = statistics.mean(dense[k]["ttft_s"] for k in timed) if timed else float("nan")
             assembled = [mine[k]["assembly"]["assembled_tokens"] for k in paired]
             recomputed = [mine[k]["assembly"].get("recomputed_rows_last_layer", 0) for k in paired]
             recomputed_first = [mine[k]["assembly"].get("recomputed_rows_first_layer", 0) for k in paired]
@@ -158,8 +163,9 @@ def collect(args) -> dict:
                 "dense_accuracy": round(statistics.mean(dense[k]["accuracy"] for k in paired), 4),
                 "ci_low": round(acc.low, 4), "ci_high": round(acc.high, 4), "verdict": acc.verdict,
                 "ttft_s": round(ttft, 3), "full_prefill_ttft_s": round(full, 3),
-                "speedup": round(full / ttft, 2),
-                "ttft_interval_s": _interval([mine[k]["ttft_s"] for k in paired]),
+                "speedup": round(full / ttft, 2), "timed_samples": len(timed),
+                "threads": sorted({mine[k].get("threads", 1) for k in timed}),
+                "ttft_interval_s": _interval([mine[k]["ttft_s"] for k in timed]),
                 "reference_nll": round(statistics.mean(v for v in nll.values() if v is not None), 4),
                 "dense_reference_nll": round(statistics.mean(v for v in dense_nll.values()
                                                              if v is not None), 4),
@@ -187,7 +193,8 @@ def collect(args) -> dict:
         "machine": machine(), "commit": commit(), "dtype": next((r["dtype"] for r in rows), None),
         "model": next((r["model"] for r in rows), None), "mode": "multi-request",
         "settings": {"sizes": sizes, "samples_wanted": args.samples, "methods": args.methods,
-                     "store": args.store, "seed": args.seed, "threads": 1, "documents_warm": True},
+                     "store": args.store, "seed": args.seed,
+                     "threads": sorted({r.get("threads", 1) for r in rows}), "documents_warm": True},
         "rows": table,
         "target": {"rule": "cacheblend or epic at 8192 assembled tokens: accuracy interval against dense "
                            f"includes or exceeds 0, at >= {TARGET_SPEEDUP}x lower TTFT than a full prefill",
@@ -246,7 +253,7 @@ def diagnose(args) -> None:
     from kvlife.store import open_store
     from kvlife.store.documents import DocumentStore
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     model, tokenizer = models.load(args.model, dtype=args.dtype)
     documents = DocumentStore(open_store(args.store, chunk_size=256), model, tokenizer)
     task, size = get_task("rag"), args.sizes[0]
@@ -326,6 +333,7 @@ def main() -> None:
     parser.add_argument("--store", default="memory,disk:/tmp/runs/blend-docs",
                         help="tiers for the document caches")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (TTFTs pair within one count)")
     parser.add_argument("--out", type=Path, default=RESULTS,
                         help="directory of blend-rows.jsonl, blend.json, the report")
     parser.add_argument("--collect", action="store_true", help="only rewrite blend.json from the rows so far")

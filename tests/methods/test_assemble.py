@@ -44,7 +44,7 @@ def test_every_assemble_method_is_tested():
     assert ASSEMBLE == ["cacheblend", "concat", "epic"]
 
 
-@pytest.mark.parametrize("spec", ["cacheblend(ratio=1.0)", "epic(k=1000)"])
+@pytest.mark.parametrize("spec", ["cacheblend(ratio=1.0)", "cacheblend(ratio=1.0,layer=3)", "epic(k=1000)"])
 def test_recomputing_every_document_token_reproduces_dense(model, spec):
     dense, _ = prefilled(model, "dense")
     blended, result = prefilled(model, spec, open_store("memory", chunk_size=16))
@@ -120,6 +120,33 @@ def test_cacheblend_recomputes_the_tokens_that_deviate_most():
     method = parse("cacheblend(ratio=0.5)").assemble
     deviation = torch.tensor([0.1, 5.0, 0.2, 3.0, 0.0, 4.0])
     assert method.choose(deviation, torch.arange(10, 16)).tolist() == [1, 3, 5]
+
+
+def test_a_deeper_check_layer_recomputes_every_document_token_up_to_it(model):
+    store = open_store("memory", chunk_size=16)
+    prefilled(model, "concat", store)  # the documents stored: the first layer calls below are the recompute
+    seen = {}
+
+    def first_call(module, args, kwargs, index):
+        seen.setdefault(index, (args[0] if args else kwargs["hidden_states"]).shape[1])
+
+    hooks = [layer.register_forward_pre_hook(lambda module, args, kwargs, index=index: first_call(
+        module, args, kwargs, index), with_kwargs=True) for index, layer in enumerate(model.model.layers)]
+    try:
+        s, result = prefilled(model, "cacheblend(ratio=0.25,layer=2)", store)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    documents = result.stats["recomputed_rows_first_layer"]
+    assert seen[0] == seen[1] == documents  # the layers before the check layer in full
+    assert seen[2] == seen[3] == result.stats["recomputed_rows_last_layer"] == round(0.25 * documents)
+
+
+def test_a_check_layer_outside_the_model_is_one_clear_error(model):
+    with pytest.raises(SpecError, match="layer must be >= 1"):
+        parse("cacheblend(layer=0)")
+    with pytest.raises(SpecError, match="check layer 4 is past the model's 4 layers"):
+        prefilled(model, "cacheblend(layer=4)", open_store("memory", chunk_size=16))
 
 
 def test_epic_rows_are_the_first_k_of_each_document():

@@ -31,7 +31,7 @@ import torch
 
 from kvlife.attention import StepContext
 from kvlife.cache import KVCache, KVLayer
-from kvlife.errors import KvlifeError
+from kvlife.errors import KvlifeError, SpecError
 from kvlife.methods.base import Method
 
 Layers = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -58,6 +58,9 @@ class AssembleMethod(Method):
     def blend(self, model: Any, layers: Layers, ids: list[int],
               spans: list[Span]) -> tuple[Layers, dict[str, Any]]:
         """The assembled `layers` (positions 0..len(ids)-1) with this method's tokens recomputed in place."""
+        if self.check_layer is not None and self.check_layer >= len(layers):
+            raise SpecError(f"{self.name}: check layer {self.check_layer} is past the model's "
+                            f"{len(layers)} layers")
         rows = self.rows(spans)
         recomputed = selective_recompute(model, layers, ids, rows, self.check_layer, self.choose)
         return layers, {"recomputed_rows_first_layer": int(rows.numel()),

@@ -24,18 +24,26 @@ class CacheBlend(AssembleMethod):
     Parameters:
         ratio (0.15): share of the document tokens recomputed after the check layer (1.0: all,
             which reproduces a full prefill).
+        layer (1): the check layer. Layer 0's K/V depend on the token and its position only, so
+            the first layer that can show cross-document deviation is 1 (the paper's and LMCache's
+            choice); a deeper one sees more of it but recomputes every document token up to it.
     """
 
     name: ClassVar[str] = "cacheblend"
     paper: ClassVar[str] = ("Yao et al., EuroSys 2025, "
                             "CacheBlend: Fast LLM Serving for RAG with Cached Knowledge Fusion")
-    # layer 0's K/V depend on the token and its position only: no deviation to see
-    check_layer: ClassVar[int] = 1
     ratio: float = 0.15
+    layer: int = 1
+
+    @property
+    def check_layer(self) -> int:
+        return self.layer
 
     def validate(self) -> None:
         if not 0 <= self.ratio <= 1:
             raise SpecError(f"cacheblend: ratio must be in [0, 1], got {self.ratio}")
+        if self.layer < 1:
+            raise SpecError(f"cacheblend: layer must be >= 1 (layer 0 shows no deviation), got {self.layer}")
 
     def rows(self, spans: list[Span]) -> torch.Tensor:
         return document_rows(spans)
