@@ -143,6 +143,7 @@ def collect(args) -> dict:
                 continue
             acc = paired_difference({k: mine[k]["accuracy"] for k in paired},
                                     {k: dense[k]["accuracy"] for k in paired})
+            dense_interval = bootstrap_mean([dense[k]["accuracy"] for k in paired])
             nll = {k: _mean_nll(mine[k]) for k in paired}
             dense_nll = {k: _mean_nll(dense[k]) for k in paired}
             nll_diff = paired_difference(nll, dense_nll, lower_is_better=True)
@@ -162,6 +163,11 @@ def collect(args) -> dict:
                 "accuracy": round(statistics.mean(mine[k]["accuracy"] for k in paired), 4),
                 "dense_accuracy": round(statistics.mean(dense[k]["accuracy"] for k in paired), 4),
                 "ci_low": round(acc.low, 4), "ci_high": round(acc.high, 4), "verdict": acc.verdict,
+                # the other reading of "within dense's interval": the method's mean inside the 95%
+                # bootstrap interval of dense's own accuracy on the same samples
+                "dense_accuracy_interval": [round(dense_interval.low, 4), round(dense_interval.high, 4)],
+                "within_dense_interval": bool(dense_interval.low <= statistics.mean(
+                    mine[k]["accuracy"] for k in paired) <= dense_interval.high),
                 "ttft_s": _round(ttft), "full_prefill_ttft_s": _round(full),
                 "speedup": _round(full / ttft if timed else None, 2), "timed_samples": len(timed),
                 "threads": sorted({mine[k].get("threads", 1) for k in timed}),
@@ -200,6 +206,9 @@ def collect(args) -> dict:
                            f"includes or exceeds 0, at >= {TARGET_SPEEDUP}x lower TTFT than a full prefill",
                    "met_by": [t["method"] for t in target
                               if t["ci_high"] >= 0 and (t["speedup"] or 0) >= TARGET_SPEEDUP],
+                   "met_by_both_readings": [
+                       t["method"] for t in target if t["ci_high"] >= 0 and t["within_dense_interval"]
+                       and (t["speedup"] or 0) >= TARGET_SPEEDUP],
                    "measured": bool(target)},
         "missing": missing, "complete": not missing and all(key in have for key in wanted),
     }
@@ -231,12 +240,13 @@ def write_report(payload: dict, results: Path) -> None:
     lines = ["# Contexts assembled from stored documents: rag task", "",
              f"{payload['model']}, {payload['dtype']}, {payload['machine']}, commit {payload['commit']}, "
              f"multi-request, documents stored before the measured runs.", "",
-             "| tokens | method | n | accuracy | dense | diff 95% CI | verdict | TTFT s | full prefill s | "
-             "speedup | NLL | dense NLL | agree | recomputed (share) |",
+             "| tokens | method | n | accuracy | dense [its 95% CI] | diff 95% CI | verdict | TTFT s | "
+             "full prefill s | speedup | NLL | dense NLL | agree | recomputed (share) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in payload["rows"]:
         lines.append(f"| {r['assembled_tokens']} | {r['method']} | {r['samples']} | {r['accuracy']:.3f} | "
-                     f"{r['dense_accuracy']:.3f} | [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | "
+                     f"{r['dense_accuracy']:.3f} [{r['dense_accuracy_interval'][0]:.2f}, "
+                     f"{r['dense_accuracy_interval'][1]:.2f}] | [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | "
                      f"{r['verdict']} | {_cell(r['ttft_s'], '.2f')} | "
                      f"{_cell(r['full_prefill_ttft_s'], '.2f')} | {_cell(r['speedup'], '.1f', 'x')} | "
                      f"{r['reference_nll']:.3f} | {r['dense_reference_nll']:.3f} | "
@@ -245,7 +255,9 @@ def write_report(payload: dict, results: Path) -> None:
     lines += ["",
               f"Target: {payload['target']['rule']}. "
               f"Met by: {', '.join(payload['target']['met_by']) or 'none'}"
-              f"{'' if payload['target']['measured'] else ' (8K not measured yet)'}.",
+              f"{'' if payload['target']['measured'] else ' (8K not measured yet)'}; also with the "
+              f"method's mean inside dense's own 95% interval: "
+              f"{', '.join(payload['target']['met_by_both_readings']) or 'none'}.",
               ""]
     if payload["missing"]:
         lines += ["Missing (rerun benchmarks/blend.py to resume): " + "; ".join(payload["missing"]), ""]
