@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from blend_answers import answer_kinds  # noqa: E402
 from foundation import machine  # noqa: E402
 
 from kvlife.bench.stats import bootstrap_mean, paired_difference  # noqa: E402
@@ -135,6 +136,7 @@ def collect(args) -> dict:
     rows = read_rows(args.out)
     table = []
     for size in sorted({r["size"] for r in rows}):
+        kinds = answer_kinds(rows, size, args.seed)
         dense = {r["sample_id"]: r for r in rows if r["size"] == size and r["method"] == "dense"}
         for spec in [m for m in METHODS + sorted({r["method"] for r in rows}) if m != "dense"]:
             mine = {r["sample_id"]: r for r in rows if r["size"] == size and r["method"] == spec}
@@ -185,6 +187,8 @@ def collect(args) -> dict:
                                                          for k in paired), 3),
                 "assemble_recompute_s": round(statistics.mean(mine[k]["assembly"]["assemble_recompute_s"]
                                                               for k in paired), 3),
+                # every turn of the method's rows at this size (blend_answers.py); dense's over all its rows
+                "answers": kinds.get(spec, {}), "dense_answers": kinds.get("dense", {}),
                 "doc_misses_in_measured_runs": sum(mine[k]["assembly"].get("doc_misses", 0) for k in paired),
             })
     sizes = sorted({r["size"] for r in rows})

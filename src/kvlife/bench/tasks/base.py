@@ -112,6 +112,11 @@ _TAILS = ["before the rain began", "with great patience", "for most of the after
           "for no clear reason"]
 
 
+def filler_phrases() -> list[str]:
+    """The phrases `filler_sentences` builds its sentences from (to recognise filler in an answer)."""
+    return [*_SUBJECTS, *_VERBS, *_OBJECTS, *_TAILS]
+
+
 def filler_sentences(rng: random.Random, n_chars: int) -> list[str]:
     """Seeded filler of about `n_chars` characters, as a list of sentences."""
     sentences, total = [], 0
