@@ -147,6 +147,11 @@ def collect(args) -> dict:
             acc = paired_difference({k: mine[k]["accuracy"] for k in paired},
                                     {k: dense[k]["accuracy"] for k in paired})
             dense_interval = bootstrap_mean([dense[k]["accuracy"] for k in paired])
+            # what the recompute buys: the paired accuracy difference against concat on the same samples
+            concat = {r["sample_id"]: r["accuracy"] for r in rows
+                      if r["size"] == size and r["method"] == "concat"}
+            vs_concat = (paired_difference({k: mine[k]["accuracy"] for k in paired if k in concat}, concat)
+                         if spec != "concat" else None)
             nll = {k: _mean_nll(mine[k]) for k in paired}
             dense_nll = {k: _mean_nll(dense[k]) for k in paired}
             nll_diff = paired_difference(nll, dense_nll, lower_is_better=True)
@@ -192,6 +197,7 @@ def collect(args) -> dict:
                                                          for k in paired), 3),
                 "assemble_recompute_s": round(statistics.mean(mine[k]["assembly"]["assemble_recompute_s"]
                                                               for k in paired), 3),
+                "vs_concat": vs_concat.to_dict() if vs_concat else None,
                 # every turn of the method's rows at this size (blend_answers.py); dense's over all its rows
                 "answers": kinds.get(spec, {}), "dense_answers": kinds.get("dense", {}),
                 "doc_misses_in_measured_runs": sum(mine[k]["assembly"].get("doc_misses", 0) for k in paired),
