@@ -13,8 +13,10 @@ benchmarks/results/blend-rows.jsonl, appended as it finishes: rerun to resume. A
 and with --collect without running anything, it writes benchmarks/results/blend.json (rows: method,
 assembled_tokens, samples, accuracy, dense_accuracy, ci_low/ci_high of accuracy minus dense's (paired
 95% bootstrap over samples), ttft_s, full_prefill_ttft_s, speedup (over the samples whose dense and
-method rows ran at the same thread count; each row records its threads), reference NLL and its paired
-difference, agreement with dense's answers, tokens recomputed) and blend-report.md.
+method rows ran at one thread count, the count most of them ran at; each row records its threads),
+dense's own accuracy interval, the paired difference against concat, what the wrong answers are,
+reference NLL and its paired difference, agreement with dense's answers, tokens recomputed) and
+blend-report.md.
 
 --diagnose I,J (sample indices, at the first size) asks where the assembled cache loses what dense
 knows, and writes benchmarks/results/blend-diagnosis.json (a rerun at the same size adds its
