@@ -141,6 +141,8 @@ def collect(args) -> dict:
     for size in sorted({r["size"] for r in rows}):
         kinds = answer_kinds(rows, size, args.seed)
         dense = {r["sample_id"]: r for r in rows if r["size"] == size and r["method"] == "dense"}
+        concat = {r["sample_id"]: r["accuracy"] for r in rows
+                  if r["size"] == size and r["method"] == "concat"}
         for spec in [m for m in METHODS + sorted({r["method"] for r in rows}) if m != "dense"]:
             mine = {r["sample_id"]: r for r in rows if r["size"] == size and r["method"] == spec}
             paired = sorted(set(mine) & set(dense))
@@ -148,10 +150,9 @@ def collect(args) -> dict:
                 continue
             acc = paired_difference({k: mine[k]["accuracy"] for k in paired},
                                     {k: dense[k]["accuracy"] for k in paired})
+            accuracy = statistics.mean(mine[k]["accuracy"] for k in paired)
             dense_interval = bootstrap_mean([dense[k]["accuracy"] for k in paired])
             # what the recompute buys: the paired accuracy difference against concat on the same samples
-            concat = {r["sample_id"]: r["accuracy"] for r in rows
-                      if r["size"] == size and r["method"] == "concat"}
             vs_concat = (paired_difference({k: mine[k]["accuracy"] for k in paired if k in concat}, concat)
                          if spec != "concat" else None)
             nll = {k: _mean_nll(mine[k]) for k in paired}
@@ -159,13 +160,12 @@ def collect(args) -> dict:
             nll_diff = paired_difference(nll, dense_nll, lower_is_better=True)
             agreement = [t["prediction"] == d["prediction"] for k in paired
                          for t, d in zip(mine[k]["turns"], dense[k]["turns"])]
-            # TTFT only where dense and the method ran at the same thread count (rows before the
-            # --threads option ran at 1)
-            timed = [k for k in paired if mine[k].get("threads", 1) == dense[k].get("threads", 1)]
+            # TTFT only where dense and the method ran at the same thread count
+            same = {k: _threads(mine[k]) for k in paired if _threads(mine[k]) == _threads(dense[k])}
             # one thread count per row's times: the one most pairs ran at (the higher on a tie)
-            counts = collections.Counter(mine[k].get("threads", 1) for k in timed)
+            counts = collections.Counter(same.values())
             threads = max(counts, key=lambda n: (counts[n], n)) if counts else None
-            timed = [k for k in timed if mine[k].get("threads", 1) == threads]
+            timed = [k for k in same if same[k] == threads]
             ttft = statistics.mean(mine[k]["ttft_s"] for k in timed) if timed else None
             full = statistics.mean(dense[k]["ttft_s"] for k in timed) if timed else None
             assembled = [mine[k]["assembly"]["assembled_tokens"] for k in paired]
@@ -174,14 +174,13 @@ def collect(args) -> dict:
             table.append({
                 "method": spec, "assembled_tokens": size, "samples": len(paired),
                 "assembled_tokens_mean": round(statistics.mean(assembled)),
-                "accuracy": round(statistics.mean(mine[k]["accuracy"] for k in paired), 4),
+                "accuracy": round(accuracy, 4),
                 "dense_accuracy": round(statistics.mean(dense[k]["accuracy"] for k in paired), 4),
                 "ci_low": round(acc.low, 4), "ci_high": round(acc.high, 4), "verdict": acc.verdict,
                 # the other reading of "within dense's interval": the method's mean inside the 95%
                 # bootstrap interval of dense's own accuracy on the same samples
                 "dense_accuracy_interval": [round(dense_interval.low, 4), round(dense_interval.high, 4)],
-                "within_dense_interval": bool(dense_interval.low <= statistics.mean(
-                    mine[k]["accuracy"] for k in paired) <= dense_interval.high),
+                "within_dense_interval": bool(dense_interval.low <= accuracy <= dense_interval.high),
                 "ttft_s": _round(ttft), "full_prefill_ttft_s": _round(full),
                 "speedup": _round(full / ttft if timed else None, 2), "timed_samples": len(timed),
                 "threads": threads,
@@ -217,7 +216,7 @@ def collect(args) -> dict:
         "model": next((r["model"] for r in rows), None), "mode": "multi-request",
         "settings": {"sizes": sizes, "samples_wanted": args.samples, "methods": args.methods,
                      "store": args.store, "seed": args.seed,
-                     "threads": sorted({r.get("threads", 1) for r in rows}), "documents_warm": True},
+                     "threads": sorted({_threads(r) for r in rows}), "documents_warm": True},
         "rows": table,
         "target": {"rule": "cacheblend or epic at 8192 assembled tokens: accuracy interval against dense "
                            f"includes or exceeds 0, at >= {TARGET_SPEEDUP}x lower TTFT than a full prefill",
@@ -232,6 +231,10 @@ def collect(args) -> dict:
     (args.out / "blend.json").write_text(json.dumps(payload, indent=2) + "\n")
     write_report(payload, args.out)
     return payload
+
+
+def _threads(row: dict) -> int:
+    return row.get("threads", 1)  # rows from before the --threads option ran at 1
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:

@@ -31,12 +31,13 @@ def answer_kinds(rows: list[dict], size: int, seed: int) -> dict[str, dict[str, 
         if row["size"] != size:
             continue
         people = [pool[int(d.rsplit("-", 1)[1])][1] for d in samples[row["sample_id"]].meta["documents"]]
+        facts = {str(getattr(person, name)).lower() for person in people for name in ATTRIBUTES}
         for turn in row["turns"]:
-            kinds[row["method"]][_kind(turn, people, phrases)] += 1
+            kinds[row["method"]][_kind(turn, facts, phrases)] += 1
     return {method: dict(counter) for method, counter in kinds.items()}
 
 
-def _kind(turn: dict, people: list, phrases: list[str]) -> str:
+def _kind(turn: dict, facts: set[str], phrases: list[str]) -> str:
     if turn["score"] >= 1:
         return "right"
     if turn["score"] > 0:
@@ -44,7 +45,6 @@ def _kind(turn: dict, people: list, phrases: list[str]) -> str:
     answer, reference = turn["prediction"].lower(), turn["reference"].lower()
     if any(phrase in answer for phrase in phrases):
         return "filler"
-    facts = {str(getattr(person, name)).lower() for person in people for name in ATTRIBUTES}
     if any(fact in answer for fact in facts if fact not in reference):
         return "another_document"
     return "other"

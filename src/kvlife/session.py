@@ -236,9 +236,7 @@ class Session:
         stored), re-rotated to their places, blended by the recipe's assemble method; then the tail."""
         from kvlife.store.documents import DocumentStore
 
-        depth = getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
-        if depth is not None:  # before any document is computed
-            self.recipe.assemble.check_depth(depth)
+        self.recipe.assemble.check(self.model)  # before any document is computed
         if self.documents is None:  # the session's store (its tiers and tenant), else one in memory
             tiers = self.store.store if self.store is not None else "memory"
             self.documents = DocumentStore(tiers, self.model, self.tokenizer, salt=self.store_salt)

@@ -55,16 +55,19 @@ class AssembleMethod(Method):
         deviation."""
         return torch.arange(rows.numel())
 
-    def check_depth(self, num_layers: int) -> None:
-        """One clear error when the check layer is past a model of `num_layers` layers."""
-        if self.check_layer is not None and self.check_layer >= num_layers:
-            raise SpecError(f"{self.name}: check layer {self.check_layer} is past the model's "
-                            f"{num_layers} layers")
+    def check(self, model: Any) -> None:
+        """One clear error when the check layer is past the model's layers (the Session calls it before
+        any document is computed; `blend` again for direct callers)."""
+        if self.check_layer is None:
+            return
+        depth = len(decoder(model).layers)
+        if self.check_layer >= depth:
+            raise SpecError(f"{self.name}: check layer {self.check_layer} is past the model's {depth} layers")
 
     def blend(self, model: Any, layers: Layers, ids: list[int],
               spans: list[Span]) -> tuple[Layers, dict[str, Any]]:
         """The assembled `layers` (positions 0..len(ids)-1) with this method's tokens recomputed in place."""
-        self.check_depth(len(layers))
+        self.check(model)
         rows = self.rows(spans)
         recomputed = selective_recompute(model, layers, ids, rows, self.check_layer, self.choose)
         return layers, {"recomputed_rows_first_layer": int(rows.numel()),
