@@ -53,7 +53,7 @@ from kvlife.store import open_store  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LOCK = "/tmp/kvlife-heavy.lock"
-RAW, BALANCED = "raw", "kvlife:balanced"
+RAW, BALANCED, SPARSE = "raw", "kvlife:balanced", "kvlife:sparse+profile"
 AGNOSTIC = ["kvzip(ratio=0.25)", "expected_attention(ratio=0.25)", "keydiff(ratio=0.25)",
             "chunkkv(ratio=0.25)", "duo_attention(ratio=0.25)"]
 # (recipe, encoding, task, context tokens or None for the profile's), most important first
@@ -70,7 +70,16 @@ LATER = ([(spec, RAW, task, None) for task in ("qa_eng", "repoqa")
          + [(spec, enc, "kv", 8192) for spec in ["dense", "kvzip(ratio=0.25)"] for enc in (RAW, BALANCED)]
          # does a finer step keep the exact strings (UUIDs, prefixes) that kvlife:balanced loses?
          + [("kvzip(ratio=0.25)", "kvlife:high", task, None) for task in ("kv", "prefix_suffix")]
-         + [("kvzip(ratio=0.25)", "kvlife:high", "kv", 8192)])
+         + [("kvzip(ratio=0.25)", "kvlife:high", "kv", 8192)]
+         # the codec's query-weighted key steps (the model's shipped profile), tuned with the levels; and
+         # the level for pruned caches (finer keys, coarser values)
+         + [("kvzip(ratio=0.25)", BALANCED + "+profile", "repoqa", None)]
+         + [("kvzip(ratio=0.25)", SPARSE, task, None) for task in ("repoqa", "kv")]
+         + [("kvzip(ratio=0.25)", BALANCED + "+profile", "kv", None)]
+         + [("kvzip(ratio=0.25)", SPARSE, task, None) for task in ("prefix_suffix", "qa_eng")]
+         + [("kvzip(ratio=0.25)", SPARSE, "kv", 8192)]
+         + [("kvzip(ratio=0.25)", BALANCED + "+profile", task, None) for task in ("prefix_suffix", "qa_eng")]
+         + [("kvzip(ratio=0.25)", BALANCED + "+profile", "kv", 8192)])
 SETS = {"first": FIRST, "all": FIRST + LATER}
 
 
@@ -175,13 +184,14 @@ class Lifecycle:
         deterministic; the raw entry holds its cache exactly), without spending the compression again.
         A sample the raw store lacks is compressed here once and stored both ways. Returns how many coded
         entries were put."""
-        from kvlife.codec import rope_from_config
         from kvlife.methods.compress import stored
         from kvlife.models import model_fingerprint
         from kvlife.store.entries import compressed_namespace, encode_entry, entry_key
+        from kvlife.store.profiles import codec_setup
 
         model, tokenizer = self.load()
         target = self.store(encoding)
+        codec = codec_setup(model, encoding)  # the RoPE, and the weights of a +profile encoding
         put = 0
         for sample in get_task(task).samples("default", self.samples(context_tokens), 0, context_tokens):
             session = Session(model, tokenizer, spec, mode="multi-request", store=self.store(RAW))
@@ -190,13 +200,13 @@ class Lifecycle:
             fingerprint = model_fingerprint(model)
             raw_key, key = (entry_key(compressed_namespace(fingerprint, self.args.dtype, identity, enc,
                                                            target.chunk_size), session.context_ids)
-                            for enc in (RAW, encoding))
+                            for enc in (RAW, codec.namespace_encoding))
             if raw_key != session.store.last.get("store_entry"):  # the store's own key, computed here
                 raise RuntimeError("lifecycle: the raw entry's key is not the one computed here")
             if target.fetch_prefix([key]):
                 continue
-            payload = encode_entry(stored.stored_layers(session.cache), encoding,
-                                   rope_from_config(model.config), target.chunk_size)
+            payload = encode_entry(stored.stored_layers(session.cache), encoding, codec.rope,
+                                   target.chunk_size, codec.weights)
             target.put(key, payload)
             put += 1
         return put
@@ -268,13 +278,20 @@ class Lifecycle:
 
     def write(self, keys: list[tuple]) -> None:
         done = {(r["recipe"], r["encoding"], r["task"], r["target_context_tokens"]): r for r in self.rows()}
+        scores: dict[str, dict] = {}  # run -> scores by sample: a dense or raw row pairs with many rows
+
+        def scores_of(row: dict) -> dict:
+            if row["run"] not in scores:
+                scores[row["run"]] = self.by_sample(row)
+            return scores[row["run"]]
+
         rows = []
         for key, row in done.items():
             row = dict(row)
-            mine = self.by_sample(row)
+            mine = scores_of(row)
             dense = done.get(("dense", RAW, key[2], key[3]))
             if dense is not None:
-                found = paired_difference(mine, self.by_sample(dense))
+                found = paired_difference(mine, scores_of(dense))
                 row.update(dense_accuracy=dense["accuracy"],
                            diff_vs_dense=round(found.mean, 4) if found else None,
                            ci_low=round(found.low, 4) if found else None,
@@ -289,7 +306,7 @@ class Lifecycle:
                            ttft_speedup_vs_dense_prefill=None)
             raw = done.get((key[0], RAW, key[2], key[3])) if key[1] != RAW else None
             # what the encoding costs: against the same recipe stored raw
-            found = paired_difference(mine, self.by_sample(raw)) if raw is not None else None
+            found = paired_difference(mine, scores_of(raw)) if raw is not None else None
             if found:
                 row["vs_raw"] = {"raw_accuracy": raw["accuracy"], "diff": round(found.mean, 4),
                                  "ci_low": round(found.low, 4), "ci_high": round(found.high, 4),

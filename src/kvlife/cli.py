@@ -298,7 +298,8 @@ def _add_bench(sub) -> None:
     add("--no-progress", action="store_true")
     add("--store", default=None, metavar="URLS",
         help="reuse stored prefills: tiers fastest first, e.g. memory,disk:DIR,redis://H:P,http://H:P")
-    add("--store-encoding", default="raw", help="raw | fp16 | int8 | int8+zstd | lmcache | kvlife:LEVEL")
+    add("--store-encoding", default="raw",
+        help="raw | fp16 | int8 | int8+zstd | lmcache | kvlife:LEVEL[+profile[=FILE]]")
     add("--store-chunk", type=int, default=256, help="tokens per stored chunk")
     add("--backend", default="local", choices=["local", "openai"],
         help="local: kvlife's Session in this process; openai: an OpenAI-compatible server (vLLM, SGLang, "

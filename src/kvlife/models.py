@@ -345,3 +345,17 @@ def model_fingerprint(model: Any) -> str:
     except AttributeError:
         pass
     return fingerprint
+
+
+def model_signature(model: Any) -> str:
+    """A short hash of a model's shape and a sample of its input embeddings, rounded to bfloat16 so
+    that the float32 (CPU) and bfloat16 (CUDA) loads of the same weights give the same signature."""
+    import torch
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    shape = [getattr(config, key, None) for key in ("model_type", "num_hidden_layers", "num_attention_heads",
+                                                      "num_key_value_heads", "hidden_size", "vocab_size")]
+    digest = hashlib.sha256(json.dumps(shape).encode())
+    sample = model.get_input_embeddings().weight.detach().flatten()[:4096]
+    digest.update(sample.to("cpu", torch.bfloat16).to(torch.float32).numpy().tobytes())
+    return digest.hexdigest()[:16]

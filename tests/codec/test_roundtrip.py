@@ -32,6 +32,24 @@ def test_levels_within_bound_real_like(level, rope):
     assert inspect(blob)["chunk_levels"] == [level] * 5
 
 
+def test_the_sparse_level_is_named_off_the_ladder_and_keeps_keys_finer_than_values():
+    from kvlife.codec.levels import OTHER_LEVELS
+
+    assert "sparse" in OTHER_LEVELS and "sparse" not in LEVELS  # streams never step through it
+    layers = real_like_layers(rope=ROPE)
+    blob = encode(layers, level="sparse", chunk_tokens=64, rope=ROPE)
+    assert_within_bound(layers, decode_layers(blob), error_bound(blob))
+    assert inspect(blob)["chunk_levels"] == ["sparse"] * 5
+    high, balanced = (decode_layers(encode(layers, level=name, chunk_tokens=64, rope=ROPE))
+                      for name in ("high", "balanced"))
+    sparse = decode_layers(blob)
+
+    def error(decoded, index):
+        return sum(float((a[index].float() - b[index].float()).pow(2).sum()) for a, b in zip(layers, decoded))
+
+    assert error(sparse, 0) < error(high, 0) and error(sparse, 1) > error(balanced, 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 2, 11, 255, 257])
 def test_dtypes_and_odd_token_counts(dtype, tokens):

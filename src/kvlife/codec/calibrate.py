@@ -15,6 +15,9 @@ is stored in the stream as per-channel step multipliers, so decoding needs no pr
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,6 +92,9 @@ def save_weights(path, weights: list[tuple[np.ndarray, np.ndarray]]) -> None:
 
 
 def load_weights(path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A profile's weights, from a .json profile (`save_profile`) or an .npz (`save_weights`)."""
+    if str(path).endswith(".json"):
+        return read_profile(path)["weights"]
     try:
         with np.load(path, allow_pickle=False) as data:
             return [(data[f"k{i}"], data[f"v{i}"]) for i in range(int(data["layers"]))]
@@ -97,15 +103,62 @@ def load_weights(path) -> list[tuple[np.ndarray, np.ndarray]]:
                          f"{exc}") from None
 
 
-@torch.no_grad()
-def calibrate_model_dir(model_dir, text: str, tokens: int = 2048) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Load a Hugging Face model directory and measure its channel weights on `text`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+PROFILE_FORMAT = "kvlife-codec-weights/1"
 
+
+def save_profile(path, weights: list[tuple[np.ndarray, np.ndarray]], model: str, signature: str,
+                 calibration: dict[str, Any]) -> None:
+    """Write a profile as JSON, one layer per line (6 significant digits), with the model it was measured
+    on and its signature (`kvlife.models.model_signature`), which is how a store finds a model's profile:
+
+        {"format": "kvlife-codec-weights/1", "model": "qwen2.5-coder-0.5b", "signature": "3f0c...",
+         "calibration": {...}, "n_layers": 24, "kv_heads": 2, "head_dim": 64,
+         "keys": [[[...head_dim], ...kv_heads], ...layers], "values": [...]}
+    """
+    keys = np.stack([np.asarray(k, dtype=np.float64) for k, _ in weights])
+    values = np.stack([np.asarray(v, dtype=np.float64) for _, v in weights])
+    head = {"format": PROFILE_FORMAT, "model": model, "signature": signature, "calibration": calibration,
+            "n_layers": int(keys.shape[0]), "kv_heads": int(keys.shape[1]), "head_dim": int(keys.shape[2])}
+
+    def rows(array: np.ndarray) -> str:
+        return ",\n".join("    " + json.dumps([[float(f"{v:.6g}") for v in head_row] for head_row in layer])
+                          for layer in array)
+
+    text = json.dumps(head, indent=2)[:-2] + ',\n  "keys": [\n' + rows(keys) + '\n  ],\n  "values": [\n'
+    Path(path).write_text(text + rows(values) + "\n  ]\n}\n")
+
+
+def read_profile(path) -> dict[str, Any]:
+    """A JSON profile's model, signature, weights (per layer (keys, values) [kv_heads, head_dim]) and
+    digest (of the weights); any problem is a one-line CodecError."""
+    where = f"codec weights profile {path}"
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CodecError(f"cannot read {where}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict) or raw.get("format") != PROFILE_FORMAT:
+        raise CodecError(f"{where} is not a kvlife codec profile (expected \"format\": \"{PROFILE_FORMAT}\")")
+    try:
+        shape = (int(raw["n_layers"]), int(raw["kv_heads"]), int(raw["head_dim"]))
+        keys = np.asarray(raw["keys"], dtype=np.float64)
+        values = np.asarray(raw["values"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CodecError(f"{where} lacks a valid {exc} field") from None
+    for name, array in (("keys", keys), ("values", values)):
+        if array.shape != shape or not np.isfinite(array).all() or (array < 0).any():
+            raise CodecError(f"{where}: {name} must be {shape[0]} layers x {shape[1]} heads x {shape[2]} "
+                             "finite numbers >= 0")
+    digest = hashlib.sha256(keys.astype("<f8").tobytes() + values.astype("<f8").tobytes()).hexdigest()[:16]
+    return {"model": str(raw.get("model", "?")), "signature": str(raw.get("signature", "")), "digest": digest,
+            "weights": [(keys[i], values[i]) for i in range(shape[0])]}
+
+
+@torch.no_grad()
+def calibrate(model: Any, tokenizer: Any, text: str,
+              tokens: int = 2048) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A loaded model's channel weights measured on the first `tokens` tokens of `text`."""
     from kvlife.codec.rope import rope_from_config
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens].to(next(model.parameters()).device)
     rope = rope_from_config(model.config)
     return channel_weights(model, ids, rotary_dim=rope.rotary_dim if rope else 0)

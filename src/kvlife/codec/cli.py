@@ -2,10 +2,11 @@
 
     kvlife codec encode cache.safetensors -o cache.kvc [--level balanced] [--scheme kvlife]
                         [--model-dir DIR | --rope-theta 1e6 --rotary-dim 64] [--chunk-tokens 256]
-                        [--weights weights.npz]
+                        [--weights weights.json|weights.npz]
     kvlife codec decode cache.kvc -o cache.safetensors
     kvlife codec inspect cache.kvc [--chunks]
-    kvlife codec calibrate --model-dir DIR -o weights.npz [--text FILE]   (once per model)
+    kvlife codec calibrate (--model NAME | --model-dir DIR) -o weights.json|weights.npz [--text FILE]
+        (once per model; a .json profile names its model, so a store's kvlife:LEVEL+profile=FILE uses it)
 
 The main CLI calls `add_parser(subparsers)` and, for the parsed arguments, `run(args)`.
 """
@@ -17,9 +18,9 @@ import json
 from pathlib import Path
 
 from kvlife.codec.api import BASELINES, decode, encode, encode_baseline, inspect
-from kvlife.codec.calibrate import calibrate_model_dir, load_weights, save_weights
+from kvlife.codec.calibrate import calibrate, load_weights, save_profile, save_weights
 from kvlife.codec.format import CodecError
-from kvlife.codec.levels import DEFAULT_LEVEL, LEVELS
+from kvlife.codec.levels import DEFAULT_LEVEL, LEVELS, OTHER_LEVELS
 from kvlife.codec.rope import RopeSpec, rope_from_config
 
 
@@ -31,7 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     enc.add_argument("cache", type=Path)
     enc.add_argument("-o", "--output", type=Path, required=True)
     enc.add_argument("--scheme", default="kvlife", choices=("kvlife", *BASELINES))
-    enc.add_argument("--level", default=DEFAULT_LEVEL, choices=list(LEVELS))
+    enc.add_argument("--level", default=DEFAULT_LEVEL, choices=[*LEVELS, *OTHER_LEVELS])
     enc.add_argument("--chunk-tokens", type=int, default=256)
     enc.add_argument("--model-dir", type=Path,
                      help="HF model dir whose config.json gives the RoPE (keys coded pre-RoPE)")
@@ -39,15 +40,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     enc.add_argument("--rotary-dim", type=int, help="dims RoPE rotates (default: head_dim)")
     enc.add_argument("--delta", default="auto", choices=("auto", "off"))
     enc.add_argument("--weights", type=Path,
-                     help="channel weights profile (.npz from `kvlife codec calibrate`)")
+                     help="channel weights profile (.json or .npz from `kvlife codec calibrate`)")
 
     cal = actions.add_parser("calibrate",
                              help="measure a model's K/V channel weights once (an encoder profile)")
-    cal.add_argument("--model-dir", type=Path, required=True, help="Hugging Face model directory")
+    which = cal.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="an embedded model's name (`kvlife models`) or a model directory")
+    which.add_argument("--model-dir", type=Path, help="Hugging Face model directory")
     cal.add_argument("--text", type=Path, default=Path("/usr/share/common-licenses/LGPL-2.1"),
                      help="calibration text (not the text you will encode)")
     cal.add_argument("--tokens", type=int, default=2048)
-    cal.add_argument("-o", "--output", type=Path, required=True)
+    cal.add_argument("-o", "--output", type=Path, required=True,
+                     help=".json: the profile with its model's signature (what stores read); else .npz")
 
     dec = actions.add_parser("decode", help="decode a stream back to a cache file")
     dec.add_argument("stream", type=Path)
@@ -107,10 +111,7 @@ def run(args: argparse.Namespace) -> int:
     if args.codec_action == "calibrate":
         if not args.text.is_file():
             raise CodecError(f"no calibration text at {args.text}")
-        weights = calibrate_model_dir(args.model_dir, args.text.read_text(errors="replace"), args.tokens)
-        save_weights(args.output, weights)
-        print(f"{args.output}: channel weights of {len(weights)} layers")
-        return 0
+        return _calibrate(args)
     if args.codec_action == "decode":
         cache = decode(_read(args.stream))
         cache.save(args.output, {"decoded_from": str(args.stream)})
@@ -120,6 +121,24 @@ def run(args: argparse.Namespace) -> int:
     if not args.chunks:
         info = {k: v for k, v in info.items() if k not in ("chunk_bytes", "chunk_levels", "shapes")}
     print(json.dumps(info, indent=1))
+    return 0
+
+
+def _calibrate(args) -> int:
+    from kvlife import models
+
+    model, tokenizer = models.load(str(args.model or args.model_dir), device="cpu", dtype="float32")
+    text = args.text.read_text(errors="replace")
+    weights = calibrate(model, tokenizer, text, args.tokens)
+    if args.output.suffix == ".json":
+        calibration = {"text": args.text.name, "tokens": args.tokens, "dtype": "float32",
+                       "how": "kvlife codec calibrate: query energy per key channel (RoPE pairs, query heads "
+                              "of a group summed), o_proj column energy per value channel"}
+        save_profile(args.output, weights, models.model_name(str(args.model or args.model_dir)),
+                     models.model_signature(model), calibration)
+    else:
+        save_weights(args.output, weights)
+    print(f"{args.output}: channel weights of {len(weights)} layers")
     return 0
 
 

@@ -22,7 +22,7 @@ from kvlife.codec.format import (
     assemble,
     check_shapes,
 )
-from kvlife.codec.levels import DEFAULT_LEVEL, LEVELS, Level
+from kvlife.codec.levels import DEFAULT_LEVEL, LEVELS, OTHER_LEVELS, Level, named_level
 from kvlife.codec.rope import RopeSpec
 
 BASELINES = ("fp16", "int8", "int8+zstd", "lmcache")
@@ -84,9 +84,10 @@ def _collect(cache_or_layers: KVCache | Layers):
 def _level(level: str | Level) -> Level:
     if isinstance(level, Level):
         return level
-    if level not in LEVELS:
-        raise CodecError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
-    return LEVELS[level]
+    found = named_level(level)
+    if found is None:
+        raise CodecError(f"unknown level {level!r}; choose one of {', '.join([*LEVELS, *OTHER_LEVELS])}")
+    return found
 
 
 # ---- encode ----------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def encode_levels(
                 if multipliers is not None:
                     floor = floor / multipliers[2 * li + k].min(axis=1)
                 steps.append(np.maximum(alpha * rms[2 * li + k], floor))
-        level_id = spec.id if LEVELS.get(spec.name) == spec else CUSTOM_LEVEL_ID
+        level_id = spec.id if named_level(spec.name) == spec else CUSTOM_LEVEL_ID
         chunks = []
         for index in range(header.n_chunks):
             body = kvlife_scheme.encode_chunk(header, means, steps, arrays, coded, index, exact, delta,

@@ -4,7 +4,8 @@
 
 - "raw": a safetensors blob of per-layer keys, values and positions, in the model's dtype (exact).
 - "fp16", "int8", "int8+zstd", "lmcache": the codec's baselines (`kvlife.codec.encode_baseline`).
-- "kvlife:LEVEL": the codec's own scheme at a level (`kvlife.codec.encode`), keys coded before RoPE.
+- "kvlife:LEVEL": the codec's own scheme at a level (`kvlife.codec.encode`), keys coded before RoPE;
+  "kvlife:LEVEL+profile[=FILE]" with a channel-weights profile (`kvlife.store.profiles`).
 
 Codec encodings are lossy (except where the codec says otherwise), so the encoding is part of the
 chunk key: a raw lookup never returns a lossy chunk.
@@ -24,23 +25,36 @@ BASELINE_ENCODINGS = ("fp16", "int8", "int8+zstd", "lmcache")
 
 
 def check_encoding(encoding: str) -> str:
-    if encoding == "raw" or encoding in BASELINE_ENCODINGS:
-        return encoding
-    if encoding.startswith("kvlife:"):
-        from kvlife.codec import LEVELS
+    from kvlife.store.profiles import check_profile_suffix, split_encoding
 
-        level = encoding.split(":", 1)[1]
-        if level in LEVELS:
+    check_profile_suffix(encoding)
+    base = split_encoding(encoding)[0]
+    if base == "raw" or base in BASELINE_ENCODINGS:
+        return encoding
+    if base.startswith("kvlife:"):
+        from kvlife.codec.levels import LEVELS, OTHER_LEVELS
+
+        level = codec_level(encoding)
+        if level in LEVELS or level in OTHER_LEVELS:
             return encoding
         raise StoreError(f"unknown codec level {level!r} in encoding {encoding!r}; levels: "
-                         f"{', '.join(LEVELS)}")
+                         f"{', '.join([*LEVELS, *OTHER_LEVELS])}")
     raise StoreError(f"unknown store encoding {encoding!r}; use raw, {', '.join(BASELINE_ENCODINGS)} or "
-                     "kvlife:LEVEL")
+                     "kvlife:LEVEL[+profile]")
 
 
-def encode_chunk(layers: Layers, encoding: str = "raw", rope: Any = None) -> bytes:
-    """Payload bytes of one chunk given per layer (keys [1, H, n, D], values, positions [H, n])."""
-    name = check_encoding(encoding).encode()
+def codec_level(encoding: str) -> str:
+    """The codec level of a kvlife:LEVEL[+profile[=FILE]] encoding."""
+    from kvlife.store.profiles import split_encoding
+
+    return split_encoding(encoding)[0].split(":", 1)[1]
+
+
+def encode_chunk(layers: Layers, encoding: str = "raw", rope: Any = None, weights: Any = None) -> bytes:
+    """Payload bytes of one chunk given per layer (keys [1, H, n, D], values, positions [H, n]); `weights`:
+    a kvlife encoding's per-layer channel weights (`profiles.CodecSetup.weights`)."""
+    check_encoding(encoding)
+    name = encoding.split("=", 1)[0].encode()  # informational: a profile's file is not the payload's
     if encoding == "raw":
         from safetensors.torch import save
 
@@ -55,7 +69,8 @@ def encode_chunk(layers: Layers, encoding: str = "raw", rope: Any = None) -> byt
 
         tokens = layers[0][0].shape[-2]
         if encoding.startswith("kvlife:"):
-            body = codec.encode(layers, level=encoding.split(":", 1)[1], chunk_tokens=tokens, rope=rope)
+            body = codec.encode(layers, level=codec_level(encoding), chunk_tokens=tokens, rope=rope,
+                                weights=weights)
         else:
             body = codec.encode_baseline(encoding, layers, chunk_tokens=tokens)
     return bytes([len(name)]) + name + body

@@ -37,6 +37,7 @@ from kvlife.models import model_fingerprint
 from kvlife.store.base import StoreError
 from kvlife.store.chunks import Layers, concat_layers, decode_chunk, encode_chunk, slice_layers
 from kvlife.store.keys import Namespace, chunk_keys
+from kvlife.store.profiles import codec_setup
 from kvlife.store.tiers import KVStore, open_store
 
 # the recipe part of a document entry's namespace: a dense prefill of the document alone
@@ -122,11 +123,10 @@ class DocumentStore:
         self.model = model
         self.device = next(model.parameters()).device
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        self.codec = codec_setup(model, self.store.encoding)
         self.namespace = Namespace(model_fingerprint(model), dtype,
                                    f"{DOCUMENT_KV};tokenizer={tokenizer_fingerprint(tokenizer)}",
-                                   self.store.encoding, self.store.chunk_size, salt)
-        coded = self.store.encoding.startswith("kvlife:")
-        self.codec_rope = rope_from_config(model.config) if coded else None
+                                   self.codec.namespace_encoding, self.store.chunk_size, salt)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         if any(kind == "sliding_attention" for kind in (getattr(config, "layer_types", None) or [])):
             raise StoreError("per-document caches need full-attention layers; this model has sliding-window "
@@ -182,7 +182,7 @@ class DocumentStore:
         size = self.store.chunk_size
         for index in range(have // size, len(keys)):
             part = slice_layers(layers, index * size, min(len(ids), (index + 1) * size))
-            payload = encode_chunk(part, self.store.encoding, self.codec_rope)
+            payload = encode_chunk(part, self.store.encoding, self.codec.rope, self.codec.weights)
             figures.put_bytes += self.store.put(keys[index], payload)
         return layers, figures
 

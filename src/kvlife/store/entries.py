@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvlife.store.base import ChunkCorrupt
-from kvlife.store.chunks import check_encoding
+from kvlife.store.chunks import check_encoding, codec_level
 from kvlife.store.keys import Namespace
 
 if TYPE_CHECKING:
@@ -72,8 +72,10 @@ def entry_key(namespace: Namespace, token_ids: Sequence[int]) -> str:
 
 
 def encode_entry(layers: Sequence[StoredLayer], encoding: str = "raw", rope: Any = None,
-                 chunk_tokens: int = 256) -> bytes:
-    """The payload of a whole-context entry; codec encodings apply to the float pieces only."""
+                 chunk_tokens: int = 256, weights: Any = None) -> bytes:
+    """The payload of a whole-context entry; codec encodings apply to the float pieces only. `weights`:
+    a kvlife encoding's per-layer channel weights for `layers` (`profiles.CodecSetup.weights`), mapped
+    to each piece's heads."""
     from safetensors.torch import save
 
     check_encoding(encoding)
@@ -86,8 +88,11 @@ def encode_entry(layers: Sequence[StoredLayer], encoding: str = "raw", rope: Any
         from kvlife import codec
 
         if encoding.startswith("kvlife:"):
-            level = encoding.split(":", 1)[1]
-            stream = codec.encode(pieces, level=level, chunk_tokens=chunk_tokens, rope=rope)
+            from kvlife.store.profiles import piece_weights
+
+            own = piece_weights(weights, layers) if weights is not None else None
+            stream = codec.encode(pieces, level=codec_level(encoding), chunk_tokens=chunk_tokens, rope=rope,
+                                  weights=own)
         else:
             stream = codec.encode_baseline(encoding, pieces, chunk_tokens=chunk_tokens)
         tensors["codec"] = torch.frombuffer(bytearray(stream), dtype=torch.uint8)
@@ -102,7 +107,7 @@ def encode_entry(layers: Sequence[StoredLayer], encoding: str = "raw", rope: Any
             tensors[f"L{i}.X.{name}"] = tensor.detach().contiguous().cpu()
         described.append({"kind": layer.kind, "meta": layer.meta, "pieces": len(layer.pieces),
                           "exact": sorted(layer.exact)})
-    header = {"format": ENTRY_FORMAT, "encoding": encoding, "coded": "1" if coded else "0",
+    header = {"format": ENTRY_FORMAT, "encoding": encoding.split("=", 1)[0], "coded": "1" if coded else "0",
               "layers": json.dumps(described)}
     return save(tensors, metadata=header)
 

@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
-from kvlife.codec import rope_from_config
 from kvlife.models import model_fingerprint
 from kvlife.store.base import ChunkCorrupt
 from kvlife.store.chunks import concat_layers, decode_chunk, encode_chunk, slice_layers
 from kvlife.store.entries import compressed_namespace, decode_entry, encode_entry, entry_key
 from kvlife.store.keys import DENSE_PREFILL, Namespace, chunk_keys
+from kvlife.store.profiles import CodecSetup, codec_setup
 from kvlife.store.tiers import KVStore, open_store
 
 log = logging.getLogger("kvlife.store")
@@ -67,17 +67,21 @@ class PrefixStore:
         self.store = store
         self.salt = salt
         self.namespace: Namespace | None = None
-        self.rope = None
+        self.codec: CodecSetup | None = None  # the model's RoPE and profile for a kvlife encoding
         self.noted: set[str] = set()
         self.last: dict[str, Any] = {}  # figures of the latest prefill through the store
+
+    def _codec(self, model: Any) -> CodecSetup:
+        if self.codec is None:
+            self.codec = codec_setup(model, self.store.encoding)
+        return self.codec
 
     def _namespace(self, model: Any) -> Namespace:
         if self.namespace is None:
             dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-            self.namespace = Namespace(model_fingerprint(model), dtype, DENSE_PREFILL, self.store.encoding,
+            encoding = self._codec(model).namespace_encoding
+            self.namespace = Namespace(model_fingerprint(model), dtype, DENSE_PREFILL, encoding,
                                        self.store.chunk_size, self.salt)
-            if self.store.encoding.startswith("kvlife:"):
-                self.rope = rope_from_config(model.config)
         return self.namespace
 
     @torch.no_grad()
@@ -145,7 +149,8 @@ class PrefixStore:
         size, stored = self.store.chunk_size, 0
         for index in range(hit, len(keys)):
             part = slice_layers(layers, index * size, (index + 1) * size)
-            stored += self.store.put(keys[index], encode_chunk(part, self.store.encoding, self.rope))
+            stored += self.store.put(keys[index], encode_chunk(part, self.store.encoding, self.codec.rope,
+                                                               self.codec.weights))
         return stored
 
     # ---- whole-context entries: compressed caches in multi-request mode --------------------------
@@ -174,10 +179,9 @@ class PrefixStore:
             return self.last
         model = session.model
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-        namespace = compressed_namespace(model_fingerprint(model), dtype, identity, self.store.encoding,
+        codec = self._codec(model)
+        namespace = compressed_namespace(model_fingerprint(model), dtype, identity, codec.namespace_encoding,
                                          self.store.chunk_size, self.salt)
-        if self.rope is None and self.store.encoding.startswith("kvlife:"):
-            self.rope = rope_from_config(model.config)
         key = entry_key(namespace, ids)
         started = time.perf_counter()
         payloads = self.store.fetch_prefix([key])
@@ -200,8 +204,8 @@ class PrefixStore:
         computed = time.perf_counter()
         put_bytes, payload = 0, b""
         try:
-            payload = encode_entry(to_stored(session.cache), self.store.encoding, self.rope,
-                                   self.store.chunk_size)
+            payload = encode_entry(to_stored(session.cache), self.store.encoding, codec.rope,
+                                   self.store.chunk_size, codec.weights)
             put_bytes = self.store.put(key, payload)
         except Exception as exc:  # a cache the codec refuses (e.g. a limit): the answer goes on, unstored
             if "put" not in self.noted:

@@ -15,17 +15,15 @@ matches the running model. Shipped splits live in kvlife/configs/duo_heads/<mode
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from kvlife.errors import SpecError
 from kvlife.methods import config_files
+from kvlife.models import model_signature  # noqa: F401  (re-exported: splits are matched by it)
 
 FORMAT = "kvlife-duo-heads/1"
 SPLIT_DIR = config_files.CONFIG_ROOT / "duo_heads"
@@ -47,18 +45,6 @@ class HeadSplit:
                 f"duo_attention: head split {self.path} is for a model with {len(self.scores)} layers x "
                 f"{width} KV heads ({self.model}); this model has {n_layers} x {kv_heads}: run "
                 "`kvlife search-heads` for it")
-
-
-def model_signature(model: Any) -> str:
-    """A short hash of a model's shape and a sample of its input embeddings, rounded to bfloat16 so
-    that the float32 (CPU) and bfloat16 (CUDA) loads of the same weights give the same signature."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    shape = [getattr(config, key, None) for key in ("model_type", "num_hidden_layers", "num_attention_heads",
-                                                      "num_key_value_heads", "hidden_size", "vocab_size")]
-    digest = hashlib.sha256(json.dumps(shape).encode())
-    sample = model.get_input_embeddings().weight.detach().flatten()[:4096]
-    digest.update(sample.to("cpu", torch.bfloat16).to(torch.float32).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def shipped() -> list[str]:
