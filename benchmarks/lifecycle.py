@@ -74,12 +74,12 @@ LATER = ([(spec, RAW, task, None) for task in ("qa_eng", "repoqa")
          # the codec's query-weighted key steps (the model's shipped profile), tuned with the levels; and
          # the level for pruned caches (finer keys, coarser values)
          + [("kvzip(ratio=0.25)", BALANCED + "+profile", "repoqa", None)]
-         + [("kvzip(ratio=0.25)", SPARSE, task, None) for task in ("repoqa", "kv")]
-         + [("kvzip(ratio=0.25)", BALANCED + "+profile", "kv", None)]
-         + [("kvzip(ratio=0.25)", SPARSE, task, None) for task in ("prefix_suffix", "qa_eng")]
-         + [("kvzip(ratio=0.25)", SPARSE, "kv", 8192)]
-         + [("kvzip(ratio=0.25)", BALANCED + "+profile", task, None) for task in ("prefix_suffix", "qa_eng")]
-         + [("kvzip(ratio=0.25)", BALANCED + "+profile", "kv", 8192)])
+         + [("kvzip(ratio=0.25)", SPARSE, "repoqa", None)]
+         + [("kvzip(ratio=0.25)", BALANCED + "+profile", task, None) for task in ("kv", "prefix_suffix")]
+         + [("kvzip(ratio=0.25)", BALANCED + "+profile", "kv", 8192)]
+         + [("kvzip(ratio=0.25)", BALANCED + "+profile", "qa_eng", None)]
+         + [("kvzip(ratio=0.25)", SPARSE, task, None) for task in ("kv", "prefix_suffix", "qa_eng")]
+         + [("kvzip(ratio=0.25)", SPARSE, "kv", 8192)])
 SETS = {"first": FIRST, "all": FIRST + LATER}
 
 
