@@ -59,3 +59,28 @@ def test_encode_with_weights_profile(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"junk")
     assert main(["codec", "encode", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "c.kvc"),
                  "--weights", str(tmp_path / "bad.npz")]) == 2
+
+
+def test_calibrate_writes_a_json_profile_a_store_encoding_reads(tmp_path, capsys):
+    from kvlife.codec.calibrate import read_profile
+    from kvlife.models import model_signature
+    from kvlife.store.profiles import codec_setup
+    from tiny import tiny_model, tiny_tokenizer
+
+    model = tiny_model("qwen2")
+    model.save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    (tmp_path / "text.txt").write_text("a calibration text that is not the one encoded later. " * 20)
+    out = tmp_path / "tiny.json"
+    tiny = str(tmp_path / "tiny")
+    assert main(["codec", "calibrate", "--model", tiny, "--text", str(tmp_path / "text.txt"),
+                 "--tokens", "128", "-o", str(out)]) == 0
+    layers = model.config.num_hidden_layers
+    assert f"channel weights of {layers} layers" in capsys.readouterr().out
+    found = read_profile(out)
+    assert found["signature"] == model_signature(model) and len(found["weights"]) == layers
+    setup = codec_setup(model, f"kvlife:balanced+profile={out}")
+    assert setup.namespace_encoding == f"kvlife:balanced+profile:{found['digest']}"
+    assert setup.weights is not None
+    assert main(["codec", "calibrate", "--model", tiny, "--text", str(tmp_path / "none.txt"),
+                 "-o", str(out)]) == 2
