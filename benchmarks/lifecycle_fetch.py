@@ -50,7 +50,7 @@ def fetch_rows(lifecycle, keys: list[tuple]) -> None:
             if row.get("stored_key"):
                 blob = lifecycle.store(row["encoding"]).tiers[0].get(row["stored_key"])
                 payload = open_chunk(row["stored_key"], blob) if blob else None
-            if payload is not None and row["recipe"] != "dense":
+            if payload is not None and row["recipe"] != "dense" and streamed_level(row) is not None:
                 if row.get("fetch_path") != "stream-pieces":  # rows timed as one blob are timed again
                     client = StreamClient(f"http://127.0.0.1:{port}", "lifecycle", timeout_s=600)
                     stream_entry(lifecycle, client, row, payload)
@@ -73,6 +73,17 @@ def fetch_rows(lifecycle, keys: list[tuple]) -> None:
         server.terminate()
         server.wait(10)
 
+def streamed_level(row: dict) -> str | None:
+    """The level a row's entry streams at (raw or a codec level of the streaming ladder), None for a level
+    off the ladder (`sparse`: its entry is timed as one blob of its bytes)."""
+    from kvlife.store.profiles import split_encoding
+    from kvlife.stream.pieces import PIECE_LEVELS
+
+    base = split_encoding(row["encoding"])[0]
+    level = RAW if base == RAW else base.split(":", 1)[1]
+    return level if level in PIECE_LEVELS else None
+
+
 def stream_entry(lifecycle, client, row: dict, payload: bytes) -> None:
     """A compressed context's stored entry put on the server as `kvlife stream put --method` puts it
     (pieces of one layer, at the row's encoding) and fetched as `kvlife fetch` fetches it, timed. No model
@@ -81,16 +92,21 @@ def stream_entry(lifecycle, client, row: dict, payload: bytes) -> None:
     from transformers import AutoConfig
 
     from kvlife.codec import rope_from_config
+    from kvlife.store import profiles
     from kvlife.store.entries import decode_entry
     from kvlife.stream.pieces import build_pieces
 
     layers = decode_entry(payload)
-    level = "raw" if row["encoding"] == RAW else row["encoding"].split(":", 1)[1]
+    level = streamed_level(row)
     rope = (None if level == "raw"
             else rope_from_config(AutoConfig.from_pretrained(models.resolve(lifecycle.args.model))))
+    source = profiles.split_encoding(row["encoding"])[1]  # a +profile encoding: the same profile
+    shipped = profiles.PROFILE_DIR / f"{lifecycle.args.model}.json"
+    weights = None if source is None else list(profiles.load(source or shipped).weights)
     context_id = "lifecycle-" + row["stored_key"][:16]
     context = build_pieces(layers, list(range(row["context_tokens"])), context_id, row["stored_key"],
-                           lifecycle.args.dtype, row["recipe"], row["recipe"], [level], 1, rope)
+                           lifecycle.args.dtype, row["recipe"], row["recipe"], [level], 1, rope,
+                           weights=weights)
     client.put(context)
     fetched, report = client.fetch_pieces(context_id, slo=600.0, policy=level)
     assert len(fetched) == len(layers) and report.options() == [level] * len(layers)

@@ -183,3 +183,25 @@ def test_the_store_takes_the_sparse_level_with_or_without_a_profile(model, profi
         s.prefill(CONTEXT)
         answers.append(s.ask("what jumps?", max_new_tokens=6).output_ids)
     assert second.store.last["store_hit_tokens"] > 0 and answers[0] == answers[1]
+
+
+def test_streamed_pieces_of_a_compressed_context_take_the_profile(model, tmp_path):
+    from kvlife.stream.pieces import build_pieces
+
+    s = session(model, None)
+    s.prefill(CONTEXT)
+    layers = s.stored_context()
+    path = uneven_profile(model, tmp_path / "u.json")
+    setup = profiles.codec_setup(model, f"kvlife:aggressive+profile={path}")
+
+    def pieces(weights):
+        return build_pieces(layers, s.context_ids, "ctx", "fp", "float32", "id", SPEC, ["aggressive"], 1,
+                            setup.rope, 16, weights=weights).chunks["aggressive"]
+
+    plain, weighted = pieces(None), pieces(setup.weights)
+    assert plain != weighted
+    for payload, original in zip(weighted, layers):
+        (back,) = decode_entry(payload)
+        assert all(torch.equal(p1, p2) for (_, _, p1), (_, _, p2) in zip(original.pieces, back.pieces))
+    with pytest.raises(StoreError, match="covers 0 layers, the cache has 1"):  # a profile one layer short
+        pieces(setup.weights[:-1])

@@ -141,12 +141,18 @@ def piece_weights(weights: Weights, layers: Sequence[StoredLayer]) -> Weights:
     """The profile's weights for each float piece of `layers`, in `encode_entry`'s order: a piece holding
     every KV head takes its layer's weights, a head-ragged layer's pieces (one per KV head) take their
     head's; any other piece is coded with equal weights (the profile does not say which heads it holds)."""
+    if len(weights) != len(layers):
+        raise StoreError(f"the codec weights profile covers {len(weights)} layers, the cache has "
+                         f"{len(layers)}")
     out = []
     for index, layer in enumerate(layers):
         keys_w, values_w = weights[index]
         heads = keys_w.shape[0]
         for j, (keys, _, _) in enumerate(layer.pieces):
             held = keys.shape[1]
+            if keys.shape[-1] != keys_w.shape[-1]:
+                raise StoreError(f"the codec weights profile has {keys_w.shape[-1]} channels a head, layer "
+                                 f"{index} of the cache {keys.shape[-1]}")
             if held == heads:
                 out.append((keys_w, values_w))
             elif held == 1 and len(layer.pieces) == heads:

@@ -134,9 +134,10 @@ def build_pieces(layers: Sequence[StoredLayer], token_ids: Sequence[int], contex
                  model_fingerprint: str, dtype: str, recipe: str, spec: str,
                  levels: Sequence[str] | None = None,
                  layers_per_piece: int = 1, rope: Any = None, codec_tokens: int = 256, model: str = "",
-                 extra: dict[str, Any] | None = None) -> PiecesContext:
+                 extra: dict[str, Any] | None = None, weights: Any = None) -> PiecesContext:
     """Cut a compressed context's stored layers (`Session.stored_context`) into pieces of `layers_per_piece`
-    layers and encode each at every level in `levels` (default: raw and every codec level)."""
+    layers and encode each at every level in `levels` (default: raw and every codec level); `weights`: the
+    model's per-layer channel weights (a codec profile), for the codec levels."""
     check_context_id(context_id)
     levels = check_levels(levels)
     if layers_per_piece < 1:
@@ -148,7 +149,8 @@ def build_pieces(layers: Sequence[StoredLayer], token_ids: Sequence[int], contex
     chunks: dict[str, list[bytes]] = {}
     infos: dict[str, list[ChunkInfo]] = {}
     for level in levels:
-        parts = [encode_entry(layers[first:last + 1], level_encoding(level), rope, codec_tokens)
+        parts = [encode_entry(layers[first:last + 1], level_encoding(level), rope, codec_tokens,
+                              None if weights is None else weights[first:last + 1])
                  for first, last in groups]
         chunks[level] = parts
         infos[level] = [ChunkInfo(len(p), hashlib.sha256(p).hexdigest(), zlib.crc32(p)) for p in parts]

@@ -53,7 +53,7 @@ def context_of(session: Any, context_id: str, levels: Sequence[str] | None = Non
     if session.cache is None or session.mode != "multi-request" or session.prefill_result is None:
         raise KvlifeError("publish a Session in multi-request mode after prefill(context)")
     if _compressing(session):
-        return _pieces_of(session, context_id, levels, chunk_tokens, model_name, layers_per_piece)
+        return _pieces_of(session, context_id, levels, chunk_tokens, model_name, layers_per_piece, weights)
     blocker = reuse_blocker(session.recipe, session.recipe.compress is not None, session.cache)
     if blocker is not None:
         raise KvlifeError(f"cannot stream this context: {blocker} (stream dense prefills only)")
@@ -64,7 +64,7 @@ def context_of(session: Any, context_id: str, levels: Sequence[str] | None = Non
 
 
 def _pieces_of(session: Any, context_id: str, levels: Sequence[str] | None, codec_tokens: int,
-               model_name: str, layers_per_piece: int) -> PiecesContext:
+               model_name: str, layers_per_piece: int, weights: Any = None) -> PiecesContext:
     try:
         layers = session.stored_context()
     except ValueError as exc:  # a layer the store does not know (e.g. recurrent state)
@@ -73,7 +73,7 @@ def _pieces_of(session: Any, context_id: str, levels: Sequence[str] | None, code
     extra = {"prompt_format": session.format.style}
     return build_pieces(layers, session.context_ids, context_id, model_fingerprint(session.model),
                         session.dtype, session.compressed_identity(), session.recipe.spec, levels,
-                        layers_per_piece, rope, codec_tokens, model_name, extra)
+                        layers_per_piece, rope, codec_tokens, model_name, extra, weights)
 
 
 def publish(session: Any, url: str | StreamClient, context_id: str, levels: Sequence[str] | None = None,
