@@ -31,8 +31,6 @@ from kvlife.store.base import StoreError
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from kvlife.store.entries import StoredLayer
-
 SUFFIX = "+profile"
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "configs" / "codec_weights"
 Weights = list[tuple[np.ndarray, np.ndarray]]
@@ -137,10 +135,11 @@ def codec_setup(model: Any, encoding: str) -> CodecSetup:
     return CodecSetup(encoding, f"{base}{SUFFIX}:{profile.digest}", rope, list(profile.weights))
 
 
-def piece_weights(weights: Weights, layers: Sequence[StoredLayer]) -> Weights:
-    """The profile's weights for each float piece of `layers`, in `encode_entry`'s order: a piece holding
-    every KV head takes its layer's weights, a head-ragged layer's pieces (one per KV head) take their
-    head's; any other piece is coded with equal weights (the profile does not say which heads it holds)."""
+def piece_weights(weights: Weights, layers: Sequence[Any]) -> Weights:
+    """The profile's weights for each float piece of `layers` (`entries.StoredLayer`s), in `encode_entry`'s
+    order: a piece holding every KV head takes its layer's weights, a head-ragged layer's pieces (one per
+    KV head) take their head's; any other piece is coded with equal weights (the profile does not say
+    which heads it holds)."""
     if len(weights) != len(layers):
         raise StoreError(f"the codec weights profile covers {len(weights)} layers, the cache has "
                          f"{len(layers)}")
