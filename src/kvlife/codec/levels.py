@@ -58,8 +58,9 @@ LEVELS: dict[str, Level] = {
 # repoqa (8 samples, Qwen2.5-Coder-0.5B, with the model's profile) the largest rise of an answer's
 # NLL over the exact cache was +0.043 at 475 bytes per context token, against +0.120 for `balanced`
 # (412 bytes) and +0.082 for `high` (526); keys at balanced's step with values at high's: +0.200
-# (benchmarks/codec_sparse.py). Accuracy did not follow: 18 of 32 repoqa turns, as balanced with the
-# profile, against 23 on the exact cache (docs/lifecycle.md).
+# (benchmarks/codec_sparse.py). Accuracy did not follow: with the model's profile it scored at or below
+# balanced on repoqa, kv and prefix_suffix at 15% more bytes (docs/lifecycle.md), so balanced with the
+# profile is the level for pruned caches; sparse stays as the measured alternative.
 OTHER_LEVELS: dict[str, Level] = {
     level.name: level for level in (Level("sparse", 6, alpha_k=0.4, alpha_v=1.3),)
 }
