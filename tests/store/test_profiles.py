@@ -142,6 +142,7 @@ def _keys(s):
 @pytest.mark.parametrize("encoding, message", [
     ("int8+profile", "kvlife:LEVEL encodings only"),
     ("kvlife:balanced+profilex", "after '+profile'"),
+    ("kvlife:balanced+profile=", "after '+profile'"),
     ("kvlife:balanced+profile=/no/such/profile.json", "no codec weights profile at"),
     ("kvlife:finest+profile", "unknown codec level 'finest'"),
 ])

@@ -61,7 +61,7 @@ def split_encoding(encoding: str) -> tuple[str, str | None]:
     base, sep, rest = encoding.partition(SUFFIX)
     if not sep:
         return encoding, None
-    if rest and not rest.startswith("="):
+    if rest and (not rest.startswith("=") or rest == "="):
         raise StoreError(f"bad encoding {encoding!r}: after {SUFFIX!r} comes nothing or '=FILE'")
     return base, rest[1:] if rest else ""
 
