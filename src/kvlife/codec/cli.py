@@ -127,15 +127,16 @@ def run(args: argparse.Namespace) -> int:
 def _calibrate(args) -> int:
     from kvlife import models
 
-    model, tokenizer = models.load(str(args.model or args.model_dir), device="cpu", dtype="float32")
+    name = str(args.model or args.model_dir)
+    model, tokenizer = models.load(name, device="cpu", dtype="float32")
     text = args.text.read_text(errors="replace")
     weights = calibrate(model, tokenizer, text, args.tokens)
     if args.output.suffix == ".json":
         calibration = {"text": args.text.name, "tokens": args.tokens, "dtype": "float32",
                        "how": "kvlife codec calibrate: query energy per key channel (RoPE pairs, query heads "
                               "of a group summed), o_proj column energy per value channel"}
-        save_profile(args.output, weights, models.model_name(str(args.model or args.model_dir)),
-                     models.model_signature(model), calibration)
+        save_profile(args.output, weights, models.model_name(name), models.model_signature(model),
+                     calibration)
     else:
         save_weights(args.output, weights)
     print(f"{args.output}: channel weights of {len(weights)} layers")

@@ -65,9 +65,9 @@ OTHER_LEVELS: dict[str, Level] = {
     level.name: level for level in (Level("sparse", 6, alpha_k=0.4, alpha_v=1.3),)
 }
 LEVEL_NAMES = {level.id: level.name for level in (*LEVELS.values(), *OTHER_LEVELS.values())}
+DEFAULT_LEVEL = "balanced"
 
 
 def named_level(name: str) -> Level | None:
     """A ladder level or another named level, None if there is none of that name."""
     return LEVELS.get(name) or OTHER_LEVELS.get(name)
-DEFAULT_LEVEL = "balanced"

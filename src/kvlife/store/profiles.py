@@ -47,10 +47,10 @@ class Profile:
 
 @dataclass(frozen=True)
 class CodecSetup:
-    """What a store needs to code for one model: the encoding as named, the encoding its keys hold (with
-    the profile's digest), the model's RoPE for keys coded before it, and the profile's weights."""
+    """What a store needs to code for one model: the encoding its keys hold (the encoding as named, with
+    the profile's digest in place of a file), the model's RoPE for keys coded before it, and the
+    profile's weights."""
 
-    encoding: str
     namespace_encoding: str
     rope: Any = None
     weights: Weights | None = None
@@ -117,12 +117,12 @@ def codec_setup(model: Any, encoding: str) -> CodecSetup:
     layer and head counts checked against the model)."""
     base, source = split_encoding(encoding)
     if not base.startswith("kvlife:"):
-        return CodecSetup(encoding, encoding)
+        return CodecSetup(encoding)
     from kvlife.codec import rope_from_config
 
     rope = rope_from_config(model.config)
     if source is None:
-        return CodecSetup(encoding, encoding, rope)
+        return CodecSetup(encoding, rope)
     profile = for_model(model) if source == "" else load(source)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -132,7 +132,7 @@ def codec_setup(model: Any, encoding: str) -> CodecSetup:
         raise StoreError(f"codec weights profile {profile.path} is for {have[0]} layers x {have[1]} KV "
                          f"heads x {have[2]} channels ({profile.model}); this model has "
                          f"{want[0]} x {want[1]} x {want[2]}")
-    return CodecSetup(encoding, f"{base}{SUFFIX}:{profile.digest}", rope, list(profile.weights))
+    return CodecSetup(f"{base}{SUFFIX}:{profile.digest}", rope, list(profile.weights))
 
 
 def piece_weights(weights: Weights, layers: Sequence[Any]) -> Weights:

@@ -23,7 +23,7 @@ from typing import Any
 
 from kvlife.errors import SpecError
 from kvlife.methods import config_files
-from kvlife.models import model_signature  # noqa: F401  (re-exported: splits are matched by it)
+from kvlife.models import model_signature  # splits are matched by it (duo_search records it)
 
 FORMAT = "kvlife-duo-heads/1"
 SPLIT_DIR = config_files.CONFIG_ROOT / "duo_heads"
