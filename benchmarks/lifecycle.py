@@ -22,7 +22,9 @@ Per row (recipe, encoding, task, context length), in priority order (`ROWS`):
    blob of the stored chunks' size for dense.
 Each finished row is saved as results/lifecycle/rows/<slug>.json at once (a killed run resumes at the next
 row); after every row benchmarks/results/lifecycle.json and lifecycle.md are rewritten. Each row takes
-/tmp/kvlife-heavy.lock while it runs a model, so other model jobs interleave.
+/tmp/kvlife-heavy.lock while it runs a model, so other model jobs interleave. results/ is git-ignored: in
+a fresh checkout the rows of the committed lifecycle.json are carried as recorded (never dropped), and each
+new row keeps its per-sample scores there, so later rows pair with it (docs/lifecycle.md).
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ def heavy_lock():
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def row_key(row: dict) -> tuple:
+    return (row["recipe"], row["encoding"], row["task"], row["target_context_tokens"])
 
 
 def slug(spec: str, encoding: str, task: str, context_tokens: int | None) -> str:
@@ -176,6 +182,9 @@ class Lifecycle:
             "cache_bytes_turn1": round(sum(r["cache_bytes"] for r in firsts) / max(1, len(firsts))),
             **times, "accuracy_run_s": round(accuracy_s, 1), "run": run_dir.name,
             "entries_transcoded_from_raw": seeded,
+            # kept in the results so that a later session pairs with this row without results/ (git-ignored)
+            "scores_by_sample": {sample: score for (_, sample), score in by_sample(rows).items()},
+            "machine": machine(),
         }
 
     def seed(self, spec: str, encoding: str, task: str, context_tokens: int | None) -> int:
@@ -255,16 +264,35 @@ class Lifecycle:
     # ---- all rows --------------------------------------------------------------------------------
 
     def rows(self) -> list[dict]:
-        out = []
-        for path in sorted((self.out / "rows").glob("*.json")):
-            out.append(json.loads(path.read_text()))
-        return out
+        """Every measured row: this checkout's row files, then the rows of the results file that have
+        none (measured in an earlier checkout, whose results/ is git-ignored and gone): carried as
+        recorded, never dropped."""
+        out = [json.loads(path.read_text()) for path in sorted((self.out / "rows").glob("*.json"))]
+        have = {row_key(row) for row in out}
+        return out + [dict(row, carried=True) for row in self.recorded() if row_key(row) not in have]
+
+    def recorded(self) -> list[dict]:
+        path = Path(self.args.json)
+        if not path.exists():
+            return []
+        payload = json.loads(path.read_text())
+        # rows recorded before rows named their machine ran on the results file's
+        return [{"machine": payload.get("machine"), **row} for row in payload.get("rows", [])]
+
+    def plan(self, keys: list[tuple]) -> list[tuple]:
+        """The keys still to measure, in order. A row pairs with its task's dense row by sample: a dense
+        row carried from the results file without its per-sample scores is measured again first."""
+        done = {row_key(row): row for row in self.rows()}
+        todo = [key for key in keys if key not in done]
+        for key in list(todo):
+            dense = ("dense", RAW, key[2], key[3])
+            if key != dense and dense in done and "scores_by_sample" not in done[dense] and dense not in todo:
+                todo.insert(todo.index(key), dense)
+        return todo
 
     def go(self, keys: list[tuple]) -> None:
-        for key in keys:
+        for key in self.plan(keys):
             path = self.row_path(key)
-            if path.exists():
-                continue
             started = time.perf_counter()
             with heavy_lock():
                 row = self.measure(key)
@@ -272,15 +300,19 @@ class Lifecycle:
             print(f"# {slug(*key)}: {time.perf_counter() - started:.0f} s", flush=True)
             self.write(keys)
 
-    def by_sample(self, row: dict) -> dict:
-        """A saved row's run, scores by sample (for paired differences)."""
-        return by_sample(read_rows(self.out / row["run"] / "predictions.jsonl"))
+    def by_sample(self, row: dict) -> dict | None:
+        """A row's scores by sample (for paired differences): recorded in the row, else read from its run's
+        predictions; None for a carried row that has neither."""
+        if "scores_by_sample" in row:
+            return {(row["task"], sample): score for sample, score in row["scores_by_sample"].items()}
+        predictions = self.out / row["run"] / "predictions.jsonl"
+        return by_sample(read_rows(predictions)) if predictions.exists() else None
 
     def write(self, keys: list[tuple]) -> None:
-        done = {(r["recipe"], r["encoding"], r["task"], r["target_context_tokens"]): r for r in self.rows()}
+        done = {row_key(r): r for r in self.rows()}
         scores: dict[str, dict] = {}  # run -> scores by sample: a dense or raw row pairs with many rows
 
-        def scores_of(row: dict) -> dict:
+        def scores_of(row: dict) -> dict | None:
             if row["run"] not in scores:
                 scores[row["run"]] = self.by_sample(row)
             return scores[row["run"]]
@@ -290,6 +322,9 @@ class Lifecycle:
             row = dict(row)
             mine = scores_of(row)
             dense = done.get(("dense", RAW, key[2], key[3]))
+            if mine is None or (dense is not None and scores_of(dense) is None):
+                rows.append(row)  # carried without per-sample scores: its pairing stays as recorded
+                continue
             if dense is not None:
                 found = paired_difference(mine, scores_of(dense))
                 row.update(dense_accuracy=dense["accuracy"],
@@ -299,14 +334,18 @@ class Lifecycle:
                            verdict=found.verdict if found else None,
                            accuracy_vs_dense=(round(row["accuracy"] / dense["accuracy"], 3)
                                               if dense["accuracy"] else None))
-                # against the dense prefill alone (no compression): what a reader of "a full prefill" means
-                row["ttft_speedup_vs_dense_prefill"] = round(dense["ttft_full_s"] / row["ttft_hit_s"], 1)
+                # against the dense prefill alone (no compression): what a reader of "a full prefill" means;
+                # times pair only on one machine
+                same = dense.get("machine") == row.get("machine")
+                row["ttft_speedup_vs_dense_prefill"] = (round(dense["ttft_full_s"] / row["ttft_hit_s"], 1)
+                                                        if same else None)
             else:
                 row.update(dense_accuracy=None, diff_vs_dense=None, ci_low=None, ci_high=None, verdict=None,
                            ttft_speedup_vs_dense_prefill=None)
             raw = done.get((key[0], RAW, key[2], key[3])) if key[1] != RAW else None
             # what the encoding costs: against the same recipe stored raw
-            found = paired_difference(mine, scores_of(raw)) if raw is not None else None
+            raw_scores = scores_of(raw) if raw is not None else None
+            found = paired_difference(mine, raw_scores) if raw_scores is not None else None
             if found:
                 row["vs_raw"] = {"raw_accuracy": raw["accuracy"], "diff": round(found.mean, 4),
                                  "ci_low": round(found.low, 4), "ci_high": round(found.high, 4),
@@ -347,7 +386,11 @@ class Lifecycle:
                      "compressed cache) instead of compressing again; its answers come from the coded "
                      "entries, as on any hit. Rows at a set context length (8K) have --long-samples "
                      "samples. vs_raw (a coded row): the paired difference against the same recipe "
-                     "stored raw. 'missing': rows of the full plan not measured yet.",
+                     "stored raw. 'missing': rows of the full plan not measured yet. "
+                     "scores_by_sample: a row's score per sample (what later rows pair with); machine: "
+                     "where the row ran (the file's own machine is its last writer's; times pair only "
+                     "within one machine); carried: a row kept as recorded from an earlier checkout "
+                     "(its run files are gone; its pairing fields stand as computed then).",
         }
         target = Path(self.args.json)
         target.write_text(json.dumps(payload, indent=2))

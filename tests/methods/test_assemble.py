@@ -1,5 +1,5 @@
-"""Assemble methods (concat, cacheblend, epic): full recompute reproduces dense, partial recompute is what it
-says, and the Session and runner drive them on the rag task's segments."""
+"""Assemble methods (concat, cacheblend, epic, ape): full recompute reproduces dense, partial recompute is
+what it says, and the Session and runner drive them on the rag task's segments."""
 
 import pytest
 import torch
@@ -41,7 +41,7 @@ def next_logits(s):
 
 
 def test_every_assemble_method_is_tested():
-    assert ASSEMBLE == ["cacheblend", "concat", "epic"]
+    assert ASSEMBLE == ["ape", "cacheblend", "concat", "epic"]
 
 
 @pytest.mark.parametrize("spec", ["cacheblend(ratio=1.0)", "cacheblend(ratio=1.0,layer=3)", "epic(k=1000)"])
@@ -154,6 +154,30 @@ def test_epic_rows_are_the_first_k_of_each_document():
     assert parse("epic(k=2)").assemble.rows([(5, 6), (8, 20)]).tolist() == [5, 8, 9]
 
 
+def test_ape_divides_the_document_keys_by_its_temperature_and_nothing_else(model):
+    store = open_store("memory", chunk_size=16)
+    for plain, spec in [("concat", "ape(temperature=0.5)"), ("epic(k=3)", "ape(temperature=0.8,k=3)")]:
+        base, _ = prefilled(model, plain, store)
+        scaled, result = prefilled(model, spec, store)
+        temperature = parse(spec).assemble.temperature
+        pieces = base.format.segment_ids(SEGMENTS)[0]
+        head, documents = len(pieces[0]), sum(len(piece) for piece in pieces[1:])
+        for (k1, v1, p1), (k2, v2, p2) in zip(base.cache.to_tensors(), scaled.cache.to_tensors()):
+            # the instruction keeps its keys; every document key is divided by T; values and positions
+            # as assembled; the context's tail (prefilled after the scaling) attends to the scaled keys
+            torch.testing.assert_close(k2[:, :, :head], k1[:, :, :head], rtol=0, atol=0)
+            torch.testing.assert_close(k2[:, :, head:head + documents], k1[:, :, head:head + documents]
+                                       / temperature, rtol=1e-6, atol=1e-6)
+            kept = slice(0, head + documents)
+            torch.testing.assert_close(v2[:, :, kept], v1[:, :, kept], rtol=0, atol=0)
+            assert torch.equal(p1, p2)
+        assert result.stats["recomputed_rows_last_layer"] == (0 if plain == "concat" else 9)
+    # temperature 1 is concat exactly
+    one, _ = prefilled(model, "ape(temperature=1)", store)
+    concat, _ = prefilled(model, "concat", store)
+    torch.testing.assert_close(next_logits(one), next_logits(concat), rtol=0, atol=0)
+
+
 def test_multi_turn_assembles_before_turn_one(model):
     store = open_store("memory", chunk_size=16)
     blended, result = prefilled(model, "cacheblend(ratio=1.0)", store, mode="multi-turn")
@@ -174,7 +198,8 @@ def test_contexts_without_segments_prefill_densely(model):
 
 
 @pytest.mark.parametrize("spec", ["concat+snapkv(ratio=0.5)", "epic+a_shape", "cacheblend+lingua",
-                                  "concat+retrieval_attention", "cacheblend(ratio=1.5)", "epic(k=-1)"])
+                                  "concat+retrieval_attention", "cacheblend(ratio=1.5)", "epic(k=-1)",
+                                  "ape(temperature=0)", "ape(temperature=1.5)", "ape(k=-2)"])
 def test_combinations_and_parameters_that_make_no_sense_are_spec_errors(spec):
     with pytest.raises(SpecError) as info:
         parse(spec)

@@ -8,6 +8,7 @@ The generic tests run over everything listed here, per stage: tests/methods/test
 from __future__ import annotations
 
 from kvlife.errors import SpecError
+from kvlife.methods.assemble.ape import Ape
 from kvlife.methods.assemble.cacheblend import CacheBlend
 from kvlife.methods.assemble.concat import Concat
 from kvlife.methods.assemble.epic import Epic
@@ -36,7 +37,7 @@ METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in [Dense, StreamingLLM, SnapKV, PyramidKV, H2O, TOVA, AdaKV, Kivi, KVzip,
                              ExpectedAttention, KeyDiff, DuoAttention, ChunkKV,
                              Quest, RetrievalAttention, Lingua, AShape, TriShape, MInference, FlexPrefill,
-                             Concat, CacheBlend, Epic]
+                             Concat, CacheBlend, Epic, Ape]
 }
 
 
