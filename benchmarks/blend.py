@@ -126,7 +126,7 @@ def measure(args) -> None:
                 started = time.perf_counter()
                 row = run_one(sessions[spec], sample, task)
                 row.update({"size": size, "sample_id": sample.id, "method": spec, "model": args.model,
-                            "dtype": dtype, "threads": args.threads,
+                            "dtype": dtype, "threads": args.threads, "machine": machine(),
                             "wall_s": round(time.perf_counter() - started, 3),
                             **({"warm": warm_figures} if spec != "dense" else {})})
                 append_row(args.out, row)
@@ -160,12 +160,13 @@ def collect(args) -> dict:
             nll_diff = paired_difference(nll, dense_nll, lower_is_better=True)
             agreement = [t["prediction"] == d["prediction"] for k in paired
                          for t, d in zip(mine[k]["turns"], dense[k]["turns"])]
-            # TTFT only where dense and the method ran at the same thread count
-            same = {k: _threads(mine[k]) for k in paired if _threads(mine[k]) == _threads(dense[k])}
-            # one thread count per row's times: the one most pairs ran at (the higher on a tie)
+            # TTFT only where dense and the method ran at the same thread count on the same machine
+            same = {k: _timing(mine[k]) for k in paired if _timing(mine[k]) == _timing(dense[k])}
+            # one (thread count, machine) per row's times: the one most pairs ran at (more threads on a tie)
             counts = collections.Counter(same.values())
-            threads = max(counts, key=lambda n: (counts[n], n)) if counts else None
-            timed = [k for k in same if same[k] == threads]
+            timing = max(counts, key=lambda n: (counts[n], n)) if counts else (None, None)
+            threads, timed_on = timing
+            timed = [k for k in same if same[k] == timing]
             ttft = statistics.mean(mine[k]["ttft_s"] for k in timed) if timed else None
             full = statistics.mean(dense[k]["ttft_s"] for k in timed) if timed else None
             assembled = [mine[k]["assembly"]["assembled_tokens"] for k in paired]
@@ -183,7 +184,7 @@ def collect(args) -> dict:
                 "within_dense_interval": bool(dense_interval.low <= accuracy <= dense_interval.high),
                 "ttft_s": _round(ttft), "full_prefill_ttft_s": _round(full),
                 "speedup": _round(full / ttft if timed else None, 2), "timed_samples": len(timed),
-                "threads": threads,
+                "threads": threads, "timed_on": timed_on,
                 "ttft_interval_s": _interval([mine[k]["ttft_s"] for k in timed]),
                 "reference_nll": round(statistics.mean(v for v in nll.values() if v is not None), 4),
                 "dense_reference_nll": round(statistics.mean(v for v in dense_nll.values()
@@ -237,6 +238,14 @@ def _threads(row: dict) -> int:
     return row.get("threads", 1)  # rows from before the --threads option ran at 1
 
 
+# rows from before rows named their machine ran on the one blend.json then named
+EARLIER_MACHINE = "AMD EPYC, 2 cpus, 24 GiB, Linux (no GPU)"
+
+
+def _timing(row: dict) -> tuple[int, str]:
+    return _threads(row), row.get("machine", EARLIER_MACHINE)
+
+
 def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -258,8 +267,9 @@ def _cell(value: float | None, spec: str, unit: str = "") -> str:
 
 def write_report(payload: dict, results: Path) -> None:
     lines = ["# Contexts assembled from stored documents: rag task", "",
-             f"{payload['model']}, {payload['dtype']}, {payload['machine']}, commit {payload['commit']}, "
-             f"multi-request, documents stored before the measured runs.", "",
+             f"{payload['model']}, {payload['dtype']}, multi-request, documents stored before the measured "
+             f"runs; written on {payload['machine']} at commit {payload['commit']}. Times pair a method's "
+             "rows with dense's on one machine at one thread count (" + _timed_on(payload["rows"]) + ").", "",
              "| tokens | method | n | accuracy | dense [its 95% CI] | diff 95% CI | verdict | TTFT s | "
              "full prefill s | speedup | NLL | dense NLL | agree | recomputed (share) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -283,6 +293,14 @@ def write_report(payload: dict, results: Path) -> None:
         lines += ["Missing (rerun benchmarks/blend.py to resume): " + "; ".join(payload["missing"]), ""]
     (results / "blend-report.md").write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def _timed_on(rows: list[dict]) -> str:
+    machines: dict[str, list[str]] = collections.defaultdict(list)
+    for r in rows:
+        if r["timed_on"]:
+            machines[r["timed_on"]].append(f"{r['method']} at {r['assembled_tokens']}")
+    return "; ".join(f"{name}: {', '.join(timed)}" for name, timed in machines.items()) or "no row timed"
 
 
 def diagnose(args) -> None:
