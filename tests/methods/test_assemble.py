@@ -156,7 +156,7 @@ def test_epic_rows_are_the_first_k_of_each_document():
 
 def test_ape_divides_the_document_keys_by_its_temperature_and_nothing_else(model):
     store = open_store("memory", chunk_size=16)
-    for plain, spec in [("concat", "ape(temperature=0.5)"), ("epic(k=3)", "ape(temperature=0.8,k=3)")]:
+    for plain, spec in [("concat", "ape(temperature=0.5,k=0)"), ("epic(k=3)", "ape(temperature=0.8,k=3)")]:
         base, _ = prefilled(model, plain, store)
         scaled, result = prefilled(model, spec, store)
         temperature = parse(spec).assemble.temperature
@@ -173,7 +173,7 @@ def test_ape_divides_the_document_keys_by_its_temperature_and_nothing_else(model
             assert torch.equal(p1, p2)
         assert result.stats["recomputed_rows_last_layer"] == (0 if plain == "concat" else 9)
     # temperature 1 is concat exactly
-    one, _ = prefilled(model, "ape(temperature=1)", store)
+    one, _ = prefilled(model, "ape(temperature=1,k=0)", store)
     concat, _ = prefilled(model, "concat", store)
     torch.testing.assert_close(next_logits(one), next_logits(concat), rtol=0, atol=0)
 
