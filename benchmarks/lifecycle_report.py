@@ -7,6 +7,10 @@ def fmt(value, spec: str = "") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def times(value) -> str:
+    return "-" if value is None else f"{value:.0f}x"
+
+
 def report(payload: dict) -> str:
     lines = [f"# Lifecycle: compress once, store, reuse ({payload['model']}, {payload['dtype']}, commit "
              f"{payload['commit']})", "",
@@ -25,8 +29,14 @@ def report(payload: dict) -> str:
                      f"{fmt(r.get('reference_nll'), '.3f')} | {fmt(r.get('bytes_per_token'), ',.0f')} | "
                      f"{fmt(r.get('fp16_dense_over_stored'), '.1f')} | {fmt(r.get('compress_s'), '.1f')} | "
                      f"{r['ttft_full_s']:.2f} | {r['ttft_hit_s']:.3f} | {r['ttft_speedup']:.0f}x | "
-                     f"{fmt(r.get('ttft_speedup_vs_dense_prefill'), '.0f')}x | "
+                     f"{times(r.get('ttft_speedup_vs_dense_prefill'))} | "
                      f"{fmt(r.get('fetch_100mbit_s'), '.2f')} |")
+    machines: dict[str, int] = {}
+    for r in payload["rows"]:
+        name = r.get("machine") or payload["machine"]
+        machines[name] = machines.get(name, 0) + 1
+    lines += ["", "Rows ran on " + "; ".join(f"{name} ({count} rows)" for name, count in machines.items())
+              + ". 'vs dense prefill' only where dense ran on the row's machine."]
     if payload["missing"]:
         lines += ["", f"Not measured yet ({len(payload['missing'])} rows of the plan): "
                   + ", ".join(payload["missing"])]

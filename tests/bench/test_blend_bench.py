@@ -16,9 +16,10 @@ from blend_answers import answer_kinds  # noqa: E402
 from kvlife.bench.tasks import get_task, rag  # noqa: E402
 
 
-def _row(method, sample, predictions, scores, ttft, size=4096, threads=2):
+def _row(method, sample, predictions, scores, ttft, size=4096, threads=2, machine=None):
     return {"size": size, "sample_id": sample, "method": method, "model": "m", "dtype": "float32",
-            "threads": threads, "ttft_s": ttft, "accuracy": sum(scores) / len(scores),
+            "threads": threads, "ttft_s": ttft, **({"machine": machine} if machine else {}),
+            "accuracy": sum(scores) / len(scores),
             "turns": [{"prediction": p, "reference": "x", "score": s, "reference_nll": 1.0}
                       for p, s in zip(predictions, scores)],
             "assembly": {"assembled_tokens": 4000, "recomputed_rows_last_layer": 100,
@@ -50,7 +51,9 @@ def test_table_pairs_ttft_only_at_one_thread_count_and_reads_the_target_both_way
                  _row("cacheblend(ratio=0.15)", f"rag-{i}", ["x", "x"], [1, 1 if i % 2 else 0], 25.0,
                       size=8192),
                  # run at another thread count than dense: accuracy pairs, TTFT does not
-                 _row("concat", f"rag-{i}", ["y", "y"], [0, 0], 1.0, size=8192, threads=1)]
+                 _row("concat", f"rag-{i}", ["y", "y"], [0, 0], 1.0, size=8192, threads=1),
+                 # on another machine than dense (whose rows name none: the earlier one): no TTFT either
+                 _row("epic(k=4)", f"rag-{i}", ["x", "y"], [1, 0], 2.0, size=8192, machine="another CPU")]
     (tmp_path / "blend-rows.jsonl").write_text("".join(blend.json.dumps(r) + "\n" for r in rows))
     methods = ["dense", "concat", "epic(k=16)", "cacheblend(ratio=0.15)"]
     args = argparse.Namespace(out=tmp_path, sizes=[8192], methods=methods, samples=6, store="memory", seed=0)
@@ -67,3 +70,6 @@ def test_table_pairs_ttft_only_at_one_thread_count_and_reads_the_target_both_way
     assert blended["ci_low"] == blended["ci_high"] == 0 and blended["within_dense_interval"]
     assert blended["speedup"] == 4.0
     assert payload["complete"] and "| - |" in (tmp_path / "blend-report.md").read_text()
+    other = next(r for r in payload["rows"] if r["method"] == "epic(k=4)")
+    assert other["ttft_s"] is None and other["timed_on"] is None and other["samples"] == 6
+    assert epic["timed_on"] == blend.EARLIER_MACHINE
