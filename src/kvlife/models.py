@@ -347,6 +347,26 @@ def model_fingerprint(model: Any) -> str:
     return fingerprint
 
 
+# per-model files shipped with kvlife (MInference patterns, DuoAttention head splits, codec weights profiles)
+CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_files(folder: Path) -> list[str]:
+    """The model names of the JSON files shipped in `folder` (a folder under CONFIG_ROOT)."""
+    return sorted(path.stem for path in folder.glob("*.json"))
+
+
+def shipped_for(model: Any, folder: Path, load: Any) -> Any:
+    """The first of `folder`'s shipped files, read by `load(path)`, whose `.signature` is `model`'s
+    `model_signature`; None if none is."""
+    signature = model_signature(model)
+    for name in shipped_files(folder):
+        found = load(folder / f"{name}.json")
+        if found.signature == signature:
+            return found
+    return None
+
+
 def model_signature(model: Any) -> str:
     """A short hash of a model's shape and a sample of its input embeddings, rounded to bfloat16 so
     that the float32 (CPU) and bfloat16 (CUDA) loads of the same weights give the same signature."""

@@ -11,13 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from kvlife.errors import SpecError
+from kvlife.models import CONFIG_ROOT, shipped_files
 
-CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
-
-
-def shipped(folder: Path) -> list[str]:
-    """Names of the shipped files in `folder` (their model names)."""
-    return sorted(path.stem for path in folder.glob("*.json"))
+shipped = shipped_files  # names of the shipped files in a folder (their model names)
+__all__ = ["CONFIG_ROOT", "read_json", "resolve", "shipped"]
 
 
 def resolve(name_or_path: str, folder: Path, method: str, label: str, hint: str) -> Path:

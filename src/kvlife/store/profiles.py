@@ -78,7 +78,9 @@ def check_profile_suffix(encoding: str) -> None:
 
 
 def shipped() -> list[str]:
-    return sorted(path.stem for path in PROFILE_DIR.glob("*.json"))
+    from kvlife.models import shipped_files
+
+    return shipped_files(PROFILE_DIR)
 
 
 def load(path: str | Path) -> Profile:
@@ -100,16 +102,15 @@ def _load(path: str, mtime_ns: int) -> Profile:
 
 def for_model(model: Any) -> Profile:
     """The shipped profile made for `model` (matched by signature), or a StoreError saying what to do."""
-    from kvlife.models import model_signature
+    from kvlife.models import model_signature, shipped_for
 
-    signature = model_signature(model)
-    for name in shipped():
-        profile = load(PROFILE_DIR / f"{name}.json")
-        if profile.signature == signature:
-            return profile
-    raise StoreError(f"no shipped codec weights profile for this model (signature {signature}; shipped: "
-                     f"{', '.join(shipped()) or 'none'}); write one with `kvlife codec calibrate "
-                     "--model NAME -o FILE.json` and use kvlife:LEVEL+profile=FILE.json")
+    profile = shipped_for(model, PROFILE_DIR, load)
+    if profile is None:
+        raise StoreError(f"no shipped codec weights profile for this model (signature "
+                         f"{model_signature(model)}; shipped: {', '.join(shipped()) or 'none'}); write one "
+                         "with `kvlife codec calibrate --model NAME -o FILE.json` and use "
+                         "kvlife:LEVEL+profile=FILE.json")
+    return profile
 
 
 def codec_setup(model: Any, encoding: str) -> CodecSetup:

@@ -23,7 +23,7 @@ from typing import Any
 
 from kvlife.errors import SpecError
 from kvlife.methods import config_files
-from kvlife.models import model_signature  # splits are matched by it (duo_search records it)
+from kvlife.models import model_signature, shipped_for  # splits are matched by it (duo_search records it)
 
 FORMAT = "kvlife-duo-heads/1"
 SPLIT_DIR = config_files.CONFIG_ROOT / "duo_heads"
@@ -64,14 +64,12 @@ def load(name_or_path: str) -> HeadSplit:
 
 def for_model(model: Any) -> HeadSplit:
     """The shipped split made for `model` (matched by signature), or a SpecError saying what to do."""
-    signature = model_signature(model)
-    for name in shipped():
-        split = load(name)
-        if split.signature == signature:
-            return split
-    raise SpecError(f"duo_attention: no shipped head split for this model (signature {signature}; shipped: "
-                    f"{', '.join(shipped()) or 'none'}); run `kvlife search-heads --model M --out FILE` and "
-                    "give duo_attention(config=FILE)")
+    split = shipped_for(model, SPLIT_DIR, load)
+    if split is None:
+        raise SpecError(f"duo_attention: no shipped head split for this model (signature "
+                        f"{model_signature(model)}; shipped: {', '.join(shipped()) or 'none'}); run "
+                        "`kvlife search-heads --model M --out FILE` and give duo_attention(config=FILE)")
+    return split
 
 
 @lru_cache(maxsize=8)
