@@ -279,19 +279,20 @@ class Lifecycle:
         # rows recorded before rows named their machine ran on the results file's
         return [{"machine": payload.get("machine"), **row} for row in payload.get("rows", [])]
 
-    def plan(self, keys: list[tuple]) -> list[tuple]:
-        """The keys still to measure, in order. A row pairs with its task's dense row by sample: a dense
-        row carried from the results file without its per-sample scores is measured again first."""
+    def plan(self, keys: list[tuple], redo: set[tuple] = frozenset()) -> list[tuple]:
+        """The keys still to measure, in order, with the carried rows in `redo` (measured again, e.g. with
+        more samples). A row pairs with its task's dense row by sample: a dense row carried from the
+        results file without its per-sample scores is measured again first."""
         done = {row_key(row): row for row in self.rows()}
-        todo = [key for key in keys if key not in done]
+        todo = [key for key in keys if key not in done or (key in redo and done[key].get("carried"))]
         for key in list(todo):
             dense = ("dense", RAW, key[2], key[3])
             if key != dense and dense in done and "scores_by_sample" not in done[dense] and dense not in todo:
                 todo.insert(todo.index(key), dense)
         return todo
 
-    def go(self, keys: list[tuple]) -> None:
-        for key in self.plan(keys):
+    def go(self, keys: list[tuple], redo: set[tuple] = frozenset()) -> None:
+        for key in self.plan(keys, redo):
             path = self.row_path(key)
             started = time.perf_counter()
             with heavy_lock():
@@ -411,6 +412,9 @@ def main() -> int:
     parser.add_argument("--match", default=None,
                         help="run only the rows whose slug (as `missing` names them) "
                         "matches this regular expression")
+    parser.add_argument("--redo", default=None,
+                        help="also measure again the carried rows (from an earlier checkout) whose slug "
+                        "matches this regular expression, e.g. with more --long-samples")
     parser.add_argument("--out", default="results/lifecycle")
     parser.add_argument("--json", default=str(RESULTS / "lifecycle.json"),
                         help="results file (and its .md report)")
@@ -430,6 +434,13 @@ def main() -> int:
         except re.error as exc:
             parser.error(f"--match: not a regular expression ({exc})")
         keys = [key for key in keys if pattern.search(slug(*key))]
+    redo = set()
+    if args.redo:
+        try:
+            pattern = re.compile(args.redo)
+        except re.error as exc:
+            parser.error(f"--redo: not a regular expression ({exc})")
+        redo = {key for key in keys if pattern.search(slug(*key))}
     lifecycle = Lifecycle(args)
     if args.fetch:
         fetch_rows(lifecycle, keys)
@@ -437,7 +448,7 @@ def main() -> int:
     elif args.collect:
         lifecycle.write(keys)
     else:
-        lifecycle.go(keys)
+        lifecycle.go(keys, redo)
     return 0
 
 

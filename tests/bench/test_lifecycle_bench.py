@@ -48,6 +48,10 @@ def test_a_row_that_needs_an_unpaired_dense_row_measures_it_first(tmp_path):
     runner, _ = _lifecycle(tmp_path, recorded)
     keys = [("kvzip(ratio=0.1)", "raw", "kv", None), ("kvzip(ratio=0.1)", "raw", "qa_eng", None)]
     assert runner.plan(keys) == [("dense", "raw", "kv", None), *keys]
+    # a carried row asked for again (--redo) is measured again; one with scores is not otherwise
+    assert runner.plan([("dense", "raw", "qa_eng", None)]) == []
+    assert runner.plan([("dense", "raw", "qa_eng", None)], {("dense", "raw", "qa_eng", None)}) == [
+        ("dense", "raw", "qa_eng", None)]
 
 
 def test_new_rows_pair_with_recorded_scores_and_times_pair_on_one_machine(tmp_path):
