@@ -34,8 +34,8 @@ class Ape(AssembleMethod):
             (with k=0) or epic(k).
         k (16): first tokens of each document recomputed (EPIC's LegoLink) before the scaling. Without
             it each document's own first tokens (its false attention sinks) are sharpened too: on
-            Qwen2.5-Coder-0.5B's rag contexts T 0.8 then lost every answer, and with k=16 the same T
-            kept concat's accuracy (docs/blend.md). The defaults are the screen's lowest reference NLL
+            Qwen2.5-Coder-0.5B's rag contexts T 0.8 then lost every answer; with k=16 the same T was
+            not told apart from concat (docs/blend.md). The defaults are the screen's lowest reference NLL
             at k=16; none of the settings tried was better than concat in accuracy.
     """
 
