@@ -81,7 +81,10 @@ LATER = ([(spec, RAW, task, None) for task in ("qa_eng", "repoqa")
          + [("kvzip(ratio=0.25)", BALANCED + "+profile", "kv", 8192)]
          + [("kvzip(ratio=0.25)", BALANCED + "+profile", "qa_eng", None)]
          # sparse was dominated by balanced+profile on these three (docs/lifecycle.md): no more rows of it
-         + [("kvzip(ratio=0.25)", SPARSE, task, None) for task in ("kv", "prefix_suffix")])
+         + [("kvzip(ratio=0.25)", SPARSE, task, None) for task in ("kv", "prefix_suffix")]
+         # KVzip's head-level variant (each layer's budget spread over its heads) where the pair level
+         # stays under 0.9x dense
+         + [("kvzip(ratio=0.25,level=head)", RAW, "kv", None)])
 SETS = {"first": FIRST, "all": FIRST + LATER}
 
 
