@@ -26,13 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kvlife.models import CONFIG_ROOT, model_signature, shipped_files, shipped_for
 from kvlife.store.base import StoreError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
 SUFFIX = "+profile"
-PROFILE_DIR = Path(__file__).resolve().parents[1] / "configs" / "codec_weights"
+PROFILE_DIR = CONFIG_ROOT / "codec_weights"
 Weights = list[tuple[np.ndarray, np.ndarray]]
 
 
@@ -78,8 +79,6 @@ def check_profile_suffix(encoding: str) -> None:
 
 
 def shipped() -> list[str]:
-    from kvlife.models import shipped_files
-
     return shipped_files(PROFILE_DIR)
 
 
@@ -102,8 +101,6 @@ def _load(path: str, mtime_ns: int) -> Profile:
 
 def for_model(model: Any) -> Profile:
     """The shipped profile made for `model` (matched by signature), or a StoreError saying what to do."""
-    from kvlife.models import model_signature, shipped_for
-
     profile = shipped_for(model, PROFILE_DIR, load)
     if profile is None:
         raise StoreError(f"no shipped codec weights profile for this model (signature "
