@@ -59,10 +59,8 @@ class Ape(AssembleMethod):
         layers, stats = super().blend(model, layers, ids, spans)
         if self.temperature == 1 or not spans:
             return layers, stats
-        scaled = []
-        for keys, values, positions in layers:
-            scale = torch.ones(keys.shape[-2], dtype=keys.dtype, device=keys.device)
-            for start, stop in spans:
-                scale[start:stop] = 1 / self.temperature
-            scaled.append((keys * scale[:, None], values, positions))
-        return scaled, stats
+        keys = layers[0][0]  # every layer holds the same positions
+        scale = torch.ones(keys.shape[-2], dtype=keys.dtype, device=keys.device)
+        for start, stop in spans:
+            scale[start:stop] = 1 / self.temperature
+        return [(keys * scale[:, None], values, positions) for keys, values, positions in layers], stats
