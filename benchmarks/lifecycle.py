@@ -84,7 +84,10 @@ LATER = ([(spec, RAW, task, None) for task in ("qa_eng", "repoqa")
          + [("kvzip(ratio=0.25)", SPARSE, task, None) for task in ("kv", "prefix_suffix")]
          # KVzip's head-level variant (each layer's budget spread over its heads) where the pair level
          # stays under 0.9x dense
-         + [("kvzip(ratio=0.25,level=head)", RAW, "kv", None)])
+         + [("kvzip(ratio=0.25,level=head)", RAW, "kv", None)]
+         # KVzip's own normalisation (per chunk) and KVzip+'s value weighting, on the same task
+         + [(f"kvzip(ratio=0.25,{options})", RAW, "kv", None)
+            for options in ("normalize=chunk", "plus=true", "normalize=chunk,plus=true")])
 SETS = {"first": FIRST, "all": FIRST + LATER}
 
 

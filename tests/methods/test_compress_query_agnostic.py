@@ -26,7 +26,7 @@ from kvlife.methods.compress.expected_attention import (
 )
 from kvlife.methods.compress.keep import allocate
 from kvlife.methods.compress.keydiff import KeyDiff
-from kvlife.methods.compress.kvzip import FIRST_PROMPT, reconstruction_scores
+from kvlife.methods.compress.kvzip import FIRST_PROMPT, NEXT_PROMPT, PREVIOUS_TAIL, reconstruction_scores
 from kvlife.recipe import parse
 from kvlife.session import Session
 from tiny import ByteTokenizer, tiny_model
@@ -87,6 +87,77 @@ def test_kvzip_chunks_bound_the_pass_and_leave_the_cache_as_it_was():
     # Chunks see less of the pass than one long pass does, so their scores differ, but not their shape.
     whole, _, _ = reconstruction_scores(stage, [0], chunk_size=10_000)
     assert not torch.allclose(whole[0], scores[0])
+
+
+def eager_pass(eager, ids: list[int], repeat: list[int]):
+    """transformers' eager attention probabilities and attention inputs of the pass `repeat` after `ids`."""
+    out = eager(input_ids=torch.tensor([ids + repeat]), output_attentions=True, output_hidden_states=True)
+    inputs = [block.input_layernorm(out.hidden_states[i]) for i, block in enumerate(eager.model.layers)]
+    return out.attentions, inputs
+
+
+def test_kvzip_chunk_normalization_scores_each_chunk_by_its_own_pass():
+    """normalize=chunk (KVzip's code): a chunk's tokens get the largest probability from their own pass,
+    the softmax taken over the sinks, the chunk and the pass only: eager attention renormalised there."""
+    sess = session(tiny_model("qwen2"), None)
+    sess.prefill(CONTEXT)
+    ids, stage, size, sink = sess.context_ids, stage_of(sess), 64, 4
+    scores, _, chunks = reconstruction_scores(stage, [0, 1, 2, 3], size, normalize="chunk", sink=sink)
+    eager, n = tiny_model("qwen2", attn="eager"), len(ids)
+    for index in range(chunks):
+        chunk = ids[index * size:(index + 1) * size]
+        prompt = stage.encode(FIRST_PROMPT) if index == 0 else (
+            stage.encode(NEXT_PROMPT) + ids[index * size - PREVIOUS_TAIL:index * size])
+        repeat = prompt + stage.turn_end + chunk
+        attentions, _ = eager_pass(eager, ids, repeat)
+        span = slice(index * size, index * size + len(chunk))
+        allowed = torch.zeros(n + len(repeat), dtype=torch.bool)
+        allowed[:sink], allowed[span], allowed[n:] = True, True, True
+        for layer, attention in enumerate(attentions):
+            probs = attention[0, :, n:] * allowed
+            probs = probs / probs.sum(-1, keepdim=True)
+            want = probs[..., span].amax(dim=1).view(2, 2, -1).amax(dim=1)
+            got = scores[layer][:, span]
+            keep = torch.arange(span.start, span.stop) >= sink  # the sinks are in every pass's softmax
+            assert torch.allclose(got[:, keep], want[:, keep], atol=1e-5)
+    cache_scores, _, _ = reconstruction_scores(stage, [0], size, sink=sink)
+    assert not torch.allclose(cache_scores[0], scores[0])
+
+
+def test_kvzip_plus_weights_each_probability_by_value_and_row_norms():
+    """plus=true (KVzip+): probability / ||attention input of the row|| * ||W_O,h v|| before the max,
+    checked against eager attention, the layer norm's output and the output projection applied to v."""
+    sess = session(tiny_model("qwen2"), None)
+    sess.prefill(CONTEXT)
+    ids, stage = sess.context_ids, stage_of(sess)
+    scores, _, _ = reconstruction_scores(stage, [0, 1, 2, 3], chunk_size=10_000, plus=True)
+    repeat = stage.encode(FIRST_PROMPT) + stage.turn_end + ids
+    eager, n = tiny_model("qwen2", attn="eager"), len(ids)
+    attentions, inputs = eager_pass(eager, ids, repeat)
+    for layer, attention in enumerate(attentions):
+        attn = eager.model.layers[layer].self_attn
+        values = sess.cache.layers[layer].values[0]  # [kv_heads, n, head_dim]
+        dim = attn.head_dim
+        norms = []
+        for head in range(4):
+            spread = torch.zeros(n, 4 * dim)
+            spread[:, head * dim:(head + 1) * dim] = values[head // 2]
+            norms.append(attn.o_proj(spread).norm(dim=-1))
+        weighted = attention[0, :, n:, :n] / inputs[layer][0, n:].norm(dim=-1)[None, :, None]
+        weighted = weighted * torch.stack(norms)[:, None, :]
+        want = weighted.amax(dim=1).view(2, 2, n).amax(dim=1)
+        assert torch.allclose(scores[layer], want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", ["normalize=chunk", "plus=true", "normalize=chunk,plus=true"])
+def test_kvzip_variants_keep_the_budget_and_the_sinks(options):
+    sess = session(tiny_model("llama"), f"kvzip(ratio=0.25,chunk_size=100,{options})")
+    sess.prefill(CONTEXT)
+    target = round(0.25 * len(sess.context_ids))
+    assert sum(held_per_layer(sess.cache)) == 4 * 2 * target
+    for layer in sess.cache.layers:
+        for head in range(2):
+            assert set(range(4)) <= set(layer.positions[head].tolist())
 
 
 def test_kvzip_records_its_cost_in_the_prefill_stats():
@@ -286,6 +357,8 @@ def test_duo_split_errors_are_one_line(tmp_path):
     (["bench", "--method", "kvzip(ratio=0)"], "ratio must be in (0, 1]"),
     (["bench", "--method", "kvzip(ratio=1.5)"], "ratio must be in (0, 1]"),
     (["bench", "--method", "kvzip(level=layer)"], "level must be one of"),
+    (["bench", "--method", "kvzip(normalize=layer)"], "normalize must be one of"),
+    (["bench", "--method", "kvzip(plus=3)"], "plus must be true or false"),
     (["bench", "--method", "duo_attention(config=/no/such/split.json)"], "not found"),
     (["bench", "--method", "chunkkv(scorer=h2o)"], "unknown scorer"),
 ])

@@ -4,64 +4,172 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 from typing import ClassVar
 
 import torch
 
-from kvlife.attention import AttnCall, dense_attention
-from kvlife.errors import SpecError
+from kvlife.attention import AttnCall, dense_attention, visibility_mask
+from kvlife.errors import KvlifeError, SpecError
 from kvlife.methods.base import CacheCompressMethod, CacheStage, reduce_groups
 from kvlife.methods.compress.keep import LEVELS, allocate, apply_keep, real_slots
-from kvlife.methods.compress.snapkv import PROTECTED, attention_mass
+from kvlife.methods.compress.snapkv import SCORE_ELEMENTS
 
 FIRST_PROMPT = "Repeat the previous context exactly."
 NEXT_PROMPT = "Repeat the part of the previous context exactly, starting with "
 PREVIOUS_TAIL = 8  # tokens of the previous chunk that a later chunk's prompt quotes (as KVzip does)
+NORMALIZE = ("cache", "chunk")
+KEEP = 1e30  # the score of an always-kept token: above any score, KVzip+'s weighted ones included
 
 
-class MaxAttentionScorer:
+class ReconstructionScorer:
     """A prefill method for the reconstruction passes: dense attention that also records, per
-    full-attention layer, each cached token's largest attention from any query (any head of its
-    GQA group), over the first `held[layer]` slots (the cache as it was before the pass)."""
+    full-attention layer, each cached token's largest attention from any query of a pass (any head of
+    its GQA group), over the first `held[layer]` slots (the cache as it was before the passes).
+
+    `normalize="cache"`: the softmax runs over every cached key (as the model's attention does).
+    `normalize="chunk"`: over the keys at positions below `sink`, those of the chunk being
+    reconstructed (`span`) and the pass's own keys, and only the chunk's tokens are scored by the
+    pass (KVzip's and kvpress's code). `out_proj` (KVzip+): per layer the attention's output
+    projection weight [hidden, q_heads * head_dim]; each probability is then divided by the norm of
+    the query row's attention input and multiplied by the norm of the token's value through its
+    query head's slice of the projection (`row_norms`, filled per pass by `track_row_norms`)."""
 
     name = "kvzip_scorer"
 
-    def __init__(self, held: dict[int, int]) -> None:
+    def __init__(self, held: dict[int, int], normalize: str = "cache",
+                 out_proj: dict[int, torch.Tensor] | None = None) -> None:
         self.held = held
+        self.normalize = normalize
+        self.out_proj = out_proj
+        self.span = (0, 0)  # positions [first, stop) of the chunk reconstructed by the current pass
+        self.sink = 0
+        self.row_norms: dict[int, torch.Tensor] = {}
+        self.value_norms: dict[int, torch.Tensor] = {}  # per layer [q_heads, held]: values stay
         self.scores: dict[int, torch.Tensor] = {}
 
     def attend(self, call: AttnCall) -> torch.Tensor:
         out = dense_attention(call)
         if call.layer_idx in self.held:
             layer = call.step.cache.layers[call.layer_idx]
-            peak = attention_mass(call, layer, slice(None), reduce="max")[:, : self.held[call.layer_idx]]
-            peak = reduce_groups(peak, layer.positions.shape[0], "max")
+            peak = reduce_groups(self.peak(call, layer), layer.positions.shape[0], "max")
             old = self.scores.get(call.layer_idx)
             self.scores[call.layer_idx] = peak if old is None else torch.maximum(old, peak)
         return out
 
+    def peak(self, call: AttnCall, layer) -> torch.Tensor:
+        """[q_heads, held]: each held token's largest (weighted) probability from the pass's queries."""
+        index, held = call.layer_idx, self.held[call.layer_idx]
+        keys, values = layer.dense_kv()
+        keys, k_pos = keys[0], layer.positions
+        query, q_pos = call.query[0], call.q_pos
+        kv_heads, groups = keys.shape[0], query.shape[0] // keys.shape[0]
+        n_keys, n_rows = keys.shape[1], query.shape[1]
+        slots = torch.arange(n_keys, device=keys.device)
+        allowed = torch.ones_like(k_pos, dtype=torch.bool)  # [kv_heads, slots]
+        if self.normalize == "chunk":
+            first, stop = self.span
+            context = slots < held
+            allowed = ~context | (k_pos < self.sink) | ((k_pos >= first) & (k_pos < stop))
+        weights = None
+        if self.out_proj is not None:
+            if index not in self.value_norms:
+                self.value_norms[index] = value_norms(values[0, :, :held], self.out_proj[index])
+            weights = self.value_norms[index]
+            inverse = 1.0 / self.row_norms[index].clamp_min(1e-6)  # [rows]
+        step = max(1, min(512, SCORE_ELEMENTS // max(1, groups * n_keys)))
+        peak = torch.zeros(query.shape[0], held, dtype=torch.float32, device=keys.device)
+        for head in range(kv_heads):
+            head_keys = keys[head].float()
+            heads = slice(head * groups, (head + 1) * groups)
+            for start in range(0, n_rows, step):
+                stop = min(start + step, n_rows)
+                scores = torch.matmul(query[heads, start:stop].float(), head_keys.T) * call.scaling
+                if call.softcap is not None:
+                    scores = torch.tanh(scores / call.softcap) * call.softcap
+                visible = visibility_mask(q_pos[start:stop], k_pos[head:head + 1], call.sliding_window)
+                visible &= allowed[head][None, None]
+                probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+                probs = probs[..., :held]
+                if weights is not None:
+                    probs = probs * inverse[start:stop, None] * weights[heads, None]
+                peak[heads] = torch.maximum(peak[heads], probs.amax(dim=1))
+        return peak
 
-def reconstruction_scores(stage: CacheStage, layers: list[int], chunk_size: int) -> tuple[dict, int, int]:
+
+def value_norms(values: torch.Tensor, out_proj: torch.Tensor) -> torch.Tensor:
+    """||W_O,h v|| [q_heads, tokens] for values [kv_heads, tokens, head_dim] and an output projection
+    weight [hidden, q_heads * head_dim] (query head h reads its KV head's values)."""
+    kv_heads, _, dim = values.shape
+    q_heads = out_proj.shape[1] // dim
+    groups = q_heads // kv_heads
+    norms = []
+    for head in range(q_heads):
+        part = out_proj[:, head * dim:(head + 1) * dim].float()  # [hidden, head_dim]
+        norms.append(torch.linalg.vector_norm(values[head // groups].float() @ part.T, dim=-1))
+    return torch.stack(norms)
+
+
+@contextmanager
+def track_row_norms(model, scorer: ReconstructionScorer, layers: list[int]):
+    """While open, each listed layer's attention input norms per row [rows] go to `scorer.row_norms`."""
+    blocks = getattr(getattr(model, "model", None), "layers", None)
+    if blocks is None or not all(hasattr(blocks[i], "self_attn") for i in layers):
+        raise KvlifeError(f"kvzip(plus=true) needs a decoder stack of layers with self_attn; "
+                          f"{type(model).__name__} has another layout")
+
+    def hook(index):
+        def record(module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            scorer.row_norms[index] = torch.linalg.vector_norm(hidden[0].float(), dim=-1)
+        return record
+
+    handles = [blocks[i].self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def output_projections(model, layers: list[int]) -> dict[int, torch.Tensor]:
+    blocks = getattr(getattr(model, "model", None), "layers", None)
+    try:
+        return {i: blocks[i].self_attn.o_proj.weight.detach() for i in layers}
+    except (AttributeError, TypeError, IndexError):
+        raise KvlifeError(f"kvzip(plus=true) needs each layer's self_attn.o_proj; {type(model).__name__} "
+                          "has another layout") from None
+
+
+def reconstruction_scores(stage: CacheStage, layers: list[int], chunk_size: int, normalize: str = "cache",
+                          plus: bool = False, sink: int = 0) -> tuple[dict, int, int]:
     """KVzip's scores [kv_heads, slots] for `layers`, the tokens the reconstruction passes fed, and
     the number of chunks. The cache is returned exactly as it was."""
     cache = stage.cache
-    scorer = MaxAttentionScorer({i: cache.layers[i].get_seq_length() for i in layers})
+    scorer = ReconstructionScorer({i: cache.layers[i].get_seq_length() for i in layers}, normalize,
+                                  output_projections(stage.model, layers) if plus else None)
     recipe = SimpleNamespace(prefill=scorer, compress=None, load=None)
-    context = stage.ids[stage.head_tokens:]
+    head = stage.head_tokens
+    context = stage.ids[head:]
     chunks = [context[start:start + chunk_size] for start in range(0, len(context), chunk_size)]
+    first_position = cache.next_position - len(stage.ids)
+    scorer.sink = first_position + max(sink, head)
     checkpoint = cache.checkpoint()
     fed = 0
     try:
-        for index, chunk in enumerate(chunks):
-            if index == 0:
-                prompt = stage.encode(FIRST_PROMPT)
-            else:
-                prompt = stage.encode(NEXT_PROMPT) + chunks[index - 1][-PREVIOUS_TAIL:]
-            ids = prompt + stage.turn_end + chunk
-            stage.forward(ids, recipe)
-            cache.rollback(checkpoint)
-            fed += len(ids)
+        with track_row_norms(stage.model, scorer, layers) if plus else nullcontext():
+            for index, chunk in enumerate(chunks):
+                if index == 0:
+                    prompt = stage.encode(FIRST_PROMPT)
+                else:
+                    prompt = stage.encode(NEXT_PROMPT) + chunks[index - 1][-PREVIOUS_TAIL:]
+                ids = prompt + stage.turn_end + chunk
+                start = first_position + head + index * chunk_size
+                scorer.span = (start, start + len(chunk))
+                stage.forward(ids, recipe)
+                cache.rollback(checkpoint)
+                fed += len(ids)
     finally:
         cache.rollback(checkpoint)
     return scorer.scores, fed, len(chunks)
@@ -82,8 +190,9 @@ class KVzip(CacheCompressMethod):
     previous chunk's last 8 tokens), the end of a user turn in the session's prompt format, and the
     chunk, attending over the full cache plus the chunk, then is cut off again; memory is bounded
     by the chunk. A token's score is its largest softmax probability from any pass's query in any
-    query head of its GQA group (the softmax runs over the whole cache, as the model's attention
-    does; KVzip's code normalises over the sink, the chunk's own span and the pass). The cost, one
+    query head of its GQA group (by default the softmax runs over the whole cache, as the model's
+    attention does, and a token keeps its largest score from any pass; `normalize=chunk` follows
+    KVzip's code instead). The cost, one
     forward over every context token attending to the full cache plus a score pass per layer
     (about 2-3x a prefill), is recorded in the prefill's stats under "compress". The prompt
     format's head (chat template, system prompt) and the first `n_sink` tokens are always kept.
@@ -101,6 +210,15 @@ class KVzip(CacheCompressMethod):
             retrieve.
         chunk_size (2000): context tokens reconstructed per pass (KVzip's default).
         n_sink (4): first tokens always kept (attention sinks).
+        normalize ("cache"): the keys each pass's softmax runs over: "cache" (every cached key) or
+            "chunk" (as KVzip's and kvpress's code: the prompt format's head or the first `n_sink`
+            tokens, the chunk being reconstructed and the pass itself; each chunk's tokens are scored
+            by their own pass only).
+        plus (false): KVzip+ (Jegou & Jeblick, 2026, kvpress's `kvzip_plus_normalization`): each
+            probability divided by the norm of the query row's attention input and multiplied by
+            ||W_O,h v||, the norm of the token's value through the output projection of the query
+            head h, so a score measures what the token adds to the residual stream, not its share
+            of the attention alone. Needs layers with `self_attn.o_proj` (Llama, Qwen2, Mistral).
     """
 
     name: ClassVar[str] = "kvzip"
@@ -110,6 +228,8 @@ class KVzip(CacheCompressMethod):
     level: str = "pair"
     chunk_size: int = 2000
     n_sink: int = 4
+    normalize: str = "cache"
+    plus: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -119,6 +239,10 @@ class KVzip(CacheCompressMethod):
             raise SpecError(f"kvzip: chunk_size must be >= 1 token, got {self.chunk_size}")
         if self.n_sink < 0:
             raise SpecError(f"kvzip: n_sink must be >= 0, got {self.n_sink}")
+        if self.normalize not in NORMALIZE:
+            raise SpecError(f"kvzip: normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}")
+        if not isinstance(self.plus, bool):
+            raise SpecError(f"kvzip: plus must be true or false, got {self.plus!r}")
 
     def compress_cache(self, stage: CacheStage) -> None:
         cache = stage.cache
@@ -128,7 +252,8 @@ class KVzip(CacheCompressMethod):
         if not targets:
             return
         started = time.perf_counter()
-        scores, fed, chunks = reconstruction_scores(stage, sorted(targets), self.chunk_size)
+        scores, fed, chunks = reconstruction_scores(stage, sorted(targets), self.chunk_size, self.normalize,
+                                                    self.plus, self.n_sink)
         self.evict(cache, scores, targets, max(self.n_sink, stage.head_tokens))
         stage.stats["compress"] = {"method": self.spec(), "seconds": round(time.perf_counter() - started, 4),
                                    "forward_tokens": fed, "chunks": chunks, "prefill_tokens": len(stage.ids)}
@@ -138,7 +263,7 @@ class KVzip(CacheCompressMethod):
         ranked = {}
         for index, score in scores.items():
             layer = cache.layers[index]
-            score = score.masked_fill(layer.positions < protect, PROTECTED)
+            score = score.masked_fill(layer.positions < protect, KEEP)
             ranked[index] = score.masked_fill(~real_slots(layer), float("-inf"))
         for index, mask in allocate(ranked, targets, self.level).items():
             apply_keep(cache, index, mask)
