@@ -87,7 +87,9 @@ LATER = ([(spec, RAW, task, None) for task in ("qa_eng", "repoqa")
          + [("kvzip(ratio=0.25,level=head)", RAW, "kv", None)]
          # KVzip's own normalisation (per chunk) and KVzip+'s value weighting, on the same task
          + [(f"kvzip(ratio=0.25,{options})", RAW, "kv", None)
-            for options in ("normalize=chunk", "plus=true", "normalize=chunk,plus=true")])
+            for options in ("normalize=chunk", "plus=true", "normalize=chunk,plus=true")]
+         # the budget between a quarter (0.87x dense on kv) and a half (= dense) that keeps kv's UUIDs
+         + [(f"kvzip(ratio={ratio})", RAW, "kv", None) for ratio in (0.3, 0.35, 0.4)])
 SETS = {"first": FIRST, "all": FIRST + LATER}
 
 

@@ -10,11 +10,11 @@ from typing import ClassVar
 
 import torch
 
-from kvlife.attention import AttnCall, dense_attention, visibility_mask
+from kvlife.attention import AttnCall, dense_attention
 from kvlife.errors import KvlifeError, SpecError
 from kvlife.methods.base import CacheCompressMethod, CacheStage, reduce_groups
 from kvlife.methods.compress.keep import LEVELS, allocate, apply_keep, real_slots
-from kvlife.methods.compress.snapkv import SCORE_ELEMENTS
+from kvlife.methods.compress.snapkv import attention_mass
 
 FIRST_PROMPT = "Repeat the previous context exactly."
 NEXT_PROMPT = "Repeat the part of the previous context exactly, starting with "
@@ -61,41 +61,24 @@ class ReconstructionScorer:
     def peak(self, call: AttnCall, layer) -> torch.Tensor:
         """[q_heads, held]: each held token's largest (weighted) probability from the pass's queries."""
         index, held = call.layer_idx, self.held[call.layer_idx]
-        keys, values = layer.dense_kv()
-        keys, k_pos = keys[0], layer.positions
-        query, q_pos = call.query[0], call.q_pos
-        kv_heads, groups = keys.shape[0], query.shape[0] // keys.shape[0]
-        n_keys, n_rows = keys.shape[1], query.shape[1]
-        slots = torch.arange(n_keys, device=keys.device)
-        allowed = torch.ones_like(k_pos, dtype=torch.bool)  # [kv_heads, slots]
+        allowed = weigh = None
         if self.normalize == "chunk":
             first, stop = self.span
-            context = slots < held
+            k_pos = layer.positions
+            context = torch.arange(k_pos.shape[-1], device=k_pos.device) < held
             allowed = ~context | (k_pos < self.sink) | ((k_pos >= first) & (k_pos < stop))
-        weights = None
         if self.out_proj is not None:
             if index not in self.value_norms:
+                _, values = layer.dense_kv()
                 self.value_norms[index] = value_norms(values[0, :, :held], self.out_proj[index])
             weights = self.value_norms[index]
             inverse = 1.0 / self.row_norms[index].clamp_min(1e-6)  # [rows]
-        step = max(1, min(512, SCORE_ELEMENTS // max(1, groups * n_keys)))
-        peak = torch.zeros(query.shape[0], held, dtype=torch.float32, device=keys.device)
-        for head in range(kv_heads):
-            head_keys = keys[head].float()
-            heads = slice(head * groups, (head + 1) * groups)
-            for start in range(0, n_rows, step):
-                stop = min(start + step, n_rows)
-                scores = torch.matmul(query[heads, start:stop].float(), head_keys.T) * call.scaling
-                if call.softcap is not None:
-                    scores = torch.tanh(scores / call.softcap) * call.softcap
-                visible = visibility_mask(q_pos[start:stop], k_pos[head:head + 1], call.sliding_window)
-                visible &= allowed[head][None, None]
-                probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-                probs = probs[..., :held]
-                if weights is not None:
-                    probs = probs * inverse[start:stop, None] * weights[heads, None]
-                peak[heads] = torch.maximum(peak[heads], probs.amax(dim=1))
-        return peak
+
+            def weigh(probs: torch.Tensor, heads: slice, rows: slice) -> torch.Tensor:
+                probs[..., :held] *= inverse[rows, None] * weights[heads, None]
+                probs[..., held:] = 0.0  # the pass's own keys are not scored
+                return probs
+        return attention_mass(call, layer, slice(None), reduce="max", allowed=allowed, weigh=weigh)[:, :held]
 
 
 def value_norms(values: torch.Tensor, out_proj: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ Also home of the attention-scoring helpers the other score-based methods share (
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -22,14 +23,17 @@ PROTECTED = 2.0  # above any attention probability or mean of them: a protected 
 
 
 def attention_mass(call: AttnCall, layer: KVLayer, rows: slice, chunk_rows: int = 512,
-                   reduce: str = "sum") -> torch.Tensor:
+                   reduce: str = "sum", allowed: torch.Tensor | None = None,
+                   weigh: Callable[[torch.Tensor, slice, slice], torch.Tensor] | None = None) -> torch.Tensor:
     """Sum (or with `reduce="max"` the maximum) over the query rows `rows` of each query head's
     attention to every cached key.
 
     The softmax runs over the layer's cached keys with the positional mask (causality and the
-    sliding window), as the layer's attention saw them. Computed per KV head group and in chunks
-    of query rows, so memory stays bounded however long the context. Returns float32
-    [q_heads, cached tokens].
+    sliding window), as the layer's attention saw them, and only over the slots `allowed` marks
+    (bool [kv_heads, slots]) where given. `weigh(probs, heads, rows)` may reweigh the probabilities
+    [group heads, rows, slots] of query heads `heads` and rows `rows` (of the rows asked) before the
+    reduction. Computed per KV head group and in chunks of query rows, so memory stays bounded
+    however long the context. Returns float32 [q_heads, cached tokens].
     """
     keys, _ = layer.dense_kv()
     keys, k_pos = keys[0], layer.positions
@@ -47,8 +51,12 @@ def attention_mass(call: AttnCall, layer: KVLayer, rows: slice, chunk_rows: int 
             if call.softcap is not None:
                 scores = torch.tanh(scores / call.softcap) * call.softcap
             visible = visibility_mask(q_pos[start:stop], k_pos[head:head + 1], call.sliding_window)
+            if allowed is not None:
+                visible &= allowed[head][None, None]
             scores = scores.masked_fill(~visible, float("-inf"))
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+            if weigh is not None:
+                probs = weigh(probs, heads, slice(start, stop))
             if reduce == "max":
                 mass[heads] = torch.maximum(mass[heads], probs.amax(dim=1))
             else:
