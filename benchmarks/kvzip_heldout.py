@@ -4,7 +4,8 @@ lifecycle.json screened kvzip's scoring variants on the kv task's 8 samples of s
 `kvzip(ratio=0.25,...)`) and the best of them was picked there. A pick among several variants on 32
 turns flatters it, so this script measures the picked variant, kvzip's default and dense again on
 the samples of another seed, multi-request, and reports each one's paired 95% interval against dense
-and the variant's against the default on the same samples.
+and the variant's against the default on the same samples; where lifecycle.json holds a recipe's per-sample
+scores on seed 0, also both seeds pooled ("pooled").
 
     python benchmarks/kvzip_heldout.py                      # seed 1, 8 samples, kv, float32
     python benchmarks/kvzip_heldout.py --recipes "dense;kvzip(ratio=0.25);kvzip(ratio=0.35)"
@@ -61,7 +62,7 @@ def main() -> int:
         parser.error("--seed: 0 is the screening seed of lifecycle.json; a held-out check needs another")
 
     model = tokenizer = None
-    scores, rows = {}, []
+    scores, rows, pooled_scores = {}, [], {}
     for spec in recipes:
         config = BenchConfig(model=args.model, tasks=[args.task], mode="multi-request", method=spec,
                              samples=args.samples, seed=args.seed, dtype=args.dtype)
@@ -87,6 +88,17 @@ def main() -> int:
                 vs_dense=versus.to_dict())
             if spec != recipes[1]:
                 row["vs_default"] = paired_difference(scores[spec], scores[recipes[1]]).to_dict()
+        screened = screening_scores(spec, args.task)
+        if screened is not None:  # the same recipe on the screening samples: both seeds together
+            pooled = {**{(0, sample): score for sample, score in screened.items()},
+                      **{(args.seed, sample): score for sample, score in scores[spec].items()}}
+            pooled_scores[spec] = pooled
+            row["pooled"] = {"samples": len(pooled), "accuracy": round(sum(pooled.values()) / len(pooled), 4)}
+            if spec != "dense" and "dense" in pooled_scores:
+                dense_pooled = pooled_scores["dense"]
+                row["pooled"]["ratio_to_dense"] = round(row["pooled"]["accuracy"] / max(
+                    1e-9, sum(dense_pooled.values()) / len(dense_pooled)), 3)
+                row["pooled"]["vs_dense"] = paired_difference(pooled, dense_pooled).to_dict()
         rows.append(row)
 
     payload = {"about": "kvzip's scoring variants on held-out samples (seed != 0; lifecycle.json screened on "
@@ -100,8 +112,27 @@ def main() -> int:
     for row in rows:
         print(f"| {row['recipe']} | {row['accuracy']:.2f} | {row.get('ratio_to_dense', 1.0):.2f} | "
               f"{cell(row.get('vs_dense'))} | {cell(row.get('vs_default'))} | {row['reference_nll']} |")
+    for row in rows:
+        if row.get("pooled") and row["recipe"] != "dense":
+            pooled = row["pooled"]
+            print(f"pooled with seed 0 ({pooled['samples']} samples): {row['recipe']} "
+                  f"{pooled['accuracy']:.2f}, {pooled['ratio_to_dense']:.2f}x dense, "
+                  f"{cell(pooled['vs_dense'])}")
     print(f"wrote {args.json}")
     return 0
+
+
+def screening_scores(spec: str, task: str) -> dict | None:
+    """Per-sample scores of `spec` on seed 0 (lifecycle.json's raw row at the task's default size), if
+    recorded there."""
+    path = RESULTS / "lifecycle.json"
+    if not path.exists():
+        return None
+    for row in json.loads(path.read_text()).get("rows", []):
+        key = (row["recipe"], row["encoding"], row["task"], row["target_context_tokens"])
+        if key == (spec, "raw", task, None):
+            return row.get("scores_by_sample")
+    return None
 
 
 def cell(found: dict | None) -> str:
