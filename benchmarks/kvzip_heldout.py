@@ -10,7 +10,8 @@ scores on seed 0, also both seeds pooled ("pooled").
     python benchmarks/kvzip_heldout.py                      # seed 1, 8 samples, kv, float32
     python benchmarks/kvzip_heldout.py --recipes "dense;kvzip(ratio=0.25);kvzip(ratio=0.35)"
 
-Writes benchmarks/results/kvzip-heldout.json and prints a table. Runs resume (results/kvzip-heldout/;
+Writes benchmarks/results/kvzip-heldout.json (rows of other recipes already there are kept) and prints
+a table. Runs resume (results/kvzip-heldout/;
 a finished run is read back, not measured again); takes /tmp/kvlife-heavy.lock while a model runs.
 """
 
@@ -101,6 +102,10 @@ def main() -> int:
                 row["pooled"]["vs_dense"] = paired_difference(pooled, dense_pooled).to_dict()
         rows.append(row)
 
+    # rows of other recipes (or seeds, tasks) measured by earlier invocations are kept
+    mine = {(row["recipe"], row["task"], row["seed"]) for row in rows}
+    earlier = json.loads(Path(args.json).read_text()).get("rows", []) if Path(args.json).exists() else []
+    rows += [row for row in earlier if (row["recipe"], row["task"], row["seed"]) not in mine]
     payload = {"about": "kvzip's scoring variants on held-out samples (seed != 0; lifecycle.json screened on "
                         "seed 0), multi-request, paired 95% bootstrap intervals against dense "
                         "('vs_dense') and against the first recipe after dense ('vs_default')",
@@ -111,7 +116,7 @@ def main() -> int:
     print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row['recipe']} | {row['accuracy']:.2f} | {row.get('ratio_to_dense', 1.0):.2f} | "
-              f"{cell(row.get('vs_dense'))} | {cell(row.get('vs_default'))} | {row['reference_nll']} |")
+              f"{cell(row.get('vs_dense'))} | {cell(row.get('vs_default'))} | {row.get('reference_nll')} |")
     for row in rows:
         if row.get("pooled") and row["recipe"] != "dense":
             pooled = row["pooled"]
