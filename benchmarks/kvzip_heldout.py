@@ -115,13 +115,13 @@ def main() -> int:
     print(f"| recipe | accuracy | x dense | vs dense [95%] | vs {recipes[1]} [95%] | NLL |")
     print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['recipe']} | {row['accuracy']:.2f} | {row.get('ratio_to_dense', 1.0):.2f} | "
+        print(f"| {row['recipe']} | {row['accuracy']:.2f} | {row.get('ratio_to_dense', 1.0):.3f} | "
               f"{cell(row.get('vs_dense'))} | {cell(row.get('vs_default'))} | {row.get('reference_nll')} |")
     for row in rows:
         if row.get("pooled") and row["recipe"] != "dense":
             pooled = row["pooled"]
             print(f"pooled with seed 0 ({pooled['samples']} samples): {row['recipe']} "
-                  f"{pooled['accuracy']:.2f}, {pooled['ratio_to_dense']:.2f}x dense, "
+                  f"{pooled['accuracy']:.2f}, {pooled['ratio_to_dense']:.3f}x dense, "
                   f"{cell(pooled['vs_dense'])}")
     print(f"wrote {args.json}")
     return 0
