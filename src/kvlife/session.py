@@ -88,6 +88,7 @@ class Session:
         self.loaded = False  # the context cache came from load(): turn 1 of multi-turn adds only the query
         self.store_salt = store_salt
         self.documents = None  # kvlife.store.documents.DocumentStore, made on the first assembly
+        self._lead_in_documents: dict[tuple[int, ...], Any] = {}  # the same store, documents after a lead-in
         # store= (a KVStore or tier URLs, see kvlife.store): prefills reuse the longest stored prefix
         self.store = None
         if store is not None:
@@ -234,17 +235,12 @@ class Session:
     def _assemble(self, pieces: list[list[int]], tail: list[int]) -> TurnResult:
         """The context's cache from per-document caches (kvlife.store.documents: looked up, or computed and
         stored), re-rotated to their places, blended by the recipe's assemble method; then the tail."""
-        from kvlife.store.documents import DocumentStore
-
         self.recipe.assemble.check(self.model)  # before any document is computed
-        if self.documents is None:  # the session's store (its tiers and tenant), else one in memory
-            tiers = self.store.store if self.store is not None else "memory"
-            self.documents = DocumentStore(tiers, self.model, self.tokenizer, salt=self.store_salt)
         started = time.perf_counter()
         # a segment may encode to nothing
         head, documents = pieces[0], [piece for piece in pieces[1:] if piece]
         pieces = ([head] if head else []) + documents
-        layers, spans, figures = self.documents.assemble(pieces)
+        layers, spans, figures = self.document_store(head).assemble(pieces, first_alone=bool(head))
         loaded = time.perf_counter()
         ids = [token for piece in pieces for token in piece]
         layers, blend_stats = self.recipe.assemble.blend(self.model, layers, ids,
@@ -264,6 +260,24 @@ class Session:
         self.prefill_result = TurnResult("", [], len(self.context_ids), elapsed, elapsed, None, 0,
                                          self.cache.bytes(), self._mean_held(), stats=dict(stats))
         return self.prefill_result
+
+    def document_store(self, head: list[int]):
+        """The per-document caches this session's assemble method reads for a context whose first piece is
+        `head`: documents computed alone (`self.documents`, in the session's store, its tiers and tenant,
+        else in memory), or after the method's lead-in (other entries of the same store)."""
+        from kvlife.store.documents import DocumentStore
+
+        if self.documents is None:
+            tiers = self.store.store if self.store is not None else "memory"
+            self.documents = DocumentStore(tiers, self.model, self.tokenizer, salt=self.store_salt)
+        lead_in = self.recipe.assemble.lead_in_ids(head, self.format.encode)
+        if not lead_in:
+            return self.documents
+        key = tuple(lead_in)
+        if key not in self._lead_in_documents:
+            self._lead_in_documents[key] = DocumentStore(self.documents.store, self.model, self.tokenizer,
+                                                         salt=self.documents.salt, lead_in=lead_in)
+        return self._lead_in_documents[key]
 
     def _mean_held(self) -> float:
         held = self.cache.tokens_held()

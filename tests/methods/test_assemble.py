@@ -240,3 +240,42 @@ def test_kvlife_bench_assembles_rag_contexts_from_a_store(tmp_path):
     # the second run finds every document stored by the first
     assert second[0]["assembly"]["doc_misses"] == 0 and second[0]["assembly"]["doc_hits"] == 4
     assert second[0]["ttft_s"] > 0 and "assembly" not in second[1]
+
+
+def test_lead_in_head_makes_the_first_document_exact_and_the_rest_differ(model):
+    """lead_in=head: each document computed after the context's first piece (APE's shared prefix), which is
+    exactly what precedes the first document in the context, so its K/V are dense's."""
+    dense, _ = prefilled(model, "dense")
+    store = open_store("memory", chunk_size=16)
+    blended, result = prefilled(model, "concat(lead_in=head)", store)
+    alone, _ = prefilled(model, "concat", store)
+    pieces, _ = dense.format.segment_ids(SEGMENTS)
+    first = slice(len(pieces[0]), len(pieces[0]) + len(pieces[1]))
+    second = slice(first.stop, first.stop + len(pieces[2]))
+    for (k, v, _), (dk, dv, _) in zip(blended.cache.to_tensors(), dense.cache.to_tensors()):
+        torch.testing.assert_close(k[:, :, :first.stop], dk[:, :, :first.stop], rtol=0, atol=2e-5)
+        torch.testing.assert_close(v[:, :, :first.stop], dv[:, :, :first.stop], rtol=0, atol=2e-5)
+    assert not torch.allclose(blended.cache.to_tensors()[1][1][:, :, second],
+                              dense.cache.to_tensors()[1][1][:, :, second], atol=1e-4)
+    assert not torch.allclose(blended.cache.to_tensors()[1][1][:, :, first],
+                              alone.cache.to_tensors()[1][1][:, :, first], atol=1e-4)
+    assert result.stats["doc_misses"] == len(SEGMENTS)
+
+
+def test_lead_in_file_puts_its_text_after_the_first_piece(model, tmp_path):
+    anchor = tmp_path / "anchor.txt"
+    anchor.write_text("\n\nthe owl is grey and reads old books.")
+    method = parse(f"epic(k=2,lead_in={anchor})").assemble
+    head = [5, 6, 7]
+    encode = ByteTokenizer().encode
+    assert method.lead_in_ids(head, encode) == head + encode(anchor.read_text())
+    s, result = prefilled(model, f"epic(k=2,lead_in={anchor})", open_store("memory", chunk_size=16))
+    assert result.stats["documents"] == len(SEGMENTS) - 1
+
+
+@pytest.mark.parametrize("spec", ["concat(lead_in=/no/such/anchor.txt)", "epic(lead_in=nowhere)",
+                                  "cacheblend(lead_in=/no/file)", "ape(lead_in=/no/file)"])
+def test_a_lead_in_that_is_not_a_file_is_a_spec_error(spec):
+    with pytest.raises(SpecError, match="lead_in must be none, head or a text file") as info:
+        parse(spec)
+    assert "\n" not in str(info.value)

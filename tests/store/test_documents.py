@@ -153,3 +153,56 @@ def test_every_tier_serves_assembled_contexts(model, tier_store):
     second, logits_second = run()
     assert (second["doc_misses"], second["doc_hits"]) == (0, 4)
     torch.testing.assert_close(logits_second, logits_first, rtol=0, atol=1e-6)
+
+
+LEAD_IN = [((11 * i) % 180) + 30 for i in range(21)]
+
+
+@torch.no_grad()
+def after_lead_in(model, ids):
+    """The document's K/V from a dense prefill of LEAD_IN + ids, cut out and moved back to 0..n-1."""
+    layers = fresh(model, LEAD_IN + ids)
+    n = len(LEAD_IN)
+    return place([(k[:, :, n:], v[:, :, n:], p[:, n:]) for k, v, p in layers], -n, model_rope(model))
+
+
+def test_a_document_after_a_lead_in_is_its_part_of_the_joint_prefill_at_0_to_n(model):
+    store = open_store("memory", chunk_size=16)
+    documents = DocumentStore(store, model, ByteTokenizer(), lead_in=LEAD_IN)
+    computed, figures = documents.get_or_compute(DOC)
+    assert figures.misses == 1 and figures.computed_tokens == 45
+    assert_layers_close(computed, after_lead_in(model, DOC), atol=2e-5)
+    assert not torch.allclose(computed[1][1], fresh(model, DOC)[1][1], atol=1e-3)  # not the alone cache
+    # placed right after the lead-in, its keys are those the joint prefill computed
+    joint, n = fresh(model, LEAD_IN + DOC), len(LEAD_IN)
+    for (keys, _, positions), (want, _, _) in zip(place(computed, n, model_rope(model)), joint):
+        torch.testing.assert_close(keys, want[:, :, n:], rtol=0, atol=2e-5)
+        assert positions[0].tolist() == list(range(n, n + 45))
+    # another entry than the document alone, and than another lead-in's
+    alone = DocumentStore(store, model, ByteTokenizer())
+    other = DocumentStore(store, model, ByteTokenizer(), lead_in=LEAD_IN[:-1])
+    assert len({tuple(d.keys(DOC)) for d in (documents, alone, other)}) == 3
+    assert alone.get_or_compute(DOC)[1].misses == 1 and other.get_or_compute(DOC)[1].misses == 1
+    again, found = DocumentStore(store, model, ByteTokenizer(), lead_in=LEAD_IN).get_or_compute(DOC)
+    assert found.hits == 1
+    assert_layers_close(again, computed, atol=0)
+
+
+def test_a_partial_hit_after_a_lead_in_computes_the_rest_after_it_too(model):
+    store = open_store("memory", chunk_size=16)
+    documents = DocumentStore(store, model, ByteTokenizer(), lead_in=LEAD_IN)
+    documents.get_or_compute(DOC[:32])
+    layers, figures = documents.get_or_compute(DOC)
+    assert (figures.partial_hits, figures.hit_tokens, figures.computed_tokens) == (1, 32, 13)
+    assert_layers_close(layers, after_lead_in(model, DOC), atol=2e-5)
+
+
+def test_the_first_piece_stays_alone_with_a_lead_in(model):
+    store = open_store("memory", chunk_size=16)
+    documents = DocumentStore(store, model, ByteTokenizer(), lead_in=LEAD_IN)
+    head, doc = DOC[:10], DOC[10:]
+    layers, spans, _ = documents.assemble([head, doc], first_alone=True)
+    assert spans == [(0, 10), (10, 45)]
+    for (keys, values, _), (want_k, want_v, _) in zip(layers, fresh(model, head)):
+        torch.testing.assert_close(keys[:, :, :10], want_k, rtol=0, atol=1e-6)
+        torch.testing.assert_close(values[:, :, :10], want_v, rtol=0, atol=1e-6)

@@ -118,15 +118,24 @@ class DocumentFigures:
 class DocumentStore:
     """Document caches in a KVStore, for one model, dtype, tokenizer and tenant (`salt`)."""
 
-    def __init__(self, store: KVStore | str, model: Any, tokenizer: Any, salt: str = "") -> None:
+    def __init__(self, store: KVStore | str, model: Any, tokenizer: Any, salt: str = "",
+                 lead_in: list[int] | None = None) -> None:
         self.store = open_store(store) if isinstance(store, str) else store
         self.model = model
+        self.tokenizer = tokenizer
+        self.salt = salt
         self.device = next(model.parameters()).device
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
         self.codec = codec_setup(model, self.store.encoding)
-        self.namespace = Namespace(model_fingerprint(model), dtype,
-                                   f"{DOCUMENT_KV};tokenizer={tokenizer_fingerprint(tokenizer)}",
-                                   self.codec.namespace_encoding, self.store.chunk_size, salt)
+        self.lead_in = list(lead_in or [])
+        recipe = f"{DOCUMENT_KV};tokenizer={tokenizer_fingerprint(tokenizer)}"
+        if self.lead_in:  # documents computed after other tokens are other entries
+            digest = hashlib.sha256(np.asarray(self.lead_in, dtype="<i8").tobytes()).hexdigest()[:16]
+            recipe += f";lead-in={len(self.lead_in)}:{digest}"
+        self.namespace = Namespace(model_fingerprint(model), dtype, recipe, self.codec.namespace_encoding,
+                                   self.store.chunk_size, salt)
+        self._lead_in_layers: Layers | None = None
+        self._alone: DocumentStore | None = None
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         if any(kind == "sliding_attention" for kind in (getattr(config, "layer_types", None) or [])):
             raise StoreError("per-document caches need full-attention layers; this model has sliding-window "
@@ -135,19 +144,30 @@ class DocumentStore:
         self.shape = (config.num_hidden_layers, config.num_key_value_heads,
                       getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
-    def assemble(self, pieces: list[list[int]]) -> tuple[Layers, list[tuple[int, int]], DocumentFigures]:
+    def assemble(self, pieces: list[list[int]], first_alone: bool = False,
+                 ) -> tuple[Layers, list[tuple[int, int]], DocumentFigures]:
         """The cache of the pieces placed one after another (each looked up, or computed and stored, then
         moved to its place): per-layer (keys, values, positions 0..n-1), each piece's (start, stop), the
-        figures."""
+        figures. `first_alone`: the first piece (the context's head, at position 0 in every context) is
+        computed alone even with a lead-in, which makes its cache exact."""
         rope = model_rope(self.model)
         figures, placed, spans, start = DocumentFigures(), [], [], 0
-        for ids in pieces:
-            layers, done = self.get_or_compute(ids)
+        for index, ids in enumerate(pieces):
+            source = self.alone() if index == 0 and first_alone else self
+            layers, done = source.get_or_compute(ids)
             figures.add(done)
             placed.append(place(layers, start, rope))
             spans.append((start, start + len(ids)))
             start += len(ids)
         return concat_layers(placed), spans, figures
+
+    def alone(self) -> DocumentStore:
+        """This store's documents computed alone (itself when it has no lead-in)."""
+        if not self.lead_in:
+            return self
+        if self._alone is None:
+            self._alone = DocumentStore(self.store, self.model, self.tokenizer, self.salt)
+        return self._alone
 
     def keys(self, ids: list[int]) -> list[str]:
         return chunk_keys(ids, self.namespace, tail=True)
@@ -201,16 +221,38 @@ class DocumentStore:
 
     @torch.no_grad()
     def _compute(self, ids: list[int], loaded: Layers | None) -> Layers:
-        """A dense prefill of the document alone (on top of its loaded first chunks, if any)."""
+        """A dense prefill of the document alone, or after the lead-in (on top of its loaded first chunks,
+        if any); with a lead-in, the document's part is cut out and moved back to positions 0..n-1."""
         from kvlife.cache import KVCache, cache_kwarg
 
+        lead = len(self.lead_in)
+        parts = [self._lead_in_cache()] if lead else []
         if loaded is not None:
-            cache = KVCache.from_tensors([(k.to(self.device), v.to(self.device), p.to(self.device))
-                                          for k, v, p in loaded])
-        else:
-            cache = KVCache.for_model(self.model)
+            moved = [(k.to(self.device), v.to(self.device), p.to(self.device)) for k, v, p in loaded]
+            parts.append(place(moved, lead, model_rope(self.model)))
+        cache = KVCache.from_tensors(concat_layers(parts)) if parts else KVCache.for_model(self.model)
         start = cache.next_position
-        positions = torch.arange(start, len(ids), device=self.device)
-        self.model(input_ids=torch.tensor([ids[start:]], device=self.device), position_ids=positions[None],
-                   **cache_kwarg(self.model, cache), use_cache=True, logits_to_keep=1)
-        return [(k, v, p) for k, v, p in cache.to_tensors()]
+        positions = torch.arange(start, lead + len(ids), device=self.device)
+        self.model(input_ids=torch.tensor([ids[start - lead:]], device=self.device),
+                   position_ids=positions[None], **cache_kwarg(self.model, cache), use_cache=True,
+                   logits_to_keep=1)
+        layers = [(k, v, p) for k, v, p in cache.to_tensors()]
+        if not lead:
+            return layers
+        document = [(k[:, :, lead:].contiguous(), v[:, :, lead:].contiguous(), p[:, lead:].contiguous())
+                    for k, v, p in layers]
+        return place(document, -lead, model_rope(self.model))
+
+    @torch.no_grad()
+    def _lead_in_cache(self) -> Layers:
+        """A copy of the lead-in's K/V at positions 0..len-1 (computed once per store object)."""
+        from kvlife.cache import KVCache, cache_kwarg
+
+        if self._lead_in_layers is None:
+            cache = KVCache.for_model(self.model)
+            positions = torch.arange(len(self.lead_in), device=self.device)
+            self.model(input_ids=torch.tensor([self.lead_in], device=self.device),
+                       position_ids=positions[None], **cache_kwarg(self.model, cache), use_cache=True,
+                       logits_to_keep=1)
+            self._lead_in_layers = [(k.clone(), v.clone(), p.clone()) for k, v, p in cache.to_tensors()]
+        return [(k.clone(), v.clone(), p.clone()) for k, v, p in self._lead_in_layers]

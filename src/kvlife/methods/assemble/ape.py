@@ -27,7 +27,7 @@ class Ape(AssembleMethod):
 
     Not carried over: APE's scaling factor on the documents' total attention (a log-sum-exp
     rescale, which needs a change of the attention kernel) and its computing each document after
-    the shared prefix (kvlife's document caches are keyed by the document alone).
+    the shared prefix by default (`lead_in=head` computes each document after it).
 
     Parameters:
         temperature (0.9): the attention temperature over document tokens, in (0, 1]; 1 is concat
@@ -37,6 +37,8 @@ class Ape(AssembleMethod):
             Qwen2.5-Coder-0.5B's rag contexts T 0.8 then lost every answer; with k=16 the same T was
             not told apart from concat (docs/blend.md). The defaults are the screen's lowest reference NLL
             at k=16; none of the settings tried was better than concat in accuracy.
+        lead_in ("none"): what each document is computed after (see concat); "head" is APE's shared
+            prefix.
     """
 
     name: ClassVar[str] = "ape"
@@ -46,6 +48,7 @@ class Ape(AssembleMethod):
     k: int = 16
 
     def validate(self) -> None:
+        super().validate()
         if not 0 < self.temperature <= 1:
             raise SpecError(f"ape: temperature must be in (0, 1], got {self.temperature}")
         if self.k < 0:

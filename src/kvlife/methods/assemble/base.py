@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -44,6 +45,27 @@ class AssembleMethod(Method):
 
     stage: ClassVar[str] = "assemble"
     check_layer: ClassVar[int | None] = None  # the layer where `choose` narrows the recomputed rows
+    # what each document is computed after (then cut off): "none" (alone), "head" (the context's first
+    # piece: prompt head and instruction, APE's shared prefix) or a text file (the first piece, then the
+    # file's text: an anchor document of the corpus)
+    lead_in: str = "none"
+
+    def validate(self) -> None:
+        if self.lead_in not in ("none", "head") and not Path(self.lead_in).is_file():
+            raise SpecError(f"{self.name}: lead_in must be none, head or a text file; "
+                            f"{self.lead_in!r} not found")
+
+    def lead_in_ids(self, head: list[int], encode) -> list[int]:
+        """The tokens each document of a context whose first piece is `head` is computed after."""
+        if self.lead_in == "none":
+            return []
+        if self.lead_in == "head":
+            return list(head)
+        try:
+            text = Path(self.lead_in).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SpecError(f"{self.name}: lead_in {self.lead_in!r} cannot be read ({exc})") from None
+        return list(head) + encode(text)
 
     def rows(self, spans: list[Span]) -> torch.Tensor:
         """Token indices recomputed from the first layer on (sorted); `spans` are the documents'

@@ -27,6 +27,7 @@ class CacheBlend(AssembleMethod):
         layer (1): the check layer. Layer 0's K/V depend on the token and its position only, so
             the first layer that can show cross-document deviation is 1 (the paper's and LMCache's
             choice); a deeper one sees more of it but recomputes every document token up to it.
+        lead_in ("none"): what each document is computed after (see concat).
     """
 
     name: ClassVar[str] = "cacheblend"
@@ -40,6 +41,7 @@ class CacheBlend(AssembleMethod):
         return self.layer
 
     def validate(self) -> None:
+        super().validate()
         if not 0 <= self.ratio <= 1:
             raise SpecError(f"cacheblend: ratio must be in [0, 1], got {self.ratio}")
         if self.layer < 1:

@@ -31,6 +31,7 @@ class Epic(AssembleMethod):
     k: int = 16
 
     def validate(self) -> None:
+        super().validate()
         if self.k < 0:
             raise SpecError(f"epic: k must be a number of tokens >= 0, got {self.k}")
 
