@@ -45,6 +45,7 @@ from foundation import machine  # noqa: E402
 from kvlife.bench.stats import bootstrap_mean, paired_difference  # noqa: E402
 from kvlife.bench.tasks import get_task  # noqa: E402
 
+ANCHORS = Path(__file__).parent / "data"
 RESULTS = Path(__file__).parent / "results"
 METHODS = ["dense", "concat", "cacheblend(ratio=0.15)", "epic(k=16)"]
 TARGET_SPEEDUP = 5.0  # the issue's target at 8K assembled tokens
@@ -99,7 +100,7 @@ def measure(args) -> None:
     from kvlife import models
     from kvlife.session import Session
     from kvlife.store import open_store
-    from kvlife.store.documents import DocumentStore
+    from kvlife.store.documents import DocumentFigures
 
     torch.set_num_threads(args.threads)
     model, tokenizer = models.load(args.model, dtype=args.dtype)
@@ -110,17 +111,26 @@ def measure(args) -> None:
     sessions = {spec: Session(model, tokenizer, spec, mode="multi-request",
                               store=None if spec == "dense" else store) for spec in args.methods}
     # the sessions' document caches: same store and tenant, so what the warm-up stores, they find
-    warm = DocumentStore(store, model, tokenizer) if any(spec != "dense" for spec in args.methods) else None
+    warm = any(spec != "dense" for spec in args.methods)
     for size in args.sizes:
         for sample in task.samples("default", args.samples, seed=args.seed, context_tokens=size):
             todo = [spec for spec in args.methods if (size, sample.id, spec) not in done]
             if not todo:
                 continue
             warm_figures = {}
-            if warm is not None and any(spec != "dense" for spec in todo):
-                started = time.perf_counter()
+            if warm and any(spec != "dense" for spec in todo):
+                # every lead-in the methods to run compute their documents after, once each
+                started, figures, warmed = time.perf_counter(), DocumentFigures(), set()
                 pieces, _ = sessions[args.methods[0]].format.segment_ids(sample.meta["segments"])
-                _, _, figures = warm.assemble(pieces)
+                for spec in todo:
+                    session, method = sessions[spec], sessions[spec].recipe.assemble
+                    if method is None:
+                        continue
+                    lead = tuple(method.lead_in_ids(pieces[0], session.format.encode))
+                    if lead not in warmed:
+                        warmed.add(lead)
+                        stored = session.document_store(pieces[0]).assemble(pieces, first_alone=True)
+                        figures.add(stored[2])
                 warm_figures = {**figures.as_dict(), "warm_s": round(time.perf_counter() - started, 3)}
             for spec in todo:
                 started = time.perf_counter()
@@ -382,6 +392,18 @@ def diagnose(args) -> None:
         path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
+def write_anchors(args) -> None:
+    from kvlife.bench.tasks.rag import anchor_document
+
+    task = get_task("rag")
+    ANCHORS.mkdir(parents=True, exist_ok=True)
+    for size in args.sizes:
+        doc_tokens = task.settings("default", size)["doc_tokens"]
+        path = ANCHORS / f"rag-anchor-{size}.txt"
+        path.write_text(anchor_document(doc_tokens))
+        print(f"wrote {path} ({doc_tokens} tokens' worth)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -397,6 +419,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS,
                         help="directory of blend-rows.jsonl, blend.json, the report")
     parser.add_argument("--collect", action="store_true", help="only rewrite blend.json from the rows so far")
+    parser.add_argument("--write-anchors", action="store_true",
+                        help=f"write {ANCHORS}/rag-anchor-SIZE.txt per size (a document of the rag task's "
+                        "kind that no sample holds: a lead_in=FILE for the assemble methods) and stop")
     parser.add_argument("--diagnose", default="",
                         help="sample indices (e.g. 0,2): write blend-diagnosis.json instead")
     args = parser.parse_args()
@@ -405,7 +430,9 @@ def main() -> None:
     if "dense" not in args.methods:
         args.methods.insert(0, "dense")
     args.diagnose = [int(i) for i in args.diagnose.split(",") if i.strip()]
-    if args.diagnose:
+    if args.write_anchors:
+        write_anchors(args)
+    elif args.diagnose:
         diagnose(args)
     elif args.collect:
         collect(args)

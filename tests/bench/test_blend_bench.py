@@ -73,3 +73,16 @@ def test_table_pairs_ttft_only_at_one_thread_count_and_reads_the_target_both_way
     other = next(r for r in payload["rows"] if r["method"] == "epic(k=4)")
     assert other["ttft_s"] is None and other["timed_on"] is None and other["samples"] == 6
     assert epic["timed_on"] == blend.EARLIER_MACHINE
+
+
+def test_anchors_are_documents_of_the_task_that_no_sample_holds(tmp_path, monkeypatch):
+    monkeypatch.setattr(blend, "ANCHORS", tmp_path)
+    blend.write_anchors(argparse.Namespace(sizes=[4096, 8192]))
+    task = get_task("rag")
+    for size in (4096, 8192):
+        text = (tmp_path / f"rag-anchor-{size}.txt").read_text()
+        assert text == (BENCH / "data" / f"rag-anchor-{size}.txt").read_text()  # the committed files
+        assert text.startswith(rag.SEPARATOR + "Document 1: the record of ")
+        samples = task.samples("default", 16, seed=0, context_tokens=size)
+        name = text.split("the record of ")[1].split(".")[0]
+        assert all(name not in sample.context for sample in samples)

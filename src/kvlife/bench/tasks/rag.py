@@ -57,6 +57,12 @@ def document_pool(seed: int, pool: int, doc_tokens: int) -> tuple[tuple[str, doc
     return tuple(out)
 
 
+def anchor_document(doc_tokens: int) -> str:
+    """A document of the rag task's kind from a pool no sample draws from (seed -1), with the separator
+    that opens every document: a lead-in for document caches (an assemble method's `lead_in=FILE`)."""
+    return SEPARATOR + document_pool(-1, 1, doc_tokens)[0][0]
+
+
 @register
 class RAG(Task):
     name = "rag"
