@@ -27,9 +27,12 @@ def answer_kinds(rows: list[dict], size: int, seed: int) -> dict[str, dict[str, 
     samples = {s.id: s for s in task.samples("default", count, seed=seed, context_tokens=size)}
     phrases = [phrase.lower() for phrase in filler_phrases()]
     kinds: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    seen = set()
     for row in rows:
-        if row["size"] != size:
+        # a sample's first row per method (dense may be run again for timing: its answers count once)
+        if row["size"] != size or (row["method"], row["sample_id"]) in seen:
             continue
+        seen.add((row["method"], row["sample_id"]))
         people = [pool[int(d.rsplit("-", 1)[1])][1] for d in samples[row["sample_id"]].meta["documents"]]
         facts = {str(getattr(person, name)).lower() for person in people for name in ATTRIBUTES}
         for turn in row["turns"]:
