@@ -49,6 +49,10 @@ class TurnResult:
         return asdict(self)
 
 
+# lead-ins (e.g. one per instruction with lead_in=head) whose document stores a session keeps at once
+LEAD_IN_STORES = 4
+
+
 class Session:
     """One shared context and its cache, answering queries in multi-turn or multi-request mode."""
 
@@ -275,6 +279,8 @@ class Session:
             return self.documents
         key = tuple(lead_in)
         if key not in self._lead_in_documents:
+            if len(self._lead_in_documents) >= LEAD_IN_STORES:  # each holds its lead-in's K/V: keep a few
+                self._lead_in_documents.pop(next(iter(self._lead_in_documents)))
             self._lead_in_documents[key] = DocumentStore(self.documents.store, self.model, self.tokenizer,
                                                          salt=self.documents.salt, lead_in=lead_in)
         return self._lead_in_documents[key]

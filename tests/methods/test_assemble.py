@@ -279,3 +279,14 @@ def test_a_lead_in_that_is_not_a_file_is_a_spec_error(spec):
     with pytest.raises(SpecError, match="lead_in must be none, head or a text file") as info:
         parse(spec)
     assert "\n" not in str(info.value)
+
+
+def test_a_session_keeps_the_document_stores_of_a_few_lead_ins_only(model):
+    from kvlife.session import LEAD_IN_STORES
+
+    s = Session(model, ByteTokenizer(), "concat(lead_in=head)", mode="multi-request", prompt_format="plain",
+                store=open_store("memory", chunk_size=16))
+    for index in range(LEAD_IN_STORES + 2):  # another instruction each time: another lead-in
+        segments = [f"Instruction number {index}.", *SEGMENTS[1:]]
+        s.prefill("".join(segments), segments=segments)
+    assert len(s._lead_in_documents) == LEAD_IN_STORES
