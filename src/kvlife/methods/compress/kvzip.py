@@ -6,7 +6,7 @@ import dataclasses
 import time
 from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -94,21 +94,30 @@ def value_norms(values: torch.Tensor, out_proj: torch.Tensor) -> torch.Tensor:
     return torch.stack(norms)
 
 
-@contextmanager
-def track_row_norms(model, scorer: ReconstructionScorer, layers: list[int]):
-    """While open, each listed layer's attention input norms per row [rows] go to `scorer.row_norms`."""
+def attention_modules(model, layers: list[int]) -> dict[int, Any]:
+    """Each listed layer's attention module (with its output projection), for KVzip+."""
     blocks = getattr(getattr(model, "model", None), "layers", None)
-    if blocks is None or not all(hasattr(blocks[i], "self_attn") for i in layers):
-        raise KvlifeError(f"kvzip(plus=true) needs a decoder stack of layers with self_attn; "
-                          f"{type(model).__name__} has another layout")
+    try:
+        modules = {i: blocks[i].self_attn for i in layers}
+        if all(hasattr(module, "o_proj") for module in modules.values()):
+            return modules
+    except (AttributeError, TypeError, IndexError):
+        pass
+    raise KvlifeError(f"kvzip(plus=true) needs a decoder stack whose layers have self_attn.o_proj; "
+                      f"{type(model).__name__} has another layout")
 
+
+@contextmanager
+def track_row_norms(modules: dict[int, Any], scorer: ReconstructionScorer):
+    """While open, each attention module's input norms per row [rows] go to `scorer.row_norms` under
+    its layer."""
     def hook(index):
         def record(module, args, kwargs):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             scorer.row_norms[index] = torch.linalg.vector_norm(hidden[0].float(), dim=-1)
         return record
 
-    handles = [blocks[i].self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i in layers]
+    handles = [module.register_forward_pre_hook(hook(i), with_kwargs=True) for i, module in modules.items()]
     try:
         yield
     finally:
@@ -116,22 +125,14 @@ def track_row_norms(model, scorer: ReconstructionScorer, layers: list[int]):
             handle.remove()
 
 
-def output_projections(model, layers: list[int]) -> dict[int, torch.Tensor]:
-    blocks = getattr(getattr(model, "model", None), "layers", None)
-    try:
-        return {i: blocks[i].self_attn.o_proj.weight.detach() for i in layers}
-    except (AttributeError, TypeError, IndexError):
-        raise KvlifeError(f"kvzip(plus=true) needs each layer's self_attn.o_proj; {type(model).__name__} "
-                          "has another layout") from None
-
-
 def reconstruction_scores(stage: CacheStage, layers: list[int], chunk_size: int, normalize: str = "cache",
                           plus: bool = False, sink: int = 0) -> tuple[dict, int, int]:
     """KVzip's scores [kv_heads, slots] for `layers`, the tokens the reconstruction passes fed, and
     the number of chunks. The cache is returned exactly as it was."""
     cache = stage.cache
+    modules = attention_modules(stage.model, layers) if plus else None
     scorer = ReconstructionScorer({i: cache.layers[i].get_seq_length() for i in layers}, normalize,
-                                  output_projections(stage.model, layers) if plus else None)
+                                  {i: m.o_proj.weight.detach() for i, m in modules.items()} if plus else None)
     recipe = SimpleNamespace(prefill=scorer, compress=None, load=None)
     head = stage.head_tokens
     context = stage.ids[head:]
@@ -141,7 +142,7 @@ def reconstruction_scores(stage: CacheStage, layers: list[int], chunk_size: int,
     checkpoint = cache.checkpoint()
     fed = 0
     try:
-        with track_row_norms(stage.model, scorer, layers) if plus else nullcontext():
+        with track_row_norms(modules, scorer) if plus else nullcontext():
             for index, chunk in enumerate(chunks):
                 if index == 0:
                     prompt = stage.encode(FIRST_PROMPT)
