@@ -219,11 +219,10 @@ class DocumentStore:
                 raise StoreError("stored document is not at positions 0..n-1")
         return layers
 
-    @torch.no_grad()
     def _compute(self, ids: list[int], loaded: Layers | None) -> Layers:
         """A dense prefill of the document alone, or after the lead-in (on top of its loaded first chunks,
         if any); with a lead-in, the document's part is cut out and moved back to positions 0..n-1."""
-        from kvlife.cache import KVCache, cache_kwarg
+        from kvlife.cache import KVCache
 
         lead = len(self.lead_in)
         parts = [self._lead_in_cache()] if lead else []
@@ -231,28 +230,28 @@ class DocumentStore:
             moved = [(k.to(self.device), v.to(self.device), p.to(self.device)) for k, v, p in loaded]
             parts.append(place(moved, lead, model_rope(self.model)))
         cache = KVCache.from_tensors(concat_layers(parts)) if parts else KVCache.for_model(self.model)
-        start = cache.next_position
-        positions = torch.arange(start, lead + len(ids), device=self.device)
-        self.model(input_ids=torch.tensor([ids[start - lead:]], device=self.device),
-                   position_ids=positions[None], **cache_kwarg(self.model, cache), use_cache=True,
-                   logits_to_keep=1)
-        layers = [(k, v, p) for k, v, p in cache.to_tensors()]
+        layers = self._prefill(cache, ids[cache.next_position - lead:])
         if not lead:
             return layers
         document = [(k[:, :, lead:].contiguous(), v[:, :, lead:].contiguous(), p[:, lead:].contiguous())
                     for k, v, p in layers]
         return place(document, -lead, model_rope(self.model))
 
-    @torch.no_grad()
     def _lead_in_cache(self) -> Layers:
         """A copy of the lead-in's K/V at positions 0..len-1 (computed once per store object)."""
-        from kvlife.cache import KVCache, cache_kwarg
+        from kvlife.cache import KVCache
 
         if self._lead_in_layers is None:
-            cache = KVCache.for_model(self.model)
-            positions = torch.arange(len(self.lead_in), device=self.device)
-            self.model(input_ids=torch.tensor([self.lead_in], device=self.device),
-                       position_ids=positions[None], **cache_kwarg(self.model, cache), use_cache=True,
-                       logits_to_keep=1)
-            self._lead_in_layers = [(k.clone(), v.clone(), p.clone()) for k, v, p in cache.to_tensors()]
+            self._lead_in_layers = self._prefill(KVCache.for_model(self.model), self.lead_in)
         return [(k.clone(), v.clone(), p.clone()) for k, v, p in self._lead_in_layers]
+
+    @torch.no_grad()
+    def _prefill(self, cache: Any, ids: list[int]) -> Layers:
+        """`ids` run through the model on `cache` at its next positions; the cache's per-layer tensors."""
+        from kvlife.cache import cache_kwarg
+
+        start = cache.next_position
+        positions = torch.arange(start, start + len(ids), device=self.device)
+        self.model(input_ids=torch.tensor([ids], device=self.device), position_ids=positions[None],
+                   **cache_kwarg(self.model, cache), use_cache=True, logits_to_keep=1)
+        return [(k, v, p) for k, v, p in cache.to_tensors()]
