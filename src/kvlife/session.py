@@ -92,7 +92,7 @@ class Session:
         self.loaded = False  # the context cache came from load(): turn 1 of multi-turn adds only the query
         self.store_salt = store_salt
         self.documents = None  # kvlife.store.documents.DocumentStore, made on the first assembly
-        self._lead_in_documents: dict[tuple[int, ...], Any] = {}  # the same store, documents after a lead-in
+        self._lead_in_documents: dict[tuple[int, ...], Any] = {}  # by head: documents after its lead-in
         # store= (a KVStore or tier URLs, see kvlife.store): prefills reuse the longest stored prefix
         self.store = None
         if store is not None:
@@ -274,13 +274,15 @@ class Session:
         if self.documents is None:
             tiers = self.store.store if self.store is not None else "memory"
             self.documents = DocumentStore(tiers, self.model, self.tokenizer, salt=self.store_salt)
-        lead_in = self.recipe.assemble.lead_in_ids(head, self.format.encode)
-        if not lead_in:
+        if self.recipe.assemble.lead_in == "none":
             return self.documents
-        key = tuple(lead_in)
+        # the lead-in follows from the head (the method's file is read and tokenized once per head, not
+        # at every prefill)
+        key = tuple(head)
         if key not in self._lead_in_documents:
             if len(self._lead_in_documents) >= LEAD_IN_STORES:  # each holds its lead-in's K/V: keep a few
                 self._lead_in_documents.pop(next(iter(self._lead_in_documents)))
+            lead_in = self.recipe.assemble.lead_in_ids(head, self.format.encode)
             self._lead_in_documents[key] = DocumentStore(self.documents.store, self.model, self.tokenizer,
                                                          salt=self.documents.salt, lead_in=lead_in)
         return self._lead_in_documents[key]
