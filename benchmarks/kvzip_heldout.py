@@ -64,6 +64,7 @@ def main() -> int:
 
     model = tokenizer = None
     scores, rows, pooled_scores = {}, [], {}
+    screened_by_recipe = screening_scores(args.task)
     for spec in recipes:
         config = BenchConfig(model=args.model, tasks=[args.task], mode="multi-request", method=spec,
                              samples=args.samples, seed=args.seed, dtype=args.dtype)
@@ -89,7 +90,7 @@ def main() -> int:
                 vs_dense=versus.to_dict())
             if spec != recipes[1]:
                 row["vs_default"] = paired_difference(scores[spec], scores[recipes[1]]).to_dict()
-        screened = screening_scores(spec, args.task)
+        screened = screened_by_recipe.get(spec)
         if screened is not None:  # the same recipe on the screening samples: both seeds together
             pooled = {**{(0, sample): score for sample, score in screened.items()},
                       **{(args.seed, sample): score for sample, score in scores[spec].items()}}
@@ -127,17 +128,14 @@ def main() -> int:
     return 0
 
 
-def screening_scores(spec: str, task: str) -> dict | None:
-    """Per-sample scores of `spec` on seed 0 (lifecycle.json's raw row at the task's default size), if
-    recorded there."""
+def screening_scores(task: str) -> dict[str, dict]:
+    """Per recipe, its per-sample scores on seed 0 (lifecycle.json's raw rows of `task` at the default
+    size that recorded them)."""
     path = RESULTS / "lifecycle.json"
-    if not path.exists():
-        return None
-    for row in json.loads(path.read_text()).get("rows", []):
-        key = (row["recipe"], row["encoding"], row["task"], row["target_context_tokens"])
-        if key == (spec, "raw", task, None):
-            return row.get("scores_by_sample")
-    return None
+    rows = json.loads(path.read_text()).get("rows", []) if path.exists() else []
+    return {row["recipe"]: row["scores_by_sample"] for row in rows
+            if (row["encoding"], row["task"], row["target_context_tokens"]) == ("raw", task, None)
+            and "scores_by_sample" in row}
 
 
 def cell(found: dict | None) -> str:
