@@ -1,18 +1,20 @@
-"""kvzip's scoring variants on samples no variant was chosen on (held-out seed), paired against dense.
+"""kvzip's scoring variants on samples no variant was chosen on (held-out seeds), paired against dense.
 
 lifecycle.json screened kvzip's scoring variants on the kv task's 8 samples of seed 0 (the rows
 `kvzip(ratio=0.25,...)`) and the best of them was picked there. A pick among several variants on 32
 turns flatters it, so this script measures the picked variant, kvzip's default and dense again on
 the samples of another seed, multi-request, and reports each one's paired 95% interval against dense
-and the variant's against the default on the same samples; where lifecycle.json holds a recipe's per-sample
-scores on seed 0, also both seeds pooled ("pooled").
+and the variant's against the default on the same samples. Each row also carries `pooled`: its recipe
+on its task over every seed measured so far (the rows of earlier invocations, and seed 0's per-sample
+scores where lifecycle.json holds them), paired against dense on the samples both have.
 
     python benchmarks/kvzip_heldout.py                      # seed 1, 8 samples, kv, float32
     python benchmarks/kvzip_heldout.py --recipes "dense;kvzip(ratio=0.25);kvzip(ratio=0.35)"
+    python benchmarks/kvzip_heldout.py --recipes "dense;kvzip(ratio=0.25)" --task prefix_suffix --seed 2
 
-Writes benchmarks/results/kvzip-heldout.json (rows of other recipes already there are kept) and prints
-a table. Runs resume (results/kvzip-heldout/;
-a finished run is read back, not measured again); takes /tmp/kvlife-heavy.lock while a model runs.
+Writes benchmarks/results/kvzip-heldout.json (rows of other recipes, tasks or seeds already there are
+kept) and prints a table. Runs resume (results/kvzip-heldout/; a finished run is read back, not
+measured again); takes /tmp/kvlife-heavy.lock while a model runs.
 """
 
 from __future__ import annotations
@@ -63,8 +65,7 @@ def main() -> int:
         parser.error("--seed: 0 is the screening seed of lifecycle.json; a held-out check needs another")
 
     model = tokenizer = None
-    scores, rows, pooled_scores = {}, [], {}
-    screened_by_recipe = screening_scores(args.task)
+    scores, rows = {}, []
     for spec in recipes:
         config = BenchConfig(model=args.model, tasks=[args.task], mode="multi-request", method=spec,
                              samples=args.samples, seed=args.seed, dtype=args.dtype)
@@ -90,23 +91,13 @@ def main() -> int:
                 vs_dense=versus.to_dict())
             if spec != recipes[1]:
                 row["vs_default"] = paired_difference(scores[spec], scores[recipes[1]]).to_dict()
-        screened = screened_by_recipe.get(spec)
-        if screened is not None:  # the same recipe on the screening samples: both seeds together
-            pooled = {**{(0, sample): score for sample, score in screened.items()},
-                      **{(args.seed, sample): score for sample, score in scores[spec].items()}}
-            pooled_scores[spec] = pooled
-            row["pooled"] = {"samples": len(pooled), "accuracy": round(sum(pooled.values()) / len(pooled), 4)}
-            if spec != "dense" and "dense" in pooled_scores:
-                dense_pooled = pooled_scores["dense"]
-                row["pooled"]["ratio_to_dense"] = round(row["pooled"]["accuracy"] / max(
-                    1e-9, sum(dense_pooled.values()) / len(dense_pooled)), 3)
-                row["pooled"]["vs_dense"] = paired_difference(pooled, dense_pooled).to_dict()
         rows.append(row)
 
     # rows of other recipes (or seeds, tasks) measured by earlier invocations are kept
     mine = {(row["recipe"], row["task"], row["seed"]) for row in rows}
     earlier = json.loads(Path(args.json).read_text()).get("rows", []) if Path(args.json).exists() else []
     rows += [row for row in earlier if (row["recipe"], row["task"], row["seed"]) not in mine]
+    pool(rows)
     payload = {"about": "kvzip's scoring variants on held-out samples (seed != 0; lifecycle.json screened on "
                         "seed 0), multi-request, paired 95% bootstrap intervals against dense "
                         "('vs_dense') and against the first recipe after dense ('vs_default')",
@@ -118,14 +109,48 @@ def main() -> int:
     for row in rows:
         print(f"| {row['recipe']} | {row['accuracy']:.2f} | {row.get('ratio_to_dense', 1.0):.3f} | "
               f"{cell(row.get('vs_dense'))} | {cell(row.get('vs_default'))} | {row.get('reference_nll')} |")
+    printed = set()
     for row in rows:
-        if row.get("pooled") and row["recipe"] != "dense":
-            pooled = row["pooled"]
-            print(f"pooled with seed 0 ({pooled['samples']} samples): {row['recipe']} "
-                  f"{pooled['accuracy']:.2f}, {pooled['ratio_to_dense']:.3f}x dense, "
+        pooled = row.get("pooled")
+        if pooled and "vs_dense" in pooled and (row["recipe"], row["task"]) not in printed:
+            printed.add((row["recipe"], row["task"]))
+            print(f"{row['task']}, seeds {', '.join(map(str, pooled['seeds']))} pooled ({pooled['samples']} "
+                  f"samples): {row['recipe']} {pooled['accuracy']:.3f} against dense "
+                  f"{pooled['dense_accuracy']:.3f}, {pooled['ratio_to_dense']:.3f}x, "
                   f"{cell(pooled['vs_dense'])}")
     print(f"wrote {args.json}")
     return 0
+
+
+def pool(rows: list[dict]) -> None:
+    """Give every row a `pooled` block: its recipe on its task over every seed measured, seed 0's
+    per-sample scores from lifecycle.json included (a sample is (seed, sample id)), with the ratio and
+    the paired interval against dense over the samples both have."""
+    by_recipe: dict[tuple[str, str], dict] = {}
+    for task in {row["task"] for row in rows}:
+        for recipe, screened in screening_scores(task).items():
+            found = by_recipe.setdefault((recipe, task), {})
+            found.update({(0, sample): score for sample, score in screened.items()})
+    for row in rows:
+        if row.get("scores_by_sample"):
+            by_recipe.setdefault((row["recipe"], row["task"]), {}).update(
+                {(row["seed"], sample): s for sample, s in row["scores_by_sample"].items()})
+    for row in rows:
+        pooled = by_recipe.get((row["recipe"], row["task"]))
+        if not pooled:
+            row.pop("pooled", None)
+            continue
+        block = {"seeds": sorted({seed for seed, _ in pooled}), "samples": len(pooled),
+                 "accuracy": round(sum(pooled.values()) / len(pooled), 4)}
+        dense = by_recipe.get(("dense", row["task"]), {})
+        common = [key for key in pooled if key in dense]
+        if row["recipe"] != "dense" and common:
+            mean = sum(pooled[key] for key in common) / len(common)
+            dense_mean = sum(dense[key] for key in common) / len(common)
+            block.update(paired_samples=len(common), dense_accuracy=round(dense_mean, 4),
+                         ratio_to_dense=round(mean / max(1e-9, dense_mean), 3),
+                         vs_dense=paired_difference({k: pooled[k] for k in common}, dense).to_dict())
+        row["pooled"] = block
 
 
 def screening_scores(task: str) -> dict[str, dict]:

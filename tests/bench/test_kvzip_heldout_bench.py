@@ -1,6 +1,6 @@
 """benchmarks/kvzip_heldout.py without a model: finished runs are read back, intervals are paired by
-sample, seed 0's recorded scores are pooled in, rows of other recipes already written are kept, and
-bad arguments stop before any model loads."""
+sample, seed 0's recorded scores and earlier seeds' rows are pooled in, rows of other recipes already
+written are kept, and bad arguments stop before any model loads."""
 
 import importlib.util
 import json
@@ -45,17 +45,34 @@ def test_finished_runs_are_paired_pooled_and_earlier_rows_kept(monkeypatch, tmp_
                          for recipe, score in (("dense", 1.0), ("kvzip(ratio=0.25)", 0.5))]}
     (tmp_path / "lifecycle.json").write_text(json.dumps(recorded))
     monkeypatch.setattr(heldout, "RESULTS", tmp_path)
-    earlier = {"rows": [{"recipe": "kvzip(ratio=0.3)", "task": "kv", "seed": 1, "accuracy": 0.9}]}
+    earlier = {"rows": [{"recipe": "kvzip(ratio=0.3)", "task": "kv", "seed": 1, "accuracy": 0.9},
+                        {"recipe": "dense", "task": "kv", "seed": 2, "accuracy": 1.0,
+                         "scores_by_sample": {"kv-0": 1.0}},
+                        {"recipe": "kvzip(ratio=0.25)", "task": "kv", "seed": 2, "accuracy": 0.5,
+                         "scores_by_sample": {"kv-0": 0.0, "kv-1": 1.0}}]}
     (tmp_path / "heldout.json").write_text(json.dumps(earlier))
     assert _main(monkeypatch, tmp_path, "--samples", "4", "--recipes", RECIPES) == 0
-    rows = {row["recipe"]: row for row in json.loads((tmp_path / "heldout.json").read_text())["rows"]}
-    assert set(rows) == {"dense", "kvzip(ratio=0.25)", "kvzip(ratio=0.3)"}
+    written = json.loads((tmp_path / "heldout.json").read_text())["rows"]
+    assert {(row["recipe"], row["seed"]) for row in written} == {("dense", 1), ("kvzip(ratio=0.25)", 1),
+                                                                 ("kvzip(ratio=0.3)", 1), ("dense", 2),
+                                                                 ("kvzip(ratio=0.25)", 2)}
+    rows = {row["recipe"]: row for row in written if row["seed"] == 1}
     kvzip = rows["kvzip(ratio=0.25)"]
     assert kvzip["accuracy"] == 0.5 and kvzip["dense_accuracy"] == 0.75 and kvzip["ratio_to_dense"] == 0.667
     assert kvzip["vs_dense"]["diff"] == -0.25 and kvzip["vs_dense"]["n"] == 4
-    # seed 0's two recorded samples and seed 1's four, as distinct samples
-    assert kvzip["pooled"]["samples"] == 6 and kvzip["pooled"]["vs_dense"]["n"] == 6
-    assert kvzip["pooled"]["accuracy"] == pytest.approx(3 / 6, abs=1e-4)
+    # seed 0's two recorded samples, seed 1's four and seed 2's two, as distinct samples; dense has
+    # one of seed 2's, so the pair (and the ratio) covers seven
+    pooled = kvzip["pooled"]
+    assert pooled["seeds"] == [0, 1, 2] and pooled["samples"] == 8
+    assert pooled["accuracy"] == pytest.approx(4 / 8, abs=1e-4)
+    assert pooled["paired_samples"] == 7 and pooled["vs_dense"]["n"] == 7
+    assert pooled["dense_accuracy"] == pytest.approx(6 / 7, abs=1e-4)
+    assert pooled["ratio_to_dense"] == round((3 / 7) / (6 / 7), 3)
+    assert pooled["vs_dense"]["diff"] == pytest.approx(3 / 7 - 6 / 7, abs=1e-4)
+    # every seed's row of a recipe carries the same pooled block; a row without scores has none
+    seed_2 = next(r for r in written if r["recipe"] == "kvzip(ratio=0.25)" and r["seed"] == 2)
+    assert seed_2["pooled"] == pooled
+    assert "pooled" not in rows["kvzip(ratio=0.3)"]
 
 
 @pytest.mark.parametrize("argv,message", [
