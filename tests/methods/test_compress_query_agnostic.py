@@ -184,6 +184,37 @@ def test_kvzip_pooling_keeps_runs_around_the_best_tokens():
                for a, b in zip(sess.cache.layers, unpooled.cache.layers))
 
 
+def test_kvzip_safeguard_gives_every_head_its_own_top_tokens_first():
+    """alpha (Ada-KV's safeguard) at the pair level: every KV head of every layer keeps at least its own
+    top alpha * budget reconstruction scores, the total budget is unchanged, and alpha=1 leaves nothing
+    to spread: the uniform level's choice exactly."""
+    plain = session(tiny_model("qwen2"), None)
+    plain.prefill(CONTEXT)
+    scores, _, _ = reconstruction_scores(stage_of(plain), [0, 1, 2, 3], chunk_size=2000)
+    target = round(0.25 * len(plain.context_ids))
+    safe = int(0.9 * target)
+    free = session(tiny_model("qwen2"), "kvzip(ratio=0.25,n_sink=0)")
+    free.prefill(CONTEXT)
+    guarded = session(tiny_model("qwen2"), "kvzip(ratio=0.25,n_sink=0,alpha=0.9)")
+    guarded.prefill(CONTEXT)
+    assert sum(held_per_layer(guarded.cache)) == sum(held_per_layer(free.cache)) == 4 * 2 * target
+    per_head = [int((layer.positions[h] != PAD_POSITION).sum()) for layer in free.cache.layers
+                for h in range(2)]
+    assert min(per_head) < safe, "without the safeguard some head holds less than it guarantees"
+    for index, layer in enumerate(guarded.cache.layers):
+        for head in range(2):
+            own_top = set(scores[index][head].topk(safe).indices.tolist())
+            assert own_top <= set(layer.positions[head].tolist())
+    whole = session(tiny_model("qwen2"), "kvzip(ratio=0.25,n_sink=0,alpha=1)")
+    whole.prefill(CONTEXT)
+    uniform = session(tiny_model("qwen2"), "kvzip(ratio=0.25,n_sink=0,level=uniform)")
+    uniform.prefill(CONTEXT)
+    for a, b in zip(whole.cache.layers, uniform.cache.layers):
+        for head in range(2):
+            assert sorted(a.positions[head][a.positions[head] != PAD_POSITION].tolist()) == sorted(
+                b.positions[head].tolist())
+
+
 def test_kvzip_records_its_cost_in_the_prefill_stats():
     sess = session(tiny_model("qwen2"), "kvzip(ratio=0.25,chunk_size=100)")
     result = sess.prefill(CONTEXT)
@@ -383,6 +414,7 @@ def test_duo_split_errors_are_one_line(tmp_path):
     (["bench", "--method", "kvzip(level=layer)"], "level must be one of"),
     (["bench", "--method", "kvzip(normalize=layer)"], "normalize must be one of"),
     (["bench", "--method", "kvzip(plus=3)"], "plus must be true or false"),
+    (["bench", "--method", "kvzip(alpha=1.5)"], "alpha must be in [0, 1]"),
     (["bench", "--method", "kvzip(kernel_size=4)"], "kernel_size must be a positive odd number"),
     (["bench", "--method", "kvzip(pooling=min)"], "pooling must be avg or max"),
     (["bench", "--method", "duo_attention(config=/no/such/split.json)"], "not found"),

@@ -13,7 +13,7 @@ from kvlife.errors import SpecError
 from kvlife.methods.base import CompressMethod, ScoreCompressMethod
 from kvlife.methods.compress.h2o import H2O
 from kvlife.methods.compress.pyramidkv import PyramidKV
-from kvlife.methods.compress.snapkv import PROTECTED, SnapKV
+from kvlife.methods.compress.snapkv import SnapKV, safeguard
 
 # A padding slot's position: larger than any query position, so `visibility_mask` never shows it.
 PAD_POSITION = 1 << 62
@@ -118,11 +118,7 @@ class AdaKV(CompressMethod):
         if total >= int(real.sum()):
             return
         scores = self.inner.score(call, layer).masked_fill(~real, float("-inf"))
-        n_safe = min(int(self.alpha * per_head), scores.shape[-1])
-        if n_safe > 0:
-            safe = scores.topk(n_safe, dim=-1).indices
-            scores = scores.scatter(-1, safe, scores.gather(-1, safe).clamp(min=PROTECTED))
-            scores = scores.masked_fill(~real, float("-inf"))  # a short head's padding stays out
+        scores = safeguard(scores, int(self.alpha * per_head))  # a short head's padding stays out
         chosen = scores.flatten().topk(total).indices
         keep_mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
         keep_mask[chosen] = True

@@ -14,13 +14,14 @@ from kvlife.attention import AttnCall, dense_attention
 from kvlife.errors import KvlifeError, SpecError
 from kvlife.methods.base import CacheCompressMethod, CacheStage, reduce_groups
 from kvlife.methods.compress.keep import LEVELS, allocate, apply_keep, real_slots
-from kvlife.methods.compress.snapkv import attention_mass, pool_scores
+from kvlife.methods.compress.snapkv import attention_mass, pool_scores, safeguard
 
 FIRST_PROMPT = "Repeat the previous context exactly."
 NEXT_PROMPT = "Repeat the part of the previous context exactly, starting with "
 PREVIOUS_TAIL = 8  # tokens of the previous chunk that a later chunk's prompt quotes (as KVzip does)
 NORMALIZE = ("cache", "chunk")
 KEEP = 1e30  # the score of an always-kept token: above any score, KVzip+'s weighted ones included
+SAFE = 1e29  # a head's safeguarded tokens (alpha): above any score, below the always-kept ones
 
 
 class ReconstructionScorer:
@@ -203,6 +204,11 @@ class KVzip(CacheCompressMethod):
             ||W_O,h v||, the norm of the token's value through the output projection of the query
             head h, so a score measures what the token adds to the residual stream, not its share
             of the attention alone. Needs layers with `self_attn.o_proj` (Llama, Qwen2, Mistral).
+        alpha (0): Ada-KV's safeguard (Feng et al., 2024; 0.2 there) for the `pair` and `head` levels:
+            each KV head of each layer first keeps its own top `alpha * budget` tokens (the sinks
+            among them), and the rest of the budget goes to the top scores as the level spreads it.
+            At `pair` a layer whose reconstruction attention is spread thin (small peak
+            probabilities everywhere) can otherwise lose nearly all of its context.
         kernel_size (1), pooling ("max"): each KV head's scores pooled along the context's tokens
             before the top ones are kept (SnapKV's clustering: a token scores as its best neighbour
             within kernel_size // 2 with "max", their mean with "avg"), so that kept tokens come in runs;
@@ -218,6 +224,7 @@ class KVzip(CacheCompressMethod):
     n_sink: int = 4
     normalize: str = "cache"
     plus: bool = False
+    alpha: float = 0.0
     kernel_size: int = 1
     pooling: str = "max"
 
@@ -233,6 +240,8 @@ class KVzip(CacheCompressMethod):
             raise SpecError(f"kvzip: normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}")
         if not isinstance(self.plus, bool):
             raise SpecError(f"kvzip: plus must be true or false, got {self.plus!r}")
+        if not 0 <= self.alpha <= 1:
+            raise SpecError(f"kvzip: alpha must be in [0, 1], got {self.alpha}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise SpecError(f"kvzip: kernel_size must be a positive odd number, got {self.kernel_size}")
         if self.pooling not in ("avg", "max"):
@@ -255,11 +264,13 @@ class KVzip(CacheCompressMethod):
                                    "forward_tokens": fed, "chunks": chunks, "prefill_tokens": len(stage.ids)}
 
     def evict(self, cache, scores: dict[int, torch.Tensor], targets: dict[int, int], protect: int) -> None:
-        """Keep the top-scored tokens at this method's level; the first `protect` positions always."""
+        """Keep the top-scored tokens at this method's level; the first `protect` positions always, and
+        each head's own top `alpha * target` (the safeguard) before the level spreads the rest."""
         ranked = {}
         for index, score in scores.items():
             layer = cache.layers[index]
             score = score.masked_fill(layer.positions < protect, KEEP)
-            ranked[index] = score.masked_fill(~real_slots(layer), float("-inf"))
+            score = score.masked_fill(~real_slots(layer), float("-inf"))
+            ranked[index] = safeguard(score, int(self.alpha * targets[index]), SAFE) if self.alpha else score
         for index, mask in allocate(ranked, targets, self.level).items():
             apply_keep(cache, index, mask)

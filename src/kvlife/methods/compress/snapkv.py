@@ -72,6 +72,17 @@ def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str = "avg") ->
     return pool(scores[:, None], kernel_size=kernel_size, stride=1, padding=kernel_size // 2)[:, 0]
 
 
+def safeguard(scores: torch.Tensor, n: int, floor: float = PROTECTED) -> torch.Tensor:
+    """Ada-KV's safeguard: raise each head's (row's) own top `n` scores of [heads, tokens] to at least
+    `floor`, so that a selection over several heads keeps them; -inf entries (padding) stay out."""
+    n = min(n, scores.shape[-1])
+    if n <= 0:
+        return scores
+    top = scores.topk(n, dim=-1).indices
+    raised = scores.scatter(-1, top, scores.gather(-1, top).clamp(min=floor))
+    return raised.masked_fill(scores == float("-inf"), float("-inf"))
+
+
 def protect_last(scores: torch.Tensor, n: int) -> torch.Tensor:
     """Rank the last `n` cache entries (the newest tokens) above everything, newest first."""
     n = min(n, scores.shape[-1])
