@@ -14,7 +14,7 @@ from kvlife.attention import AttnCall, dense_attention
 from kvlife.errors import KvlifeError, SpecError
 from kvlife.methods.base import CacheCompressMethod, CacheStage, reduce_groups
 from kvlife.methods.compress.keep import LEVELS, allocate, apply_keep, real_slots
-from kvlife.methods.compress.snapkv import attention_mass, pool_scores, safeguard
+from kvlife.methods.compress.snapkv import attention_mass, safeguard
 
 FIRST_PROMPT = "Repeat the previous context exactly."
 NEXT_PROMPT = "Repeat the part of the previous context exactly, starting with "
@@ -209,10 +209,6 @@ class KVzip(CacheCompressMethod):
             among them), and the rest of the budget goes to the top scores as the level spreads it.
             At `pair` a layer whose reconstruction attention is spread thin (small peak
             probabilities everywhere) can otherwise lose nearly all of its context.
-        kernel_size (1), pooling ("max"): each KV head's scores pooled along the context's tokens
-            before the top ones are kept (SnapKV's clustering: a token scores as its best neighbour
-            within kernel_size // 2 with "max", their mean with "avg"), so that kept tokens come in runs;
-            1, KVzip's own choice, scores every token alone.
     """
 
     name: ClassVar[str] = "kvzip"
@@ -225,8 +221,6 @@ class KVzip(CacheCompressMethod):
     normalize: str = "cache"
     plus: bool = False
     alpha: float = 0.0
-    kernel_size: int = 1
-    pooling: str = "max"
 
     def validate(self) -> None:
         super().validate()
@@ -242,10 +236,6 @@ class KVzip(CacheCompressMethod):
             raise SpecError(f"kvzip: plus must be true or false, got {self.plus!r}")
         if not 0 <= self.alpha <= 1:
             raise SpecError(f"kvzip: alpha must be in [0, 1], got {self.alpha}")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise SpecError(f"kvzip: kernel_size must be a positive odd number, got {self.kernel_size}")
-        if self.pooling not in ("avg", "max"):
-            raise SpecError(f"kvzip: pooling must be avg or max, got {self.pooling!r}")
 
     def compress_cache(self, stage: CacheStage) -> None:
         cache = stage.cache
@@ -257,8 +247,6 @@ class KVzip(CacheCompressMethod):
         started = time.perf_counter()
         scores, fed, chunks = reconstruction_scores(stage, sorted(targets), self.chunk_size, self.normalize,
                                                     self.plus, self.n_sink)
-        scores = {index: pool_scores(score, self.kernel_size, self.pooling)
-                  for index, score in scores.items()}
         self.evict(cache, scores, targets, max(self.n_sink, stage.head_tokens))
         stage.stats["compress"] = {"method": self.spec(), "seconds": round(time.perf_counter() - started, 4),
                                    "forward_tokens": fed, "chunks": chunks, "prefill_tokens": len(stage.ids)}
