@@ -97,7 +97,7 @@ def main() -> int:
     mine = {(row["recipe"], row["task"], row["seed"]) for row in rows}
     earlier = json.loads(Path(args.json).read_text()).get("rows", []) if Path(args.json).exists() else []
     rows += [row for row in earlier if (row["recipe"], row["task"], row["seed"]) not in mine]
-    pool(rows)
+    pool(rows, recipes[1])
     payload = {"about": "kvzip's scoring variants on held-out samples (seed != 0; lifecycle.json screened on "
                         "seed 0), multi-request, paired 95% bootstrap intervals against dense "
                         "('vs_dense') and against the first recipe after dense ('vs_default')",
@@ -117,15 +117,19 @@ def main() -> int:
             print(f"{row['task']}, seeds {', '.join(map(str, pooled['seeds']))} pooled ({pooled['samples']} "
                   f"samples): {row['recipe']} {pooled['accuracy']:.3f} against dense "
                   f"{pooled['dense_accuracy']:.3f}, {pooled['ratio_to_dense']:.3f}x, "
-                  f"{cell(pooled['vs_dense'])}")
+                  f"{cell(pooled['vs_dense'])}" + (f"; against {pooled['vs_default']['recipe']} on its "
+                                                    f"{pooled['vs_default']['samples']} samples "
+                                                    f"{cell(pooled['vs_default'])}"
+                                                    if "vs_default" in pooled else ""))
     print(f"wrote {args.json}")
     return 0
 
 
-def pool(rows: list[dict]) -> None:
+def pool(rows: list[dict], default: str) -> None:
     """Give every row a `pooled` block: its recipe on its task over every seed measured, seed 0's
     per-sample scores from lifecycle.json included (a sample is (seed, sample id)), with the ratio and
-    the paired interval against dense over the samples both have."""
+    the paired interval against dense over the samples both have, and for a recipe other than
+    `default` the paired interval against `default` over the samples both have ("vs_default")."""
     by_recipe: dict[tuple[str, str], dict] = {}
     for task in {row["task"] for row in rows}:
         for recipe, screened in screening_scores(task).items():
@@ -150,6 +154,11 @@ def pool(rows: list[dict]) -> None:
             block.update(paired_samples=len(common), dense_accuracy=round(dense_mean, 4),
                          ratio_to_dense=round(mean / max(1e-9, dense_mean), 3),
                          vs_dense=paired_difference({k: pooled[k] for k in common}, dense).to_dict())
+        baseline = by_recipe.get((default, row["task"]), {})
+        shared = [key for key in pooled if key in baseline]
+        if row["recipe"] not in ("dense", default) and shared:
+            block["vs_default"] = {"recipe": default, "samples": len(shared),
+                                   **paired_difference({k: pooled[k] for k in shared}, baseline).to_dict()}
         row["pooled"] = block
 
 
