@@ -110,10 +110,9 @@ def main() -> int:
         print(f"| {row['recipe']} | {row['accuracy']:.2f} | {row.get('ratio_to_dense', 1.0):.3f} | "
               f"{cell(row.get('vs_dense'))} | {cell(row.get('vs_default'))} | {row.get('reference_nll')} |")
     printed = set()
-    for row in rows:
-        pooled = row.get("pooled")
-        if pooled and "vs_dense" in pooled and (row["recipe"], row["task"]) not in printed:
-            printed.add((row["recipe"], row["task"]))
+    for row, pooled in ((row, row.get(name)) for name in ("heldout", "pooled") for row in rows):
+        if pooled and "vs_dense" in pooled and (row["recipe"], row["task"], *pooled["seeds"]) not in printed:
+            printed.add((row["recipe"], row["task"], *pooled["seeds"]))
             print(f"{row['task']}, seeds {', '.join(map(str, pooled['seeds']))} pooled ({pooled['samples']} "
                   f"samples): {row['recipe']} {pooled['accuracy']:.3f} against dense "
                   f"{pooled['dense_accuracy']:.3f}, {pooled['ratio_to_dense']:.3f}x, "
@@ -127,9 +126,10 @@ def main() -> int:
 
 def pool(rows: list[dict], default: str) -> None:
     """Give every row a `pooled` block: its recipe on its task over every seed measured, seed 0's
-    per-sample scores from lifecycle.json included (a sample is (seed, sample id)), with the ratio and
-    the paired interval against dense over the samples both have, and for a recipe other than
-    `default` the paired interval against `default` over the samples both have ("vs_default")."""
+    per-sample scores from lifecycle.json included (a sample is (seed, sample id)), and a `heldout`
+    block: the same over the seeds other than 0 only (the samples nothing was screened or diagnosed
+    on). Each has the ratio and the paired interval against dense over the samples both have, and for a
+    recipe other than `default` the paired interval against `default` ("vs_default")."""
     by_recipe: dict[tuple[str, str], dict] = {}
     for task in {row["task"] for row in rows}:
         for recipe, screened in screening_scores(task).items():
@@ -140,26 +140,32 @@ def pool(rows: list[dict], default: str) -> None:
             by_recipe.setdefault((row["recipe"], row["task"]), {}).update(
                 {(row["seed"], sample): s for sample, s in row["scores_by_sample"].items()})
     for row in rows:
-        pooled = by_recipe.get((row["recipe"], row["task"]))
-        if not pooled:
-            row.pop("pooled", None)
-            continue
-        block = {"seeds": sorted({seed for seed, _ in pooled}), "samples": len(pooled),
-                 "accuracy": round(sum(pooled.values()) / len(pooled), 4)}
-        dense = by_recipe.get(("dense", row["task"]), {})
-        common = [key for key in pooled if key in dense]
-        if row["recipe"] != "dense" and common:
-            mean = sum(pooled[key] for key in common) / len(common)
-            dense_mean = sum(dense[key] for key in common) / len(common)
-            block.update(paired_samples=len(common), dense_accuracy=round(dense_mean, 4),
-                         ratio_to_dense=round(mean / max(1e-9, dense_mean), 3),
-                         vs_dense=paired_difference({k: pooled[k] for k in common}, dense).to_dict())
-        baseline = by_recipe.get((default, row["task"]), {})
-        shared = [key for key in pooled if key in baseline]
-        if row["recipe"] not in ("dense", default) and shared:
-            block["vs_default"] = {"recipe": default, "samples": len(shared),
-                                   **paired_difference({k: pooled[k] for k in shared}, baseline).to_dict()}
-        row["pooled"] = block
+        for name, keep in (("pooled", lambda seed: True), ("heldout", lambda seed: seed != 0)):
+            scores = {key: score for key, score in by_recipe.get((row["recipe"], row["task"]), {}).items()
+                      if keep(key[0])}
+            if scores:
+                row[name] = pooled_block(row["recipe"], scores, by_recipe.get(("dense", row["task"]), {}),
+                                         default, by_recipe.get((default, row["task"]), {}))
+            else:
+                row.pop(name, None)
+
+
+def pooled_block(recipe: str, pooled: dict, dense: dict, default: str, baseline: dict) -> dict:
+    """One recipe's scores by (seed, sample) summarised, paired with dense's and the default's."""
+    block = {"seeds": sorted({seed for seed, _ in pooled}), "samples": len(pooled),
+             "accuracy": round(sum(pooled.values()) / len(pooled), 4)}
+    common = [key for key in pooled if key in dense]
+    if recipe != "dense" and common:
+        mean = sum(pooled[key] for key in common) / len(common)
+        dense_mean = sum(dense[key] for key in common) / len(common)
+        block.update(paired_samples=len(common), dense_accuracy=round(dense_mean, 4),
+                     ratio_to_dense=round(mean / max(1e-9, dense_mean), 3),
+                     vs_dense=paired_difference({k: pooled[k] for k in common}, dense).to_dict())
+    shared = [key for key in pooled if key in baseline]
+    if recipe not in ("dense", default) and shared:
+        block["vs_default"] = {"recipe": default, "samples": len(shared),
+                               **paired_difference({k: pooled[k] for k in shared}, baseline).to_dict()}
+    return block
 
 
 def screening_scores(task: str) -> dict[str, dict]:

@@ -73,6 +73,8 @@ def test_finished_runs_are_paired_pooled_and_earlier_rows_kept(monkeypatch, tmp_
     seed_2 = next(r for r in written if r["recipe"] == "kvzip(ratio=0.25)" and r["seed"] == 2)
     assert seed_2["pooled"] == pooled
     assert "pooled" not in rows["kvzip(ratio=0.3)"]
+    held = kvzip["heldout"]  # seeds 1 and 2 only: seed 0's two samples left out
+    assert held["seeds"] == [1, 2] and held["samples"] == 6 and held["paired_samples"] == 5
     assert "vs_default" not in pooled  # the default itself
 
 
@@ -84,6 +86,7 @@ def test_a_variant_is_pooled_against_the_default_on_the_samples_both_have(monkey
     recipes = RECIPES + ";kvzip(ratio=0.25,alpha=0.2)"
     assert _main(monkeypatch, tmp_path, "--samples", "4", "--recipes", recipes) == 0
     rows = {row["recipe"]: row for row in json.loads((tmp_path / "heldout.json").read_text())["rows"]}
+    assert rows["kvzip(ratio=0.25,alpha=0.2)"]["heldout"] == rows["kvzip(ratio=0.25,alpha=0.2)"]["pooled"]
     against = rows["kvzip(ratio=0.25,alpha=0.2)"]["pooled"]["vs_default"]
     assert against["recipe"] == "kvzip(ratio=0.25)" and against["samples"] == 4 and against["n"] == 4
     assert against["diff"] == pytest.approx(0.25)
