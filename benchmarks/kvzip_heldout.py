@@ -6,7 +6,8 @@ turns flatters it, so this script measures the picked variant, kvzip's default a
 the samples of another seed, multi-request, and reports each one's paired 95% interval against dense
 and the variant's against the default on the same samples. Each row also carries `pooled`: its recipe
 on its task over every seed measured so far (the rows of earlier invocations, and seed 0's per-sample
-scores where lifecycle.json holds them), paired against dense on the samples both have.
+scores where lifecycle.json holds them), paired against dense on the samples both have (and a
+variant against the default), and `heldout`: the same over the seeds other than 0 only.
 
     python benchmarks/kvzip_heldout.py                      # seed 1, 8 samples, kv, float32
     python benchmarks/kvzip_heldout.py --recipes "dense;kvzip(ratio=0.25);kvzip(ratio=0.35)"
