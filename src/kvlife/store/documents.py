@@ -225,25 +225,27 @@ class DocumentStore:
         from kvlife.cache import KVCache
 
         lead = len(self.lead_in)
+        rope = model_rope(self.model) if lead else None
         parts = [self._lead_in_cache()] if lead else []
         if loaded is not None:
             moved = [(k.to(self.device), v.to(self.device), p.to(self.device)) for k, v, p in loaded]
-            parts.append(place(moved, lead, model_rope(self.model)))
+            parts.append(place(moved, lead, rope))
+        # concat_layers copies, so the prefill never writes into the kept lead-in
         cache = KVCache.from_tensors(concat_layers(parts)) if parts else KVCache.for_model(self.model)
         layers = self._prefill(cache, ids[cache.next_position - lead:])
         if not lead:
             return layers
         document = [(k[:, :, lead:].contiguous(), v[:, :, lead:].contiguous(), p[:, lead:].contiguous())
                     for k, v, p in layers]
-        return place(document, -lead, model_rope(self.model))
+        return place(document, -lead, rope)
 
     def _lead_in_cache(self) -> Layers:
-        """A copy of the lead-in's K/V at positions 0..len-1 (computed once per store object)."""
+        """The lead-in's K/V at positions 0..len-1 (computed once per store object; callers copy)."""
         from kvlife.cache import KVCache
 
         if self._lead_in_layers is None:
             self._lead_in_layers = self._prefill(KVCache.for_model(self.model), self.lead_in)
-        return [(k.clone(), v.clone(), p.clone()) for k, v, p in self._lead_in_layers]
+        return self._lead_in_layers
 
     @torch.no_grad()
     def _prefill(self, cache: Any, ids: list[int]) -> Layers:
