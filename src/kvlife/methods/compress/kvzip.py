@@ -259,6 +259,6 @@ class KVzip(CacheCompressMethod):
             layer = cache.layers[index]
             score = score.masked_fill(layer.positions < protect, KEEP)
             score = score.masked_fill(~real_slots(layer), float("-inf"))
-            ranked[index] = safeguard(score, int(self.alpha * targets[index]), SAFE) if self.alpha else score
+            ranked[index] = safeguard(score, int(self.alpha * targets[index]), SAFE)  # alpha 0: unchanged
         for index, mask in allocate(ranked, targets, self.level).items():
             apply_keep(cache, index, mask)
