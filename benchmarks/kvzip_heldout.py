@@ -10,7 +10,7 @@ scores where lifecycle.json holds them), paired against dense on the samples bot
 variant against the default), and `heldout`: the same over the seeds other than 0 only.
 
     python benchmarks/kvzip_heldout.py                      # seed 1, 8 samples, kv, float32
-    python benchmarks/kvzip_heldout.py --recipes "dense;kvzip(ratio=0.25);kvzip(ratio=0.35)"
+    python benchmarks/kvzip_heldout.py --recipes "dense;kvzip(ratio=0.25);kvzip(ratio=0.35,alpha=0)"
     python benchmarks/kvzip_heldout.py --recipes "dense;kvzip(ratio=0.25)" --task prefix_suffix --seed 2
 
 Writes benchmarks/results/kvzip-heldout.json (rows of other recipes, tasks or seeds already there are
@@ -38,7 +38,7 @@ from kvlife.errors import KvlifeError  # noqa: E402
 from kvlife.recipe import parse  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-DEFAULT_RECIPES = "dense;kvzip(ratio=0.25);kvzip(ratio=0.25,normalize=chunk,plus=true)"
+DEFAULT_RECIPES = "dense;kvzip(ratio=0.25);kvzip(ratio=0.25,alpha=0)"
 
 
 def main() -> int:

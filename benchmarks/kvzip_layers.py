@@ -9,7 +9,7 @@ dense's layers in place of its own: each layer alone, the *starved* layers toget
 under 5% of the context, averaged over their KV heads) and all the others together.
 
     python benchmarks/kvzip_layers.py                                   # kvzip(ratio=0.25), seed 0
-    python benchmarks/kvzip_layers.py --recipe "kvzip(ratio=0.25,alpha=0.2)"
+    python benchmarks/kvzip_layers.py --recipe "kvzip(ratio=0.25,alpha=0)"   # KVzip as published
 
 Writes benchmarks/results/kvzip-layers.json (one entry per recipe and seed; others kept) and prints
 what it found. Takes /tmp/kvlife-heavy.lock while the model runs.
