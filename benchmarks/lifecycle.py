@@ -329,12 +329,14 @@ class Lifecycle:
 
     def write(self, keys: list[tuple]) -> None:
         done = {row_key(r): r for r in self.rows()}
-        scores: dict[str, dict] = {}  # run -> scores by sample: a dense or raw row pairs with many rows
+        # row -> scores by sample: a dense or raw row pairs with many rows (keyed by the row, not its run
+        # directory's name: a row relabelled after a default changed can share the name with another)
+        scores: dict[tuple, dict] = {}
 
         def scores_of(row: dict) -> dict | None:
-            if row["run"] not in scores:
-                scores[row["run"]] = self.by_sample(row)
-            return scores[row["run"]]
+            if row_key(row) not in scores:
+                scores[row_key(row)] = self.by_sample(row)
+            return scores[row_key(row)]
 
         rows = []
         for key, row in done.items():
