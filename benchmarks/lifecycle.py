@@ -321,16 +321,22 @@ class Lifecycle:
 
     def by_sample(self, row: dict) -> dict | None:
         """A row's scores by sample (for paired differences): recorded in the row, else read from its run's
-        predictions; None for a carried row that has neither."""
+        predictions if that run ran the row's recipe; None for a carried row that has neither. (A run's
+        directory is named by its recipe as typed, so after a default changed and the old rows were
+        relabelled, an old row's directory name can hold a run of the new default.)"""
         if "scores_by_sample" in row:
             return {(row["task"], sample): score for sample, score in row["scores_by_sample"].items()}
-        predictions = self.out / row["run"] / "predictions.jsonl"
-        return by_sample(read_rows(predictions)) if predictions.exists() else None
+        run = self.out / row["run"]
+        try:
+            ran = json.loads((run / "config.json").read_text())["identity"]["method"]
+        except (OSError, ValueError, KeyError):
+            return None
+        return by_sample(read_rows(run / "predictions.jsonl")) if ran == row["recipe"] else None
 
     def write(self, keys: list[tuple]) -> None:
         done = {row_key(r): r for r in self.rows()}
         # row -> scores by sample: a dense or raw row pairs with many rows (keyed by the row, not its run
-        # directory's name: a row relabelled after a default changed can share the name with another)
+        # directory's name, which two rows can share: see by_sample)
         scores: dict[tuple, dict] = {}
 
         def scores_of(row: dict) -> dict | None:

@@ -66,3 +66,20 @@ def test_new_rows_pair_with_recorded_scores_and_times_pair_on_one_machine(tmp_pa
     assert new["diff_vs_dense"] == -0.5 and new["dense_accuracy"] == 1.0
     assert new["ttft_speedup_vs_dense_prefill"] is None  # dense ran on another machine
     assert "carried" not in new and rows["dense"]["carried"]
+
+
+def test_a_carried_row_reads_predictions_only_from_a_run_of_its_own_recipe(tmp_path):
+    """After a default changed, an old row relabelled `kvzip(...,alpha=0)` can name a run directory that
+    now holds the new default's run (the directory is named by the recipe as typed)."""
+    runner, _ = _lifecycle(tmp_path, [])
+    run = tmp_path / "out" / "shared-run"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"identity": {"method": "kvzip(ratio=0.25)"}}))
+    (run / "predictions.jsonl").write_text(
+        "".join(json.dumps({"task": "kv", "sample_id": f"kv-{i}", "turn": 1, "score": 1.0}) + "\n"
+                for i in range(2)))
+    old = _row("kvzip(ratio=0.25,alpha=0)", "kv", run="shared-run")
+    new = _row("kvzip(ratio=0.25)", "kv", run="shared-run")
+    assert runner.by_sample(old) is None
+    assert runner.by_sample(new) == {("kv", "kv-0"): 1.0, ("kv", "kv-1"): 1.0}
+    assert runner.by_sample(_row("dense", "kv", run="no-such-run")) is None
