@@ -81,13 +81,13 @@ def test_finished_runs_are_paired_pooled_and_earlier_rows_kept(monkeypatch, tmp_
 def test_a_variant_is_pooled_against_the_default_on_the_samples_both_have(monkeypatch, tmp_path):
     _finished_run(tmp_path / "runs", "dense", [1.0, 1.0, 1.0, 1.0])
     _finished_run(tmp_path / "runs", "kvzip(ratio=0.25)", [0.0, 1.0, 0.0, 1.0])
-    _finished_run(tmp_path / "runs", "kvzip(ratio=0.25,alpha=0.2)", [1.0, 1.0, 0.0, 1.0])
+    _finished_run(tmp_path / "runs", "kvzip(ratio=0.25,alpha=0)", [1.0, 1.0, 0.0, 1.0])
     monkeypatch.setattr(heldout, "RESULTS", tmp_path)
-    recipes = RECIPES + ";kvzip(ratio=0.25,alpha=0.2)"
+    recipes = RECIPES + ";kvzip(ratio=0.25,alpha=0)"
     assert _main(monkeypatch, tmp_path, "--samples", "4", "--recipes", recipes) == 0
     rows = {row["recipe"]: row for row in json.loads((tmp_path / "heldout.json").read_text())["rows"]}
-    assert rows["kvzip(ratio=0.25,alpha=0.2)"]["heldout"] == rows["kvzip(ratio=0.25,alpha=0.2)"]["pooled"]
-    against = rows["kvzip(ratio=0.25,alpha=0.2)"]["pooled"]["vs_default"]
+    assert rows["kvzip(ratio=0.25,alpha=0)"]["heldout"] == rows["kvzip(ratio=0.25,alpha=0)"]["pooled"]
+    against = rows["kvzip(ratio=0.25,alpha=0)"]["pooled"]["vs_default"]
     assert against["recipe"] == "kvzip(ratio=0.25)" and against["samples"] == 4 and against["n"] == 4
     assert against["diff"] == pytest.approx(0.25)
 
